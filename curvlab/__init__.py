@@ -1,0 +1,28 @@
+"""curvlab: modular curvature approximations and natural-gradient preconditioning for PyTorch.
+
+Every approximation implements :class:`curvlab.Curvature`; build one directly
+(``curvlab.ExactFisher(model, loss_fn)``) or by name (``curvlab.make("block_diagonal",
+model, loss_fn)``), feed it batches with ``update`` (or several at once with
+:func:`curvlab.extract`) and use ``matvec``, ``solve`` and ``to_dense``.
+"""
+
+from curvlab import linalg
+from curvlab.curvature import BlockDiagonal, Curvature, EmpiricalFisher, ExactFisher, Layer
+from curvlab.extraction import FISHER_TYPES, extract
+from curvlab.registry import available, make, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FISHER_TYPES",
+    "BlockDiagonal",
+    "Curvature",
+    "EmpiricalFisher",
+    "ExactFisher",
+    "Layer",
+    "available",
+    "extract",
+    "linalg",
+    "make",
+    "register",
+]

@@ -1,0 +1,34 @@
+"""``BlockDiagonal``: dense per-layer blocks of the Fisher (weight and bias together)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from curvlab.curvature.dense import DenseCurvature
+from curvlab.registry import register
+
+
+@register("block_diagonal")
+class BlockDiagonal(DenseCurvature):
+    """The Fisher's diagonal layer blocks, dense; cross-layer blocks are zero.
+
+    A layer is a module with trainable parameters; its weight and bias form one block.
+    ``fisher_type`` is ``"exact"``, ``"mc"`` (``mc_samples`` sampled labels per input)
+    or ``"empirical"`` (observed labels, on the Fisher's scale).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        fisher_type: str = "exact",
+        mc_samples: int = 1,
+    ) -> None:
+        super().__init__(model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples)
+
+    def _partition(self) -> list[tuple[int, int]]:
+        ranges, start = [], 0
+        for layer in self.layers:
+            ranges.append((start, start + len(layer.params)))
+            start += len(layer.params)
+        return ranges

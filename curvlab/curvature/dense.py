@@ -1,0 +1,154 @@
+"""Shared machinery of the dense backends: dense blocks over contiguous parameter ranges.
+
+A dense backend partitions the flat parameter vector into contiguous ranges (the
+whole vector for the full Fisher, one range per layer for the block-diagonal one)
+and keeps one dense symmetric block per range, built from BackPACK's factor rows
+(``curvlab.extraction``) as ``Σ_b w_b V_bᵀ V_b``. Blocks are assembled parameter pair
+by parameter pair from the per-parameter rows, so no concatenated ``[K, P]`` matrix
+is ever materialised. ``solve`` goes through a Cholesky factor of each damped block,
+cached until the statistics or the damping change.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+from backpack.extensions.backprop_extension import BackpropExtension
+from torch import Tensor, nn
+
+from curvlab import linalg
+from curvlab.curvature.base import Curvature, Vector
+from curvlab.extraction import (
+    BackwardResult,
+    check_fisher_type,
+    check_mc_samples,
+    fisher_extension,
+    fisher_rows,
+)
+
+
+class DenseCurvature(Curvature):
+    """Dense symmetric blocks on contiguous ranges of the flat parameter vector."""
+
+    #: Fisher types the backend accepts.
+    fisher_types: tuple[str, ...] = ("exact", "mc", "empirical")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        fisher_type: str = "exact",
+        mc_samples: int = 1,
+    ) -> None:
+        owner = type(self).__name__
+        check_fisher_type(fisher_type, self.fisher_types, owner)
+        check_mc_samples(mc_samples, owner)
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        super().__init__(model, loss_fn)
+        offsets = [0]
+        for p in self.params:
+            offsets.append(offsets[-1] + p.numel())
+        self._offsets = offsets
+        self._ranges: list[tuple[int, int]] = self._partition()
+        self._blocks: list[Tensor] | None = None
+        self._cholesky: tuple[float, list[Tensor]] | None = None
+
+    @abc.abstractmethod
+    def _partition(self) -> list[tuple[int, int]]:
+        """Contiguous parameter-index ranges ``[start, stop)`` forming the blocks."""
+
+    def _extensions(self) -> list[BackpropExtension]:
+        return [fisher_extension(self.fisher_type, self.mc_samples)]
+
+    def _accumulate(self, result: BackwardResult, weight: float) -> None:
+        rows = [
+            fisher_rows(result, self.fisher_type, p, name)
+            for p, name in zip(self.params, self.param_names)
+        ]
+        if self._blocks is None:
+            self._blocks = [self._zeros(start, stop, rows[0]) for start, stop in self._ranges]
+        for block, (start, stop) in zip(self._blocks, self._ranges):
+            base = self._offsets[start]
+            for i in range(start, stop):
+                si = slice(self._offsets[i] - base, self._offsets[i + 1] - base)
+                for j in range(i, stop):
+                    sj = slice(self._offsets[j] - base, self._offsets[j + 1] - base)
+                    block[si, sj].addmm_(rows[i].T, rows[j], alpha=weight)
+                    if j != i:
+                        block[sj, si] = block[si, sj].T
+
+    def _zeros(self, start: int, stop: int, like: Tensor) -> Tensor:
+        size = self._offsets[stop] - self._offsets[start]
+        return torch.zeros(size, size, dtype=like.dtype, device=like.device)
+
+    def _reset(self) -> None:
+        self._blocks = None
+
+    def _invalidate(self) -> None:
+        self._cholesky = None
+
+    def blocks(self) -> list[Tensor]:
+        """The dense blocks (normalised: the union's curvature), in ``params`` order."""
+        self._check_ready("blocks")
+        assert self._blocks is not None
+        return [b / self._normalizer for b in self._blocks]
+
+    def _matvec(self, v: Vector) -> Vector:
+        x = self._flatten(v)
+        out = torch.cat(
+            [
+                block.to(x.dtype) @ x[self._offsets[a] : self._offsets[b]]
+                for block, (a, b) in zip(self.blocks(), self._ranges)
+            ]
+        )
+        return self._unflatten(out)
+
+    def _solve(self, v: Vector, damping: float) -> Vector:
+        if self._cholesky is None or self._cholesky[0] != damping:
+            factors = [
+                linalg.damped_cholesky(block, damping, name=self._block_name(k), keep_float64=True)
+                for k, block in enumerate(self.blocks())
+            ]
+            self._cholesky = (damping, factors)
+        x = self._flatten(v)
+        out = torch.cat(
+            [
+                linalg.cholesky_solve(chol, x[self._offsets[a] : self._offsets[b]])
+                for chol, (a, b) in zip(self._cholesky[1], self._ranges)
+            ]
+        )
+        return self._unflatten(out.to(x.dtype))
+
+    def _block_name(self, k: int) -> str:
+        start, stop = self._ranges[k]
+        names = self.param_names[start:stop]
+        return f"{type(self).__name__} block {k} ({names[0]} .. {names[-1]})"
+
+    def _to_dense(self) -> Tensor:
+        blocks = self.blocks()
+        dense = torch.zeros(
+            self.num_params, self.num_params, dtype=blocks[0].dtype, device=blocks[0].device
+        )
+        for block, (a, b) in zip(blocks, self._ranges):
+            lo, hi = self._offsets[a], self._offsets[b]
+            dense[lo:hi, lo:hi] = block
+        return dense
+
+    def _state(self) -> dict[str, Any]:
+        return {"blocks": self._blocks}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        blocks = state["blocks"]
+        if blocks is not None:
+            expected = [self._offsets[b] - self._offsets[a] for a, b in self._ranges]
+            shapes = [tuple(t.shape) for t in blocks]
+            if shapes != [(n, n) for n in expected]:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: block shapes {shapes} do not "
+                    f"match this model's {[(n, n) for n in expected]}."
+                )
+            blocks = [t.clone() for t in blocks]
+        self._blocks = blocks

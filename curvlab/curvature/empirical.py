@@ -1,0 +1,27 @@
+"""``EmpiricalFisher``: the full empirical Fisher from per-sample gradients."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from curvlab.curvature.dense import DenseCurvature
+from curvlab.registry import register
+
+
+@register("empirical_fisher")
+class EmpiricalFisher(DenseCurvature):
+    """``EF = R·Σ_n ∇ℓ_n ∇ℓ_nᵀ`` with the observed labels (DESIGN.md "Conventions").
+
+    Built from BackPACK's per-sample gradients (``BatchGrad``), rescaled so it sits on
+    the exact Fisher's scale (``R = 1/N`` for CE-mean, ``1/(N·C)`` for MSE/BCE-mean,
+    ``1`` for sum); this is curvlinops' ``EFLinearOperator``. It is *not* an estimator
+    of the Fisher (MATH.md §1.2).
+    """
+
+    fisher_types = ("empirical",)
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        super().__init__(model, loss_fn, fisher_type="empirical")
+
+    def _partition(self) -> list[tuple[int, int]]:
+        return [(0, len(self.params))]

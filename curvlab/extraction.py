@@ -1,0 +1,345 @@
+"""BackPACK glue: the one module that imports BackPACK.
+
+It decides which BackPACK extension delivers each Fisher type, prepares models and
+losses (``extend``, support checks, a loss hook recording the batch's reduction),
+runs the backward pass with the union of the requested extensions, and reads the
+results out of the parameters' attributes into plain dictionaries, deleting the
+attributes so no memory stays on the ``Parameter`` objects.
+
+Every Fisher type is delivered as *factor rows*: per parameter ``p`` a tensor ``V_p``
+of shape ``[K, p.numel()]`` such that the batch's curvature block between parameters
+``p`` and ``q`` is ``V_pᵀ V_q`` on the loss's own scale (DESIGN.md "Conventions"):
+
+* ``"exact"``: ``SqrtGGNExact``, ``K = C·N`` (loss-Hessian square root, scale R);
+* ``"mc"``: ``SqrtGGNMC(mc_samples=M)``, ``K = M·N``;
+* ``"empirical"``: ``BatchGrad`` rows ``R∇ℓ_n`` times ``sqrt(1/R)``, ``K = N``
+  (so ``VᵀV = R Σ_n ∇ℓ_n ∇ℓ_nᵀ``, MATH.md §1.2 rule 2).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from math import sqrt
+from typing import TYPE_CHECKING, Literal, cast
+
+import torch
+from backpack import backpack, extend
+from backpack.core.derivatives.bcewithlogitsloss import BCELossWithLogitsDerivatives
+from backpack.extensions import BatchGrad, SqrtGGNExact, SqrtGGNMC
+from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.secondorder.base import SecondOrderBackpropExtension
+from backpack.extensions.secondorder.sqrt_ggn.losses import SqrtGGNBaseLossModule
+from backpack.utils.subsampling import subsample
+from torch import Tensor, nn
+
+from curvlab.losses import BatchScale, batch_scale, check_loss
+
+if TYPE_CHECKING:
+    from curvlab.curvature.base import Curvature
+
+FisherType = Literal["exact", "mc", "empirical"]
+FISHER_TYPES: tuple[str, ...] = ("exact", "mc", "empirical")
+
+_SAVEFIELDS: dict[str, str] = {
+    "exact": "sqrt_ggn_exact",
+    "mc": "sqrt_ggn_mc",
+    "empirical": "grad_batch",
+}
+
+__all__ = [
+    "FISHER_TYPES",
+    "BackwardResult",
+    "FisherType",
+    "check_fisher_type",
+    "extract",
+    "fisher_extension",
+    "fisher_rows",
+]
+
+
+def check_fisher_type(fisher_type: str, allowed: Sequence[str], owner: str) -> None:
+    """Raise a ``ValueError`` naming ``owner`` unless ``fisher_type`` is in ``allowed``."""
+    if fisher_type not in allowed:
+        raise ValueError(
+            f"{owner}: unknown fisher_type {fisher_type!r}; choose one of {list(allowed)}."
+        )
+
+
+def check_mc_samples(mc_samples: int, owner: str) -> None:
+    """Raise a ``ValueError`` unless ``mc_samples`` is a positive integer."""
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"{owner}: mc_samples must be a positive integer, got {mc_samples!r}.")
+
+
+# --- loss-Hessian square root for multi-output BCE -----------------------------------
+
+
+class _BCEWithLogitsDerivatives(BCELossWithLogitsDerivatives):
+    """BCE-with-logits derivatives for ``[N, C]`` outputs with any ``C``.
+
+    BackPACK 1.7.1 supports ``C = 1`` only and divides by ``N`` under ``mean``; PyTorch
+    divides by ``N·C``. The loss Hessian is ``diag(σ(f)(1−σ(f)))`` (MATH.md §1.2), its
+    square root is diagonal too; MC gradients ``σ(f) − ỹ`` with ``ỹ ~ Bernoulli(σ(f))``.
+    The Fisher does not depend on the observed targets, so soft targets are allowed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(use_autograd=False)
+
+    def _verify_support(self, module: nn.BCEWithLogitsLoss) -> None:
+        self._check_is_default(module)
+        logits = cast(Tensor, module.input0)
+        if logits.dim() != 2:
+            raise NotImplementedError("BCEWithLogitsLoss: only [N, C] inputs are supported.")
+
+    @staticmethod
+    def _get_mean_normalization(input: Tensor) -> int:
+        return input.numel()
+
+    def _sqrt_hessian(
+        self,
+        module: nn.BCEWithLogitsLoss,
+        g_inp: tuple[Tensor, ...],
+        g_out: tuple[Tensor, ...],
+        subsampling: list[int] | None,
+    ) -> Tensor:
+        self._verify_support(module)
+        full = cast(Tensor, module.input0)
+        logits = subsample(full, subsampling=subsampling)
+        prob = logits.sigmoid()
+        diag = (prob * (1 - prob)).sqrt()  # [N, C]
+        sqrt_h = torch.diag_embed(diag).permute(1, 0, 2)  # [C, N, C]: δ_cc' √(σ(1−σ))_nc
+        if module.reduction == "mean":
+            sqrt_h = sqrt_h / sqrt(self._get_mean_normalization(full))
+        return sqrt_h
+
+
+def fisher_extension(fisher_type: str, mc_samples: int = 1) -> BackpropExtension:
+    """The BackPACK extension that delivers ``fisher_type``'s factor rows."""
+    ext: BackpropExtension
+    if fisher_type == "exact":
+        ext = SqrtGGNExact()
+    elif fisher_type == "mc":
+        ext = SqrtGGNMC(mc_samples=mc_samples)
+    elif fisher_type == "empirical":
+        return BatchGrad()
+    else:
+        raise ValueError(f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}.")
+    ext.set_module_extension(
+        nn.BCEWithLogitsLoss, SqrtGGNBaseLossModule(_BCEWithLogitsDerivatives()), overwrite=True
+    )
+    return ext
+
+
+def _extension_key(ext: BackpropExtension) -> tuple[object, ...]:
+    mc = ext.get_num_mc_samples() if isinstance(ext, SqrtGGNMC) else None
+    return (type(ext), ext.savefield, mc)
+
+
+def union_extensions(groups: Iterable[Sequence[BackpropExtension]]) -> list[BackpropExtension]:
+    """Deduplicate extensions by savefield; conflicting settings raise a ``ValueError``."""
+    chosen: dict[str, BackpropExtension] = {}
+    for exts in groups:
+        for ext in exts:
+            known = chosen.get(ext.savefield)
+            if known is None:
+                chosen[ext.savefield] = ext
+            elif _extension_key(known) != _extension_key(ext):
+                raise ValueError(
+                    f"Backends need incompatible BackPACK extensions for '{ext.savefield}': "
+                    f"{_extension_key(known)} vs {_extension_key(ext)} (e.g. different "
+                    "mc_samples); extract them in separate backward passes."
+                )
+    return list(chosen.values())
+
+
+# --- model and loss preparation -------------------------------------------------------
+
+
+def _module_map(ext: BackpropExtension) -> dict[type[nn.Module], object]:
+    # BackPACK keeps the layer-type table private; reading it lets us fail at construction
+    # with the module's name instead of deep inside a backward pass.
+    return ext._BackpropExtension__module_extensions
+
+
+def check_model(model: nn.Module, extensions: Sequence[BackpropExtension], owner: str) -> None:
+    """Raise a ``ValueError`` naming the first module BackPACK cannot handle.
+
+    Second-order extensions backpropagate through every leaf module; first-order
+    extensions only need the modules that own parameters.
+    """
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None:
+            has_own = next(module.parameters(recurse=False), None) is not None
+            if has_own:
+                raise ValueError(
+                    f"{owner}: module '{name}' ({type(module).__name__}) holds parameters and "
+                    "children; BackPACK cannot attribute its computation. Move its parameters "
+                    "into a supported layer."
+                )
+            continue
+        owns_params = any(p.requires_grad for p in module.parameters(recurse=False))
+        for ext in extensions:
+            needs = owns_params or isinstance(ext, SecondOrderBackpropExtension)
+            table = _module_map(ext)
+            if needs and type(module) not in table:
+                supported = sorted({cls.__name__ for cls in table})
+                raise ValueError(
+                    f"{owner}: module '{name or '<model>'}' ({type(module).__name__}) is not "
+                    f"supported by BackPACK's {type(ext).__name__}. Supported modules: "
+                    f"{', '.join(supported)}."
+                )
+
+
+class _LossRecorder:
+    """Forward hook on the loss module: validates each call and keeps its ``BatchScale``."""
+
+    def __init__(self, loss_fn: nn.Module) -> None:
+        self.last: BatchScale | None = None
+        loss_fn.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        outputs, targets = inputs[0], inputs[1]
+        self.last = batch_scale(module, outputs, targets)
+
+
+_RECORDERS: weakref.WeakKeyDictionary[nn.Module, _LossRecorder] = weakref.WeakKeyDictionary()
+
+
+def prepare(
+    model: nn.Module, loss_fn: nn.Module, extensions: Sequence[BackpropExtension], owner: str
+) -> None:
+    """Validate ``model``/``loss_fn`` for ``extensions`` and make them BackPACK-ready."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}.")
+    check_loss(loss_fn)
+    check_model(model, extensions, owner)
+    extend(model)
+    extend(loss_fn)
+    if loss_fn not in _RECORDERS:
+        _RECORDERS[loss_fn] = _LossRecorder(loss_fn)
+
+
+def last_batch_scale(loss_fn: nn.Module) -> BatchScale:
+    """The ``BatchScale`` of the most recent call of ``loss_fn``."""
+    recorder = _RECORDERS.get(loss_fn)
+    if recorder is None or recorder.last is None:
+        raise RuntimeError(
+            "No loss evaluation recorded: call loss_fn(model(inputs), targets) and backward "
+            "before accumulate()."
+        )
+    return recorder.last
+
+
+# --- running the backward pass and reading results ------------------------------------
+
+
+@dataclass
+class BackwardResult:
+    """What one backward pass left: the batch's scale and, per savefield, per parameter."""
+
+    scale: BatchScale
+    quantities: dict[str, dict[Tensor, Tensor]] = field(default_factory=dict)
+
+    def get(self, savefield: str, param: Tensor, name: str) -> Tensor:
+        """The quantity ``savefield`` of ``param`` (``name`` is used in the error)."""
+        found = self.quantities.get(savefield, {}).get(param)
+        if found is None:
+            raise RuntimeError(
+                f"BackPACK left no '{savefield}' on parameter '{name}'. Run the backward pass "
+                "inside `with backpack(*curvature.extensions())` (or use update()/extract()), "
+                "and make sure the parameter takes part in the loss."
+            )
+        return found
+
+
+def collect(
+    loss_fn: nn.Module, params: Iterable[Tensor], extensions: Sequence[BackpropExtension]
+) -> BackwardResult:
+    """Move the extensions' results off ``params`` into a ``BackwardResult``."""
+    result = BackwardResult(scale=last_batch_scale(loss_fn))
+    for ext in extensions:
+        store = result.quantities.setdefault(ext.savefield, {})
+        for p in params:
+            value = getattr(p, ext.savefield, None)
+            if value is not None:
+                store[p] = value
+                delattr(p, ext.savefield)
+    return result
+
+
+def fisher_rows(result: BackwardResult, fisher_type: str, param: Tensor, name: str) -> Tensor:
+    """Factor rows ``[K, param.numel()]`` whose Gram matrix is the batch's curvature."""
+    raw = result.get(_SAVEFIELDS[fisher_type], param, name)
+    rows = raw.reshape(-1, param.numel())
+    if fisher_type == "empirical":
+        rows = rows * sqrt(result.scale.inv_reduction)
+    return rows
+
+
+def _check_finite_loss(loss: Tensor) -> None:
+    if not torch.isfinite(loss).all():
+        raise FloatingPointError(f"The loss is not finite ({loss.item()}); no curvature taken.")
+
+
+def backward(loss: Tensor, extensions: Sequence[BackpropExtension]) -> None:
+    """``loss.backward()`` with ``extensions`` active; BackPACK failures become clear errors."""
+    try:
+        with backpack(*extensions):
+            loss.backward()
+    except (AssertionError, NotImplementedError) as err:
+        raise RuntimeError(
+            "BackPACK could not backpropagate through the model. Every operation must be "
+            "a supported nn.Module (no functional or in-place ops between layers). "
+            f"BackPACK said: {err}"
+        ) from err
+
+
+def extract(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    curvatures: Sequence[Curvature],
+) -> Tensor:
+    """One forward and one backward pass feeding every curvature in ``curvatures``.
+
+    The backward runs with the union of their BackPACK extensions; parameter
+    gradients (``.grad``) are left exactly as they were. Returns the detached loss.
+    """
+    if not curvatures:
+        raise ValueError("extract: pass at least one curvature.")
+    for c in curvatures:
+        if c.model is not model or c.loss_fn is not loss_fn:
+            raise ValueError(
+                f"extract: {type(c).__name__} was built for another model or loss function."
+            )
+    extensions = union_extensions(c.extensions() for c in curvatures)
+    all_params = [p for p in model.parameters() if p.requires_grad]
+    with preserved_grads(all_params):
+        loss = loss_fn(model(inputs), targets)
+        _check_finite_loss(loss)
+        backward(loss, extensions)
+    result = collect(loss_fn, all_params, extensions)
+    for c in curvatures:
+        c._consume(result)
+    return loss.detach()
+
+
+class preserved_grads:
+    """Context manager: gradients computed inside do not touch ``p.grad`` of ``params``."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = list(params)
+        self.saved: list[Tensor | None] = []
+
+    def __enter__(self) -> None:
+        self.saved = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    def __exit__(self, *exc: object) -> None:
+        for p, g in zip(self.params, self.saved):
+            p.grad = g

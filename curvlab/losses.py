@@ -1,0 +1,81 @@
+"""Supported losses and their reduction bookkeeping (DESIGN.md "Conventions").
+
+A loss ``L = R · Σ_n ℓ_n`` is summarised per batch by its sample count ``N`` and the
+inverse reduction factor ``1/R`` (MATH.md §0): ``N`` for ``CrossEntropyLoss(mean)``,
+``N·C`` for ``MSELoss``/``BCEWithLogitsLoss`` with ``mean`` (PyTorch divides by
+``numel``), ``1`` for ``sum``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
+    nn.CrossEntropyLoss,
+    nn.MSELoss,
+    nn.BCEWithLogitsLoss,
+)
+SUPPORTED_REDUCTIONS = ("mean", "sum")
+
+
+def check_loss(loss_fn: nn.Module) -> None:
+    """Raise a ``ValueError`` unless ``loss_fn`` is a supported loss with supported options."""
+    if not isinstance(loss_fn, SUPPORTED_LOSSES):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
+        raise ValueError(
+            f"Unsupported loss function {type(loss_fn).__name__}; curvlab supports {names}."
+        )
+    name = type(loss_fn).__name__
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction not in SUPPORTED_REDUCTIONS:
+        raise ValueError(f"{name}(reduction={reduction!r}) is not supported; use 'mean' or 'sum'.")
+    if getattr(loss_fn, "weight", None) is not None:
+        raise ValueError(f"{name} with class/element weights is not supported.")
+    if getattr(loss_fn, "pos_weight", None) is not None:
+        raise ValueError(f"{name} with pos_weight is not supported.")
+    if getattr(loss_fn, "label_smoothing", 0.0) != 0.0:
+        raise ValueError(f"{name} with label_smoothing is not supported.")
+
+
+@dataclass(frozen=True)
+class BatchScale:
+    """How one batch enters the loss: ``num_samples`` N and ``inv_reduction`` 1/R."""
+
+    num_samples: int
+    inv_reduction: float
+
+
+def batch_scale(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> BatchScale:
+    """Validate ``outputs``/``targets`` for ``loss_fn`` and return the batch's scale.
+
+    Outputs must be ``[N, C]``; ``CrossEntropyLoss`` takes class indices ``[N]``,
+    the other losses targets shaped like the outputs.
+    """
+    name = type(loss_fn).__name__
+    if outputs.dim() != 2:
+        raise ValueError(
+            f"{name}: the model output must have shape [N, C], got {tuple(outputs.shape)}."
+        )
+    n, c = outputs.shape
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if targets.shape != (n,) or targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"{name}: targets must be class indices of shape [{n}] (int64), got "
+                f"shape {tuple(targets.shape)} and dtype {targets.dtype}."
+            )
+        if n > 0 and (targets.min() < 0 or targets.max() >= c):
+            raise ValueError(f"{name}: class indices must lie in [0, {c}).")
+        inv_reduction = float(n)
+    else:
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"{name}: targets must have the output's shape {tuple(outputs.shape)}, "
+                f"got {tuple(targets.shape)}."
+            )
+        inv_reduction = float(n * c)
+    if loss_fn.reduction == "sum":
+        inv_reduction = 1.0
+    return BatchScale(num_samples=n, inv_reduction=inv_reduction)
