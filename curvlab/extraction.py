@@ -18,6 +18,7 @@ of shape ``[K, p.numel()]`` such that the batch's curvature block between parame
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -194,13 +195,13 @@ def check_model(model: nn.Module, extensions: Sequence[BackpropExtension], owner
 
 
 class _LossRecorder:
-    """Forward hook on the loss module: validates each call and keeps its ``BatchScale``."""
+    """Forward pre-hook on the loss module: validates each call and keeps its ``BatchScale``."""
 
     def __init__(self, loss_fn: nn.Module) -> None:
         self.last: BatchScale | None = None
-        loss_fn.register_forward_hook(self)
+        loss_fn.register_forward_pre_hook(self)
 
-    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         outputs, targets = inputs[0], inputs[1]
         self.last = batch_scale(module, outputs, targets)
 
@@ -287,7 +288,9 @@ def _check_finite_loss(loss: Tensor) -> None:
 def backward(loss: Tensor, extensions: Sequence[BackpropExtension]) -> None:
     """``loss.backward()`` with ``extensions`` active; BackPACK failures become clear errors."""
     try:
-        with backpack(*extensions):
+        with backpack(*extensions), warnings.catch_warnings():
+            # inputs rarely require grad; PyTorch then warns about the first module's hook
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
     except (AssertionError, NotImplementedError) as err:
         raise RuntimeError(

@@ -1,0 +1,147 @@
+"""The ``Curvature`` contract, checked for every registered backend.
+
+One row per backend configuration (``BACKENDS``); a backend registered without a row
+here fails ``test_every_backend_has_a_row``. Each property runs on a few cases from
+the case table so that every model family and loss is covered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import curvlab
+from tests.cases import CASES, Case
+
+# (registry name, constructor kwargs, deterministic?)
+BACKENDS: list[tuple[str, dict[str, Any], bool]] = [
+    ("exact_fisher", {}, True),
+    ("exact_fisher", {"fisher_type": "mc", "mc_samples": 3}, False),
+    ("empirical_fisher", {}, True),
+    ("block_diagonal", {}, True),
+    ("block_diagonal", {"fisher_type": "mc", "mc_samples": 2}, False),
+    ("block_diagonal", {"fisher_type": "empirical"}, True),
+]
+
+_PICK = {"mlp-ce-mean", "mlp_nobias-bce-mean", "conv1d-ce-sum", "conv2d-mse-sum", "conv2d-bce-sum"}
+CONTRACT_CASES = [c for c in CASES if c.id in _PICK]
+
+
+def _backend_id(row: tuple[str, dict[str, Any], bool]) -> str:
+    name, kw, _ = row
+    return name + "".join(f"-{v}" for v in kw.values())
+
+
+def _build(row: tuple[str, dict[str, Any], bool], case: Case, seed: int = 0):
+    model, loss_fn = case.build(seed)
+    return curvlab.make(row[0], model, loss_fn, **row[1]), model, loss_fn
+
+
+def _random_vector(c: curvlab.Curvature, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in c.params]
+
+
+def _flat(v: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in v])
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9) -> None:
+    atol = rtol * max(float(expected.abs().max()), 1e-30)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def test_every_backend_has_a_row() -> None:
+    assert {row[0] for row in BACKENDS} >= set(curvlab.available())
+
+
+def over_backends_and_cases(test):  # type: ignore[no-untyped-def]
+    test = pytest.mark.parametrize("case", CONTRACT_CASES, ids=lambda c: c.id)(test)
+    return pytest.mark.parametrize("row", BACKENDS, ids=_backend_id)(test)
+
+
+@over_backends_and_cases
+def test_symmetric_psd_and_matvec(row, case: Case) -> None:
+    c, _, _ = _build(row, case)
+    c.update(*case.data(n=6))
+    dense = c.to_dense()
+    assert dense.shape == (c.num_params, c.num_params)
+    _close(dense, dense.T, rtol=1e-12)
+    eigs = torch.linalg.eigvalsh(dense)
+    assert eigs.min() >= -1e-10 * max(float(eigs.max()), 1.0)
+    v = _random_vector(c, seed=3)
+    mv = c.matvec(v)
+    assert [t.shape for t in mv] == [p.shape for p in c.params]
+    _close(_flat(mv), dense @ _flat(v))
+
+
+@over_backends_and_cases
+def test_solve_inverts_damped_matvec(row, case: Case) -> None:
+    c, _, _ = _build(row, case)
+    c.update(*case.data(n=6))
+    damping = 0.1
+    v = _random_vector(c, seed=4)
+    rhs = [m + damping * t for m, t in zip(c.matvec(v), v)]
+    _close(_flat(c.solve(rhs, damping)), _flat(v), rtol=1e-8)
+    # the cached factorisation is reused for the same damping and replaced for another one
+    _close(_flat(c.solve(rhs, damping)), _flat(v), rtol=1e-8)
+    other = [m + 1.0 * t for m, t in zip(c.matvec(v), v)]
+    _close(_flat(c.solve(other, 1.0)), _flat(v), rtol=1e-8)
+
+
+@over_backends_and_cases
+def test_two_half_batches_equal_one_full_batch(row, case: Case) -> None:
+    x, y = case.data(n=7)
+    halves = [(x[:3], y[:3]), (x[3:], y[3:])]
+    split, _, loss_fn = _build(row, case)
+    singles = []
+    for seed, (xb, yb) in enumerate(halves):
+        torch.manual_seed(seed)  # the same Monte-Carlo labels in both computations
+        split.update(xb, yb)
+        single, _, _ = _build(row, case)
+        torch.manual_seed(seed)
+        single.update(xb, yb)
+        singles.append(single.to_dense())
+    assert split.num_samples == 7 and split.num_batches == 2
+    # union = batches weighted by their share of the reduction: 1/R_b for mean, 1 for sum
+    if loss_fn.reduction == "sum":
+        weights = [1.0, 1.0]
+    else:
+        per_sample = 1 if isinstance(loss_fn, torch.nn.CrossEntropyLoss) else y.shape[1]
+        weights = [3.0 * per_sample / (7 * per_sample), 4.0 * per_sample / (7 * per_sample)]
+    _close(split.to_dense(), weights[0] * singles[0] + weights[1] * singles[1])
+    if row[2]:  # deterministic: also one pass over the whole batch
+        full, _, _ = _build(row, case)
+        full.update(x, y)
+        _close(split.to_dense(), full.to_dense())
+
+
+@over_backends_and_cases
+def test_state_dict_round_trip(row, case: Case) -> None:
+    c, _, _ = _build(row, case)
+    c.update(*case.data(n=5))
+    state = c.state_dict()
+    fresh, _, _ = _build(row, case)
+    fresh.load_state_dict(state)
+    _close(fresh.to_dense(), c.to_dense(), rtol=0)
+    v = _random_vector(c, seed=5)
+    _close(_flat(fresh.solve(v, 0.5)), _flat(c.solve(v, 0.5)), rtol=1e-12)
+    assert fresh.num_samples == c.num_samples
+
+
+@over_backends_and_cases
+def test_update_keeps_grads_and_reset_forgets(row, case: Case) -> None:
+    c, model, _ = _build(row, case)
+    before = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, g in zip(model.parameters(), before):
+        p.grad = g.clone()
+    loss = c.update(*case.data(n=4))
+    assert loss.ndim == 0 and not loss.requires_grad
+    for p, g in zip(model.parameters(), before):
+        assert torch.equal(p.grad, g)
+    assert not any(hasattr(p, "sqrt_ggn_exact") or hasattr(p, "grad_batch") for p in c.params)
+    c.reset()
+    with pytest.raises(RuntimeError, match="no curvature accumulated"):
+        c.to_dense()

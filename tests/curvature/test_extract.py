@@ -1,0 +1,81 @@
+"""``curvlab.extract``: one backward pass feeding several backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backpack import backpack
+
+import curvlab
+from tests.cases import CASES
+
+_CASES = [c for c in CASES if c.id in {"mlp-mse-mean", "conv2d-ce-mean", "conv1d-bce-sum"}]
+
+
+@pytest.mark.parametrize("case", _CASES, ids=lambda c: c.id)
+def test_extract_equals_separate_updates(case) -> None:
+    model, loss_fn = case.build()
+    x, y = case.data(n=6)
+    kinds = [
+        ("exact_fisher", {}),
+        ("empirical_fisher", {}),
+        ("block_diagonal", {}),
+        ("block_diagonal", {"fisher_type": "empirical"}),
+    ]
+    joint = [curvlab.make(name, model, loss_fn, **kw) for name, kw in kinds]
+    loss = curvlab.extract(model, loss_fn, x, y, joint)
+    torch.testing.assert_close(loss, loss_fn(model(x), y).detach())
+    for (name, kw), c in zip(kinds, joint):
+        alone = curvlab.make(name, model, loss_fn, **kw)
+        alone.update(x, y)
+        torch.testing.assert_close(c.to_dense(), alone.to_dense(), rtol=1e-12, atol=1e-14)
+
+
+def test_accumulate_after_callers_backward_matches_update() -> None:
+    case = next(c for c in CASES if c.id == "mlp-ce-mean")
+    model, loss_fn = case.build()
+    x, y = case.data(n=5)
+    c = curvlab.BlockDiagonal(model, loss_fn)
+    with backpack(*c.extensions()):
+        loss_fn(model(x), y).backward()
+    c.accumulate()
+    # the caller's backward produced ordinary gradients as well
+    assert all(p.grad is not None for p in model.parameters())
+    ref = curvlab.BlockDiagonal(model, loss_fn)
+    ref.update(x, y)
+    torch.testing.assert_close(c.to_dense(), ref.to_dense(), rtol=1e-12, atol=1e-14)
+
+
+def test_mc_backends_with_same_samples_share_one_pass() -> None:
+    case = next(c for c in CASES if c.id == "mlp-ce-sum")
+    model, loss_fn = case.build()
+    full = curvlab.ExactFisher(model, loss_fn, fisher_type="mc", mc_samples=4)
+    blocks = curvlab.BlockDiagonal(model, loss_fn, fisher_type="mc", mc_samples=4)
+    curvlab.extract(model, loss_fn, *case.data(n=5), [full, blocks])
+    # same sampled labels: the block-diagonal backend sees exactly the full matrix's blocks
+    dense = full.to_dense()
+    start = 0
+    for layer, block in zip(blocks.layers, blocks.blocks()):
+        stop = start + layer.numel
+        torch.testing.assert_close(block, dense[start:stop, start:stop], rtol=1e-12, atol=1e-14)
+        start = stop
+
+
+def test_extract_rejects_conflicting_mc_samples() -> None:
+    case = next(c for c in CASES if c.id == "mlp-ce-sum")
+    model, loss_fn = case.build()
+    a = curvlab.ExactFisher(model, loss_fn, fisher_type="mc", mc_samples=1)
+    b = curvlab.BlockDiagonal(model, loss_fn, fisher_type="mc", mc_samples=2)
+    with pytest.raises(ValueError, match="incompatible BackPACK extensions"):
+        curvlab.extract(model, loss_fn, *case.data(), [a, b])
+
+
+def test_extract_rejects_curvature_of_another_model() -> None:
+    case = next(c for c in CASES if c.id == "mlp-ce-sum")
+    model, loss_fn = case.build()
+    other, _ = case.build()
+    c = curvlab.ExactFisher(other, loss_fn)
+    with pytest.raises(ValueError, match="another model"):
+        curvlab.extract(model, loss_fn, *case.data(), [c])
+    with pytest.raises(ValueError, match="at least one"):
+        curvlab.extract(model, loss_fn, *case.data(), [])
