@@ -219,6 +219,9 @@ def prepare(
     check_model(model, extensions, owner)
     extend(model)
     extend(loss_fn)
+    # BackPACK's full backward hooks make PyTorch warn on every backward whose inputs do
+    # not require grad (the usual case); the warning carries no information for users.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     if loss_fn not in _RECORDERS:
         _RECORDERS[loss_fn] = _LossRecorder(loss_fn)
 
@@ -288,9 +291,7 @@ def _check_finite_loss(loss: Tensor) -> None:
 def backward(loss: Tensor, extensions: Sequence[BackpropExtension]) -> None:
     """``loss.backward()`` with ``extensions`` active; BackPACK failures become clear errors."""
     try:
-        with backpack(*extensions), warnings.catch_warnings():
-            # inputs rarely require grad; PyTorch then warns about the first module's hook
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        with backpack(*extensions):
             loss.backward()
     except (AssertionError, NotImplementedError) as err:
         raise RuntimeError(

@@ -87,7 +87,7 @@ def test_bad_options(backend, kwargs, match) -> None:
 
 def test_unknown_backend_lists_the_valid_names() -> None:
     model, loss_fn = MLP_CE.build()
-    with pytest.raises(ValueError, match="Did you mean 'block_diagonal'.*exact_fisher"):
+    with pytest.raises(ValueError, match=r"Did you mean 'block_diagonal'.*exact_fisher"):
         curvlab.make("block_diagonl", model, loss_fn)
 
 
@@ -147,7 +147,7 @@ def test_use_before_update() -> None:
     c = curvlab.ExactFisher(model, loss_fn)
     with pytest.raises(RuntimeError, match=r"ExactFisher.matvec: no curvature accumulated"):
         c.matvec([torch.zeros_like(p) for p in c.params])
-    with pytest.raises(RuntimeError, match="No loss evaluation recorded|left no"):
+    with pytest.raises(RuntimeError, match="No loss evaluation recorded"):
         c.accumulate()
 
 
@@ -155,7 +155,7 @@ def test_accumulate_without_backpack_backward_is_reported() -> None:
     model, loss_fn, x, y = _mlp_ce()
     c = curvlab.ExactFisher(model, loss_fn)
     loss_fn(model(x), y).backward()  # plain backward: BackPACK computed nothing
-    with pytest.raises(RuntimeError, match="left no 'sqrt_ggn_exact' on parameter '0.weight'"):
+    with pytest.raises(RuntimeError, match=r"left no 'sqrt_ggn_exact' on parameter '0\.weight'"):
         c.accumulate()
 
 
