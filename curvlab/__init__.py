@@ -7,7 +7,16 @@ model, loss_fn)``), feed it batches with ``update`` (or several at once with
 """
 
 from curvlab import linalg
-from curvlab.curvature import BlockDiagonal, Curvature, EmpiricalFisher, ExactFisher, Layer
+from curvlab.curvature import (
+    KFAC,
+    KFC,
+    BlockDiagonal,
+    Curvature,
+    EmpiricalFisher,
+    ExactFisher,
+    KroneckerFactors,
+    Layer,
+)
 from curvlab.extraction import FISHER_TYPES, extract
 from curvlab.registry import available, make, register
 
@@ -15,10 +24,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FISHER_TYPES",
+    "KFAC",
+    "KFC",
     "BlockDiagonal",
     "Curvature",
     "EmpiricalFisher",
     "ExactFisher",
+    "KroneckerFactors",
     "Layer",
     "available",
     "extract",

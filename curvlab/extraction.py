@@ -23,18 +23,30 @@ import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from math import sqrt
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from backpack import backpack, extend
 from backpack.core.derivatives.bcewithlogitsloss import BCELossWithLogitsDerivatives
+from backpack.core.derivatives.conv1d import Conv1DDerivatives
+from backpack.core.derivatives.conv2d import Conv2DDerivatives
+from backpack.core.derivatives.conv3d import Conv3DDerivatives
+from backpack.core.derivatives.linear import LinearDerivatives
 from backpack.extensions import BatchGrad, SqrtGGNExact, SqrtGGNMC
 from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.firstorder.base import (
+    FirstOrderBackpropExtension,
+    FirstOrderModuleExtension,
+)
 from backpack.extensions.secondorder.base import SecondOrderBackpropExtension
+from backpack.extensions.secondorder.hbp import LossHessianStrategy
+from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
+from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from backpack.extensions.secondorder.sqrt_ggn.losses import SqrtGGNBaseLossModule
 from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
+from curvlab import layers
 from curvlab.losses import BatchScale, batch_scale, check_loss
 
 if TYPE_CHECKING:
@@ -134,8 +146,120 @@ def fisher_extension(fisher_type: str, mc_samples: int = 1) -> BackpropExtension
     return ext
 
 
+# --- Kronecker factors, computed inside the backward pass ----------------------------
+#
+# For K-FAC/KFC a layer's statistics are small (two factors), so they are computed in
+# BackPACK's module hooks and stored instead of the large per-parameter quantities:
+# ``{"A": Σ ā āᵀ, "count": N·T or N, "G": Σ g gᵀ}`` on the layer's weight (rules in
+# ``curvlab.layers``). For "exact"/"mc" the ``g`` are BackPACK's backpropagated loss-Hessian
+# square-root columns at the layer output (already on the loss's scale, MATH.md §1.3);
+# for "empirical" they are the output gradients of the reduced loss, ``R ∂ℓ_n/∂s``, and
+# ``G`` is rescaled by ``1/R`` when read (MATH.md §1.2 rule 3).
+
+_KRON_DERIVATIVES = {
+    nn.Linear: LinearDerivatives,
+    nn.Conv1d: Conv1DDerivatives,
+    nn.Conv2d: Conv2DDerivatives,
+    nn.Conv3d: Conv3DDerivatives,
+}
+
+
+def _kron_statistics(module: nn.Module, grad: Tensor, kfac_approx: str) -> dict[str, Any]:
+    with torch.no_grad():
+        x = cast(Tensor, module.input0).detach()
+        a_sum, count = layers.input_factor_sum(module, x, kfac_approx)
+        g = layers.output_factor(module, grad.detach(), kfac_approx)
+    return {"A": a_sum, "count": count, "G": g}
+
+
+class _KronFromSqrt(SqrtGGNBaseModule):
+    """Backpropagates the loss-Hessian square root like BackPACK, stores factors on weight."""
+
+    def __init__(self, derivatives: Any) -> None:
+        super().__init__(derivatives, params=["weight"])
+
+    def weight(
+        self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Tensor
+    ) -> dict[str, Any]:
+        return _kron_statistics(module, backproped, ext.kfac_approx)
+
+
+class _KronFromGradient(FirstOrderModuleExtension):
+    """Factors from the output gradient of the reduced loss (one column, empirical)."""
+
+    def __init__(self) -> None:
+        super().__init__(params=["weight"])
+
+    def weight(
+        self, ext: Any, module: nn.Module, g_inp: Any, g_out: tuple[Tensor, ...], bp: Any
+    ) -> dict[str, Any]:
+        return _kron_statistics(module, g_out[0].unsqueeze(0), ext.kfac_approx)
+
+
+class KroneckerSqrt(SqrtGGN):
+    """``SqrtGGNExact``/``SqrtGGNMC`` whose Linear/Conv hooks store Kronecker factors."""
+
+    def __init__(self, fisher_type: str, kfac_approx: str, mc_samples: int = 1) -> None:
+        strategy = (
+            LossHessianStrategy.EXACT if fisher_type == "exact" else (LossHessianStrategy.SAMPLING)
+        )
+        super().__init__(strategy, _kron_savefield(fisher_type, kfac_approx), None)
+        self.kfac_approx = kfac_approx
+        self._mc_samples = mc_samples
+        for cls, derivatives in _KRON_DERIVATIVES.items():
+            self.set_module_extension(cls, _KronFromSqrt(derivatives()), overwrite=True)
+        self.set_module_extension(
+            nn.BCEWithLogitsLoss, SqrtGGNBaseLossModule(_BCEWithLogitsDerivatives()), overwrite=True
+        )
+
+    def get_num_mc_samples(self) -> int:
+        return self._mc_samples
+
+
+class KroneckerGradient(FirstOrderBackpropExtension):
+    """First-order extension storing Kronecker factors from observed-label gradients."""
+
+    def __init__(self, kfac_approx: str) -> None:
+        super().__init__(
+            savefield=_kron_savefield("empirical", kfac_approx),
+            module_exts={cls: _KronFromGradient() for cls in _KRON_DERIVATIVES},
+        )
+        self.kfac_approx = kfac_approx
+
+
+def _kron_savefield(fisher_type: str, kfac_approx: str) -> str:
+    return f"curvlab_kron_{fisher_type}_{kfac_approx}"
+
+
+def kronecker_extension(
+    fisher_type: str, kfac_approx: str, mc_samples: int = 1
+) -> BackpropExtension:
+    """The extension that stores ``fisher_type``'s Kronecker factors on each layer's weight."""
+    if fisher_type == "empirical":
+        return KroneckerGradient(kfac_approx)
+    return KroneckerSqrt(fisher_type, kfac_approx, mc_samples)
+
+
+@dataclass(frozen=True)
+class KroneckerBatch:
+    """One batch's factor statistics of one layer: ``A = a_sum / count`` and ``G``."""
+
+    a_sum: Tensor
+    count: int
+    g: Tensor
+
+
+def kronecker_statistics(
+    result: BackwardResult, fisher_type: str, kfac_approx: str, weight: Tensor, name: str
+) -> KroneckerBatch:
+    """The batch's factors of the layer owning ``weight``, ``G`` on the loss's scale."""
+    raw = result.get(_kron_savefield(fisher_type, kfac_approx), weight, name)
+    g = raw["G"] * result.scale.inv_reduction if fisher_type == "empirical" else raw["G"]
+    return KroneckerBatch(a_sum=raw["A"], count=int(raw["count"]), g=g)
+
+
 def _extension_key(ext: BackpropExtension) -> tuple[object, ...]:
-    mc = ext.get_num_mc_samples() if isinstance(ext, SqrtGGNMC) else None
+    mc = ext.get_num_mc_samples() if hasattr(ext, "get_num_mc_samples") else None
     return (type(ext), ext.savefield, mc)
 
 
@@ -245,9 +369,9 @@ class BackwardResult:
     """What one backward pass left: the batch's scale and, per savefield, per parameter."""
 
     scale: BatchScale
-    quantities: dict[str, dict[Tensor, Tensor]] = field(default_factory=dict)
+    quantities: dict[str, dict[Tensor, Any]] = field(default_factory=dict)
 
-    def get(self, savefield: str, param: Tensor, name: str) -> Tensor:
+    def get(self, savefield: str, param: Tensor, name: str) -> Any:
         """The quantity ``savefield`` of ``param`` (``name`` is used in the error)."""
         found = self.quantities.get(savefield, {}).get(param)
         if found is None:
@@ -263,6 +387,7 @@ def collect(
     loss_fn: nn.Module, params: Iterable[Tensor], extensions: Sequence[BackpropExtension]
 ) -> BackwardResult:
     """Move the extensions' results off ``params`` into a ``BackwardResult``."""
+    params = list(params)
     result = BackwardResult(scale=last_batch_scale(loss_fn))
     for ext in extensions:
         store = result.quantities.setdefault(ext.savefield, {})

@@ -4,5 +4,15 @@ from curvlab.curvature.base import Curvature, Layer
 from curvlab.curvature.block_diagonal import BlockDiagonal
 from curvlab.curvature.empirical import EmpiricalFisher
 from curvlab.curvature.exact import ExactFisher
+from curvlab.curvature.kfac import KFAC, KFC, KroneckerFactors
 
-__all__ = ["BlockDiagonal", "Curvature", "EmpiricalFisher", "ExactFisher", "Layer"]
+__all__ = [
+    "KFAC",
+    "KFC",
+    "BlockDiagonal",
+    "Curvature",
+    "EmpiricalFisher",
+    "ExactFisher",
+    "KroneckerFactors",
+    "Layer",
+]

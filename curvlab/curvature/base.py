@@ -135,7 +135,8 @@ class Curvature(abc.ABC):
 
     def accumulate(self) -> None:
         """Read what BackPACK left after a backward pass the caller ran with ``extensions()``."""
-        self._consume(extraction.collect(self.loss_fn, self.params, self.extensions()))
+        every = self.model.parameters()  # also clears layers this backend does not cover
+        self._consume(extraction.collect(self.loss_fn, every, self.extensions()))
 
     def _consume(self, result: BackwardResult) -> None:
         scale = result.scale

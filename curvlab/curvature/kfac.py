@@ -1,0 +1,327 @@
+"""``KFAC`` (Linear layers; Martens & Grosse 2015) and ``KFC`` (+ convolutions; G&M 2016).
+
+Each layer is one block ``kron(G, A)`` on the row-major homogeneous weight matrix
+``[W | b]`` (MATH.md §0, §2.1), permuted into the ``[vec(W), b]`` parameter order:
+
+* ``A = Σ ā āᵀ / count``: layer inputs with the homogeneous 1; expand averages over
+  samples and weight-sharing positions (``count = N·T``), reduce over samples of the
+  position-averaged input (MATH.md §4.4). Independent of the loss's reduction.
+* ``G = Σ g gᵀ`` on the loss's scale: ``g`` are the loss-Hessian square-root columns
+  backpropagated to the layer output (``"exact"``), their Monte-Carlo version (``"mc"``)
+  or the observed-label output gradients (``"empirical"``); expand sums the outer products
+  over positions, reduce sums ``g`` over positions first. For convolutions, expand is KFC.
+
+These are curvlinops' ``KFACLinearOperator`` factors with ``separate_weight_and_bias=False``.
+The factors are computed inside the backward pass (``curvlab.extraction``); a layer's
+memory is two small matrices, never per-sample gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from backpack.extensions.backprop_extension import BackpropExtension
+from torch import Tensor, nn
+
+from curvlab import layers as layer_rules
+from curvlab import linalg
+from curvlab.curvature.base import Curvature, Layer, Vector, find_layers
+from curvlab.extraction import (
+    BackwardResult,
+    check_fisher_type,
+    check_mc_samples,
+    kronecker_extension,
+    kronecker_statistics,
+)
+from curvlab.registry import register
+
+DAMPING_MODES = ("exact", "factored")
+LayerSpec = str | nn.Module
+
+
+class KroneckerFactors(NamedTuple):
+    """A layer's factors: the block is ``kron(G, A)`` on the row-major ``[W | b]`` matrix."""
+
+    A: Tensor  # [D_in(+1), D_in(+1)]
+    G: Tensor  # [D_out, D_out]
+
+
+class _LayerEigen(NamedTuple):
+    G: linalg.SymmetricEigen
+    A: linalg.SymmetricEigen
+    pi: Tensor  # π of the factored damping (MATH.md §2.3.2)
+
+
+@register("kfac")
+class KFAC(Curvature):
+    """Kronecker-factored approximate curvature, one ``kron(G, A)`` block per layer.
+
+    Args:
+        model: the network; ``nn.Linear`` layers are approximated (``KFC`` adds convolutions).
+        loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
+        fisher_type: ``"mc"`` (default, Martens & Grosse's sampled labels), ``"exact"``
+            (the loss Hessian's square root: K-FAC of the exact Fisher/GGN) or
+            ``"empirical"`` (observed labels).
+        mc_samples: sampled labels per input for ``"mc"``.
+        kfac_approx: ``"expand"`` (positions sharing a weight act like extra samples; KFC
+            for convolutions) or ``"reduce"`` (positions are averaged/summed first).
+        damping_mode: how ``solve`` damps: ``"exact"`` applies ``(kron(G, A) + λI)⁻¹``
+            exactly in the factors' eigenbases; ``"factored"`` applies
+            ``(G + γ/π I)⁻¹ ⊗ (A + πγ I)⁻¹`` with ``γ = √λ`` and π the trace-norm
+            correction (MATH.md §2.3), the damped inverse Martens & Grosse use.
+        layers: only these modules (objects or names from ``model.named_modules()``).
+        exclude: modules to leave out. Any other module with trainable parameters that
+            this backend cannot approximate raises a ``ValueError``; nothing is skipped
+            silently. Parameters of excluded modules are not in ``params``.
+    """
+
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        fisher_type: str = "mc",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        damping_mode: str = "exact",
+        layers: Sequence[LayerSpec] | None = None,
+        exclude: Sequence[LayerSpec] | None = None,
+    ) -> None:
+        owner = type(self).__name__
+        check_fisher_type(fisher_type, ("exact", "mc", "empirical"), owner)
+        check_mc_samples(mc_samples, owner)
+        for value, allowed, arg in (
+            (kfac_approx, layer_rules.KFAC_APPROXES, "kfac_approx"),
+            (damping_mode, DAMPING_MODES, "damping_mode"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{owner}: unknown {arg} {value!r}; choose one of {allowed}.")
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        self.kfac_approx = kfac_approx
+        self.damping_mode = damping_mode
+        self._layer_choice = (layers, exclude)
+        super().__init__(model, loss_fn)
+        self._a_sum: list[Tensor] | None = None
+        self._a_count = [0] * len(self.layers)
+        self._g_sum: list[Tensor] | None = None
+        self._eigen: list[_LayerEigen] | None = None
+
+    # --- layer selection --------------------------------------------------------------
+
+    def _select_layers(self, model: nn.Module) -> list[Layer]:
+        owner = type(self).__name__
+        include, exclude = self._layer_choice
+        names = {id(m): n for n, m in model.named_modules()}
+        chosen = _resolve(model, include, "layers", owner) if include is not None else None
+        skipped = _resolve(model, exclude, "exclude", owner) if exclude is not None else set()
+        selected = []
+        for layer in find_layers(model):
+            key = id(layer.module)
+            if key in skipped or (chosen is not None and key not in chosen):
+                continue
+            module = layer.module
+            if not isinstance(module, self.supported_layers) or type(module) not in (
+                layer_rules.KRONECKER_RULES
+            ):
+                supported = ", ".join(cls.__name__ for cls in self.supported_layers)
+                raise ValueError(
+                    f"{owner}: module '{names[key]}' ({type(module).__name__}) has trainable "
+                    f"parameters but {owner} supports only {supported}. Pass "
+                    f"exclude=['{names[key]}'] to leave it out (its parameters are then not "
+                    "covered), or use a backend that supports it."
+                )
+            layer_rules.KRONECKER_RULES[type(module)].check(module)
+            weight = getattr(module, "weight", None)
+            if weight is None or not weight.requires_grad:
+                raise ValueError(
+                    f"{owner}: module '{names[key]}' has a trainable bias but a frozen weight; "
+                    "a Kronecker block needs the weight. Exclude the module."
+                )
+            selected.append(layer)
+        if not selected:
+            raise ValueError(f"{owner}: no layer selected (check layers=/exclude=).")
+        return selected
+
+    # --- statistics -------------------------------------------------------------------
+
+    def _extensions(self) -> list[BackpropExtension]:
+        return [kronecker_extension(self.fisher_type, self.kfac_approx, self.mc_samples)]
+
+    def _accumulate(self, result: BackwardResult, weight: float) -> None:
+        batches = [
+            kronecker_statistics(
+                result, self.fisher_type, self.kfac_approx, layer.params[0], layer.param_names[0]
+            )
+            for layer in self.layers
+        ]
+        if self._a_sum is None or self._g_sum is None:
+            self._a_sum = [torch.zeros_like(b.a_sum) for b in batches]
+            self._g_sum = [torch.zeros_like(b.g) for b in batches]
+        for k, batch in enumerate(batches):
+            self._a_sum[k].add_(batch.a_sum)
+            self._a_count[k] += batch.count
+            self._g_sum[k].add_(batch.g, alpha=weight)
+
+    def _reset(self) -> None:
+        self._a_sum = self._g_sum = None
+        self._a_count = [0] * len(self.layers)
+
+    def _invalidate(self) -> None:
+        self._eigen = None
+
+    def factors(self) -> list[KroneckerFactors]:
+        """Per layer ``(A, G)``, normalised as described in the module docstring."""
+        self._check_ready("factors")
+        assert self._a_sum is not None and self._g_sum is not None
+        return [
+            KroneckerFactors(A=a / count, G=g / self._normalizer)
+            for a, count, g in zip(self._a_sum, self._a_count, self._g_sum)
+        ]
+
+    def _eigendecompositions(self) -> list[_LayerEigen]:
+        """Cached eigenpairs of G and A and π per layer; recomputed after the factors change."""
+        if self._eigen is None:
+            self._eigen = [
+                _LayerEigen(
+                    G=_psd_eig(f.G, f"{self._layer_label(k)} G"),
+                    A=_psd_eig(f.A, f"{self._layer_label(k)} A"),
+                    pi=linalg.pi_correction(f.G, f.A),
+                )
+                for k, f in enumerate(self.factors())
+            ]
+        return self._eigen
+
+    # --- products ----------------------------------------------------------------------
+
+    def _per_layer(self, v: Vector) -> list[tuple[Layer, list[Tensor]]]:
+        out, start = [], 0
+        for layer in self.layers:
+            stop = start + len(layer.params)
+            out.append((layer, v[start:stop]))
+            start = stop
+        return out
+
+    def _matvec(self, v: Vector) -> Vector:
+        result: Vector = []
+        for (layer, parts), f in zip(self._per_layer(v), self.factors()):
+            mat = _as_matrix(layer, parts).to(f.G.dtype)
+            out = linalg.kron_matvec(f.G, f.A, mat).to(parts[0].dtype)
+            result.extend(layer_rules.from_matrix(layer.module, out))
+        return result
+
+    def _solve(self, v: Vector, damping: float) -> Vector:
+        result: Vector = []
+        for k, ((layer, parts), eig) in enumerate(
+            zip(self._per_layer(v), self._eigendecompositions())
+        ):
+            mat = _as_matrix(layer, parts).to(eig.G.eigenvalues.dtype)
+            if damping == 0.0:
+                self._check_invertible(k, eig.G, eig.A)
+            if self.damping_mode == "exact":
+                out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
+            else:  # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹ in the eigenbases, γ = √λ (MATH.md §2.3.2)
+                gamma = damping**0.5
+                shifted_g = (eig.G.eigenvalues + gamma / eig.pi, eig.G.eigenvectors)
+                shifted_a = (eig.A.eigenvalues + gamma * eig.pi, eig.A.eigenvectors)
+                out = linalg.kron_eigen_matvec(shifted_g, shifted_a, mat, power=-1.0)
+            result.extend(layer_rules.from_matrix(layer.module, out.to(parts[0].dtype)))
+        return result
+
+    def _check_invertible(
+        self, k: int, eig_g: linalg.SymmetricEigen, eig_a: linalg.SymmetricEigen
+    ) -> None:
+        smallest = eig_g.eigenvalues[0] * eig_a.eigenvalues[0]
+        largest = eig_g.eigenvalues[-1] * eig_a.eigenvalues[-1]
+        tiny = torch.finfo(eig_g.eigenvalues.dtype).eps * largest
+        if not bool(smallest > tiny):
+            raise linalg.LinAlgError(
+                f"{type(self).__name__}.solve: {self._layer_label(k)} kron(G, A) is singular "
+                f"(smallest eigenvalue {float(smallest):.3g}); use damping > 0."
+            )
+
+    def _to_dense(self) -> Tensor:
+        blocks = []
+        for layer, f in zip(self.layers, self.factors()):
+            block = linalg.kron_dense(f.G, f.A)
+            perm = _parameter_order(layer)
+            blocks.append(block[perm][:, perm])
+        return torch.block_diag(*blocks)
+
+    def _layer_label(self, k: int) -> str:
+        layer = self.layers[k]
+        return f"layer '{layer.name}' ({type(layer.module).__name__})"
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {"a_sum": self._a_sum, "a_count": list(self._a_count), "g_sum": self._g_sum}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        a_sum, g_sum = state["a_sum"], state["g_sum"]
+        if a_sum is not None:
+            expected = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
+            got = [(g.shape[0], a.shape[0]) for a, g in zip(a_sum, g_sum)]
+            if got != expected:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: factor sizes {got} do not match "
+                    f"this model's layers {expected}."
+                )
+            a_sum, g_sum = [t.clone() for t in a_sum], [t.clone() for t in g_sum]
+        self._a_sum, self._g_sum = a_sum, g_sum
+        self._a_count = list(state["a_count"])
+
+
+@register("kfc")
+class KFC(KFAC):
+    """K-FAC with convolutions (Grosse & Martens 2016): ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+
+    For a convolution, ``kfac_approx="expand"`` is KFC: ``A = Ω/|T|`` from the unfolded input
+    patches and ``G = |T|·Γ`` from the per-location output gradients (MATH.md §4.3). Stride,
+    padding (zeros) and dilation are supported; grouped convolutions raise a clear error.
+    Arguments as for :class:`KFAC`.
+    """
+
+    supported_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _resolve(model: nn.Module, specs: Sequence[LayerSpec], arg: str, owner: str) -> set[int]:
+    by_name = dict(model.named_modules())
+    members = {id(m) for m in by_name.values()}
+    ids = set()
+    for spec in specs:
+        if isinstance(spec, str):
+            if spec not in by_name:
+                raise ValueError(
+                    f"{owner}: {arg} names unknown module {spec!r}; modules with parameters: "
+                    f"{[layer.name for layer in find_layers(model)]}."
+                )
+            ids.add(id(by_name[spec]))
+        elif isinstance(spec, nn.Module) and id(spec) in members:
+            ids.add(id(spec))
+        else:
+            raise ValueError(f"{owner}: {arg} entry {spec!r} is not a module of the model.")
+    return ids
+
+
+def _psd_eig(M: Tensor, name: str) -> linalg.SymmetricEigen:
+    # The factors are PSD by construction; negative eigenvalues are rounding and are clamped.
+    d, q = linalg.symeig(M, name=name)
+    return linalg.SymmetricEigen(d.clamp(min=0.0), q)
+
+
+def _as_matrix(layer: Layer, parts: list[Tensor]) -> Tensor:
+    bias = parts[1] if len(parts) > 1 else None
+    return layer_rules.to_matrix(layer.module, parts[0], bias)
+
+
+def _parameter_order(layer: Layer) -> Tensor:
+    """Indices into the row-major ``[W | b]`` matrix, listed in ``[vec(W), b]`` order."""
+    d_out, d_in = layer_rules.weight_matrix_shape(layer.module)
+    index = torch.arange(d_out * d_in).reshape(d_out, d_in)
+    if len(layer.params) == 1:
+        return index.reshape(-1)
+    return torch.cat([index[:, :-1].reshape(-1), index[:, -1]])

@@ -1,0 +1,175 @@
+"""Layer rules for Kronecker-factored curvature: how each layer type yields ``a`` and ``g``.
+
+A rule turns a layer's input into *patches* ``[N, T, D_in]`` (``T`` = positions sharing
+the weight: 1 for a plain ``Linear``, the sequence positions of a ``[N, T, D]`` input,
+the output locations of a convolution) and its backpropagated output quantities
+``[K, N, *out]`` (``K`` loss-Hessian columns, MC samples or 1) into ``[K, N, T, D_out]``.
+The weight is viewed as the matrix ``[D_out, D_in]`` (``weight.reshape(D_out, -1)``,
+which for convolutions matches the (channel, kernel offset) order of the patches,
+MATH.md §4.1); the bias joins as the last column through the homogeneous coordinate.
+
+Rules live in ``KRONECKER_RULES`` (layer type → rule); nothing else inspects layer types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from math import prod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_CONV_FN: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _linear_patches(module: nn.Module, x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _linear_columns(module: nn.Module, grad: Tensor) -> Tensor:
+    return grad.reshape(grad.shape[0], grad.shape[1], -1, grad.shape[-1])
+
+
+def _check_linear(module: nn.Module) -> None:
+    return None
+
+
+def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
+    """Unfolded input patches ``[N, T, C_in·|Δ|]`` of a convolution (im2col, any dim).
+
+    A grouped convolution with one-hot kernels copies every kernel offset of every input
+    channel into its own output channel; channel ``c·|Δ| + k`` holds offset ``k`` of input
+    channel ``c``, the order of ``weight.reshape(C_out, -1)``.
+    """
+    conv = _as_conv(module)
+    dims = len(conv.kernel_size)
+    c_in, kernel = conv.in_channels, conv.kernel_size
+    k = prod(kernel)
+    eye = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, 1, *kernel)
+    weight = eye.repeat(c_in, *([1] * (dims + 1)))  # [C_in·k, 1, *kernel]
+    patches = _CONV_FN[dims](
+        x,
+        weight,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=c_in,
+    )  # [N, C_in·k, *out]
+    return patches.flatten(start_dim=2).transpose(1, 2)
+
+
+def _conv_columns(module: nn.Module, grad: Tensor) -> Tensor:
+    # [K, N, C_out, *out] -> [K, N, T, C_out]
+    return grad.flatten(start_dim=3).transpose(2, 3)
+
+
+def _as_conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    return module
+
+
+def _check_conv(module: nn.Module) -> None:
+    conv = _as_conv(module)
+    if conv.groups != 1:
+        raise ValueError(
+            f"{type(conv).__name__} with groups={conv.groups}: grouped convolutions are not "
+            "supported by the Kronecker backends (one block per group is not implemented)."
+        )
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"{type(conv).__name__} with padding_mode={conv.padding_mode!r}: only 'zeros' "
+            "padding is supported by the Kronecker backends."
+        )
+    if isinstance(conv.padding, str) and conv.padding != "valid":
+        raise ValueError(
+            f"{type(conv).__name__} with padding={conv.padding!r}: give the padding as "
+            "integers (or 'valid') for the Kronecker backends."
+        )
+
+
+@dataclass(frozen=True)
+class KroneckerRule:
+    """How one layer type enters a Kronecker factorization (see the module docstring)."""
+
+    patches: Callable[[nn.Module, Tensor], Tensor]
+    columns: Callable[[nn.Module, Tensor], Tensor]
+    check: Callable[[nn.Module], None]
+
+
+KRONECKER_RULES: dict[type[nn.Module], KroneckerRule] = {
+    nn.Linear: KroneckerRule(_linear_patches, _linear_columns, _check_linear),
+    nn.Conv1d: KroneckerRule(_conv_patches, _conv_columns, _check_conv),
+    nn.Conv2d: KroneckerRule(_conv_patches, _conv_columns, _check_conv),
+    nn.Conv3d: KroneckerRule(_conv_patches, _conv_columns, _check_conv),
+}
+
+KFAC_APPROXES = ("expand", "reduce")
+
+
+def rule_for(module: nn.Module) -> KroneckerRule | None:
+    """The rule of ``module``'s exact type, or ``None``."""
+    return KRONECKER_RULES.get(type(module))
+
+
+def homogeneous(patches: Tensor, module: nn.Module) -> Tensor:
+    """Append the homogeneous coordinate 1 when ``module`` has a bias: ``[..., D_in(+1)]``."""
+    if getattr(module, "bias", None) is None:
+        return patches
+    ones = torch.ones(*patches.shape[:-1], 1, dtype=patches.dtype, device=patches.device)
+    return torch.cat([patches, ones], dim=-1)
+
+
+def input_factor_sum(module: nn.Module, x: Tensor, kfac_approx: str) -> tuple[Tensor, int]:
+    """``(Σ ā āᵀ, count)`` of one batch; ``A = Σ ā āᵀ / count`` (MATH.md §4.4).
+
+    expand: the sum over samples and positions, ``count = N·T``; reduce: patches are
+    averaged over positions first, ``count = N``.
+    """
+    rule = KRONECKER_RULES[type(module)]
+    patches = rule.patches(module, x)  # [N, T, D]
+    if kfac_approx == "reduce":
+        patches = patches.mean(dim=1, keepdim=True)
+    a = homogeneous(patches, module).reshape(-1, patches.shape[-1] + _has_bias(module))
+    return a.T @ a, a.shape[0]
+
+
+def output_factor(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
+    """``Σ g gᵀ`` over columns, samples and positions of ``grad`` ``[K, N, *out]``.
+
+    expand sums the outer products over positions; reduce sums ``g`` over positions
+    before the outer product (MATH.md §4.4).
+    """
+    rule = KRONECKER_RULES[type(module)]
+    cols = rule.columns(module, grad)  # [K, N, T, D_out]
+    if kfac_approx == "reduce":
+        cols = cols.sum(dim=2)
+    flat = cols.reshape(-1, cols.shape[-1])
+    return flat.T @ flat
+
+
+def _has_bias(module: nn.Module) -> int:
+    return int(getattr(module, "bias", None) is not None)
+
+
+def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """``(D_out, D_in)`` of the homogeneous weight matrix ``[W | b]``."""
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    return weight.shape[0], weight[0].numel() + _has_bias(module)
+
+
+def to_matrix(module: nn.Module, weight_part: Tensor, bias_part: Tensor | None) -> Tensor:
+    """Parameter-shaped tensors (weight, bias) → the homogeneous matrix ``[D_out, D_in(+1)]``."""
+    mat = weight_part.reshape(weight_part.shape[0], -1)
+    if bias_part is None:
+        return mat
+    return torch.cat([mat, bias_part.reshape(-1, 1)], dim=1)
+
+
+def from_matrix(module: nn.Module, mat: Tensor) -> list[Tensor]:
+    """Inverse of :func:`to_matrix`: ``[weight-shaped, bias-shaped]`` (bias only if present)."""
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    if getattr(module, "bias", None) is None:
+        return [mat.reshape(weight.shape)]
+    return [mat[:, :-1].reshape(weight.shape), mat[:, -1].contiguous()]
