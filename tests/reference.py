@@ -49,7 +49,7 @@ def flat_params(model: nn.Module) -> list[tuple[str, Tensor]]:
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
-def _plain(model: nn.Module) -> nn.Module:
+def unhooked_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` without any module hooks (BackPACK's included).
 
     Non-leaf tensors cached on modules (BackPACK keeps ``input0``/``output`` after a
@@ -72,7 +72,7 @@ def _plain(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _plain_loss(loss_fn: nn.Module) -> nn.Module:
+def unhooked_loss(loss_fn: nn.Module) -> nn.Module:
     """A fresh loss module of the same class and reduction (no hooks attached)."""
     supported = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
     if not isinstance(loss_fn, supported):
@@ -92,7 +92,7 @@ def reduction_factor(loss_fn: nn.Module, outputs: Tensor) -> float:
 
 def _outputs(model: nn.Module, X: Tensor) -> Tensor:
     with torch.no_grad():
-        return _plain(model)(X)
+        return unhooked_copy(model)(X)
 
 
 # --- Jacobians, output derivatives -----------------------------------------------------
@@ -100,7 +100,7 @@ def _outputs(model: nn.Module, X: Tensor) -> Tensor:
 
 def per_sample_jacobians(model: nn.Module, X: Tensor) -> Tensor:
     """``J`` of shape ``[N, C, P]``: ``J[n] = ∂f(x_n)/∂θ``, each sample run on its own."""
-    plain = _plain(model)
+    plain = unhooked_copy(model)
     named = flat_params(plain)
     names = [name for name, _ in named]
     params = tuple(p.detach() for _, p in named)
@@ -120,7 +120,7 @@ def output_hessians(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> Ten
     Computed as the full ``[N, C, N, C]`` Hessian of ``L(outputs)``; asserts that the
     blocks coupling different samples vanish (the loss is a sum over samples).
     """
-    loss = _plain_loss(loss_fn)
+    loss = unhooked_loss(loss_fn)
     outputs = outputs.detach()
     full = hessian(lambda f: loss(f, targets))(outputs)  # [N, C, N, C]
     n = outputs.shape[0]
@@ -135,7 +135,7 @@ def output_hessians(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> Ten
 
 def output_gradients(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> Tensor:
     """``[N, C]``: ``∇_{f_n} L`` of the *reduced* loss (so ``R ∇_{f_n} ℓ_n``)."""
-    loss = _plain_loss(loss_fn)
+    loss = unhooked_loss(loss_fn)
     return jacrev(lambda f: loss(f, targets))(outputs.detach())
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 import curvlab
 from tests.cases import CASES, DTYPE, LOSSES
+from tests.reference import unhooked_copy, unhooked_loss
 
 FISHER_TYPES = ["exact", "mc", "empirical"]
 _CURVLINOPS_TYPE = {"exact": "type-2", "mc": "mc", "empirical": "empirical"}
@@ -150,3 +151,186 @@ def test_factors_match_curvlinops(arch, loss, reduction, fisher_type, approx) ->
             assert err < 0.1, f"MC G is {err:.3f} (relative Frobenius) from the exact-type G"
         else:
             _close(f.G, g_ref, rtol=1e-9)
+
+
+# --- KFC's definition for Conv1d / Conv3d, computed independently with autograd ---------
+
+
+def _kfc_reference(model: nn.Sequential, loss_fn: nn.Module, x: Tensor, y: Tensor, approx: str):
+    """A and G of ``model[0]`` (a convolution) from the definitions (MATH.md §4.3-4.4).
+
+    Patches are read off the Jacobian of the conv output w.r.t. its weight
+    (``∂s[n, 0, t]/∂W[0] = patch[n, t]``); G comes from ``Jᵀ H J`` of the network output
+    w.r.t. the conv output, with H the Hessian of the reduced loss w.r.t. each sample's
+    output (so ``Σ_c g_c g_cᵀ = Jᵀ H J``, no square root needed).
+    """
+    # torch.func cannot run through BackPACK hooks: use un-hooked copies
+    model, loss_fn = unhooked_copy(model), unhooked_loss(loss_fn)
+    conv, tail = model[0], model[1:]
+    n = x.shape[0]
+    s = conv(x).detach()  # [N, C_out, *spatial]
+    c_out = s.shape[1]
+    weight = conv.weight.detach()
+
+    def conv_out(w: Tensor) -> Tensor:
+        return conv._conv_forward(x, w, None)
+
+    jw = torch.func.jacrev(conv_out)(weight)  # [N, C_out, *sp, C_out, C_in, *k]
+    t = s[0, 0].numel()
+    patches = jw[:, 0].reshape(n, t, c_out, -1)[:, :, 0]  # [N, T, C_in·k]
+    ones = torch.ones(n, t, 1, dtype=x.dtype)
+    if approx == "reduce":
+        abar = torch.cat([patches.mean(1, keepdim=True), ones[:, :1]], dim=-1)
+        a_ref = torch.einsum("nti,ntj->ij", abar, abar) / n
+    else:
+        abar = torch.cat([patches, ones], dim=-1)
+        a_ref = torch.einsum("nti,ntj->ij", abar, abar) / (n * t)
+    out = tail(s)
+    hess = torch.func.hessian(lambda f: loss_fn(f, y))(out)  # [N, C, N, C]
+    g_ref = torch.zeros(c_out, c_out, dtype=x.dtype)
+    for i in range(n):
+        j = torch.func.jacrev(lambda si: tail(si.unsqueeze(0))[0])(s[i])  # [C, C_out, *sp]
+        j = j.reshape(j.shape[0], c_out, t)
+        if approx == "reduce":
+            j = j.sum(-1, keepdim=True)
+        jhj = torch.einsum("cot,cd,dpt->op", j, hess[i, :, i, :], j)
+        g_ref += jhj
+    return a_ref, g_ref
+
+
+def _conv_model(dims: int) -> nn.Sequential:
+    conv = {1: nn.Conv1d, 3: nn.Conv3d}[dims]
+    out = {1: 3 * 4, 3: 3 * 2 * 3 * 2}[dims]
+    return nn.Sequential(
+        conv(2, 3, kernel_size=3, stride=2, padding=1, dilation=1 if dims == 3 else 2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(out, 3),
+    )
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda case: case.name)
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_conv3d_match_kfc_definition(dims, loss, reduction, approx) -> None:
+    torch.manual_seed(0)
+    model = _conv_model(dims).to(DTYPE)
+    loss_fn = loss.loss_cls(reduction=reduction)
+    shape = {1: (2, 9), 3: (2, 4, 5, 4)}[dims]
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(3, *shape, generator=gen, dtype=DTYPE), _targets(loss.loss_cls, 3, 3, gen)
+    kfc = curvlab.KFC(model, loss_fn, fisher_type="exact", kfac_approx=approx)
+    kfc.update(x, y)
+    a_ref, g_ref = _kfc_reference(model, loss_fn, x, y, approx)
+    factors = kfc.factors()[0]
+    _close(factors.A, a_ref, rtol=1e-10)
+    _close(factors.G, g_ref, rtol=1e-10)
+
+
+# --- solves ---------------------------------------------------------------------------------
+
+
+def _fitted_kfc(damping_mode: str) -> curvlab.KFC:
+    case = next(c for c in CASES if c.id == "conv2d-ce-mean")
+    model, loss_fn = case.build()
+    kfc = curvlab.KFC(model, loss_fn, fisher_type="exact", damping_mode=damping_mode)
+    kfc.update(*case.data(n=5))
+    return kfc
+
+
+@pytest.mark.parametrize("damping", [1e-3, 0.5])
+def test_exact_damping_solve_is_the_dense_damped_inverse(damping) -> None:
+    kfc = _fitted_kfc("exact")
+    dense = kfc.to_dense()
+    v = [torch.randn_like(p) for p in kfc.params]
+    expected = torch.linalg.solve(dense + damping * torch.eye(len(dense), dtype=DTYPE), _flat(v))
+    _close(_flat(kfc.solve(v, damping)), expected, rtol=1e-8)
+
+
+def test_factored_damping_solve_and_pi() -> None:
+    kfc = _fitted_kfc("factored")
+    damping = 0.04
+    gamma = damping**0.5
+    v = [torch.randn_like(p) for p in kfc.params]
+    blocks = []
+    for f in kfc.factors():
+        # π = sqrt((tr A / dim A) / (tr G / dim G)), MATH.md §2.3.2
+        pi = ((f.A.trace() / f.A.shape[0]) / (f.G.trace() / f.G.shape[0])).sqrt()
+        eye_a, eye_g = torch.eye(f.A.shape[0], dtype=DTYPE), torch.eye(f.G.shape[0], dtype=DTYPE)
+        block = torch.kron(f.G + gamma / pi * eye_g, f.A + gamma * pi * eye_a)
+        d_out, d_in = f.G.shape[0], f.A.shape[0]
+        idx = torch.arange(d_out * d_in).reshape(d_out, d_in)
+        perm = torch.cat([idx[:, :-1].reshape(-1), idx[:, -1]])
+        blocks.append(block[perm][:, perm])
+    expected = torch.linalg.solve(torch.block_diag(*blocks), _flat(v))
+    _close(_flat(kfc.solve(v, damping)), expected, rtol=1e-8)
+
+
+def test_undamped_solve_of_singular_factor_is_reported() -> None:
+    kfc = _fitted_kfc("exact")  # softmax output: the last layer's G is singular
+    with pytest.raises(curvlab.linalg.LinAlgError, match=r"layer '3' \(Linear\).*damping > 0"):
+        kfc.solve([torch.ones_like(p) for p in kfc.params], 0.0)
+
+
+def test_decompositions_are_cached_until_the_factors_change(monkeypatch) -> None:
+    kfc = _fitted_kfc("exact")
+    calls = []
+    original = curvlab.linalg.symeig
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(curvlab.linalg, "symeig", counting)
+    v = [torch.randn_like(p) for p in kfc.params]
+    kfc.solve(v, 0.1)
+    kfc.solve(v, 0.2)  # new damping: no new decomposition
+    assert len(calls) == 2 * len(kfc.layers)
+    case = next(c for c in CASES if c.id == "conv2d-ce-mean")
+    kfc.update(*case.data(n=3, seed=9))
+    kfc.solve(v, 0.1)
+    assert len(calls) == 4 * len(kfc.layers)
+
+
+# --- layer selection -------------------------------------------------------------------------
+
+
+def test_unsupported_layer_is_named_and_can_be_excluded() -> None:
+    case = next(c for c in CASES if c.id == "conv2d-ce-mean")
+    model, loss_fn = case.build()
+    with pytest.raises(ValueError, match=r"module '0' \(Conv2d\).*supports only Linear.*exclude"):
+        curvlab.KFAC(model, loss_fn)
+    kfac = curvlab.KFAC(model, loss_fn, fisher_type="exact", exclude=["0"])
+    assert [layer.name for layer in kfac.layers] == ["3"]
+    assert kfac.params == list(model[3].parameters())
+    kfac.update(*case.data())
+    # the excluded conv's BackPACK quantities do not linger on its parameters
+    assert not any(k.startswith("curvlab_") for p in model.parameters() for k in vars(p))
+    only = curvlab.KFC(model, loss_fn, fisher_type="exact", layers=[model[3]])
+    only.update(*case.data())
+    torch.testing.assert_close(only.to_dense(), kfac.to_dense())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"layers": ["nope"]}, "unknown module 'nope'"),
+        ({"exclude": [nn.Linear(2, 2)]}, "is not a module of the model"),
+        ({"layers": ["1"]}, "no layer selected"),
+        ({"kfac_approx": "mean"}, "unknown kfac_approx 'mean'"),
+        ({"damping_mode": "tikhonov"}, "unknown damping_mode"),
+        ({"fisher_type": "type-2"}, "unknown fisher_type"),
+    ],
+)
+def test_bad_kfac_arguments(kwargs, match) -> None:
+    case = next(c for c in CASES if c.id == "mlp-ce-mean")
+    model, loss_fn = case.build()
+    with pytest.raises(ValueError, match=match):
+        curvlab.KFAC(model, loss_fn, **kwargs)
+
+
+def test_grouped_convolution_is_rejected() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(36, 3))
+    with pytest.raises(ValueError, match="groups=2"):
+        curvlab.KFC(model, nn.CrossEntropyLoss())
