@@ -1,0 +1,86 @@
+"""Factored Tikhonov damping (Martens & Grosse 2015 §6.3; MATH.md §2.3.2, §3.4, §5.11)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._checks import check_finite, check_same_dtype_device, check_scalar, check_square
+
+__all__ = ["factored_damping", "pi_correction"]
+
+
+def pi_correction(G: Tensor, A: Tensor) -> Tensor:
+    """Trace-norm π of factored Tikhonov damping (MATH.md §2.3.2).
+
+    ``π = sqrt( (tr(A) / dim A) / (tr(G) / dim G) )`` for the K-FAC block ``kron(G, A)``
+    (``G`` output-gradient factor, ``A`` input factor, dims including a homogeneous bias
+    coordinate). It minimizes the trace norm of the damping error term
+    ``γ (π·(G⊗I) + π^{-1}·(I⊗A))`` (row-major form of §2.3.2).
+
+    Zero traces: if ``tr(A) == 0`` or ``tr(G) == 0`` (e.g. a factor that is still all zeros)
+    the formula degenerates to 0 or ∞; this function then returns **π = 1** (plain
+    ``γ`` on both factors), documented fallback.
+
+    Returns:
+        0-d tensor with ``G``'s dtype and device.
+
+    Raises:
+        LinAlgError: a factor is non-finite.
+        ValueError: a trace is negative (a factor is not PSD), or bad shapes.
+    """
+    check_square(G, "G")
+    check_square(A, "A")
+    check_same_dtype_device(G=G, A=A)
+    check_finite(G, "G")
+    check_finite(A, "A")
+    mean_G = torch.trace(G) / G.shape[0]
+    mean_A = torch.trace(A) / A.shape[0]
+    if bool(mean_G < 0) or bool(mean_A < 0):
+        raise ValueError(
+            "pi_correction needs PSD factors, but a trace is negative: "
+            f"tr(G)/dim G = {float(mean_G):.3e}, tr(A)/dim A = {float(mean_A):.3e}"
+        )
+    # sqrt(a)/sqrt(g) instead of sqrt(a/g) avoids premature overflow/underflow.
+    pi = torch.sqrt(mean_A) / torch.sqrt(mean_G)
+    ok = (mean_A > 0) & (mean_G > 0) & torch.isfinite(pi)
+    return torch.where(ok, pi, torch.ones_like(pi))
+
+
+def factored_damping(
+    G: Tensor, A: Tensor, damping: float | Tensor, *, pi: float | Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Damped factors ``(G + (γ/π) I, A + π γ I)`` with ``γ = sqrt(damping)``.
+
+    Convention: ``damping`` is the overall Tikhonov strength ``λ`` (``λ = γ²``), so that
+    ``kron(G + (γ/π)I, A + πγI) = kron(G, A) + λ I + γ (π^{-1}·kron(I, A) + π·kron(G, I))
+    ≈ kron(G, A) + λ I`` (MATH.md §2.3.2, §5.11, written for the row-major ``kron(G, A)``;
+    Martens & Grosse damp ``Ā + πγI`` and ``G + (γ/π)I`` — the same thing).
+
+    Args:
+        G: ``[n, n]`` PSD output-gradient factor.
+        A: ``[m, m]`` PSD input factor.
+        damping: ``λ ≥ 0`` (float or scalar tensor).
+        pi: override π (e.g. ``1.0`` for no correction, or the π of another layer as in the
+            block-tridiagonal case, MATH.md §3.4); default :func:`pi_correction` ``(G, A)``.
+
+    Returns:
+        ``(G_damped, A_damped)`` with the input dtype and device.
+    """
+    check_square(G, "G")
+    check_square(A, "A")
+    check_same_dtype_device(G=G, A=A)
+    lam = check_scalar(damping, G)
+    gamma = torch.sqrt(lam) if isinstance(lam, Tensor) else math.sqrt(lam)
+    p: float | Tensor
+    if pi is None:
+        p = pi_correction(G, A)
+    else:
+        p = check_scalar(pi, G, name="pi")
+        if (p == 0.0) if not isinstance(p, Tensor) else (p.device.type == "cpu" and p == 0):
+            raise ValueError("pi must be positive, got 0")
+    eye_G = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    eye_A = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return G + (gamma / p) * eye_G, A + (p * gamma) * eye_A
