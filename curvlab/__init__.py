@@ -8,6 +8,7 @@ model, loss_fn)``), feed it batches with ``update`` (or several at once with
 
 from curvlab import linalg
 from curvlab.curvature import (
+    EKFAC,
     KFAC,
     KFC,
     BlockDiagonal,
@@ -23,6 +24,7 @@ from curvlab.registry import available, make, register
 __version__ = "0.1.0"
 
 __all__ = [
+    "EKFAC",
     "FISHER_TYPES",
     "KFAC",
     "KFC",

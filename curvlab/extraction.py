@@ -164,12 +164,16 @@ _KRON_DERIVATIVES = {
 }
 
 
-def _kron_statistics(module: nn.Module, grad: Tensor, kfac_approx: str) -> dict[str, Any]:
+def _kron_statistics(module: nn.Module, grad: Tensor, ext: Any) -> dict[str, Any]:
     with torch.no_grad():
         x = cast(Tensor, module.input0).detach()
-        a_sum, count = layers.input_factor_sum(module, x, kfac_approx)
-        g = layers.output_factor(module, grad.detach(), kfac_approx)
-    return {"A": a_sum, "count": count, "G": g}
+        a_sum, count = layers.input_factor_sum(module, x, ext.kfac_approx)
+        g = layers.output_factor(module, grad.detach(), ext.kfac_approx)
+        stats: dict[str, Any] = {"A": a_sum, "count": count, "G": g}
+        if ext.keep_raw:  # EKFAC refits its diagonal from the per-sample quantities
+            stats["patches"] = layers.layer_patches(module, x)
+            stats["columns"] = layers.layer_columns(module, grad.detach())
+    return stats
 
 
 class _KronFromSqrt(SqrtGGNBaseModule):
@@ -181,7 +185,7 @@ class _KronFromSqrt(SqrtGGNBaseModule):
     def weight(
         self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Tensor
     ) -> dict[str, Any]:
-        return _kron_statistics(module, backproped, ext.kfac_approx)
+        return _kron_statistics(module, backproped, ext)
 
 
 class _KronFromGradient(FirstOrderModuleExtension):
@@ -193,18 +197,21 @@ class _KronFromGradient(FirstOrderModuleExtension):
     def weight(
         self, ext: Any, module: nn.Module, g_inp: Any, g_out: tuple[Tensor, ...], bp: Any
     ) -> dict[str, Any]:
-        return _kron_statistics(module, g_out[0].unsqueeze(0), ext.kfac_approx)
+        return _kron_statistics(module, g_out[0].unsqueeze(0), ext)
 
 
 class KroneckerSqrt(SqrtGGN):
     """``SqrtGGNExact``/``SqrtGGNMC`` whose Linear/Conv hooks store Kronecker factors."""
 
-    def __init__(self, fisher_type: str, kfac_approx: str, mc_samples: int = 1) -> None:
+    def __init__(
+        self, fisher_type: str, kfac_approx: str, mc_samples: int = 1, keep_raw: bool = False
+    ) -> None:
         strategy = (
             LossHessianStrategy.EXACT if fisher_type == "exact" else (LossHessianStrategy.SAMPLING)
         )
-        super().__init__(strategy, _kron_savefield(fisher_type, kfac_approx), None)
+        super().__init__(strategy, _kron_savefield(fisher_type, kfac_approx, keep_raw), None)
         self.kfac_approx = kfac_approx
+        self.keep_raw = keep_raw
         self._mc_samples = mc_samples
         for cls, derivatives in _KRON_DERIVATIVES.items():
             self.set_module_extension(cls, _KronFromSqrt(derivatives()), overwrite=True)
@@ -219,43 +226,68 @@ class KroneckerSqrt(SqrtGGN):
 class KroneckerGradient(FirstOrderBackpropExtension):
     """First-order extension storing Kronecker factors from observed-label gradients."""
 
-    def __init__(self, kfac_approx: str) -> None:
+    def __init__(self, kfac_approx: str, keep_raw: bool = False) -> None:
         super().__init__(
-            savefield=_kron_savefield("empirical", kfac_approx),
+            savefield=_kron_savefield("empirical", kfac_approx, keep_raw),
             module_exts={cls: _KronFromGradient() for cls in _KRON_DERIVATIVES},
         )
         self.kfac_approx = kfac_approx
+        self.keep_raw = keep_raw
 
 
-def _kron_savefield(fisher_type: str, kfac_approx: str) -> str:
-    return f"curvlab_kron_{fisher_type}_{kfac_approx}"
+def _kron_savefield(fisher_type: str, kfac_approx: str, keep_raw: bool) -> str:
+    return f"curvlab_kron_{fisher_type}_{kfac_approx}" + ("_raw" if keep_raw else "")
 
 
 def kronecker_extension(
-    fisher_type: str, kfac_approx: str, mc_samples: int = 1
+    fisher_type: str, kfac_approx: str, mc_samples: int = 1, keep_raw: bool = False
 ) -> BackpropExtension:
-    """The extension that stores ``fisher_type``'s Kronecker factors on each layer's weight."""
+    """The extension that stores ``fisher_type``'s Kronecker factors on each layer's weight.
+
+    With ``keep_raw`` it also keeps the layer's homogeneous input patches ``[N, T, D_in]``
+    and output columns ``[K, N, T, D_out]`` of the batch (for EKFAC's refit).
+    """
     if fisher_type == "empirical":
-        return KroneckerGradient(kfac_approx)
-    return KroneckerSqrt(fisher_type, kfac_approx, mc_samples)
+        return KroneckerGradient(kfac_approx, keep_raw)
+    return KroneckerSqrt(fisher_type, kfac_approx, mc_samples, keep_raw)
 
 
 @dataclass(frozen=True)
 class KroneckerBatch:
-    """One batch's factor statistics of one layer: ``A = a_sum / count`` and ``G``."""
+    """One batch's statistics of one layer: ``A = a_sum / count``, ``G`` on the loss's scale.
+
+    ``patches`` ``[N, T, D_in]`` and ``columns`` ``[K, N, T, D_out]`` are set when the
+    extension kept them; ``column_scale`` brings ``Σ columns²`` onto the loss's scale.
+    """
 
     a_sum: Tensor
     count: int
     g: Tensor
+    patches: Tensor | None = None
+    columns: Tensor | None = None
+    column_scale: float = 1.0
 
 
 def kronecker_statistics(
-    result: BackwardResult, fisher_type: str, kfac_approx: str, weight: Tensor, name: str
+    result: BackwardResult,
+    fisher_type: str,
+    kfac_approx: str,
+    weight: Tensor,
+    name: str,
+    keep_raw: bool = False,
 ) -> KroneckerBatch:
     """The batch's factors of the layer owning ``weight``, ``G`` on the loss's scale."""
-    raw = result.get(_kron_savefield(fisher_type, kfac_approx), weight, name)
-    g = raw["G"] * result.scale.inv_reduction if fisher_type == "empirical" else raw["G"]
-    return KroneckerBatch(a_sum=raw["A"], count=int(raw["count"]), g=g)
+    raw = result.get(_kron_savefield(fisher_type, kfac_approx, keep_raw), weight, name)
+    # empirical columns are R·∂ℓ_n/∂s: their outer products need 1/R (MATH.md §1.2 rule 3)
+    scale = result.scale.inv_reduction if fisher_type == "empirical" else 1.0
+    return KroneckerBatch(
+        a_sum=raw["A"],
+        count=int(raw["count"]),
+        g=raw["G"] * scale,
+        patches=raw.get("patches"),
+        columns=raw.get("columns"),
+        column_scale=scale,
+    )
 
 
 def _extension_key(ext: BackpropExtension) -> tuple[object, ...]:

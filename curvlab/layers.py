@@ -121,17 +121,26 @@ def homogeneous(patches: Tensor, module: nn.Module) -> Tensor:
     return torch.cat([patches, ones], dim=-1)
 
 
+def layer_patches(module: nn.Module, x: Tensor) -> Tensor:
+    """Homogeneous input patches ``ā`` of a batch: ``[N, T, D_in(+1)]``."""
+    return homogeneous(KRONECKER_RULES[type(module)].patches(module, x), module)
+
+
+def layer_columns(module: nn.Module, grad: Tensor) -> Tensor:
+    """Backpropagated output quantities ``[K, N, *out]`` as ``[K, N, T, D_out]``."""
+    return KRONECKER_RULES[type(module)].columns(module, grad)
+
+
 def input_factor_sum(module: nn.Module, x: Tensor, kfac_approx: str) -> tuple[Tensor, int]:
     """``(Σ ā āᵀ, count)`` of one batch; ``A = Σ ā āᵀ / count`` (MATH.md §4.4).
 
     expand: the sum over samples and positions, ``count = N·T``; reduce: patches are
-    averaged over positions first, ``count = N``.
+    averaged over positions first, ``count = N`` (the homogeneous 1 stays 1).
     """
-    rule = KRONECKER_RULES[type(module)]
-    patches = rule.patches(module, x)  # [N, T, D]
+    patches = layer_patches(module, x)  # [N, T, D]
     if kfac_approx == "reduce":
         patches = patches.mean(dim=1, keepdim=True)
-    a = homogeneous(patches, module).reshape(-1, patches.shape[-1] + _has_bias(module))
+    a = patches.reshape(-1, patches.shape[-1])
     return a.T @ a, a.shape[0]
 
 
@@ -141,8 +150,7 @@ def output_factor(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
     expand sums the outer products over positions; reduce sums ``g`` over positions
     before the outer product (MATH.md §4.4).
     """
-    rule = KRONECKER_RULES[type(module)]
-    cols = rule.columns(module, grad)  # [K, N, T, D_out]
+    cols = layer_columns(module, grad)  # [K, N, T, D_out]
     if kfac_approx == "reduce":
         cols = cols.sum(dim=2)
     flat = cols.reshape(-1, cols.shape[-1])

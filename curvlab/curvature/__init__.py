@@ -2,11 +2,13 @@
 
 from curvlab.curvature.base import Curvature, Layer
 from curvlab.curvature.block_diagonal import BlockDiagonal
+from curvlab.curvature.ekfac import EKFAC
 from curvlab.curvature.empirical import EmpiricalFisher
 from curvlab.curvature.exact import ExactFisher
 from curvlab.curvature.kfac import KFAC, KFC, KroneckerFactors
 
 __all__ = [
+    "EKFAC",
     "KFAC",
     "KFC",
     "BlockDiagonal",

@@ -30,6 +30,7 @@ from curvlab import linalg
 from curvlab.curvature.base import Curvature, Layer, Vector, find_layers
 from curvlab.extraction import (
     BackwardResult,
+    KroneckerBatch,
     check_fisher_type,
     check_mc_samples,
     kronecker_extension,
@@ -152,12 +153,24 @@ class KFAC(Curvature):
         return [kronecker_extension(self.fisher_type, self.kfac_approx, self.mc_samples)]
 
     def _accumulate(self, result: BackwardResult, weight: float) -> None:
-        batches = [
+        self._add_factors(self._layer_batches(result), weight)
+
+    def _layer_batches(
+        self, result: BackwardResult, keep_raw: bool = False
+    ) -> list[KroneckerBatch]:
+        return [
             kronecker_statistics(
-                result, self.fisher_type, self.kfac_approx, layer.params[0], layer.param_names[0]
+                result,
+                self.fisher_type,
+                self.kfac_approx,
+                layer.params[0],
+                layer.param_names[0],
+                keep_raw=keep_raw,
             )
             for layer in self.layers
         ]
+
+    def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
         if self._a_sum is None or self._g_sum is None:
             self._a_sum = [torch.zeros_like(b.a_sum) for b in batches]
             self._g_sum = [torch.zeros_like(b.g) for b in batches]

@@ -1,0 +1,194 @@
+"""``EKFAC``: K-FAC's eigenbasis with a refitted diagonal (George et al. 2018; MATH.md §6.1).
+
+Per layer, the Kronecker-factored eigenbasis ``Q = Q_G ⊗ Q_A`` comes from the K-FAC
+factors; the diagonal is replaced by the second moments of the per-sample gradients
+projected onto it, ``S*_{ij} = Σ_{n,c} (Q_Gᵀ DW_{n,c} Q_A)_{ij}²`` on the loss's scale
+(``DW_{n,c} = Σ_t g_{n,t,c} ā_{n,t}ᵀ``; ``c`` runs over loss-Hessian columns, MC samples or
+the observed label). For a fixed basis this is the Frobenius-optimal diagonal,
+``S* = diag(Qᵀ F Q)`` with ``F`` the layer's Fisher block, so EKFAC is never farther from
+``F`` than K-FAC (whose diagonal in the same basis is ``d_G d_Aᵀ``).
+
+The basis is computed from the factors at the first batch after construction, ``reset()``
+or :meth:`EKFAC.refresh_basis`, and stays fixed while further batches add to the factors
+and to ``S*`` — George et al.'s amortisation (rare eigendecompositions, cheap diagonal
+updates). Without weight sharing (``T = 1``) ``S*`` is formed from the projected inputs and
+output columns without materialising per-sample gradients; with sharing the per-sample
+gradients are formed in chunks of samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from backpack.extensions.backprop_extension import BackpropExtension
+from torch import Tensor, nn
+
+from curvlab import layers as layer_rules
+from curvlab import linalg
+from curvlab.curvature.base import Vector
+from curvlab.curvature.kfac import KFAC, LayerSpec, _as_matrix, _parameter_order
+from curvlab.extraction import BackwardResult, KroneckerBatch, kronecker_extension
+from curvlab.registry import register
+
+#: Per-sample projected gradients are formed for at most this many entries at a time.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@register("ekfac")
+class EKFAC(KFAC):
+    """Eigenvalue-corrected K-FAC. Arguments as for :class:`KFAC` (which layers: ``KFC``'s).
+
+    ``solve`` applies ``Q [(Qᵀ v) ⊘ (S* + λ)]`` exactly (EKFAC's natural damping, as in
+    curvlinops); there is no factored mode.
+    """
+
+    supported_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        fisher_type: str = "mc",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        layers: Sequence[LayerSpec] | None = None,
+        exclude: Sequence[LayerSpec] | None = None,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            fisher_type=fisher_type,
+            mc_samples=mc_samples,
+            kfac_approx=kfac_approx,
+            damping_mode="exact",
+            layers=layers,
+            exclude=exclude,
+        )
+        self._basis: list[tuple[Tensor, Tensor]] | None = None  # (Q_G, Q_A) per layer
+        self._s_sum: list[Tensor] | None = None  # Σ_b w_b S*_b, [D_out, D_in] per layer
+
+    def _extensions(self) -> list[BackpropExtension]:
+        return [
+            kronecker_extension(self.fisher_type, self.kfac_approx, self.mc_samples, keep_raw=True)
+        ]
+
+    def _accumulate(self, result: BackwardResult, weight: float) -> None:
+        batches = self._layer_batches(result, keep_raw=True)
+        self._add_factors(batches, weight)
+        if self._basis is None:
+            self._basis = self._factor_eigenbases()
+        if self._s_sum is None:
+            self._s_sum = [torch.zeros_like(b.g[:, :1] * b.a_sum[:1]) for b in batches]
+        for k, (batch, (q_g, q_a)) in enumerate(zip(batches, self._basis)):
+            self._s_sum[k].add_(_projected_second_moment(batch, q_g, q_a), alpha=weight)
+
+    def _factor_eigenbases(self) -> list[tuple[Tensor, Tensor]]:
+        return [
+            (
+                linalg.symeig(f.G, name=f"{self._layer_label(k)} G").eigenvectors,
+                linalg.symeig(f.A, name=f"{self._layer_label(k)} A").eigenvectors,
+            )
+            for k, f in enumerate(_unnormalised(self))
+        ]
+
+    def refresh_basis(self) -> None:
+        """Recompute the eigenbasis from the current factors; ``S*`` restarts empty.
+
+        The factors keep accumulating; the next ``update``/``accumulate`` refits ``S*``.
+        """
+        self._check_ready("refresh_basis")
+        self._basis = self._factor_eigenbases()
+        self._s_sum = None
+        self.num_batches = 0
+        self._weight_sum = 0.0
+        self._invalidate()
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._basis = None
+        self._s_sum = None
+
+    def eigenbasis(self) -> list[tuple[Tensor, Tensor]]:
+        """Per layer ``(Q_G, Q_A)``: the orthonormal eigenbases in use."""
+        self._check_ready("eigenbasis")
+        assert self._basis is not None
+        return list(self._basis)
+
+    def scalings(self) -> list[Tensor]:
+        """Per layer ``S*`` ``[D_out, D_in(+1)]``: the refitted eigenvalues, normalised."""
+        self._check_ready("scalings")
+        assert self._s_sum is not None
+        return [s / self._normalizer for s in self._s_sum]
+
+    def _apply(self, v: Vector, transform: Any) -> Vector:
+        result: Vector = []
+        for (layer, parts), (q_g, q_a), s in zip(
+            self._per_layer(v), self.eigenbasis(), self.scalings()
+        ):
+            mat = _as_matrix(layer, parts).to(s.dtype)
+            out = q_g @ transform(q_g.T @ mat @ q_a, s) @ q_a.T
+            result.extend(layer_rules.from_matrix(layer.module, out.to(parts[0].dtype)))
+        return result
+
+    def _matvec(self, v: Vector) -> Vector:
+        return self._apply(v, lambda x, s: x * s)
+
+    def _solve(self, v: Vector, damping: float) -> Vector:
+        if damping == 0.0:
+            for k, s in enumerate(self.scalings()):
+                if not bool(s.min() > torch.finfo(s.dtype).eps * s.max()):
+                    raise linalg.LinAlgError(
+                        f"EKFAC.solve: {self._layer_label(k)} has (numerically) zero "
+                        "eigenvalues; use damping > 0."
+                    )
+        return self._apply(v, lambda x, s: x / (s + damping))
+
+    def _to_dense(self) -> Tensor:
+        blocks = []
+        for layer, (q_g, q_a), s in zip(self.layers, self.eigenbasis(), self.scalings()):
+            q = torch.kron(q_g, q_a)
+            block = q @ torch.diag(s.reshape(-1)) @ q.T
+            perm = _parameter_order(layer)
+            blocks.append(block[perm][:, perm])
+        return torch.block_diag(*blocks)
+
+    def _state(self) -> dict[str, Any]:
+        return {**super()._state(), "basis": self._basis, "s_sum": self._s_sum}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        basis, s_sum = state["basis"], state["s_sum"]
+        self._basis = None if basis is None else [(g.clone(), a.clone()) for g, a in basis]
+        self._s_sum = None if s_sum is None else [s.clone() for s in s_sum]
+
+
+def _unnormalised(kfac: KFAC) -> list[Any]:
+    # eigenvectors do not depend on the positive normalisation of the factors
+    assert kfac._a_sum is not None and kfac._g_sum is not None
+    return [_Pair(A=a, G=g) for a, g in zip(kfac._a_sum, kfac._g_sum)]
+
+
+class _Pair:
+    def __init__(self, A: Tensor, G: Tensor) -> None:
+        self.A, self.G = A, G
+
+
+def _projected_second_moment(batch: KroneckerBatch, q_g: Tensor, q_a: Tensor) -> Tensor:
+    """``Σ_{n,c} (Q_Gᵀ DW_{n,c} Q_A)²`` of one batch, on the loss's scale ``[D_out, D_in]``."""
+    assert batch.patches is not None and batch.columns is not None
+    cols = batch.columns @ q_g  # [K, N, T, D_out]: (Q_Gᵀ g) per column, sample, position
+    acts = batch.patches @ q_a  # [N, T, D_in]:     (Q_Aᵀ ā)
+    if acts.shape[1] == 1:  # no weight sharing: (Q_GᵀDWQ_A)_ij² = (Q_Gᵀg)_i² (Q_Aᵀā)_j²
+        moment = torch.einsum("kno,ni->oi", cols[:, :, 0] ** 2, acts[:, 0] ** 2)
+    else:  # sum over positions before squaring (MATH.md §6.1)
+        k, n, _, d_out = cols.shape
+        step = max(1, _CHUNK_ELEMENTS // max(1, k * d_out * acts.shape[-1]))
+        moment = cols.new_zeros(d_out, acts.shape[-1])
+        for start in range(0, n, step):
+            grads = torch.einsum(
+                "knto,nti->knoi", cols[:, start : start + step], acts[start : start + step]
+            )
+            moment += (grads**2).sum(dim=(0, 1))
+    return moment * batch.column_scale
