@@ -445,11 +445,35 @@ def _check_finite_loss(loss: Tensor) -> None:
         raise FloatingPointError(f"The loss is not finite ({loss.item()}); no curvature taken.")
 
 
-def backward(loss: Tensor, extensions: Sequence[BackpropExtension]) -> None:
-    """``loss.backward()`` with ``extensions`` active; BackPACK failures become clear errors."""
+def _probe_parameters(model: nn.Module) -> list[Tensor]:
+    """One (the smallest) trainable parameter per module that owns any.
+
+    Differentiating only w.r.t. these makes the gradient flow through every layer's output,
+    so every BackPACK module hook fires, while the weight gradients — unused by
+    ``update``/``extract`` — are never formed (saves one matmul per layer).
+    """
+    probes: list[Tensor] = []
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own:
+            probes.append(min(own, key=lambda p: p.numel()))
+    return probes
+
+
+def backward(
+    loss: Tensor, extensions: Sequence[BackpropExtension], inputs: Sequence[Tensor] | None = None
+) -> None:
+    """Backward pass with ``extensions`` active; BackPACK failures become clear errors.
+
+    ``inputs=None`` is ``loss.backward()`` (gradients accumulate into ``.grad``); otherwise
+    ``torch.autograd.grad(loss, inputs)``, which leaves ``.grad`` untouched.
+    """
     try:
         with backpack(*extensions):
-            loss.backward()
+            if inputs is None:
+                loss.backward()
+            else:
+                torch.autograd.grad(loss, list(inputs), allow_unused=True)
     except (AssertionError, NotImplementedError) as err:
         raise RuntimeError(
             "BackPACK could not backpropagate through the model. Every operation must be "
@@ -478,29 +502,10 @@ def extract(
                 f"extract: {type(c).__name__} was built for another model or loss function."
             )
     extensions = union_extensions(c.extensions() for c in curvatures)
-    all_params = [p for p in model.parameters() if p.requires_grad]
-    with preserved_grads(all_params):
-        loss = loss_fn(model(inputs), targets)
-        _check_finite_loss(loss)
-        backward(loss, extensions)
-    result = collect(loss_fn, all_params, extensions)
+    loss = loss_fn(model(inputs), targets)
+    _check_finite_loss(loss)
+    backward(loss, extensions, inputs=_probe_parameters(model))
+    result = collect(loss_fn, model.parameters(), extensions)
     for c in curvatures:
         c._consume(result)
     return loss.detach()
-
-
-class preserved_grads:
-    """Context manager: gradients computed inside do not touch ``p.grad`` of ``params``."""
-
-    def __init__(self, params: Sequence[Tensor]) -> None:
-        self.params = list(params)
-        self.saved: list[Tensor | None] = []
-
-    def __enter__(self) -> None:
-        self.saved = [p.grad for p in self.params]
-        for p in self.params:
-            p.grad = None
-
-    def __exit__(self, *exc: object) -> None:
-        for p, g in zip(self.params, self.saved):
-            p.grad = g

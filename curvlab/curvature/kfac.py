@@ -172,8 +172,11 @@ class KFAC(Curvature):
 
     def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
         if self._a_sum is None or self._g_sum is None:
-            self._a_sum = [torch.zeros_like(b.a_sum) for b in batches]
-            self._g_sum = [torch.zeros_like(b.g) for b in batches]
+            # A may be shared with other backends of the same extract(): copy it; G is fresh
+            self._a_sum = [b.a_sum.clone() for b in batches]
+            self._g_sum = [b.g.mul_(weight) for b in batches]
+            self._a_count = [b.count for b in batches]
+            return
         for k, batch in enumerate(batches):
             self._a_sum[k].add_(batch.a_sum)
             self._a_count[k] += batch.count

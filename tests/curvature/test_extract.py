@@ -31,6 +31,26 @@ def test_extract_equals_separate_updates(case) -> None:
         torch.testing.assert_close(c.to_dense(), alone.to_dense(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("case", _CASES, ids=lambda c: c.id)
+def test_backends_sharing_one_extension_stay_independent(case) -> None:
+    model, loss_fn = case.build()
+    kinds = [
+        ("kfc", {"fisher_type": "exact"}),
+        ("kfc", {"fisher_type": "exact"}),
+        ("ekfac", {"fisher_type": "exact"}),
+        ("block_diagonal", {}),
+    ]
+    joint = [curvlab.make(name, model, loss_fn, **kw) for name, kw in kinds]
+    alone = [curvlab.make(name, model, loss_fn, **kw) for name, kw in kinds]
+    for seed in (1, 2):  # the second batch adds into the first one's statistics in place
+        x, y = case.data(n=4, seed=seed)
+        curvlab.extract(model, loss_fn, x, y, joint)
+        for c in alone:
+            c.update(x, y)
+    for a, b in zip(joint, alone):
+        torch.testing.assert_close(a.to_dense(), b.to_dense(), rtol=1e-12, atol=1e-14)
+
+
 def test_accumulate_after_callers_backward_matches_update() -> None:
     case = next(c for c in CASES if c.id == "mlp-ce-mean")
     model, loss_fn = case.build()

@@ -195,7 +195,7 @@ def _kfc_reference(model: nn.Sequential, loss_fn: nn.Module, x: Tensor, y: Tenso
             j = j.sum(-1, keepdim=True)
         jhj = torch.einsum("cot,cd,dpt->op", j, hess[i, :, i, :], j)
         g_ref += jhj
-    return a_ref, g_ref
+    return a_ref.detach(), g_ref.detach()
 
 
 def _conv_model(dims: int) -> nn.Sequential:
