@@ -47,7 +47,7 @@ from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
 from curvlab import layers
-from curvlab.losses import BatchScale, batch_scale, check_loss
+from curvlab.losses import BatchScale, batch_scale, check_loss, sample_targets
 
 if TYPE_CHECKING:
     from curvlab.curvature.base import Curvature
@@ -164,12 +164,14 @@ _KRON_DERIVATIVES = {
 }
 
 
-def _kron_statistics(module: nn.Module, grad: Tensor, ext: Any) -> dict[str, Any]:
+def _kron_statistics(
+    module: nn.Module, grad: Tensor, ext: Any, from_gradient: bool = False
+) -> dict[str, Any]:
     with torch.no_grad():
         x = cast(Tensor, module.input0).detach()
         a_sum, count = layers.input_factor_sum(module, x, ext.kfac_approx)
         g = layers.output_factor(module, grad.detach(), ext.kfac_approx)
-        stats: dict[str, Any] = {"A": a_sum, "count": count, "G": g}
+        stats: dict[str, Any] = {"A": a_sum, "count": count, "G": g, "gradient": from_gradient}
         if ext.keep_raw:  # EKFAC refits its diagonal from the per-sample quantities
             stats["patches"] = layers.layer_patches(module, x)
             stats["columns"] = layers.layer_columns(module, grad.detach())
@@ -197,7 +199,7 @@ class _KronFromGradient(FirstOrderModuleExtension):
     def weight(
         self, ext: Any, module: nn.Module, g_inp: Any, g_out: tuple[Tensor, ...], bp: Any
     ) -> dict[str, Any]:
-        return _kron_statistics(module, g_out[0].unsqueeze(0), ext)
+        return _kron_statistics(module, g_out[0].unsqueeze(0), ext, from_gradient=True)
 
 
 class KroneckerSqrt(SqrtGGN):
@@ -224,12 +226,19 @@ class KroneckerSqrt(SqrtGGN):
 
 
 class KroneckerGradient(FirstOrderBackpropExtension):
-    """First-order extension storing Kronecker factors from observed-label gradients."""
+    """First-order extension storing Kronecker factors from the loss's output gradients.
 
-    def __init__(self, kfac_approx: str, keep_raw: bool = False) -> None:
+    With the observed labels this is the empirical Fisher's K-FAC; differentiating a loss
+    on labels sampled from the model (``sampled=True``) gives the one-sample Monte-Carlo
+    Fisher's factors in a single ordinary backward pass.
+    """
+
+    def __init__(self, kfac_approx: str, keep_raw: bool = False, sampled: bool = False) -> None:
+        fisher_type = "mc" if sampled else "empirical"
         super().__init__(
-            savefield=_kron_savefield("empirical", kfac_approx, keep_raw),
+            savefield=_kron_savefield(fisher_type, kfac_approx, keep_raw),
             module_exts={cls: _KronFromGradient() for cls in _KRON_DERIVATIVES},
+            fail_mode="SILENT",  # coverage is checked up front (check_model), by name
         )
         self.kfac_approx = kfac_approx
         self.keep_raw = keep_raw
@@ -278,8 +287,9 @@ def kronecker_statistics(
 ) -> KroneckerBatch:
     """The batch's factors of the layer owning ``weight``, ``G`` on the loss's scale."""
     raw = result.get(_kron_savefield(fisher_type, kfac_approx, keep_raw), weight, name)
-    # empirical columns are R·∂ℓ_n/∂s: their outer products need 1/R (MATH.md §1.2 rule 3)
-    scale = result.scale.inv_reduction if fisher_type == "empirical" else 1.0
+    # gradient columns are R·∂ℓ_n/∂s: their outer products need 1/R (MATH.md §1.2 rule 3);
+    # BackPACK's square-root columns are already on the loss's scale
+    scale = result.scale.inv_reduction if raw["gradient"] else 1.0
     return KroneckerBatch(
         a_sum=raw["A"],
         count=int(raw["count"]),
@@ -321,12 +331,18 @@ def _module_map(ext: BackpropExtension) -> dict[type[nn.Module], object]:
     return ext._BackpropExtension__module_extensions
 
 
-def check_model(model: nn.Module, extensions: Sequence[BackpropExtension], owner: str) -> None:
+def check_model(
+    model: nn.Module,
+    extensions: Sequence[BackpropExtension],
+    owner: str,
+    covered: Sequence[nn.Module] | None = None,
+) -> None:
     """Raise a ``ValueError`` naming the first module BackPACK cannot handle.
 
     Second-order extensions backpropagate through every leaf module; first-order
-    extensions only need the modules that own parameters.
+    extensions only need the modules whose parameters are ``covered`` (default: all).
     """
+    covered_ids = None if covered is None else {id(m) for m in covered}
     for name, module in model.named_modules():
         if next(module.children(), None) is not None:
             has_own = next(module.parameters(recurse=False), None) is not None
@@ -338,6 +354,8 @@ def check_model(model: nn.Module, extensions: Sequence[BackpropExtension], owner
                 )
             continue
         owns_params = any(p.requires_grad for p in module.parameters(recurse=False))
+        if covered_ids is not None and id(module) not in covered_ids:
+            owns_params = False  # left out by the backend: only the backpropagation matters
         for ext in extensions:
             needs = owns_params or isinstance(ext, SecondOrderBackpropExtension)
             table = _module_map(ext)
@@ -366,13 +384,20 @@ _RECORDERS: weakref.WeakKeyDictionary[nn.Module, _LossRecorder] = weakref.WeakKe
 
 
 def prepare(
-    model: nn.Module, loss_fn: nn.Module, extensions: Sequence[BackpropExtension], owner: str
+    model: nn.Module,
+    loss_fn: nn.Module,
+    extensions: Sequence[BackpropExtension],
+    owner: str,
+    covered: Sequence[nn.Module] | None = None,
 ) -> None:
-    """Validate ``model``/``loss_fn`` for ``extensions`` and make them BackPACK-ready."""
+    """Validate ``model``/``loss_fn`` for ``extensions`` and make them BackPACK-ready.
+
+    ``covered`` are the modules whose parameters the backend approximates (default: all).
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}.")
     check_loss(loss_fn)
-    check_model(model, extensions, owner)
+    check_model(model, extensions, owner, covered)
     extend(model)
     extend(loss_fn)
     # BackPACK's full backward hooks make PyTorch warn on every backward whose inputs do
@@ -492,7 +517,10 @@ def extract(
     """One forward and one backward pass feeding every curvature in ``curvatures``.
 
     The backward runs with the union of their BackPACK extensions; parameter
-    gradients (``.grad``) are left exactly as they were. Returns the detached loss.
+    gradients (``.grad``) are left exactly as they were. When every backend can be fed
+    from labels sampled from the model (one-sample Monte-Carlo K-FAC), the backward
+    differentiates the loss at those labels instead. Returns the detached loss (at the
+    given targets).
     """
     if not curvatures:
         raise ValueError("extract: pass at least one curvature.")
@@ -501,10 +529,19 @@ def extract(
             raise ValueError(
                 f"extract: {type(c).__name__} was built for another model or loss function."
             )
-    extensions = union_extensions(c.extensions() for c in curvatures)
-    loss = loss_fn(model(inputs), targets)
+    outputs = model(inputs)
+    loss = loss_fn(outputs, targets)
     _check_finite_loss(loss)
-    backward(loss, extensions, inputs=_probe_parameters(model))
+    sampled = [c._sampled_label_extensions() for c in curvatures]
+    if all(exts is not None for exts in sampled):
+        # every backend is fed by the gradient of the loss at labels drawn from the model:
+        # one ordinary backward instead of BackPACK's parallel square-root chain
+        extensions = union_extensions(exts for exts in sampled if exts is not None)
+        objective = loss_fn(outputs, sample_targets(loss_fn, outputs))
+    else:
+        extensions = union_extensions(c.extensions() for c in curvatures)
+        objective = loss
+    backward(objective, extensions, inputs=_probe_parameters(model))
     result = collect(loss_fn, model.parameters(), extensions)
     for c in curvatures:
         c._consume(result)

@@ -52,7 +52,8 @@ def batch_scale(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> BatchSc
     """Validate ``outputs``/``targets`` for ``loss_fn`` and return the batch's scale.
 
     Outputs must be ``[N, C]``; ``CrossEntropyLoss`` takes class indices ``[N]``,
-    the other losses targets shaped like the outputs.
+    the other losses targets shaped like the outputs. Only shapes and dtypes are read
+    (no host-device synchronisation); PyTorch itself rejects out-of-range class indices.
     """
     name = type(loss_fn).__name__
     if outputs.dim() != 2:
@@ -66,8 +67,6 @@ def batch_scale(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> BatchSc
                 f"{name}: targets must be class indices of shape [{n}] (int64), got "
                 f"shape {tuple(targets.shape)} and dtype {targets.dtype}."
             )
-        if n > 0 and (targets.min() < 0 or targets.max() >= c):
-            raise ValueError(f"{name}: class indices must lie in [0, {c}).")
         inv_reduction = float(n)
     else:
         if targets.shape != outputs.shape:
@@ -79,3 +78,19 @@ def batch_scale(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> BatchSc
     if loss_fn.reduction == "sum":
         inv_reduction = 1.0
     return BatchScale(num_samples=n, inv_reduction=inv_reduction)
+
+
+def sample_targets(loss_fn: nn.Module, outputs: Tensor) -> Tensor:
+    """Targets drawn from the model's predictive distribution ``p(y | f)`` (MATH.md §1.2).
+
+    ``CrossEntropyLoss``: a class from ``softmax(f)``; ``BCEWithLogitsLoss``: Bernoulli
+    with ``σ(f)``; ``MSELoss``: ``f + N(0, ½)`` — PyTorch's squared error is the negative
+    log-likelihood of a Gaussian with variance ½ (the "factor 2"). The gradient of the
+    loss at these targets is ``R·g̃`` with ``g̃`` a Monte-Carlo loss-Hessian column.
+    """
+    f = outputs.detach()
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return torch.multinomial(f.softmax(dim=1), num_samples=1).squeeze(1)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return torch.bernoulli(f.sigmoid())
+    return f + torch.randn_like(f) * 0.5**0.5

@@ -82,7 +82,13 @@ class Curvature(abc.ABC):
             raise ValueError(f"{type(self).__name__}: the model has no trainable parameters.")
         self.params: list[nn.Parameter] = [p for layer in self.layers for p in layer.params]
         self.param_names: list[str] = [n for layer in self.layers for n in layer.param_names]
-        extraction.prepare(model, loss_fn, self.extensions(), owner=type(self).__name__)
+        extraction.prepare(
+            model,
+            loss_fn,
+            self.extensions(),
+            owner=type(self).__name__,
+            covered=[layer.module for layer in self.layers],
+        )
         self.num_batches = 0
         self.num_samples = 0
         self._weight_sum = 0.0
@@ -119,6 +125,12 @@ class Curvature(abc.ABC):
 
     def _invalidate(self) -> None:
         """Drop caches (decompositions) after the statistics changed."""
+
+    def _sampled_label_extensions(self) -> list[BackpropExtension] | None:
+        """Extensions that give the same statistics from a backward of the loss at labels
+        sampled from the model, or ``None``. ``update``/``extract`` use them (one ordinary
+        backward pass) when every backend in the call offers them."""
+        return None
 
     # --- public API ------------------------------------------------------------------
 

@@ -22,14 +22,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 
 from curvlab import layers as layer_rules
 from curvlab import linalg
 from curvlab.curvature.base import Vector
 from curvlab.curvature.kfac import KFAC, LayerSpec, _as_matrix, _parameter_order
-from curvlab.extraction import BackwardResult, KroneckerBatch, kronecker_extension
+from curvlab.extraction import BackwardResult, KroneckerBatch
 from curvlab.registry import register
 
 #: Per-sample projected gradients are formed for at most this many entries at a time.
@@ -69,13 +68,10 @@ class EKFAC(KFAC):
         self._basis: list[tuple[Tensor, Tensor]] | None = None  # (Q_G, Q_A) per layer
         self._s_sum: list[Tensor] | None = None  # Σ_b w_b S*_b, [D_out, D_in] per layer
 
-    def _extensions(self) -> list[BackpropExtension]:
-        return [
-            kronecker_extension(self.fisher_type, self.kfac_approx, self.mc_samples, keep_raw=True)
-        ]
+    _keep_raw = True
 
     def _accumulate(self, result: BackwardResult, weight: float) -> None:
-        batches = self._layer_batches(result, keep_raw=True)
+        batches = self._layer_batches(result)
         self._add_factors(batches, weight)
         if self._basis is None:
             self._basis = self._factor_eigenbases()

@@ -31,6 +31,7 @@ from curvlab.curvature.base import Curvature, Layer, Vector, find_layers
 from curvlab.extraction import (
     BackwardResult,
     KroneckerBatch,
+    KroneckerGradient,
     check_fisher_type,
     check_mc_samples,
     kronecker_extension,
@@ -149,8 +150,20 @@ class KFAC(Curvature):
 
     # --- statistics -------------------------------------------------------------------
 
+    #: Whether the extensions also keep per-sample patches and columns (EKFAC).
+    _keep_raw: ClassVar[bool] = False
+
     def _extensions(self) -> list[BackpropExtension]:
-        return [kronecker_extension(self.fisher_type, self.kfac_approx, self.mc_samples)]
+        return [
+            kronecker_extension(
+                self.fisher_type, self.kfac_approx, self.mc_samples, keep_raw=self._keep_raw
+            )
+        ]
+
+    def _sampled_label_extensions(self) -> list[BackpropExtension] | None:
+        if self.fisher_type != "mc" or self.mc_samples != 1:
+            return None
+        return [KroneckerGradient(self.kfac_approx, keep_raw=self._keep_raw, sampled=True)]
 
     def _accumulate(self, result: BackwardResult, weight: float) -> None:
         self._add_factors(self._layer_batches(result), weight)
@@ -165,7 +178,7 @@ class KFAC(Curvature):
                 self.kfac_approx,
                 layer.params[0],
                 layer.param_names[0],
-                keep_raw=keep_raw,
+                keep_raw=self._keep_raw,
             )
             for layer in self.layers
         ]

@@ -334,3 +334,51 @@ def test_grouped_convolution_is_rejected() -> None:
     model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(36, 3))
     with pytest.raises(ValueError, match="groups=2"):
         curvlab.KFC(model, nn.CrossEntropyLoss())
+
+
+@pytest.mark.parametrize("fisher_type", FISHER_TYPES)
+def test_excluded_layer_of_another_type_is_backpropagated_through(fisher_type) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    model = model.to(DTYPE).eval()
+    kfac = curvlab.KFAC(model, nn.CrossEntropyLoss(), fisher_type=fisher_type, exclude=["1"])
+    kfac.update(torch.randn(6, 4, dtype=DTYPE), torch.randint(0, 3, (6,)))
+    assert [layer.name for layer in kfac.layers] == ["0", "3"]
+    assert kfac.num_params == 4 * 5 + 5 + 5 * 3 + 3
+    assert not any(
+        k.startswith(("curvlab_", "sqrt_ggn")) for p in model.parameters() for k in vars(p)
+    )
+
+
+# --- the two Monte-Carlo routes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda case: case.name)
+def test_one_sample_mc_routes_both_estimate_the_exact_factor(loss, reduction) -> None:
+    """``update`` (labels sampled from the model, one ordinary backward) and ``accumulate``
+    after a caller's backward (BackPACK's sampled square root) average to the exact G."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
+    loss_fn = loss.loss_cls(reduction=reduction)
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(10, 4, generator=gen, dtype=DTYPE), _targets(loss.loss_cls, 10, 3, gen)
+    exact = curvlab.KFAC(model, loss_fn, fisher_type="exact")
+    exact.update(x, y)
+    sampled = curvlab.KFAC(model, loss_fn, fisher_type="mc")
+    square_root = curvlab.KFAC(model, loss_fn, fisher_type="mc")
+    assert sampled._sampled_label_extensions() is not None
+    from backpack import backpack
+
+    draws = 400
+    for _ in range(draws):  # the union of 400 copies of the batch (sum: 400 times the batch)
+        sampled.update(x, y)
+        with backpack(*square_root.extensions()):
+            loss_fn(model(x), y).backward()
+        square_root.accumulate()
+    copies = draws if reduction == "sum" else 1
+    for estimate in (sampled, square_root):
+        for f, f_exact in zip(estimate.factors(), exact.factors()):
+            _close(f.A, f_exact.A, rtol=1e-10)
+            err = float((f.G / copies - f_exact.G).norm() / f_exact.G.norm())
+            assert err < 0.1, f"one-sample MC G is {err:.3f} from the exact G"
