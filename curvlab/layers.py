@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +40,23 @@ def _check_linear(module: nn.Module) -> None:
 def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     """Unfolded input patches ``[N, T, C_in·|Δ|]`` of a convolution (im2col, any dim).
 
-    A grouped convolution with one-hot kernels copies every kernel offset of every input
-    channel into its own output channel; channel ``c·|Δ| + k`` holds offset ``k`` of input
-    channel ``c``, the order of ``weight.reshape(C_out, -1)``.
+    Conv2d uses ``F.unfold``. Conv1d/Conv3d use a grouped convolution with one-hot
+    kernels, which copies every kernel offset of every input channel into its own output
+    channel: channel ``c·|Δ| + k`` holds offset ``k`` of input channel ``c``, the order of
+    ``weight.reshape(C_out, -1)`` (the order ``F.unfold`` uses too).
     """
     conv = _as_conv(module)
     dims = len(conv.kernel_size)
+    if dims == 2:
+        padding = 0 if conv.padding == "valid" else conv.padding  # strings rejected by the rule
+        patches = F.unfold(
+            x,
+            conv.kernel_size,
+            dilation=conv.dilation,
+            padding=cast(tuple[int, ...], padding),
+            stride=conv.stride,
+        )  # [N, C_in·k, T]
+        return patches.transpose(1, 2)
     c_in, kernel = conv.in_channels, conv.kernel_size
     k = prod(kernel)
     eye = torch.eye(k, dtype=x.dtype, device=x.device).reshape(k, 1, *kernel)
@@ -108,22 +120,27 @@ KRONECKER_RULES: dict[type[nn.Module], KroneckerRule] = {
 KFAC_APPROXES = ("expand", "reduce")
 
 
-def rule_for(module: nn.Module) -> KroneckerRule | None:
-    """The rule of ``module``'s exact type, or ``None``."""
-    return KRONECKER_RULES.get(type(module))
-
-
 def homogeneous(patches: Tensor, module: nn.Module) -> Tensor:
-    """Append the homogeneous coordinate 1 when ``module`` has a bias: ``[..., D_in(+1)]``."""
+    """Rows ``ā = [a, 1]`` (the 1 only when ``module`` has a bias): ``[rows, D_in(+1)]``.
+
+    ``patches`` ``[..., D_in]`` may be a strided view; they are written into the result
+    with a single copy.
+    """
+    d = patches.shape[-1]
+    rows = patches.numel() // max(d, 1)
     if getattr(module, "bias", None) is None:
-        return patches
-    ones = torch.ones(*patches.shape[:-1], 1, dtype=patches.dtype, device=patches.device)
-    return torch.cat([patches, ones], dim=-1)
+        return patches.reshape(rows, d)
+    out = patches.new_empty(rows, d + 1)
+    out[:, :d].view(*patches.shape).copy_(patches)
+    out[:, d] = 1
+    return out
 
 
 def layer_patches(module: nn.Module, x: Tensor) -> Tensor:
     """Homogeneous input patches ``ā`` of a batch: ``[N, T, D_in(+1)]``."""
-    return homogeneous(KRONECKER_RULES[type(module)].patches(module, x), module)
+    patches = KRONECKER_RULES[type(module)].patches(module, x)
+    n, t = patches.shape[:2]
+    return homogeneous(patches, module).reshape(n, t, -1)
 
 
 def layer_columns(module: nn.Module, grad: Tensor) -> Tensor:
@@ -137,10 +154,10 @@ def input_factor_sum(module: nn.Module, x: Tensor, kfac_approx: str) -> tuple[Te
     expand: the sum over samples and positions, ``count = N·T``; reduce: patches are
     averaged over positions first, ``count = N`` (the homogeneous 1 stays 1).
     """
-    patches = layer_patches(module, x)  # [N, T, D]
+    patches = KRONECKER_RULES[type(module)].patches(module, x)  # [N, T, D]
     if kfac_approx == "reduce":
         patches = patches.mean(dim=1, keepdim=True)
-    a = patches.reshape(-1, patches.shape[-1])
+    a = homogeneous(patches, module)
     return a.T @ a, a.shape[0]
 
 
@@ -153,8 +170,9 @@ def output_factor(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
     cols = layer_columns(module, grad)  # [K, N, T, D_out]
     if kfac_approx == "reduce":
         cols = cols.sum(dim=2)
-    flat = cols.reshape(-1, cols.shape[-1])
-    return flat.T @ flat
+    # channels first: for convolutions this is (nearly) the gradient's own memory layout
+    flat = cols.movedim(-1, 0).reshape(cols.shape[-1], -1)
+    return flat @ flat.T
 
 
 def _has_bias(module: nn.Module) -> int:

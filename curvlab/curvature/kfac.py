@@ -108,6 +108,7 @@ class KFAC(Curvature):
         self._layer_choice = (layers, exclude)
         super().__init__(model, loss_fn)
         self._a_sum: list[Tensor] | None = None
+        self._a_owned = False  # whether _a_sum may be updated in place (see _add_factors)
         self._a_count = [0] * len(self.layers)
         self._g_sum: list[Tensor] | None = None
         self._eigen: list[_LayerEigen] | None = None
@@ -185,15 +186,22 @@ class KFAC(Curvature):
 
     def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
         if self._a_sum is None or self._g_sum is None:
-            # A may be shared with other backends of the same extract(): copy it; G is fresh
-            self._a_sum = [b.a_sum.clone() for b in batches]
+            # Adopt the first batch's tensors without copying. A may be shared with other
+            # backends of the same extract(), so it is never modified in place until owned
+            # (copy-on-write); G is a fresh product.
+            self._a_sum = [b.a_sum for b in batches]
+            self._a_owned = False
             self._g_sum = [b.g.mul_(weight) for b in batches]
             self._a_count = [b.count for b in batches]
             return
         for k, batch in enumerate(batches):
-            self._a_sum[k].add_(batch.a_sum)
+            if self._a_owned:
+                self._a_sum[k].add_(batch.a_sum)
+            else:
+                self._a_sum[k] = self._a_sum[k] + batch.a_sum
             self._a_count[k] += batch.count
             self._g_sum[k].add_(batch.g, alpha=weight)
+        self._a_owned = True
 
     def _reset(self) -> None:
         self._a_sum = self._g_sum = None
@@ -301,6 +309,7 @@ class KFAC(Curvature):
                 )
             a_sum, g_sum = [t.clone() for t in a_sum], [t.clone() for t in g_sum]
         self._a_sum, self._g_sum = a_sum, g_sum
+        self._a_owned = True
         self._a_count = list(state["a_count"])
 
 
