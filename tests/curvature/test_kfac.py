@@ -382,3 +382,16 @@ def test_one_sample_mc_routes_both_estimate_the_exact_factor(loss, reduction) ->
             _close(f.A, f_exact.A, rtol=1e-10)
             err = float((f.G / copies - f_exact.G).norm() / f_exact.G.norm())
             assert err < 0.1, f"one-sample MC G is {err:.3f} from the exact G"
+
+
+def test_string_valid_padding_equals_zero_padding() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 2, 6, 6, dtype=DTYPE), torch.randint(0, 3, (3,))
+    results = []
+    for padding in ("valid", 0):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=padding), nn.Flatten(), nn.Linear(48, 3))
+        kfc = curvlab.KFC(model.to(DTYPE), nn.CrossEntropyLoss(), fisher_type="exact")
+        kfc.update(x, y)
+        results.append(kfc.to_dense())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
