@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check curvlab tests
+	$(BIN)/ruff check curvlab tests benchmarks examples docs/conf.py
 	$(BIN)/mypy curvlab
 
 bench: $(STAMP)
