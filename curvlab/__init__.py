@@ -19,6 +19,7 @@ from curvlab.curvature import (
     Layer,
 )
 from curvlab.extraction import FISHER_TYPES, extract
+from curvlab.preconditioner import NaturalGradient
 from curvlab.registry import available, make, register
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "ExactFisher",
     "KroneckerFactors",
     "Layer",
+    "NaturalGradient",
     "available",
     "extract",
     "linalg",

@@ -164,17 +164,23 @@ _KRON_DERIVATIVES = {
 }
 
 
+def _statistics_dtype(t: Tensor) -> Tensor:
+    """Half-precision activations (autocast) are promoted: statistics stay float32/64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _kron_statistics(
     module: nn.Module, grad: Tensor, ext: Any, from_gradient: bool = False
 ) -> dict[str, Any]:
     with torch.no_grad():
-        x = cast(Tensor, module.input0).detach()
+        x = _statistics_dtype(cast(Tensor, module.input0).detach())
+        grad = _statistics_dtype(grad.detach())
         a_sum, count = layers.input_factor_sum(module, x, ext.kfac_approx)
-        g = layers.output_factor(module, grad.detach(), ext.kfac_approx)
+        g = layers.output_factor(module, grad, ext.kfac_approx)
         stats: dict[str, Any] = {"A": a_sum, "count": count, "G": g, "gradient": from_gradient}
         if ext.keep_raw:  # EKFAC refits its diagonal from the per-sample quantities
             stats["patches"] = layers.layer_patches(module, x)
-            stats["columns"] = layers.layer_columns(module, grad.detach())
+            stats["columns"] = layers.layer_columns(module, grad)
     return stats
 
 
@@ -459,7 +465,7 @@ def collect(
 def fisher_rows(result: BackwardResult, fisher_type: str, param: Tensor, name: str) -> Tensor:
     """Factor rows ``[K, param.numel()]`` whose Gram matrix is the batch's curvature."""
     raw = result.get(_SAVEFIELDS[fisher_type], param, name)
-    rows = raw.reshape(-1, param.numel())
+    rows = _statistics_dtype(raw).reshape(-1, param.numel())
     if fisher_type == "empirical":
         rows = rows * sqrt(result.scale.inv_reduction)
     return rows

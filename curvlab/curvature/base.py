@@ -92,6 +92,7 @@ class Curvature(abc.ABC):
         self.num_batches = 0
         self.num_samples = 0
         self._weight_sum = 0.0
+        self._hold = False  # see hold_decompositions()
 
     # --- hooks for backends ----------------------------------------------------------
 
@@ -126,6 +127,14 @@ class Curvature(abc.ABC):
     def _invalidate(self) -> None:
         """Drop caches (decompositions) after the statistics changed."""
 
+    @abc.abstractmethod
+    def _statistics(self) -> dict[str, Any]:
+        """Normalised statistics: tensors (or lists of tensors) linear in the data."""
+
+    @abc.abstractmethod
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        """Set the accumulated state to ``stats`` as if it were one unit-weight batch."""
+
     def _sampled_label_extensions(self) -> list[BackpropExtension] | None:
         """Extensions that give the same statistics from a backward of the loss at labels
         sampled from the model, or ``None``. ``update``/``extract`` use them (one ordinary
@@ -157,7 +166,11 @@ class Curvature(abc.ABC):
         self._weight_sum += weight
         self.num_batches += 1
         self.num_samples += scale.num_samples
-        self._invalidate()
+        self._statistics_changed()
+
+    def _statistics_changed(self) -> None:
+        if not self._hold:
+            self._invalidate()
 
     def reset(self) -> None:
         """Forget every accumulated batch."""
@@ -165,6 +178,39 @@ class Curvature(abc.ABC):
         self.num_batches = 0
         self.num_samples = 0
         self._weight_sum = 0.0
+        self._statistics_changed()
+
+    def statistics(self) -> dict[str, Any]:
+        """The accumulated curvature as normalised statistics (new tensors).
+
+        A dict whose tensor entries (or lists of tensors) are linear in the data, so a
+        weighted average of two results is the statistics of the weighted mixture — the
+        arithmetic an exponential moving average needs, for any backend. Other entries
+        (e.g. the id of an eigenbasis) must be equal for two results to be mixed.
+        """
+        self._check_ready("statistics")
+        return self._statistics()
+
+    def load_statistics(self, stats: dict[str, Any]) -> None:
+        """Make ``stats`` (from :meth:`statistics`, possibly averaged) the accumulated state.
+
+        The backend takes the tensors over without copying; the caller must not modify
+        them afterwards (the backend itself never updates them in place).
+        """
+        self._load_statistics(stats)
+        self.num_batches = max(self.num_batches, 1)
+        self._weight_sum = 1.0
+        self._statistics_changed()
+
+    def hold_decompositions(self, hold: bool = True) -> None:
+        """With ``hold``, cached decompositions (eigen/Cholesky factors) survive changes of
+        the statistics until :meth:`refresh` — how a preconditioner amortises inversions
+        (``invert_every``). A new ``damping`` still refactorises where the factorisation
+        depends on it (dense backends)."""
+        self._hold = hold
+
+    def refresh(self) -> None:
+        """Drop cached decompositions; the next ``solve`` recomputes them."""
         self._invalidate()
 
     def matvec(self, v: Sequence[Tensor]) -> Vector:
@@ -207,7 +253,7 @@ class Curvature(abc.ABC):
         self.num_batches = int(state["num_batches"])
         self.num_samples = int(state["num_samples"])
         self._weight_sum = float(state["weight_sum"])
-        self._invalidate()
+        self._statistics_changed()
 
     # --- helpers shared by backends -------------------------------------------------
 

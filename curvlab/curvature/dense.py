@@ -54,6 +54,7 @@ class DenseCurvature(Curvature):
         self._offsets = offsets
         self._ranges: list[tuple[int, int]] = self._partition()
         self._blocks: list[Tensor] | None = None
+        self._owned = True  # False after load_statistics: copy before updating in place
         self._cholesky: tuple[float, list[Tensor]] | None = None
 
     @abc.abstractmethod
@@ -70,6 +71,9 @@ class DenseCurvature(Curvature):
         ]
         if self._blocks is None:
             self._blocks = [self._zeros(start, stop, rows[0]) for start, stop in self._ranges]
+        elif not self._owned:
+            self._blocks = [b.clone() for b in self._blocks]
+        self._owned = True
         for block, (start, stop) in zip(self._blocks, self._ranges):
             base = self._offsets[start]
             for i in range(start, stop):
@@ -86,6 +90,12 @@ class DenseCurvature(Curvature):
 
     def _reset(self) -> None:
         self._blocks = None
+
+    def _statistics(self) -> dict[str, Any]:
+        return {"blocks": self.blocks()}
+
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        self._adopt(stats["blocks"])
 
     def _invalidate(self) -> None:
         self._cholesky = None
@@ -142,13 +152,17 @@ class DenseCurvature(Curvature):
 
     def _load_state(self, state: dict[str, Any]) -> None:
         blocks = state["blocks"]
+        self._adopt(None if blocks is None else [t.clone() for t in blocks])
+
+    def _adopt(self, blocks: list[Tensor] | None) -> None:
+        """Take ``blocks`` over (validated, not copied, never updated in place)."""
         if blocks is not None:
             expected = [self._offsets[b] - self._offsets[a] for a, b in self._ranges]
             shapes = [tuple(t.shape) for t in blocks]
             if shapes != [(n, n) for n in expected]:
                 raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: block shapes {shapes} do not "
-                    f"match this model's {[(n, n) for n in expected]}."
+                    f"{type(self).__name__}: block shapes {shapes} do not match this "
+                    f"model's {[(n, n) for n in expected]}."
                 )
-            blocks = [t.clone() for t in blocks]
         self._blocks = blocks
+        self._owned = False

@@ -66,7 +66,9 @@ class EKFAC(KFAC):
             exclude=exclude,
         )
         self._basis: list[tuple[Tensor, Tensor]] | None = None  # (Q_G, Q_A) per layer
+        self._basis_id = 0  # increases with every new basis (statistics() carries it)
         self._s_sum: list[Tensor] | None = None  # Σ_b w_b S*_b, [D_out, D_in] per layer
+        self._s_owned = False
 
     _keep_raw = True
 
@@ -75,10 +77,19 @@ class EKFAC(KFAC):
         self._add_factors(batches, weight)
         if self._basis is None:
             self._basis = self._factor_eigenbases()
+            self._basis_id += 1
+        moments = [
+            weight * _projected_second_moment(batch, q_g, q_a)
+            for batch, (q_g, q_a) in zip(batches, self._basis)
+        ]
         if self._s_sum is None:
-            self._s_sum = [torch.zeros_like(b.g[:, :1] * b.a_sum[:1]) for b in batches]
-        for k, (batch, (q_g, q_a)) in enumerate(zip(batches, self._basis)):
-            self._s_sum[k].add_(_projected_second_moment(batch, q_g, q_a), alpha=weight)
+            self._s_sum = moments
+        elif self._s_owned:
+            for total, moment in zip(self._s_sum, moments):
+                total.add_(moment)
+        else:
+            self._s_sum = [total + moment for total, moment in zip(self._s_sum, moments)]
+        self._s_owned = True
 
     def _factor_eigenbases(self) -> list[tuple[Tensor, Tensor]]:
         return [
@@ -96,6 +107,7 @@ class EKFAC(KFAC):
         """
         self._check_ready("refresh_basis")
         self._basis = self._factor_eigenbases()
+        self._basis_id += 1
         self._s_sum = None
         self.num_batches = 0
         self._weight_sum = 0.0
@@ -103,8 +115,21 @@ class EKFAC(KFAC):
 
     def _reset(self) -> None:
         super()._reset()
-        self._basis = None
+        if not self._hold:  # a preconditioner holding decompositions keeps the basis too
+            self._basis = None
         self._s_sum = None
+
+    def _statistics(self) -> dict[str, Any]:
+        return {**super()._statistics(), "S": self.scalings(), "basis_id": self._basis_id}
+
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        if stats["basis_id"] != self._basis_id:
+            raise ValueError(
+                "EKFAC.load_statistics: the statistics were fitted in another eigenbasis "
+                f"(id {stats['basis_id']}, current {self._basis_id})."
+            )
+        super()._load_statistics(stats)
+        self._s_sum, self._s_owned = stats["S"], False
 
     def eigenbasis(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer ``(Q_G, Q_A)``: the orthonormal eigenbases in use."""
@@ -151,13 +176,20 @@ class EKFAC(KFAC):
         return torch.block_diag(*blocks)
 
     def _state(self) -> dict[str, Any]:
-        return {**super()._state(), "basis": self._basis, "s_sum": self._s_sum}
+        return {
+            **super()._state(),
+            "basis": self._basis,
+            "basis_id": self._basis_id,
+            "s_sum": self._s_sum,
+        }
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)
         basis, s_sum = state["basis"], state["s_sum"]
         self._basis = None if basis is None else [(g.clone(), a.clone()) for g, a in basis]
+        self._basis_id = int(state["basis_id"])
         self._s_sum = None if s_sum is None else [s.clone() for s in s_sum]
+        self._s_owned = True
 
 
 def _unnormalised(kfac: KFAC) -> list[Any]:

@@ -108,7 +108,7 @@ class KFAC(Curvature):
         self._layer_choice = (layers, exclude)
         super().__init__(model, loss_fn)
         self._a_sum: list[Tensor] | None = None
-        self._a_owned = False  # whether _a_sum may be updated in place (see _add_factors)
+        self._owned = False  # whether the sums may be updated in place (see _add_factors)
         self._a_count = [0] * len(self.layers)
         self._g_sum: list[Tensor] | None = None
         self._eigen: list[_LayerEigen] | None = None
@@ -187,25 +187,33 @@ class KFAC(Curvature):
     def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
         if self._a_sum is None or self._g_sum is None:
             # Adopt the first batch's tensors without copying. A may be shared with other
-            # backends of the same extract(), so it is never modified in place until owned
-            # (copy-on-write); G is a fresh product.
+            # backends of the same extract() and loaded statistics belong to the caller, so
+            # nothing is modified in place until owned (copy-on-write); G is a fresh product.
             self._a_sum = [b.a_sum for b in batches]
-            self._a_owned = False
             self._g_sum = [b.g.mul_(weight) for b in batches]
             self._a_count = [b.count for b in batches]
+            self._owned = False
             return
         for k, batch in enumerate(batches):
-            if self._a_owned:
+            if self._owned:
                 self._a_sum[k].add_(batch.a_sum)
+                self._g_sum[k].add_(batch.g, alpha=weight)
             else:
                 self._a_sum[k] = self._a_sum[k] + batch.a_sum
+                self._g_sum[k] = self._g_sum[k] + weight * batch.g
             self._a_count[k] += batch.count
-            self._g_sum[k].add_(batch.g, alpha=weight)
-        self._a_owned = True
+        self._owned = True
 
     def _reset(self) -> None:
         self._a_sum = self._g_sum = None
         self._a_count = [0] * len(self.layers)
+
+    def _statistics(self) -> dict[str, Any]:
+        factors = self.factors()
+        return {"A": [f.A for f in factors], "G": [f.G for f in factors]}
+
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        self._adopt(stats["A"], [1] * len(self.layers), stats["G"])
 
     def _invalidate(self) -> None:
         self._eigen = None
@@ -300,17 +308,23 @@ class KFAC(Curvature):
     def _load_state(self, state: dict[str, Any]) -> None:
         a_sum, g_sum = state["a_sum"], state["g_sum"]
         if a_sum is not None:
+            a_sum, g_sum = [t.clone() for t in a_sum], [t.clone() for t in g_sum]
+        self._adopt(a_sum, list(state["a_count"]), g_sum)
+
+    def _adopt(
+        self, a_sum: list[Tensor] | None, a_count: list[int], g_sum: list[Tensor] | None
+    ) -> None:
+        """Take the sums over (validated, not copied, never updated in place)."""
+        if a_sum is not None and g_sum is not None:
             expected = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
             got = [(g.shape[0], a.shape[0]) for a, g in zip(a_sum, g_sum)]
             if got != expected:
                 raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: factor sizes {got} do not match "
-                    f"this model's layers {expected}."
+                    f"{type(self).__name__}: factor sizes {got} do not match this model's "
+                    f"layers {expected}."
                 )
-            a_sum, g_sum = [t.clone() for t in a_sum], [t.clone() for t in g_sum]
-        self._a_sum, self._g_sum = a_sum, g_sum
-        self._a_owned = True
-        self._a_count = list(state["a_count"])
+        self._a_sum, self._g_sum, self._a_count = a_sum, g_sum, a_count
+        self._owned = False
 
 
 @register("kfc")

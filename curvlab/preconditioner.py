@@ -1,0 +1,246 @@
+"""``NaturalGradient``: a natural-gradient preconditioner over any :class:`Curvature`.
+
+A training loop stays a training loop::
+
+    precond = curvlab.NaturalGradient(curvlab.KFC(model, loss_fn), damping=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in loader:
+        opt.zero_grad()
+        precond.backward(loss_fn(model(x), y))  # plain backward, or with BackPACK when due
+        precond.step()                          # p.grad <- (C + λI)⁻¹ p.grad, in place
+        opt.step()
+
+Per step ``k`` (counted by ``step()``):
+
+* **statistics** every ``update_every`` steps: ``backward`` runs inside BackPACK with the
+  backend's extensions and accumulates; several ``backward`` calls before one ``step``
+  (gradient accumulation) give the curvature of their union. ``step`` then blends the
+  step's normalised statistics into an exponential moving average with
+  ``ε = min(1 − 1/u, ema_decay)``, ``u`` the number of curvature updates so far (a plain
+  average at first, MATH.md §2.4). The blend is a map over the tensors of
+  :meth:`Curvature.statistics`; the preconditioner never looks at the backend's type.
+* **inversion** every ``invert_every`` steps: the current average becomes the backend's
+  statistics and its decompositions are recomputed at the next solve; in between, the
+  backend solves with the statistics of the last inversion (``hold_decompositions``).
+* **every step**: each covered ``p.grad`` is replaced by ``solve(grads, damping)``.
+  Parameters the curvature does not cover (e.g. excluded layers) keep their plain gradient.
+
+Everything stays on the parameters' device; no value is read back to the host inside
+``step`` (KL clipping is computed with tensor operations). Statistics are computed in
+the parameters' dtype (float32 or float64), also under autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvlab import extraction
+from curvlab.curvature.base import Curvature
+
+DampingSchedule = Callable[[int], float]
+
+
+class NaturalGradient:
+    """Replaces gradients by natural gradients ``(C + λI)⁻¹ g`` of any ``Curvature``.
+
+    Args:
+        curvature: the backend; its ``solve`` defines the damped inverse.
+        damping: ``λ`` — a float, or a callable ``step -> float`` (a schedule).
+        update_every: take curvature statistics every this many steps.
+        invert_every: refresh the decompositions every this many steps.
+        ema_decay: decay of the moving average of the statistics (0: the last step only).
+        kl_clip: if set, scale the preconditioned gradient by
+            ``ν = min(1, sqrt(kl_clip / |lr² Σ ⟨ĝ, g⟩|))`` (Ba et al. 2017; MATH.md §6.2).
+        lr: the learning rate the optimizer applies, used by ``kl_clip`` only.
+    """
+
+    def __init__(
+        self,
+        curvature: Curvature,
+        damping: float | DampingSchedule = 1e-3,
+        update_every: int = 1,
+        invert_every: int = 10,
+        ema_decay: float = 0.95,
+        kl_clip: float | None = None,
+        lr: float = 1.0,
+    ) -> None:
+        if not isinstance(curvature, Curvature):
+            raise TypeError(
+                f"NaturalGradient: curvature must be a curvlab.Curvature, got "
+                f"{type(curvature).__name__}."
+            )
+        for name, value in (("update_every", update_every), ("invert_every", invert_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"NaturalGradient: {name} must be a positive int, got {value!r}.")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"NaturalGradient: ema_decay must lie in [0, 1), got {ema_decay}.")
+        if kl_clip is not None and not kl_clip > 0:
+            raise ValueError(f"NaturalGradient: kl_clip must be positive, got {kl_clip}.")
+        if not callable(damping):
+            _check_damping(damping)
+        self.curvature = curvature
+        self.damping = damping
+        self.update_every = update_every
+        self.invert_every = invert_every
+        self.ema_decay = ema_decay
+        self.kl_clip = kl_clip
+        self.lr = lr
+        self.steps = 0  # completed step() calls
+        self.num_updates = 0  # curvature updates blended into the average
+        self._average: dict[str, Any] | None = None  # moving average of the statistics
+        self._inverted: dict[str, Any] | None = None  # statistics of the last inversion
+        self._gathering = False  # statistics of the current step are being accumulated
+        curvature.hold_decompositions(True)
+
+    # --- the training-loop API -----------------------------------------------------------
+
+    @property
+    def curvature_due(self) -> bool:
+        """Whether the current step takes curvature statistics."""
+        return self.steps % self.update_every == 0
+
+    def backward(self, loss: Tensor) -> None:
+        """``loss.backward()``, inside BackPACK with the backend's extensions when due.
+
+        ``loss`` must come from the curvature's ``loss_fn`` applied to ``model``'s output.
+        """
+        if not self.curvature_due:
+            loss.backward()
+            return
+        if not self._gathering:
+            self.curvature.reset()
+            self._gathering = True
+        extraction.backward(loss, self.curvature.extensions())
+        self.curvature.accumulate()
+
+    def current_damping(self) -> float:
+        """``λ`` of the current step (evaluates a schedule)."""
+        if callable(self.damping):
+            return _check_damping(self.damping(self.steps))
+        return float(self.damping)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Blend new statistics, invert when due, precondition every covered ``p.grad``."""
+        if self._gathering:
+            self._blend(self.curvature.statistics())
+            self._gathering = False
+        if self._average is None:
+            raise RuntimeError(
+                "NaturalGradient.step: no curvature yet; call precond.backward(loss) in the "
+                "first step (it gathers statistics when curvature_due)."
+            )
+        if self.steps % self.invert_every == 0 or self._inverted is None:
+            self._inverted = self._average
+            self.curvature.load_statistics(self._inverted)
+            self.curvature.refresh()
+        else:
+            self.curvature.load_statistics(self._inverted)  # decompositions are held
+        params = self.curvature.params
+        grads = []
+        for p, name in zip(params, self.curvature.param_names):
+            if p.grad is None:
+                raise RuntimeError(
+                    f"NaturalGradient.step: parameter '{name}' has no gradient; call "
+                    "precond.backward(loss) before step()."
+                )
+            grads.append(p.grad)
+        natural = self.curvature.solve(grads, self.current_damping())
+        if self.kl_clip is not None:
+            natural = self._clip(natural, grads)
+        for g, n in zip(grads, natural):
+            g.copy_(n)
+        self.steps += 1
+
+    def _blend(self, batch: dict[str, Any]) -> None:
+        self.num_updates += 1
+        eps = min(1.0 - 1.0 / self.num_updates, self.ema_decay)
+        if self._average is None or not _same_structure(self._average, batch):
+            self._average = batch  # first update, or a backend's basis changed: restart
+            return
+        self._average = _mix(self._average, batch, eps)
+
+    def _clip(self, natural: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        # ν = min(1, sqrt(κ / |lr² Σ⟨ĝ, g⟩|)), as a tensor: no host synchronisation
+        inner = sum((n * g).sum() for n, g in zip(natural, grads))
+        assert isinstance(inner, Tensor) and self.kl_clip is not None
+        quad = (self.lr**2 * inner).abs().clamp(min=torch.finfo(inner.dtype).tiny)
+        nu = (self.kl_clip / quad).sqrt().clamp(max=1.0)
+        return [n * nu for n in natural]
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically (tensors are not copied)."""
+        return {
+            "steps": self.steps,
+            "num_updates": self.num_updates,
+            "average": self._average,
+            "inverted": self._inverted,
+            "curvature": self.curvature.state_dict() if self._inverted is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s result into a preconditioner over the same model."""
+        self.steps = int(state["steps"])
+        self.num_updates = int(state["num_updates"])
+        self._average = _clone(state["average"])
+        self._inverted = _clone(state["inverted"])
+        self._gathering = False
+        if state["curvature"] is not None:
+            self.curvature.load_state_dict(state["curvature"])
+        if self._inverted is not None:
+            self.curvature.load_statistics(_clone(self._inverted))
+            self.curvature.refresh()
+
+
+def _check_damping(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"NaturalGradient: damping must be a float, got {type(value).__name__}.")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"NaturalGradient: damping must be finite and >= 0, got {value}.")
+    return float(value)
+
+
+def _same_structure(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return (
+            isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(_same_structure(a[k], b[k]) for k in a)
+        )
+    if isinstance(a, (list, tuple)):
+        return (
+            isinstance(b, (list, tuple))
+            and len(a) == len(b)
+            and all(_same_structure(x, y) for x, y in zip(a, b))
+        )
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.shape == b.shape
+    return bool(a == b)
+
+
+def _mix(a: Any, b: Any, eps: float) -> Any:
+    """``eps·a + (1 − eps)·b`` over the tensors of two statistics (new tensors)."""
+    if isinstance(a, dict):
+        return {k: _mix(a[k], b[k], eps) for k in a}
+    if isinstance(a, (list, tuple)):
+        return [_mix(x, y, eps) for x, y in zip(a, b)]
+    if isinstance(a, Tensor):
+        return torch.lerp(b, a, eps)
+    return a
+
+
+def _clone(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _clone(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_clone(v) for v in tree]
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    return tree
