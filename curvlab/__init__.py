@@ -18,7 +18,9 @@ from curvlab.curvature import (
     KroneckerFactors,
     Layer,
 )
+from curvlab.damping import LevenbergMarquardt
 from curvlab.extraction import FISHER_TYPES, extract
+from curvlab.optim import KFACOptimizer
 from curvlab.preconditioner import NaturalGradient
 from curvlab.registry import available, make, register
 
@@ -33,8 +35,10 @@ __all__ = [
     "Curvature",
     "EmpiricalFisher",
     "ExactFisher",
+    "KFACOptimizer",
     "KroneckerFactors",
     "Layer",
+    "LevenbergMarquardt",
     "NaturalGradient",
     "available",
     "extract",

@@ -476,6 +476,32 @@ def _check_finite_loss(loss: Tensor) -> None:
         raise FloatingPointError(f"The loss is not finite ({loss.item()}); no curvature taken.")
 
 
+class suspended_hooks:
+    """Context manager: ``model``'s module hooks (BackPACK's included) are switched off.
+
+    ``torch.func`` transforms cannot run through BackPACK's backward hooks; the exact
+    curvature products of the quadratic model (``curvlab.quadratic``) run inside this.
+    """
+
+    _KINDS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.saved: list[tuple[nn.Module, str, Any]] = []
+
+    def __enter__(self) -> None:
+        for module in self.model.modules():
+            for kind in self._KINDS:
+                hooks = getattr(module, kind)
+                self.saved.append((module, kind, hooks.copy()))
+                hooks.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        for module, kind, hooks in self.saved:
+            getattr(module, kind).update(hooks)
+        self.saved = []
+
+
 def _probe_parameters(model: nn.Module) -> list[Tensor]:
     """One (the smallest) trainable parameter per module that owns any.
 

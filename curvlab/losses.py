@@ -94,3 +94,27 @@ def sample_targets(loss_fn: nn.Module, outputs: Tensor) -> Tensor:
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
         return torch.bernoulli(f.sigmoid())
     return f + torch.randn_like(f) * 0.5**0.5
+
+
+def output_hessian_apply(loss_fn: nn.Module, outputs: Tensor, u: Tensor) -> Tensor:
+    """``∇²_f L · u`` sample by sample: ``[N, C]`` for ``u`` ``[N, C]`` (MATH.md §1.2).
+
+    The Hessian of the *reduced* loss w.r.t. each sample's output (so it includes ``R``):
+    CE ``R(diag(p) − ppᵀ)``, MSE ``2R·I``, BCE ``R·diag(σ(1−σ))``. It does not depend on
+    the targets, which is why it equals the Fisher's output matrix.
+    """
+    f = outputs.detach()
+    n, c = f.shape
+    if loss_fn.reduction == "sum":
+        r = 1.0
+    elif isinstance(loss_fn, nn.CrossEntropyLoss):
+        r = 1.0 / n
+    else:
+        r = 1.0 / (n * c)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        p = f.softmax(dim=1)
+        return r * (p * u - p * (p * u).sum(dim=1, keepdim=True))
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        s = f.sigmoid()
+        return r * s * (1 - s) * u
+    return 2.0 * r * u

@@ -1,0 +1,51 @@
+"""Exact curvature products for the quadratic model of K-FAC's step (MATH.md §2.5, App. C).
+
+``ggn_gram(model, loss_fn, inputs, vectors)`` returns the ``[k, k]`` matrix of
+``vᵢᵀ G vⱼ`` for parameter-space vectors ``v₁..v_k`` with ``G`` the exact GGN (= Fisher for
+the supported losses) of the loss on ``inputs``: one forward-mode JVP per vector gives
+``J vᵢ`` ``[N, C]``, the loss Hessians are applied in closed form. Model hooks are
+suspended meanwhile (``torch.func`` cannot run through BackPACK's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.extraction import suspended_hooks
+from curvlab.losses import output_hessian_apply
+
+
+def ggn_gram(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    params: Sequence[nn.Parameter],
+    vectors: Sequence[Sequence[Tensor]],
+) -> Tensor:
+    """``[k, k]`` matrix ``(vᵢᵀ G vⱼ)`` of the exact GGN w.r.t. ``params`` on ``inputs``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    fixed = {n: p.detach() for n, p in model.named_parameters()}
+
+    def forward(*values: Tensor) -> Tensor:
+        return torch.func.functional_call(model, {**fixed, **dict(zip(keys, values))}, (inputs,))
+
+    primals = tuple(p.detach() for p in params)
+    with suspended_hooks(model), torch.no_grad():
+        outputs = None
+        jvps = []
+        for v in vectors:
+            result = torch.func.jvp(forward, primals, tuple(t.detach() for t in v))
+            outputs, jv = result[0], result[1]
+            jvps.append(jv)
+        assert outputs is not None
+        h_jvps = [output_hessian_apply(loss_fn, outputs, jv) for jv in jvps]
+        k = len(vectors)
+        gram = torch.empty(k, k, dtype=outputs.dtype, device=outputs.device)
+        for i in range(k):
+            for j in range(i, k):
+                gram[i, j] = gram[j, i] = (jvps[i] * h_jvps[j]).sum()
+    return gram

@@ -1,0 +1,124 @@
+"""``KFACOptimizer`` (quadratic model, LM damping, checkpoints) and ``LevenbergMarquardt``."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import curvlab
+from tests.cases import CASES, DTYPE
+
+MLP_CE = next(c for c in CASES if c.id == "mlp-ce-mean")
+
+
+def _flat(v) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in v])
+
+
+def test_first_step_size_is_the_quadratic_model_minimiser() -> None:
+    model, loss_fn = MLP_CE.build()
+    x, y = MLP_CE.data(n=8)
+    lam, l2 = 0.3, 1e-3
+    opt = curvlab.KFACOptimizer(model, loss_fn, damping=lam, l2=l2)
+    before = [p.detach().clone() for p in model.parameters()]
+    g = _flat(torch.autograd.grad(loss_fn(model(x), y), list(model.parameters())))
+    g = g + l2 * _flat(before)  # ∇h includes the ℓ2 term
+    opt.step(lambda: loss_fn(model(x), y))
+    step = _flat(p.detach() for p in model.parameters()) - _flat(before)
+    with torch.no_grad():  # evaluate the exact Fisher at the starting point
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    exact = curvlab.ExactFisher(model, loss_fn)
+    exact.update(x, y)
+    fisher = exact.to_dense()
+    delta = step / opt.last["alpha"]  # the applied step is α·Δ
+    alpha = -(g @ delta) / (delta @ (fisher + (lam + l2) * torch.eye(len(g), dtype=DTYPE)) @ delta)
+    assert opt.last["mu"] == 0.0
+    assert opt.last["alpha"] == pytest.approx(float(alpha), rel=1e-8)
+
+
+def test_rho_is_one_when_the_quadratic_model_is_exact() -> None:
+    # linear least squares: the GGN is the Hessian, so M(δ) − M(0) = h(θ+δ) − h(θ)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3)).to(DTYPE)
+    loss_fn = nn.MSELoss()
+    x, y = torch.randn(20, 5, dtype=DTYPE), torch.randn(20, 3, dtype=DTYPE)
+    opt = curvlab.KFACOptimizer(model, loss_fn, damping=0.5, l2=1e-2)
+    opt.step(lambda: loss_fn(model(x), y))
+    assert opt.last["rho"] == pytest.approx(1.0, rel=1e-8)
+    assert opt.lm.value == pytest.approx(0.5 * (19 / 20) ** 5)  # ρ > 3/4: λ shrinks
+
+
+def test_training_with_momentum_and_checkpoint_resume_is_bit_identical() -> None:
+    batches = [MLP_CE.data(n=8, seed=s) for s in range(9)]
+
+    def fresh():
+        model, loss_fn = MLP_CE.build()
+        opt = curvlab.KFACOptimizer(model, loss_fn, damping=0.5, damping_interval=2, invert_every=3)
+        return model, loss_fn, opt
+
+    def train(model, loss_fn, opt, data):
+        for x, y in data:
+            opt.step(lambda x=x, y=y: loss_fn(model(x), y))
+
+    torch.manual_seed(0)
+    model, loss_fn, opt = fresh()
+    first = float(loss_fn(model(batches[0][0]), batches[0][1]))
+    train(model, loss_fn, opt, batches)
+    assert opt.last["mu"] != 0.0
+    assert float(loss_fn(model(batches[0][0]), batches[0][1])) < first
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    model, loss_fn, opt = fresh()
+    train(model, loss_fn, opt, batches[:4])
+    checkpoint = copy.deepcopy(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "rng": torch.get_rng_state()}
+    )
+    model, loss_fn, opt = fresh()
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    torch.set_rng_state(checkpoint["rng"])
+    train(model, loss_fn, opt, batches[4:])
+    for a, b in zip(model.parameters(), uninterrupted):
+        assert torch.equal(a.detach(), b)
+
+
+def test_optimizer_errors() -> None:
+    model, loss_fn = MLP_CE.build()
+    opt = curvlab.KFACOptimizer(model, loss_fn)
+    with pytest.raises(ValueError, match="needs a closure"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="did not call the model"):
+        opt.step(lambda: torch.tensor(1.0, requires_grad=True))
+    other, _ = MLP_CE.build()
+    with pytest.raises(ValueError, match="another model"):
+        curvlab.KFACOptimizer(model, loss_fn, curvature=curvlab.KFAC(other, loss_fn))
+    with pytest.raises(ValueError, match="l2"):
+        curvlab.KFACOptimizer(model, loss_fn, l2=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("rho", "expected"),
+    [(0.9, 0.5), (0.5, 1.0), (0.1, 2.0), (float("nan"), 2.0), (-3.0, 2.0)],
+)
+def test_levenberg_marquardt_rule(rho, expected) -> None:
+    lm = curvlab.LevenbergMarquardt(initial=1.0, interval=5, decay=0.5)
+    assert lm.update(rho) == expected
+    assert lm.due(0) and lm.due(10) and not lm.due(3)
+
+
+def test_levenberg_marquardt_defaults_and_validation() -> None:
+    lm = curvlab.LevenbergMarquardt(initial=150.0)
+    assert lm.decay == pytest.approx((19 / 20) ** 5)
+    for _ in range(2000):
+        lm.update(1.0)
+    assert lm.value == lm.minimum
+    for kwargs in ({"initial": 0.0}, {"interval": 0}, {"decay": 1.0}, {"lower": 0.8, "upper": 0.5}):
+        with pytest.raises(ValueError):
+            curvlab.LevenbergMarquardt(**kwargs)
+    assert math.isfinite(curvlab.LevenbergMarquardt().update(float("inf")))
