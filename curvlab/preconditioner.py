@@ -41,6 +41,8 @@ from torch import Tensor
 
 from curvlab import extraction
 from curvlab.curvature.base import Curvature
+from curvlab.damping import LevenbergMarquardt
+from curvlab.quadratic import ggn_gram
 
 DampingSchedule = Callable[[int], float]
 
@@ -50,7 +52,12 @@ class NaturalGradient:
 
     Args:
         curvature: the backend; its ``solve`` defines the damped inverse.
-        damping: ``λ`` — a float, or a callable ``step -> float`` (a schedule).
+        damping: ``λ`` — a float, a callable ``step -> float`` (a schedule), or a
+            :class:`~curvlab.LevenbergMarquardt`, adapted whenever ``step(closure)`` gets a
+            closure on one of its due steps: ``ρ`` is measured for the plain step
+            ``δ = −lr·ĝ`` on the closure's batch, against ``M(δ) − M(0) = gᵀδ + ½δᵀFδ``
+            with the exact Fisher (JVPs). This reads scalars back to the host on those
+            steps only.
         update_every: take curvature statistics every this many steps.
         invert_every: refresh the decompositions every this many steps.
         ema_decay: decay of the moving average of the statistics (0: the last step only).
@@ -62,7 +69,7 @@ class NaturalGradient:
     def __init__(
         self,
         curvature: Curvature,
-        damping: float | DampingSchedule = 1e-3,
+        damping: float | DampingSchedule | LevenbergMarquardt = 1e-3,
         update_every: int = 1,
         invert_every: int = 10,
         ema_decay: float = 0.95,
@@ -81,7 +88,7 @@ class NaturalGradient:
             raise ValueError(f"NaturalGradient: ema_decay must lie in [0, 1), got {ema_decay}.")
         if kl_clip is not None and not kl_clip > 0:
             raise ValueError(f"NaturalGradient: kl_clip must be positive, got {kl_clip}.")
-        if not callable(damping):
+        if not callable(damping) and not isinstance(damping, LevenbergMarquardt):
             _check_damping(damping)
         self.curvature = curvature
         self.damping = damping
@@ -120,13 +127,19 @@ class NaturalGradient:
 
     def current_damping(self) -> float:
         """``λ`` of the current step (evaluates a schedule)."""
+        if isinstance(self.damping, LevenbergMarquardt):
+            return self.damping.value
         if callable(self.damping):
             return _check_damping(self.damping(self.steps))
         return float(self.damping)
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Blend new statistics, invert when due, precondition every covered ``p.grad``."""
+    def step(self, closure: Callable[[], Tensor] | None = None) -> None:
+        """Blend new statistics, invert when due, precondition every covered ``p.grad``.
+
+        ``closure`` (re-evaluating the loss on the current batch, without ``backward``)
+        is only used to adapt a :class:`~curvlab.LevenbergMarquardt` damping.
+        """
         if self._gathering:
             self._blend(self.curvature.statistics())
             self._gathering = False
@@ -153,9 +166,38 @@ class NaturalGradient:
         natural = self.curvature.solve(grads, self.current_damping())
         if self.kl_clip is not None:
             natural = self._clip(natural, grads)
+        lm = self.damping
+        if isinstance(lm, LevenbergMarquardt) and closure is not None and lm.due(self.steps):
+            lm.update(self._reduction_ratio(closure, grads, natural))
         for g, n in zip(grads, natural):
             g.copy_(n)
         self.steps += 1
+
+    def _reduction_ratio(
+        self, closure: Callable[[], Tensor], grads: list[Tensor], natural: list[Tensor]
+    ) -> float:
+        """``ρ`` of the plain step ``δ = −lr·ĝ`` on the closure's batch (MATH.md §2.3.3)."""
+        model, params = self.curvature.model, self.curvature.params
+        captured: list[Tensor] = []
+        handle = model.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        try:
+            before = float(closure())
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError("NaturalGradient.step: the closure did not call the model.")
+        delta = [-self.lr * n for n in natural]
+        saved = [p.detach().clone() for p in params]
+        try:
+            for p, d in zip(params, delta):
+                p.add_(d)
+            after = float(closure())
+        finally:
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        quad = ggn_gram(model, self.curvature.loss_fn, captured[0].detach(), params, [delta])
+        change = float(sum((g * d).sum() for g, d in zip(grads, delta)) + 0.5 * quad[0, 0])
+        return (after - before) / change if change < 0 else float("nan")
 
     def _blend(self, batch: dict[str, Any]) -> None:
         self.num_updates += 1
@@ -183,6 +225,9 @@ class NaturalGradient:
             "average": self._average,
             "inverted": self._inverted,
             "curvature": self.curvature.state_dict() if self._inverted is not None else None,
+            "damping": self.damping.state_dict()
+            if isinstance(self.damping, LevenbergMarquardt)
+            else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -192,6 +237,8 @@ class NaturalGradient:
         self._average = _clone(state["average"])
         self._inverted = _clone(state["inverted"])
         self._gathering = False
+        if isinstance(self.damping, LevenbergMarquardt) and state.get("damping") is not None:
+            self.damping.load_state_dict(state["damping"])
         if state["curvature"] is not None:
             self.curvature.load_state_dict(state["curvature"])
         if self._inverted is not None:

@@ -308,3 +308,23 @@ def test_kfac_reaches_the_target_loss_in_fewer_iterations_than_sgd_and_adam() ->
     best = {kind: min(iterations_to_target(kind, lr) for lr in lrs) for kind, lrs in grids.items()}
     for kfac in ("kfac", "kfac_optimizer"):
         assert best[kfac] < best["adam"] and best[kfac] < best["sgd"], best
+
+
+def test_levenberg_marquardt_damping_adapts_from_the_closure() -> None:
+    # least squares with the exact Fisher: the quadratic model is exact, so ρ = 1 and λ
+    # shrinks on every due step; without a closure it stays
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3)).to(DTYPE)
+    loss_fn = nn.MSELoss()
+    x, y = torch.randn(20, 5, dtype=DTYPE), torch.randn(20, 3, dtype=DTYPE)
+    lm = curvlab.LevenbergMarquardt(initial=1.0, interval=2)
+    precond = curvlab.NaturalGradient(curvlab.ExactFisher(model, loss_fn), damping=lm, lr=0.5)
+    values = []
+    for step in range(5):
+        model.zero_grad()
+        precond.backward(loss_fn(model(x), y))
+        precond.step(closure=(lambda: loss_fn(model(x), y)) if step < 4 else None)
+        values.append(lm.value)
+    shrink = (19 / 20) ** 2
+    assert values == pytest.approx([shrink, shrink, shrink**2, shrink**2, shrink**2])
+    assert precond.state_dict()["damping"] == {"value": lm.value}
