@@ -26,7 +26,9 @@ Per step ``k`` (counted by ``step()``):
   Parameters the curvature does not cover (e.g. excluded layers) keep their plain gradient.
 
 Everything stays on the parameters' device; no value is read back to the host inside
-``step`` (KL clipping is computed with tensor operations). Statistics are computed in
+``step`` (KL clipping is computed with tensor operations). ``backward`` on curvature steps
+checks that the loss is finite (one scalar read back), and the decompositions on
+inversion steps check theirs. Statistics are computed in
 the parameters' dtype (float32 or float64), also under autocast.
 """
 
@@ -119,6 +121,11 @@ class NaturalGradient:
         if not self.curvature_due:
             loss.backward()
             return
+        if not bool(torch.isfinite(loss)):  # curvature steps only: one host sync
+            raise FloatingPointError(
+                f"NaturalGradient.backward: the loss is not finite ({float(loss)}); no "
+                "curvature taken. Lower the learning rate or raise the damping."
+            )
         if not self._gathering:
             self.curvature.reset()
             self._gathering = True

@@ -328,3 +328,12 @@ def test_levenberg_marquardt_damping_adapts_from_the_closure() -> None:
     shrink = (19 / 20) ** 2
     assert values == pytest.approx([shrink, shrink, shrink**2, shrink**2, shrink**2])
     assert precond.state_dict()["damping"] == {"value": lm.value}
+
+
+def test_non_finite_loss_on_a_curvature_step_is_reported() -> None:
+    model, loss_fn = MLP_CE.build()
+    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn))
+    x, y = MLP_CE.data()
+    x[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss is not finite"):
+        precond.backward(loss_fn(model(x), y))

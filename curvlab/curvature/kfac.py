@@ -268,13 +268,29 @@ class KFAC(Curvature):
                 self._check_invertible(k, eig.G, eig.A)
             if self.damping_mode == "exact":
                 out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
-            else:  # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹ in the eigenbases, γ = √λ (MATH.md §2.3.2)
-                gamma = damping**0.5
-                shifted_g = (eig.G.eigenvalues + gamma / eig.pi, eig.G.eigenvectors)
-                shifted_a = (eig.A.eigenvalues + gamma * eig.pi, eig.A.eigenvectors)
-                out = linalg.kron_eigen_matvec(shifted_g, shifted_a, mat, power=-1.0)
+            else:  # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹, γ = √λ (MATH.md §2.3.2): two matmuls
+                inv_g, inv_a = self._factored_inverses(damping)[k]
+                out = inv_g @ mat @ inv_a
             result.extend(layer_rules.from_matrix(layer.module, out.to(parts[0].dtype)))
         return result
+
+    def _factored_inverses(self, damping: float) -> list[tuple[Tensor, Tensor]]:
+        """Per layer ``((G + γ/π I)⁻¹, (A + πγ I)⁻¹)`` from the cached eigenpairs, cached
+        until the decompositions or ``damping`` change."""
+        cached = self._inverses
+        if cached is not None and cached[0] == damping and cached[1] is self._eigen:
+            return cached[2]
+        gamma = damping**0.5
+        inverses = []
+        for eig in self._eigendecompositions():
+            (d_g, q_g), (d_a, q_a) = eig.G, eig.A
+            inv_g = (q_g / (d_g + gamma / eig.pi)) @ q_g.T
+            inv_a = (q_a / (d_a + gamma * eig.pi)) @ q_a.T
+            inverses.append((inv_g, inv_a))
+        self._inverses = (damping, self._eigen, inverses)
+        return inverses
+
+    _inverses: tuple[float, Any, list[tuple[Tensor, Tensor]]] | None = None
 
     def _check_invertible(
         self, k: int, eig_g: linalg.SymmetricEigen, eig_a: linalg.SymmetricEigen
