@@ -26,6 +26,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m benchmarks.kfac_extraction
+	$(BIN)/python -m benchmarks.training_step
 
 docs: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[docs]"

@@ -112,6 +112,7 @@ class KFAC(Curvature):
         self._a_count = [0] * len(self.layers)
         self._g_sum: list[Tensor] | None = None
         self._eigen: list[_LayerEigen] | None = None
+        self._inverses: tuple[float, list[tuple[Tensor, Tensor]]] | None = None
 
     # --- layer selection --------------------------------------------------------------
 
@@ -217,6 +218,7 @@ class KFAC(Curvature):
 
     def _invalidate(self) -> None:
         self._eigen = None
+        self._inverses = None
 
     def factors(self) -> list[KroneckerFactors]:
         """Per layer ``(A, G)``, normalised as described in the module docstring."""
@@ -260,37 +262,42 @@ class KFAC(Curvature):
 
     def _solve(self, v: Vector, damping: float) -> Vector:
         result: Vector = []
+        if self.damping_mode == "factored":
+            for (layer, parts), (inv_g, inv_a) in zip(
+                self._per_layer(v), self._factored_inverses(damping)
+            ):  # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer
+                out = inv_g @ _as_matrix(layer, parts).to(inv_g.dtype) @ inv_a
+                result.extend(layer_rules.from_matrix(layer.module, out.to(parts[0].dtype)))
+            return result
         for k, ((layer, parts), eig) in enumerate(
             zip(self._per_layer(v), self._eigendecompositions())
         ):
             mat = _as_matrix(layer, parts).to(eig.G.eigenvalues.dtype)
             if damping == 0.0:
                 self._check_invertible(k, eig.G, eig.A)
-            if self.damping_mode == "exact":
-                out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
-            else:  # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹, γ = √λ (MATH.md §2.3.2): two matmuls
-                inv_g, inv_a = self._factored_inverses(damping)[k]
-                out = inv_g @ mat @ inv_a
+            out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
             result.extend(layer_rules.from_matrix(layer.module, out.to(parts[0].dtype)))
         return result
 
     def _factored_inverses(self, damping: float) -> list[tuple[Tensor, Tensor]]:
-        """Per layer ``((G + γ/π I)⁻¹, (A + πγ I)⁻¹)`` from the cached eigenpairs, cached
-        until the decompositions or ``damping`` change."""
-        cached = self._inverses
-        if cached is not None and cached[0] == damping and cached[1] is self._eigen:
-            return cached[2]
+        """Per layer ``((G + γ/π I)⁻¹, (A + πγ I)⁻¹)``, ``γ = √λ`` (MATH.md §2.3.2), from
+        Cholesky factorisations (no eigendecomposition); cached until the decompositions
+        are dropped or ``damping`` changes."""
+        if self._inverses is not None and self._inverses[0] == damping:
+            return self._inverses[1]
         gamma = damping**0.5
         inverses = []
-        for eig in self._eigendecompositions():
-            (d_g, q_g), (d_a, q_a) = eig.G, eig.A
-            inv_g = (q_g / (d_g + gamma / eig.pi)) @ q_g.T
-            inv_a = (q_a / (d_a + gamma * eig.pi)) @ q_a.T
-            inverses.append((inv_g, inv_a))
-        self._inverses = (damping, self._eigen, inverses)
+        for k, f in enumerate(self.factors()):
+            pi = linalg.pi_correction(f.G, f.A)
+            label = self._layer_label(k)
+            inverses.append(
+                (
+                    _damped_inverse(f.G, gamma / pi, f"{label} G + γ/π I"),
+                    _damped_inverse(f.A, gamma * pi, f"{label} A + πγ I"),
+                )
+            )
+        self._inverses = (damping, inverses)
         return inverses
-
-    _inverses: tuple[float, Any, list[tuple[Tensor, Tensor]]] | None = None
 
     def _check_invertible(
         self, k: int, eig_g: linalg.SymmetricEigen, eig_a: linalg.SymmetricEigen
@@ -379,6 +386,13 @@ def _psd_eig(M: Tensor, name: str) -> linalg.SymmetricEigen:
     # The factors are PSD by construction; negative eigenvalues are rounding and are clamped.
     d, q = linalg.symeig(M, name=name)
     return linalg.SymmetricEigen(d.clamp(min=0.0), q)
+
+
+def _damped_inverse(M: Tensor, shift: Tensor, name: str) -> Tensor:
+    """``(M + shift·I)⁻¹`` of a PSD factor via Cholesky (float64 retry, clear error)."""
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    chol = linalg.cholesky_factor(M + shift * eye, name=name, keep_float64=True)
+    return torch.cholesky_inverse(chol).to(M.dtype)
 
 
 def _as_matrix(layer: Layer, parts: list[Tensor]) -> Tensor:

@@ -395,3 +395,28 @@ def test_string_valid_padding_equals_zero_padding() -> None:
         kfc.update(x, y)
         results.append(kfc.to_dense())
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
+def test_factored_inverses_are_cached_per_damping_without_eigendecompositions(monkeypatch) -> None:
+    kfc = _fitted_kfc("factored")
+    calls = {"cholesky": 0, "eig": 0}
+    cholesky, symeig = curvlab.linalg.cholesky_factor, curvlab.linalg.symeig
+
+    def count(kind, fn):
+        def wrapped(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(curvlab.linalg, "cholesky_factor", count("cholesky", cholesky))
+    monkeypatch.setattr(curvlab.linalg, "symeig", count("eig", symeig))
+    v = [torch.randn_like(p) for p in kfc.params]
+    first = kfc.solve(v, 0.1)
+    again = kfc.solve(v, 0.1)
+    assert calls == {"cholesky": 2 * len(kfc.layers), "eig": 0}
+    torch.testing.assert_close(_flat(first), _flat(again), rtol=0, atol=0)
+    kfc.solve(v, 0.2)  # a new damping refactorises
+    assert calls["cholesky"] == 4 * len(kfc.layers)
+    with pytest.raises(curvlab.linalg.LinAlgError, match=r"layer '3' \(Linear\) [GA] "):
+        kfc.solve(v, 0.0)  # 5 samples, softmax outputs: the last layer's factors are singular
