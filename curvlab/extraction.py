@@ -18,6 +18,7 @@ of shape ``[K, p.numel()]`` such that the batch's curvature block between parame
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections.abc import Iterable, Sequence
@@ -172,8 +173,9 @@ def _statistics_dtype(t: Tensor) -> Tensor:
 def _kron_statistics(
     module: nn.Module, grad: Tensor, ext: Any, from_gradient: bool = False
 ) -> dict[str, Any]:
-    with torch.no_grad():
-        x = _statistics_dtype(cast(Tensor, module.input0).detach())
+    x = cast(Tensor, module.input0)
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        x = _statistics_dtype(x.detach())
         grad = _statistics_dtype(grad.detach())
         a_sum, count = layers.input_factor_sum(module, x, ext.kfac_approx)
         g = layers.output_factor(module, grad, ext.kfac_approx)
@@ -379,11 +381,14 @@ class _LossRecorder:
 
     def __init__(self, loss_fn: nn.Module) -> None:
         self.last: BatchScale | None = None
+        self.autocast: tuple[str, torch.dtype] | None = None  # half-precision outputs
         loss_fn.register_forward_pre_hook(self)
 
     def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
         outputs, targets = inputs[0], inputs[1]
         self.last = batch_scale(module, outputs, targets)
+        half = outputs.dtype in (torch.float16, torch.bfloat16)
+        self.autocast = (outputs.device.type, outputs.dtype) if half else None
 
 
 _RECORDERS: weakref.WeakKeyDictionary[nn.Module, _LossRecorder] = weakref.WeakKeyDictionary()
@@ -518,15 +523,28 @@ def _probe_parameters(model: nn.Module) -> list[Tensor]:
 
 
 def backward(
-    loss: Tensor, extensions: Sequence[BackpropExtension], inputs: Sequence[Tensor] | None = None
+    loss: Tensor,
+    extensions: Sequence[BackpropExtension],
+    loss_fn: nn.Module,
+    inputs: Sequence[Tensor] | None = None,
 ) -> None:
     """Backward pass with ``extensions`` active; BackPACK failures become clear errors.
 
     ``inputs=None`` is ``loss.backward()`` (gradients accumulate into ``.grad``); otherwise
-    ``torch.autograd.grad(loss, inputs)``, which leaves ``.grad`` untouched.
+    ``torch.autograd.grad(loss, inputs)``, which leaves ``.grad`` untouched. When the
+    model ran under autocast (half-precision outputs reached ``loss_fn``), BackPACK's
+    backward computations run under the same autocast; the statistics themselves are
+    computed in float32 (``_statistics_dtype``).
     """
+    recorder = _RECORDERS.get(loss_fn)
+    cast_to = recorder.autocast if recorder is not None else None
+    amp = (
+        torch.autocast(device_type=cast_to[0], dtype=cast_to[1])
+        if cast_to is not None
+        else contextlib.nullcontext()
+    )
     try:
-        with backpack(*extensions):
+        with backpack(*extensions), amp:
             if inputs is None:
                 loss.backward()
             else:
@@ -573,7 +591,7 @@ def extract(
     else:
         extensions = union_extensions(c.extensions() for c in curvatures)
         objective = loss
-    backward(objective, extensions, inputs=_probe_parameters(model))
+    backward(objective, extensions, loss_fn, inputs=_probe_parameters(model))
     result = collect(loss_fn, model.parameters(), extensions)
     for c in curvatures:
         c._consume(result)

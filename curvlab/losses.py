@@ -88,7 +88,7 @@ def sample_targets(loss_fn: nn.Module, outputs: Tensor) -> Tensor:
     log-likelihood of a Gaussian with variance ½ (the "factor 2"). The gradient of the
     loss at these targets is ``R·g̃`` with ``g̃`` a Monte-Carlo loss-Hessian column.
     """
-    f = outputs.detach()
+    f = outputs.detach().float()
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         return torch.multinomial(f.softmax(dim=1), num_samples=1).squeeze(1)
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):

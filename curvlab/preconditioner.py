@@ -129,7 +129,7 @@ class NaturalGradient:
         if not self._gathering:
             self.curvature.reset()
             self._gathering = True
-        extraction.backward(loss, self.curvature.extensions())
+        extraction.backward(loss, self.curvature.extensions(), self.curvature.loss_fn)
         self.curvature.accumulate()
 
     def current_damping(self) -> float:

@@ -337,3 +337,29 @@ def test_non_finite_loss_on_a_curvature_step_is_reported() -> None:
     x[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="loss is not finite"):
         precond.backward(loss_fn(model(x), y))
+
+
+@pytest.mark.parametrize("backend", ["kfac", "kfc", "block_diagonal", "ekfac"])
+def test_statistics_stay_float32_under_bf16_autocast(backend) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    kwargs = {} if backend == "block_diagonal" else {"fisher_type": "exact"}
+    stats = []
+    for amp in (False, True):
+        precond = curvlab.NaturalGradient(curvlab.make(backend, model, loss_fn, **kwargs))
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(x), y)
+        precond.backward(loss)
+        precond.step()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+        stats.append(precond._average)
+    for key, reference in stats[0].items():
+        if key == "basis_id":
+            continue
+        for low, full in zip(stats[1][key], reference):
+            assert low.dtype == torch.float32
+            err = float((low - full).norm() / full.norm())
+            assert err < 0.05, f"{key}: bf16 statistics are {err:.3f} from float32"
