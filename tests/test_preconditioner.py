@@ -363,3 +363,26 @@ def test_statistics_stay_float32_under_bf16_autocast(backend) -> None:
             assert low.dtype == torch.float32
             err = float((low - full).norm() / full.norm())
             assert err < 0.05, f"{key}: bf16 statistics are {err:.3f} from float32"
+
+
+def test_composes_with_adamw_param_groups_and_weight_decay() -> None:
+    model, loss_fn = MLP_CE.build()
+    x, y = MLP_CE.data(n=8)
+    precond = curvlab.NaturalGradient(
+        curvlab.KFAC(model, loss_fn, fisher_type="exact"), damping=0.1
+    )
+    opt = torch.optim.AdamW(
+        [
+            {"params": model[0].parameters(), "lr": 1e-2, "weight_decay": 0.1},
+            {"params": model[2].parameters(), "lr": 1e-3, "weight_decay": 0.0},
+        ]
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    precond.backward(loss_fn(model(x), y))
+    g = [p.grad.clone() for p in model.parameters()]
+    precond.step()
+    expected = precond.curvature.solve(g, 0.1)
+    torch.testing.assert_close(_flat(p.grad for p in model.parameters()), _flat(expected))
+    opt.step()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
