@@ -44,6 +44,7 @@ from backpack.extensions.secondorder.hbp import LossHessianStrategy
 from backpack.extensions.secondorder.sqrt_ggn import SqrtGGN
 from backpack.extensions.secondorder.sqrt_ggn.base import SqrtGGNBaseModule
 from backpack.extensions.secondorder.sqrt_ggn.losses import SqrtGGNBaseLossModule
+from backpack.utils.module_classification import is_no_op
 from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
 
@@ -351,6 +352,7 @@ def check_model(
     extensions only need the modules whose parameters are ``covered`` (default: all).
     """
     covered_ids = None if covered is None else {id(m) for m in covered}
+    second_order = any(isinstance(e, SecondOrderBackpropExtension) for e in extensions)
     for name, module in model.named_modules():
         if next(module.children(), None) is not None:
             has_own = next(module.parameters(recurse=False), None) is not None
@@ -359,6 +361,13 @@ def check_model(
                     f"{owner}: module '{name}' ({type(module).__name__}) holds parameters and "
                     "children; BackPACK cannot attribute its computation. Move its parameters "
                     "into a supported layer."
+                )
+            if second_order and not is_no_op(module):
+                raise ValueError(
+                    f"{owner}: container '{name or '<model>'}' ({type(module).__name__}) is a "
+                    "custom nn.Module; BackPACK's second-order extensions (exact and MC "
+                    "Fisher types) need nn.Sequential containers. Rewrite it as nn.Sequential "
+                    "or use fisher_type='empirical'."
                 )
             continue
         owns_params = any(p.requires_grad for p in module.parameters(recurse=False))

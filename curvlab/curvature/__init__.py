@@ -2,6 +2,7 @@
 
 from curvlab.curvature.base import Curvature, Layer
 from curvlab.curvature.block_diagonal import BlockDiagonal
+from curvlab.curvature.block_tridiagonal import BlockTridiagonal
 from curvlab.curvature.ekfac import EKFAC
 from curvlab.curvature.empirical import EmpiricalFisher
 from curvlab.curvature.exact import ExactFisher
@@ -12,6 +13,7 @@ __all__ = [
     "KFAC",
     "KFC",
     "BlockDiagonal",
+    "BlockTridiagonal",
     "Curvature",
     "EmpiricalFisher",
     "ExactFisher",

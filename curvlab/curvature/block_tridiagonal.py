@@ -1,0 +1,227 @@
+"""``BlockTridiagonal``: the Fisher's tridiagonal layer blocks, completed so its inverse is
+block-tridiagonal (Martens & Grosse 2015 §4.3; MATH.md §3.1).
+
+Layers are ordered as the forward pass calls them (recorded by forward pre-hooks); the
+blocks ``F_{i,i}`` and ``F_{i,i+1}`` are accumulated densely from BackPACK's factor rows.
+The approximation ``F̂`` agrees with ``F`` on those blocks and is the maximum-entropy
+completion — a Gaussian chain ``w_1 — w_2 — … — w_ℓ`` over the layers' gradients:
+
+* ``F̂_{i,j} = Ψ_i Ψ_{i+1} ⋯ Ψ_{j-1} F_{j,j}`` for ``j > i`` with ``Ψ_i = F_{i,i+1} F_{i+1,i+1}⁺``;
+* ``F̂⁻¹ = Ξᵀ Λ Ξ``: ``Ξ`` block upper-bidiagonal (``I`` on the diagonal, ``−Ψ_i`` above),
+  ``Λ = diag(Σ_1⁻¹, …, Σ_ℓ⁻¹)`` with the Schur complements ``Σ_i = F_{i,i} − Ψ_i F_{i+1,i}``,
+  ``Σ_ℓ = F_{ℓ,ℓ}``.
+
+**Damping**: ``solve(v, λ)`` applies ``F̂_λ⁻¹``, the same construction from the damped
+blocks — ``λI`` is added to every diagonal block ``F_{i,i}`` *before* ``Ψ`` and ``Σ`` are
+formed (off-diagonal blocks untouched). ``F̂_λ`` agrees with ``F + λI`` on the tridiagonal
+blocks; it is not ``F̂ + λI``. Every ``Σ_i`` is then a Schur complement of a block of
+``F + λI`` and positive definite for ``λ > 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab import linalg
+from curvlab.curvature.base import Vector
+from curvlab.curvature.block_diagonal import BlockDiagonal
+from curvlab.extraction import BackwardResult, fisher_rows
+from curvlab.registry import register
+
+
+@register("block_tridiagonal")
+class BlockTridiagonal(BlockDiagonal):
+    """Dense block-tridiagonal-inverse approximation of the Fisher (see the module docstring).
+
+    ``fisher_type`` is ``"exact"``, ``"mc"`` or ``"empirical"``, as for
+    :class:`BlockDiagonal`. Meant for small models and ablations (dense blocks).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        fisher_type: str = "exact",
+        mc_samples: int = 1,
+    ) -> None:
+        super().__init__(model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples)
+        self._off: list[Tensor] | None = None  # Σ_b w_b F_{i,i+1} (forward order)
+        self._calls: list[int] = []
+        self._order: list[int] | None = None  # layer indices in forward call order
+        model.register_forward_pre_hook(lambda module, args: self._calls.clear())
+        for index, layer in enumerate(self.layers):
+            layer.module.register_forward_pre_hook(
+                lambda module, args, index=index: self._record_call(index)
+            )
+        self._inverse: tuple[float, list[Tensor], list[Tensor]] | None = None
+
+    # --- statistics -----------------------------------------------------------------------
+
+    def _record_call(self, index: int) -> None:
+        if index in self._calls:
+            raise RuntimeError(
+                f"BlockTridiagonal: layer '{self.layers[index].name}' was called twice in one "
+                "forward pass; every layer must be called exactly once to define the chain."
+            )
+        self._calls.append(index)
+
+    def _forward_order(self) -> list[int]:
+        calls = list(self._calls)
+        if sorted(calls) != list(range(len(self.layers))):
+            raise RuntimeError(
+                "BlockTridiagonal: every layer must be called exactly once per forward pass "
+                f"to define the chain of layers (call order seen: {calls})."
+            )
+        if self._order is not None and calls != self._order:
+            raise RuntimeError(
+                f"BlockTridiagonal: the layers were called in a different order ({calls}) "
+                f"than in earlier batches ({self._order})."
+            )
+        return calls
+
+    def _accumulate(self, result: BackwardResult, weight: float) -> None:
+        super()._accumulate(result, weight)
+        self._order = self._forward_order()
+        rows = [self._layer_rows(result, k) for k in range(len(self.layers))]
+        pairs = zip(self._order[:-1], self._order[1:])
+        off = [weight * rows[i].T @ rows[j] for i, j in pairs]
+        if self._off is None:
+            self._off = off
+        else:
+            self._off = [a + b for a, b in zip(self._off, off)]
+
+    def _layer_rows(self, result: BackwardResult, k: int) -> Tensor:
+        layer = self.layers[k]
+        return torch.cat(
+            [
+                fisher_rows(result, self.fisher_type, p, n)
+                for p, n in zip(layer.params, layer.param_names)
+            ],
+            dim=1,
+        )
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._off = None
+
+    def _invalidate(self) -> None:
+        super()._invalidate()
+        self._inverse = None
+
+    def _chain(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Diagonal and super-diagonal blocks in forward order, normalised."""
+        assert self._off is not None and self._order is not None
+        diag = self.blocks()
+        return [diag[i] for i in self._order], [b / self._normalizer for b in self._off]
+
+    # --- products -------------------------------------------------------------------------
+
+    def _completion(self) -> Tensor:
+        """``F̂`` in forward order (dense)."""
+        diag, off = self._chain()
+        n = len(diag)
+        psi = [off[i] @ torch.linalg.pinv(diag[i + 1], hermitian=True) for i in range(n - 1)]
+        blocks: list[list[Tensor | None]] = [[None] * n for _ in range(n)]
+        for j in range(n):
+            blocks[j][j] = diag[j]
+            for i in range(j - 1, -1, -1):  # F̂_{i,j} = Ψ_i F̂_{i+1,j}
+                above = blocks[i + 1][j]
+                assert above is not None
+                blocks[i][j] = psi[i] @ above
+        rows = []
+        for i in range(n):
+            row = []
+            for j in range(n):
+                block = blocks[i][j] if j >= i else blocks[j][i]
+                assert block is not None
+                row.append(block if j >= i else block.T)
+            rows.append(torch.cat(row, dim=1))
+        return torch.cat(rows, dim=0)
+
+    def _to_dense(self) -> Tensor:
+        assert self._order is not None
+        # forward order -> parameter order
+        sizes = [self.layers[i].numel for i in self._order]
+        starts = [sum(layer.numel for layer in self.layers[:i]) for i in self._order]
+        index = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes)])
+        dense_fwd = self._completion()
+        dense = torch.empty_like(dense_fwd)
+        dense[index.unsqueeze(1), index.unsqueeze(0)] = dense_fwd
+        return dense
+
+    def _matvec(self, v: Vector) -> Vector:
+        x = self._flatten(v)
+        return self._unflatten(self._to_dense().to(x.dtype) @ x)
+
+    def _split_forward(self, x: Tensor) -> list[Tensor]:
+        assert self._order is not None
+        chunks = []
+        for i in self._order:
+            a, b = self._ranges[i]
+            chunks.append(x[self._offsets[a] : self._offsets[b]])
+        return chunks
+
+    def _factorise(self, damping: float) -> tuple[list[Tensor], list[Tensor]]:
+        """``Ψ_i`` and Cholesky factors of ``Σ_i`` from the damped diagonal blocks."""
+        if self._inverse is not None and self._inverse[0] == damping:
+            return self._inverse[1], self._inverse[2]
+        diag, off = self._chain()
+        eye = [torch.eye(len(d), dtype=d.dtype, device=d.device) for d in diag]
+        damped = [d + damping * e for d, e in zip(diag, eye)]
+        n = len(diag)
+        chol_next = [
+            linalg.cholesky_factor(damped[i], name=f"BlockTridiagonal block {i}", keep_float64=True)
+            for i in range(n)
+        ]
+        psi, sigma_chol = [], []
+        for i in range(n - 1):
+            # Ψ_i = F_{i,i+1} D_{i+1}⁻¹ (solve with D_{i+1}'s Cholesky factor)
+            psi_i = linalg.cholesky_solve(chol_next[i + 1], off[i].T).T
+            sigma = damped[i] - psi_i @ off[i].T
+            sigma_chol.append(
+                linalg.cholesky_factor(
+                    (sigma + sigma.T) / 2, name=f"BlockTridiagonal Σ_{i}", keep_float64=True
+                )
+            )
+            psi.append(psi_i)
+        sigma_chol.append(chol_next[-1])
+        self._inverse = (damping, psi, sigma_chol)
+        return psi, sigma_chol
+
+    def _solve(self, v: Vector, damping: float) -> Vector:
+        psi, sigma_chol = self._factorise(damping)
+        x = self._flatten(v)
+        parts = self._split_forward(x)
+        n = len(parts)
+        # w = Ξ v; z = Λ w; u = Ξᵀ z (MATH.md §3.5, dense blocks)
+        w = [parts[i] - psi[i] @ parts[i + 1] for i in range(n - 1)] + [parts[-1]]
+        z = [linalg.cholesky_solve(c, wi) for c, wi in zip(sigma_chol, w)]
+        u = [z[0]] + [z[i] - psi[i - 1].T @ z[i - 1] for i in range(1, n)]
+        out = torch.empty_like(x)
+        assert self._order is not None
+        for k, i in enumerate(self._order):
+            a, b = self._ranges[i]
+            out[self._offsets[a] : self._offsets[b]] = u[k]
+        return self._unflatten(out)
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _statistics(self) -> dict[str, Any]:
+        return {"blocks": self.blocks(), "off": self._chain()[1]}
+
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        super()._load_statistics(stats)
+        self._off = stats["off"]
+
+    def _state(self) -> dict[str, Any]:
+        order = None if self._order is None else tuple(self._order)  # metadata, not additive
+        return {**super()._state(), "off": self._off, "order": order}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        off = state["off"]
+        self._off = None if off is None else [t.clone() for t in off]
+        self._order = None if state["order"] is None else list(state["order"])
