@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from curvlab import linalg
 from curvlab.curvature.base import Vector
 from curvlab.curvature.block_diagonal import BlockDiagonal
+from curvlab.curvature.chain import ForwardOrder, chain_completion
 from curvlab.extraction import BackwardResult, fisher_rows
 from curvlab.registry import register
 
@@ -49,42 +50,20 @@ class BlockTridiagonal(BlockDiagonal):
     ) -> None:
         super().__init__(model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples)
         self._off: list[Tensor] | None = None  # Σ_b w_b F_{i,i+1} (forward order)
-        self._calls: list[int] = []
+        self._forward = ForwardOrder(
+            model,
+            [layer.module for layer in self.layers],
+            [layer.name for layer in self.layers],
+            owner=type(self).__name__,
+        )
         self._order: list[int] | None = None  # layer indices in forward call order
-        model.register_forward_pre_hook(lambda module, args: self._calls.clear())
-        for index, layer in enumerate(self.layers):
-            layer.module.register_forward_pre_hook(
-                lambda module, args, index=index: self._record_call(index)
-            )
         self._inverse: tuple[float, list[Tensor], list[Tensor]] | None = None
 
     # --- statistics -----------------------------------------------------------------------
 
-    def _record_call(self, index: int) -> None:
-        if index in self._calls:
-            raise RuntimeError(
-                f"BlockTridiagonal: layer '{self.layers[index].name}' was called twice in one "
-                "forward pass; every layer must be called exactly once to define the chain."
-            )
-        self._calls.append(index)
-
-    def _forward_order(self) -> list[int]:
-        calls = list(self._calls)
-        if sorted(calls) != list(range(len(self.layers))):
-            raise RuntimeError(
-                "BlockTridiagonal: every layer must be called exactly once per forward pass "
-                f"to define the chain of layers (call order seen: {calls})."
-            )
-        if self._order is not None and calls != self._order:
-            raise RuntimeError(
-                f"BlockTridiagonal: the layers were called in a different order ({calls}) "
-                f"than in earlier batches ({self._order})."
-            )
-        return calls
-
     def _accumulate(self, result: BackwardResult, weight: float) -> None:
         super()._accumulate(result, weight)
-        self._order = self._forward_order()
+        self._order = self._forward.confirm()
         rows = [self._layer_rows(result, k) for k in range(len(self.layers))]
         pairs = zip(self._order[:-1], self._order[1:])
         off = [weight * rows[i].T @ rows[j] for i, j in pairs]
@@ -121,25 +100,7 @@ class BlockTridiagonal(BlockDiagonal):
 
     def _completion(self) -> Tensor:
         """``F̂`` in forward order (dense)."""
-        diag, off = self._chain()
-        n = len(diag)
-        psi = [off[i] @ torch.linalg.pinv(diag[i + 1], hermitian=True) for i in range(n - 1)]
-        blocks: list[list[Tensor | None]] = [[None] * n for _ in range(n)]
-        for j in range(n):
-            blocks[j][j] = diag[j]
-            for i in range(j - 1, -1, -1):  # F̂_{i,j} = Ψ_i F̂_{i+1,j}
-                above = blocks[i + 1][j]
-                assert above is not None
-                blocks[i][j] = psi[i] @ above
-        rows = []
-        for i in range(n):
-            row = []
-            for j in range(n):
-                block = blocks[i][j] if j >= i else blocks[j][i]
-                assert block is not None
-                row.append(block if j >= i else block.T)
-            rows.append(torch.cat(row, dim=1))
-        return torch.cat(rows, dim=0)
+        return chain_completion(*self._chain())
 
     def _to_dense(self) -> Tensor:
         assert self._order is not None

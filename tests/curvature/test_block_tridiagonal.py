@@ -130,5 +130,5 @@ def test_a_layer_called_twice_is_reported() -> None:
 
     model = Twice().to(DTYPE)
     tri = curvlab.BlockTridiagonal(model, nn.MSELoss(), fisher_type="empirical")
-    with pytest.raises(RuntimeError, match="layer 'lin' was called twice"):
+    with pytest.raises(RuntimeError, match="BlockTridiagonal: layer 'lin' was called twice"):
         tri.update(torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 3, dtype=DTYPE))

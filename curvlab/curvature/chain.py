@@ -1,0 +1,69 @@
+"""Shared pieces of the block-tridiagonal approximations (MATH.md §3.1).
+
+* :class:`ForwardOrder` records the order in which the forward pass calls the layers —
+  the chain ``w_1 — w_2 — … — w_ℓ`` of the Gaussian graphical model follows it.
+* :func:`chain_completion` is the dense maximum-entropy completion ``F̂`` of prescribed
+  diagonal and first off-diagonal blocks: ``F̂_{i,j} = Ψ_i F̂_{i+1,j}`` for ``j > i`` with
+  ``Ψ_i = F_{i,i+1} F_{i+1,i+1}⁺``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class ForwardOrder:
+    """Forward pre-hooks recording the call order of ``modules`` in each forward pass."""
+
+    def __init__(
+        self, model: nn.Module, modules: Sequence[nn.Module], names: Sequence[str]
+    ) -> None:
+        self.names = list(names)
+        self.calls: list[int] = []
+        self.order: list[int] | None = None
+        model.register_forward_pre_hook(lambda module, args: self.calls.clear())
+        for index, module in enumerate(modules):
+            module.register_forward_pre_hook(lambda m, args, index=index: self._record(index))
+
+    def _record(self, index: int) -> None:
+        if index in self.calls:
+            raise RuntimeError(
+                f"{self.owner}: layer '{self.names[index]}' was called twice in one forward pass; every "
+                "layer must be called exactly once to define the chain of layers."
+            )
+        self.calls.append(index)
+
+    def confirm(self) -> list[int]:
+        """The order of the last forward pass, checked against earlier ones."""
+        calls = list(self.calls)
+        if sorted(calls) != list(range(len(self.names))):
+            raise RuntimeError(
+                f"{self.owner}: every layer must be called exactly once per forward pass to "
+                f"define the chain of layers (call order seen: {calls})."
+            )
+        if self.order is not None and calls != self.order:
+            raise RuntimeError(
+                f"{self.owner}: the layers were called in a different order ({calls}) than in earlier "
+                f"batches ({self.order})."
+            )
+        self.order = calls
+        return calls
+
+
+def chain_completion(diag: Sequence[Tensor], off: Sequence[Tensor]) -> Tensor:
+    """Dense ``F̂`` from diagonal blocks ``diag[i]`` and super-diagonal blocks ``off[i]``."""
+    n = len(diag)
+    psi = [off[i] @ torch.linalg.pinv(diag[i + 1], hermitian=True) for i in range(n - 1)]
+    upper: dict[tuple[int, int], Tensor] = {}
+    for j in range(n):
+        upper[j, j] = diag[j]
+        for i in range(j - 1, -1, -1):
+            upper[i, j] = psi[i] @ upper[i + 1, j]
+    rows = [
+        torch.cat([upper[i, j] if j >= i else upper[j, i].T for j in range(n)], dim=1)
+        for i in range(n)
+    ]
+    return torch.cat(rows, dim=0)
