@@ -19,9 +19,10 @@ class ForwardOrder:
     """Forward pre-hooks recording the call order of ``modules`` in each forward pass."""
 
     def __init__(
-        self, model: nn.Module, modules: Sequence[nn.Module], names: Sequence[str]
+        self, model: nn.Module, modules: Sequence[nn.Module], names: Sequence[str], owner: str
     ) -> None:
         self.names = list(names)
+        self.owner = owner
         self.calls: list[int] = []
         self.order: list[int] | None = None
         model.register_forward_pre_hook(lambda module, args: self.calls.clear())
@@ -31,8 +32,8 @@ class ForwardOrder:
     def _record(self, index: int) -> None:
         if index in self.calls:
             raise RuntimeError(
-                f"{self.owner}: layer '{self.names[index]}' was called twice in one forward pass; every "
-                "layer must be called exactly once to define the chain of layers."
+                f"{self.owner}: layer '{self.names[index]}' was called twice in one forward "
+                "pass; every layer must be called exactly once to define the chain of layers."
             )
         self.calls.append(index)
 
@@ -46,8 +47,8 @@ class ForwardOrder:
             )
         if self.order is not None and calls != self.order:
             raise RuntimeError(
-                f"{self.owner}: the layers were called in a different order ({calls}) than in earlier "
-                f"batches ({self.order})."
+                f"{self.owner}: the layers were called in a different order ({calls}) than "
+                f"in earlier batches ({self.order})."
             )
         self.order = calls
         return calls
