@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from curvlab import layers as layer_rules
 from curvlab import linalg
 from curvlab.curvature.base import Curvature, Layer, Vector, find_layers
+from curvlab.curvature.chain import ForwardOrder, chain_completion
+from curvlab.curvature.kfac_tridiagonal import KroneckerChain
 from curvlab.extraction import (
     BackwardResult,
     KroneckerBatch,
@@ -40,6 +42,7 @@ from curvlab.extraction import (
 from curvlab.registry import register
 
 DAMPING_MODES = ("exact", "factored")
+STRUCTURES = ("block_diagonal", "block_tridiagonal")
 LayerSpec = str | nn.Module
 
 
@@ -72,7 +75,14 @@ class KFAC(Curvature):
         damping_mode: how ``solve`` damps: ``"exact"`` applies ``(kron(G, A) + λI)⁻¹``
             exactly in the factors' eigenbases; ``"factored"`` applies
             ``(G + γ/π I)⁻¹ ⊗ (A + πγ I)⁻¹`` with ``γ = √λ`` and π the trace-norm
-            correction (MATH.md §2.3), the damped inverse Martens & Grosse use.
+            correction (MATH.md §2.3), the damped inverse Martens & Grosse use. Default:
+            ``"exact"`` for the block-diagonal structure, ``"factored"`` (the only one
+            defined) for the block-tridiagonal one.
+        structure: ``"block_diagonal"`` (one independent block per layer) or
+            ``"block_tridiagonal"`` — consecutive layers (in forward order) coupled
+            through cross-layer statistics so that the inverse is block-tridiagonal
+            (Martens & Grosse 2015 §4.3, :mod:`curvlab.curvature.kfac_tridiagonal`).
+            ``matvec``/``to_dense`` of this structure are dense (small models).
         layers: only these modules (objects or names from ``model.named_modules()``).
         exclude: modules to leave out. Any other module with trainable parameters that
             this backend cannot approximate raises a ``ValueError``; nothing is skipped
@@ -88,19 +98,32 @@ class KFAC(Curvature):
         fisher_type: str = "mc",
         mc_samples: int = 1,
         kfac_approx: str = "expand",
-        damping_mode: str = "exact",
+        damping_mode: str | None = None,
         layers: Sequence[LayerSpec] | None = None,
         exclude: Sequence[LayerSpec] | None = None,
+        structure: str = "block_diagonal",
     ) -> None:
         owner = type(self).__name__
         check_fisher_type(fisher_type, ("exact", "mc", "empirical"), owner)
         check_mc_samples(mc_samples, owner)
+        tridiagonal = structure == "block_tridiagonal"
+        if damping_mode is None:
+            damping_mode = "factored" if tridiagonal else "exact"
         for value, allowed, arg in (
             (kfac_approx, layer_rules.KFAC_APPROXES, "kfac_approx"),
             (damping_mode, DAMPING_MODES, "damping_mode"),
+            (structure, STRUCTURES, "structure"),
         ):
             if value not in allowed:
                 raise ValueError(f"{owner}: unknown {arg} {value!r}; choose one of {allowed}.")
+        if tridiagonal and damping_mode != "factored":
+            raise ValueError(
+                f"{owner}: structure='block_tridiagonal' uses factored damping of the diagonal "
+                "factors (MATH.md §3.4); damping_mode='exact' is not defined for it."
+            )
+        self.structure = structure
+        if tridiagonal:
+            self._keep_raw = True  # cross moments need the per-sample patches and columns
         self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         self.kfac_approx = kfac_approx
@@ -113,6 +136,16 @@ class KFAC(Curvature):
         self._g_sum: list[Tensor] | None = None
         self._eigen: list[_LayerEigen] | None = None
         self._inverses: tuple[float, list[tuple[Tensor, Tensor]]] | None = None
+        self._chain: KroneckerChain | None = None
+        self._chain_cache: tuple[float, Any, Any] | None = None
+        if tridiagonal:
+            self._forward = ForwardOrder(
+                model,
+                [layer.module for layer in self.layers],
+                [layer.name for layer in self.layers],
+                owner=owner,
+            )
+            self._chain = KroneckerChain(owner, len(self.layers))
 
     # --- layer selection --------------------------------------------------------------
 
@@ -152,8 +185,9 @@ class KFAC(Curvature):
 
     # --- statistics -------------------------------------------------------------------
 
-    #: Whether the extensions also keep per-sample patches and columns (EKFAC).
-    _keep_raw: ClassVar[bool] = False
+    #: Whether the extensions also keep per-sample patches and columns (EKFAC, and the
+    #: block-tridiagonal structure's cross moments).
+    _keep_raw: bool = False
 
     def _extensions(self) -> list[BackpropExtension]:
         return [
@@ -168,7 +202,10 @@ class KFAC(Curvature):
         return [KroneckerGradient(self.kfac_approx, keep_raw=self._keep_raw, sampled=True)]
 
     def _accumulate(self, result: BackwardResult, weight: float) -> None:
-        self._add_factors(self._layer_batches(result), weight)
+        batches = self._layer_batches(result)
+        self._add_factors(batches, weight)
+        if self._chain is not None:
+            self._chain.accumulate(batches, weight, self._forward.confirm())
 
     def _layer_batches(
         self, result: BackwardResult, keep_raw: bool = False
@@ -208,17 +245,29 @@ class KFAC(Curvature):
     def _reset(self) -> None:
         self._a_sum = self._g_sum = None
         self._a_count = [0] * len(self.layers)
+        if self._chain is not None:
+            self._chain.reset()
 
     def _statistics(self) -> dict[str, Any]:
         factors = self.factors()
-        return {"A": [f.A for f in factors], "G": [f.G for f in factors]}
+        stats: dict[str, Any] = {"A": [f.A for f in factors], "G": [f.G for f in factors]}
+        if self._chain is not None:
+            cross = self._chain.cross(self._normalizer)
+            stats["A_cross"] = [None if c is None else c[0] for c in cross]
+            stats["G_cross"] = [None if c is None else c[1] for c in cross]
+        return stats
 
     def _load_statistics(self, stats: dict[str, Any]) -> None:
         self._adopt(stats["A"], [1] * len(self.layers), stats["G"])
+        if self._chain is not None:
+            state = self._chain.state()
+            state.update(a_cross=stats["A_cross"], g_cross=stats["G_cross"], a_cross_count=1)
+            self._chain.load(state, copy=False)
 
     def _invalidate(self) -> None:
         self._eigen = None
         self._inverses = None
+        self._chain_cache = None
 
     def factors(self) -> list[KroneckerFactors]:
         """Per layer ``(A, G)``, normalised as described in the module docstring."""
@@ -253,6 +302,9 @@ class KFAC(Curvature):
         return out
 
     def _matvec(self, v: Vector) -> Vector:
+        if self._chain is not None:  # F̂ has dense off-tridiagonal blocks: dense product
+            x = self._flatten(v)
+            return self._unflatten(self._to_dense().to(x.dtype) @ x)
         result: Vector = []
         for (layer, parts), f in zip(self._per_layer(v), self.factors()):
             mat = _as_matrix(layer, parts).to(f.G.dtype)
@@ -262,6 +314,8 @@ class KFAC(Curvature):
 
     def _solve(self, v: Vector, damping: float) -> Vector:
         result: Vector = []
+        if self._chain is not None:
+            return self._solve_chain(v, damping)
         if self.damping_mode == "factored":
             for (layer, parts), (inv_g, inv_a) in zip(
                 self._per_layer(v), self._factored_inverses(damping)
@@ -277,6 +331,21 @@ class KFAC(Curvature):
                 self._check_invertible(k, eig.G, eig.A)
             out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
             result.extend(layer_rules.from_matrix(layer.module, out.to(parts[0].dtype)))
+        return result
+
+    def _solve_chain(self, v: Vector, damping: float) -> Vector:
+        assert self._chain is not None
+        if self._chain_cache is None or self._chain_cache[0] != damping:
+            _, links, inverses = self._chain.factorise(
+                self.factors(), self._chain.cross(self._normalizer), damping
+            )
+            self._chain_cache = (damping, links, inverses)
+        _, links, inverses = self._chain_cache
+        parts = self._per_layer(v)
+        mats = [_as_matrix(layer, p).to(inverses[0][0].dtype) for layer, p in parts]
+        result: Vector = []
+        for (layer, p), out in zip(parts, self._chain.solve(mats, links, inverses)):
+            result.extend(layer_rules.from_matrix(layer.module, out.to(p[0].dtype)))
         return result
 
     def _factored_inverses(self, damping: float) -> list[tuple[Tensor, Tensor]]:
@@ -313,11 +382,33 @@ class KFAC(Curvature):
 
     def _to_dense(self) -> Tensor:
         blocks = []
-        for layer, f in zip(self.layers, self.factors()):
+        perms = [_parameter_order(layer) for layer in self.layers]
+        for perm, f in zip(perms, self.factors()):
             block = linalg.kron_dense(f.G, f.A)
-            perm = _parameter_order(layer)
             blocks.append(block[perm][:, perm])
-        return torch.block_diag(*blocks)
+        if self._chain is None:
+            return torch.block_diag(*blocks)
+        # the Gaussian-chain completion of each coupled run (MATH.md §3.1)
+        assert self._chain.order is not None
+        cross = self._chain.cross(self._normalizer)
+        off_by_first = {
+            self._chain.order[k]: (self._chain.order[k + 1], pair)
+            for k, pair in enumerate(cross)
+            if pair is not None
+        }
+        offsets = [0]
+        for layer in self.layers:
+            offsets.append(offsets[-1] + layer.numel)
+        dense = blocks[0].new_zeros(offsets[-1], offsets[-1])
+        for run in self._chain.runs():
+            off = []
+            for i in run[:-1]:
+                j, (a_cross, g_cross) = off_by_first[i]
+                off.append(linalg.kron_dense(g_cross, a_cross)[perms[i]][:, perms[j]])
+            completed = chain_completion([blocks[i] for i in run], off)
+            index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in run])
+            dense[index.unsqueeze(1), index.unsqueeze(0)] = completed
+        return dense
 
     def _layer_label(self, k: int) -> str:
         layer = self.layers[k]
@@ -326,13 +417,23 @@ class KFAC(Curvature):
     # --- state ---------------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        return {"a_sum": self._a_sum, "a_count": list(self._a_count), "g_sum": self._g_sum}
+        state: dict[str, Any] = {
+            "a_sum": self._a_sum,
+            "a_count": list(self._a_count),
+            "g_sum": self._g_sum,
+        }
+        if self._chain is not None:
+            state["chain"] = self._chain.state()
+        return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
         a_sum, g_sum = state["a_sum"], state["g_sum"]
         if a_sum is not None:
             a_sum, g_sum = [t.clone() for t in a_sum], [t.clone() for t in g_sum]
         self._adopt(a_sum, list(state["a_count"]), g_sum)
+        if self._chain is not None:
+            self._chain.load(state["chain"], copy=True)
+            self._forward.order = self._chain.order
 
     def _adopt(
         self, a_sum: list[Tensor] | None, a_count: list[int], g_sum: list[Tensor] | None

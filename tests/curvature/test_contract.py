@@ -33,6 +33,8 @@ BACKENDS: list[tuple[str, dict[str, Any], bool, set[str] | None]] = [
     ("kfc", {"fisher_type": "mc"}, False, ALL_MODELS),
     ("block_tridiagonal", {}, True, ALL_MODELS),
     ("block_tridiagonal", {"fisher_type": "empirical"}, True, ALL_MODELS),
+    ("kfac", {"fisher_type": "exact", "structure": "block_tridiagonal"}, True, MLP_ONLY),
+    ("kfc", {"fisher_type": "mc", "structure": "block_tridiagonal"}, False, ALL_MODELS),
     ("ekfac", {"fisher_type": "exact"}, True, ALL_MODELS),
     ("ekfac", {"fisher_type": "empirical", "kfac_approx": "reduce"}, True, ALL_MODELS),
 ]
@@ -40,7 +42,8 @@ BACKENDS: list[tuple[str, dict[str, Any], bool, set[str] | None]] = [
 # additive only for a fixed basis; test_ekfac.py checks the union in that basis instead.
 BASIS_DEPENDENT = {"ekfac"}
 # Backends whose solve is a documented damped inverse other than (C + λI)⁻¹: the
-# block-tridiagonal completion of the damped blocks (test_block_tridiagonal.py checks it).
+# block-tridiagonal completions of the damped blocks (test_block_tridiagonal.py and
+# test_kfac_tridiagonal.py check them).
 OWN_DAMPED_INVERSE = {"block_tridiagonal"}
 
 _PICK = {"mlp-ce-mean", "mlp_nobias-bce-mean", "conv1d-ce-sum", "conv2d-mse-sum", "conv2d-bce-sum"}
@@ -87,8 +90,12 @@ def over_backends_and_cases(test):  # type: ignore[no-untyped-def]
     return pytest.mark.parametrize(("row", "case"), PAIRS)(test)
 
 
+def _own_damped_inverse(row) -> bool:
+    return row[0] in OWN_DAMPED_INVERSE or row[1].get("structure") == "block_tridiagonal"
+
+
 def over_tikhonov_backends_and_cases(test):  # type: ignore[no-untyped-def]
-    pairs = [p for p in PAIRS if p.values[0][0] not in OWN_DAMPED_INVERSE]
+    pairs = [p for p in PAIRS if not _own_damped_inverse(p.values[0])]
     return pytest.mark.parametrize(("row", "case"), pairs)(test)
 
 
