@@ -11,5 +11,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_python_blocks_run() -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README has no Python example"
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), {})
+    namespace: dict[str, object] = {}
+    for block in blocks:  # later examples build on earlier ones, as a reader would
+        exec(compile(block, str(README), "exec"), namespace)
