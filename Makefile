@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m benchmarks.kfac_extraction
 	$(BIN)/python -m benchmarks.training_step
+	$(BIN)/python -m benchmarks.tridiagonal_cost
 
 docs: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[docs]"
