@@ -29,7 +29,7 @@ from curvlab.curvature.base import Curvature
 from curvlab.curvature.kfac import KFC
 from curvlab.damping import LevenbergMarquardt
 from curvlab.preconditioner import NaturalGradient
-from curvlab.quadratic import ggn_gram
+from curvlab.quadratic import evaluate_capturing_inputs, ggn_gram
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -93,16 +93,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise ValueError("KFACOptimizer.step needs a closure that returns the loss.")
         params = self.params
-        captured: list[Tensor] = []
-        handle = self.model.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-        try:
-            with torch.enable_grad():
-                loss = closure()
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError("KFACOptimizer.step: the closure did not call the model.")
-        inputs = captured[-1].detach()
+        with torch.enable_grad():
+            loss, inputs = evaluate_capturing_inputs(self.model, closure, "KFACOptimizer.step")
         for p in params:
             p.grad = None
         self.precond.backward(loss)

@@ -44,7 +44,7 @@ from torch import Tensor
 from curvlab import extraction
 from curvlab.curvature.base import Curvature
 from curvlab.damping import LevenbergMarquardt
-from curvlab.quadratic import ggn_gram
+from curvlab.quadratic import evaluate_capturing_inputs, ggn_gram
 
 DampingSchedule = Callable[[int], float]
 
@@ -185,14 +185,8 @@ class NaturalGradient:
     ) -> float:
         """``ρ`` of the plain step ``δ = −lr·ĝ`` on the closure's batch (MATH.md §2.3.3)."""
         model, params = self.curvature.model, self.curvature.params
-        captured: list[Tensor] = []
-        handle = model.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-        try:
-            before = float(closure())
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError("NaturalGradient.step: the closure did not call the model.")
+        loss, inputs = evaluate_capturing_inputs(model, closure, "NaturalGradient.step")
+        before = float(loss)
         delta = [-self.lr * n for n in natural]
         saved = [p.detach().clone() for p in params]
         try:
@@ -202,7 +196,7 @@ class NaturalGradient:
         finally:
             for p, s in zip(params, saved):
                 p.copy_(s)
-        quad = ggn_gram(model, self.curvature.loss_fn, captured[0].detach(), params, [delta])
+        quad = ggn_gram(model, self.curvature.loss_fn, inputs, params, [delta])
         change = float(sum((g * d).sum() for g, d in zip(grads, delta)) + 0.5 * quad[0, 0])
         return (after - before) / change if change < 0 else float("nan")
 

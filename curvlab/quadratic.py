@@ -9,7 +9,7 @@ suspended meanwhile (``torch.func`` cannot run through BackPACK's).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -49,3 +49,21 @@ def ggn_gram(
             for j in range(i, k):
                 gram[i, j] = gram[j, i] = (jvps[i] * h_jvps[j]).sum()
     return gram
+
+
+def evaluate_capturing_inputs(
+    model: nn.Module, closure: Callable[[], Tensor], owner: str
+) -> tuple[Tensor, Tensor]:
+    """Run ``closure()`` and return its loss with the inputs of ``model``'s last call.
+
+    The quadratic model's curvature products need the batch the closure evaluates.
+    """
+    captured: list[Tensor] = []
+    handle = model.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        loss = closure()
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{owner}: the closure did not call the model.")
+    return loss, captured[-1].detach()

@@ -56,7 +56,6 @@ class KroneckerFactors(NamedTuple):
 class _LayerEigen(NamedTuple):
     G: linalg.SymmetricEigen
     A: linalg.SymmetricEigen
-    pi: Tensor  # π of the factored damping (MATH.md §2.3.2)
 
 
 @register("kfac")
@@ -279,13 +278,12 @@ class KFAC(Curvature):
         ]
 
     def _eigendecompositions(self) -> list[_LayerEigen]:
-        """Cached eigenpairs of G and A and π per layer; recomputed after the factors change."""
+        """Cached eigenpairs of G and A per layer; recomputed after the factors change."""
         if self._eigen is None:
             self._eigen = [
                 _LayerEigen(
                     G=_psd_eig(f.G, f"{self._layer_label(k)} G"),
                     A=_psd_eig(f.A, f"{self._layer_label(k)} A"),
-                    pi=linalg.pi_correction(f.G, f.A),
                 )
                 for k, f in enumerate(self.factors())
             ]
