@@ -133,10 +133,13 @@ class BlockTridiagonal(BlockDiagonal):
         eye = [torch.eye(len(d), dtype=d.dtype, device=d.device) for d in diag]
         damped = [d + damping * e for d, e in zip(diag, eye)]
         n = len(diag)
-        chol_next = [
-            linalg.cholesky_factor(damped[i], name=f"BlockTridiagonal block {i}", keep_float64=True)
-            for i in range(n)
-        ]
+        # D_i's Cholesky factor is needed for Ψ_{i-1} (i ≥ 1) and, for the last block, as Σ_ℓ
+        chol_next = {
+            i: linalg.cholesky_factor(
+                damped[i], name=f"BlockTridiagonal block {i}", keep_float64=True
+            )
+            for i in range(min(1, n - 1), n)
+        }
         psi, sigma_chol = [], []
         for i in range(n - 1):
             # Ψ_i = F_{i,i+1} D_{i+1}⁻¹ (solve with D_{i+1}'s Cholesky factor)
@@ -148,7 +151,7 @@ class BlockTridiagonal(BlockDiagonal):
                 )
             )
             psi.append(psi_i)
-        sigma_chol.append(chol_next[-1])
+        sigma_chol.append(chol_next[n - 1])
         self._inverse = (damping, psi, sigma_chol)
         return psi, sigma_chol
 

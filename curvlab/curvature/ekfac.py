@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from curvlab import layers as layer_rules
 from curvlab import linalg
 from curvlab.curvature.base import Vector
-from curvlab.curvature.kfac import KFAC, LayerSpec, _as_matrix, _parameter_order
+from curvlab.curvature.kfac import KFAC, KroneckerFactors, LayerSpec, _as_matrix, _parameter_order
 from curvlab.extraction import BackwardResult, KroneckerBatch
 from curvlab.registry import register
 
@@ -97,8 +97,13 @@ class EKFAC(KFAC):
                 linalg.symeig(f.G, name=f"{self._layer_label(k)} G").eigenvectors,
                 linalg.symeig(f.A, name=f"{self._layer_label(k)} A").eigenvectors,
             )
-            for k, f in enumerate(_unnormalised(self))
+            for k, f in enumerate(self._unnormalised_factors())
         ]
+
+    def _unnormalised_factors(self) -> list[KroneckerFactors]:
+        # eigenvectors do not depend on the positive normalisation of the factors
+        assert self._a_sum is not None and self._g_sum is not None
+        return [KroneckerFactors(A=a, G=g) for a, g in zip(self._a_sum, self._g_sum)]
 
     def refresh_basis(self) -> None:
         """Recompute the eigenbasis from the current factors; ``S*`` restarts empty.
@@ -190,17 +195,6 @@ class EKFAC(KFAC):
         self._basis_id = int(state["basis_id"])
         self._s_sum = None if s_sum is None else [s.clone() for s in s_sum]
         self._s_owned = True
-
-
-def _unnormalised(kfac: KFAC) -> list[Any]:
-    # eigenvectors do not depend on the positive normalisation of the factors
-    assert kfac._a_sum is not None and kfac._g_sum is not None
-    return [_Pair(A=a, G=g) for a, g in zip(kfac._a_sum, kfac._g_sum)]
-
-
-class _Pair:
-    def __init__(self, A: Tensor, G: Tensor) -> None:
-        self.A, self.G = A, G
 
 
 def _projected_second_moment(batch: KroneckerBatch, q_g: Tensor, q_a: Tensor) -> Tensor:

@@ -352,15 +352,14 @@ class KFAC(Curvature):
         are dropped or ``damping`` changes."""
         if self._inverses is not None and self._inverses[0] == damping:
             return self._inverses[1]
-        gamma = damping**0.5
         inverses = []
         for k, f in enumerate(self.factors()):
-            pi = linalg.pi_correction(f.G, f.A)
+            damped_g, damped_a = linalg.factored_damping(f.G, f.A, damping)
             label = self._layer_label(k)
             inverses.append(
                 (
-                    _damped_inverse(f.G, gamma / pi, f"{label} G + γ/π I"),
-                    _damped_inverse(f.A, gamma * pi, f"{label} A + πγ I"),
+                    _spd_inverse(damped_g, f"{label} G + γ/π I"),
+                    _spd_inverse(damped_a, f"{label} A + πγ I"),
                 )
             )
         self._inverses = (damping, inverses)
@@ -487,10 +486,9 @@ def _psd_eig(M: Tensor, name: str) -> linalg.SymmetricEigen:
     return linalg.SymmetricEigen(d.clamp(min=0.0), q)
 
 
-def _damped_inverse(M: Tensor, shift: Tensor, name: str) -> Tensor:
-    """``(M + shift·I)⁻¹`` of a PSD factor via Cholesky (float64 retry, clear error)."""
-    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    chol = linalg.cholesky_factor(M + shift * eye, name=name, keep_float64=True)
+def _spd_inverse(M: Tensor, name: str) -> Tensor:
+    """``M⁻¹`` of a (damped) SPD factor via Cholesky (float64 retry, clear error)."""
+    chol = linalg.cholesky_factor(M, name=name, keep_float64=True)
     return torch.cholesky_inverse(chol).to(M.dtype)
 
 

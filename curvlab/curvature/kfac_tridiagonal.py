@@ -139,13 +139,7 @@ class KroneckerChain:
     ) -> tuple[list[tuple[Tensor, Tensor]], dict[int, _Link], list[tuple[Tensor, Tensor]]]:
         """Damped factors ``(Ĝ, Â)``, the links of coupled boundaries (by the first layer's
         index) and, per layer, ``(Ĝ⁻¹, Â⁻¹)`` for the last layer of each run."""
-        gamma = damping**0.5
-        damped = []
-        for f in factors:
-            pi = linalg.pi_correction(f.G, f.A)
-            eye_g = torch.eye(f.G.shape[0], dtype=f.G.dtype, device=f.G.device)
-            eye_a = torch.eye(f.A.shape[0], dtype=f.A.dtype, device=f.A.device)
-            damped.append((f.G + (gamma / pi) * eye_g, f.A + (gamma * pi) * eye_a))
+        damped = [linalg.factored_damping(f.G, f.A, damping) for f in factors]
         chol = [
             (
                 linalg.cholesky_factor(g, name=f"{self.owner} layer {k} Ĝ", keep_float64=True),

@@ -132,3 +132,15 @@ def test_a_layer_called_twice_is_reported() -> None:
     tri = curvlab.BlockTridiagonal(model, nn.MSELoss(), fisher_type="empirical")
     with pytest.raises(RuntimeError, match="BlockTridiagonal: layer 'lin' was called twice"):
         tri.update(torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 3, dtype=DTYPE))
+
+
+def test_a_single_layer_is_its_own_block() -> None:
+    torch.manual_seed(0)
+    model, loss_fn = nn.Sequential(nn.Linear(4, 3)).to(DTYPE), nn.MSELoss()
+    x, y = torch.randn(20, 4, dtype=DTYPE), torch.randn(20, 3, dtype=DTYPE)
+    tri, diag = curvlab.BlockTridiagonal(model, loss_fn), curvlab.BlockDiagonal(model, loss_fn)
+    curvlab.extract(model, loss_fn, x, y, [tri, diag])
+    v = [torch.randn_like(p) for p in tri.params]
+    for a, b in zip(tri.solve(v, 0.1), diag.solve(v, 0.1)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(tri.to_dense(), diag.to_dense())
