@@ -22,6 +22,11 @@ class PeakTensorMemory(TorchDispatchMode):
     the data) are not counted. Slower than the code it measures: time separately.
     """
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # nothing here is compiled: skip torch's dynamo guard, whose import costs seconds
+        return False
+
     def __init__(self) -> None:
         super().__init__()
         self.live = 0  # bytes currently held by storages created inside the block

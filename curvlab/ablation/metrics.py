@@ -298,6 +298,7 @@ def _resolve(
                 raise ValueError(
                     f"quality: backend {label or spec.name!r} was built on another model."
                 )
+            curvature = spec
             label = label or spec.name or type(spec).__name__
         else:
             raise TypeError(

@@ -188,6 +188,7 @@ def race(
     update_every: int = 1,
     invert_every: int = 10,
     ema_decay: float = 0.95,
+    kl_clip: float | None = None,
     eval_every: int = 10,
     target_loss: float | None = None,
     device: str | torch.device = "cpu",
@@ -204,8 +205,9 @@ def race(
         steps: training iterations per contender.
         seed: the initialisation and the mini-batch order.
         batch_size: mini-batch size (sampled without replacement, reshuffled each epoch).
-        damping, update_every, invert_every, ema_decay: of every ``NaturalGradient`` (the
-            same for every backend: the ablation changes one axis, the approximation).
+        damping, update_every, invert_every, ema_decay, kl_clip: of every
+            ``NaturalGradient`` (the same for every backend: the ablation changes one
+            axis, the approximation); ``kl_clip`` uses each contender's ``lr``.
         eval_every: log every this many iterations (and at the first and last).
         target_loss: the training loss :meth:`RaceResult.findings` times the contenders to.
         device: where to train.
@@ -222,8 +224,9 @@ def race(
     train = _check_data(train, "train", device)
     val = _check_data(val, "val", device)
 
+    # build everything first: a backend that does not fit the model fails before training
     initial: list[Tensor] | None = None
-    curves = []
+    runs = []
     for c in contenders:
         torch.manual_seed(seed)
         model = model_fn().to(device)
@@ -244,12 +247,18 @@ def race(
                 update_every=update_every,
                 invert_every=invert_every,
                 ema_decay=ema_decay,
+                kl_clip=kl_clip,
+                lr=c.lr,
             )
             if c.curvature is not None
             else None
         )
-        order = _batch_order(len(train[0]), batch_size, steps, seed)
-        curves.append(_run(c, model, loss_fn, precond, train, val, order, eval_every, progress))
+        runs.append((c, model, precond))
+    order = _batch_order(len(train[0]), batch_size, steps, seed)
+    curves = [
+        _run(c, model, loss_fn, precond, train, val, order, eval_every, progress)
+        for c, model, precond in runs
+    ]
     settings = {
         "steps": steps,
         "seed": seed,
@@ -258,6 +267,7 @@ def race(
         "update_every": update_every,
         "invert_every": invert_every,
         "ema_decay": ema_decay,
+        "kl_clip": kl_clip,
         "eval_every": eval_every,
         "device": str(device),
         "train_samples": len(train[0]),
@@ -392,6 +402,8 @@ def _wall_clock_finding(a: Curve, baselines: list[Curve], target: float) -> str:
     for b in baselines:
         other = b.reached(target)
         parts.append(f"{b.name} {_reach(other, b, last)}")
+    if hit is None and a.diverged_at is not None:
+        return f"{a.name} diverged at iteration {a.diverged_at}; " + "; ".join(parts) + "."
     if hit is None:
         return (
             f"{a.name} did not reach train loss {target:g} within {last} iterations "

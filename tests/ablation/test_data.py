@@ -1,0 +1,74 @@
+"""Data sets and models of ``curvlab ablate``: the embedded digits, ``.npz`` files, shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from curvlab.ablation import MODELS, build_model, load_dataset, loss_and_targets, model_inputs
+
+
+def test_digits_ship_with_scikit_learn() -> None:
+    data = load_dataset("digits")
+    assert data.X.shape == (1797, 8, 8) and data.X.dtype == torch.float32
+    assert data.y.dtype == torch.int64 and data.num_classes == 10
+    assert 0.0 <= float(data.X.min()) and float(data.X.max()) <= 1.0
+    train, val = data.split(0.2, seed=0)
+    assert len(train) + len(val) == 1797 and len(val) == 359
+    again, _ = data.split(0.2, seed=0)
+    assert torch.equal(train.y, again.y)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_runs_on_digits(model) -> None:
+    data = load_dataset("digits")
+    x = model_inputs(model, data.X[:5])
+    net = build_model(model, tuple(x.shape[1:]), data.num_classes)
+    loss_fn, targets = loss_and_targets(model, x, data.y[:5])
+    out = net(x)
+    assert out.shape == (5, 64 if model == "autoencoder" else 10)
+    assert torch.isfinite(loss_fn(out, targets))
+
+
+def test_an_npz_file_is_loaded(tmp_path) -> None:
+    path = tmp_path / "mine.npz"
+    np.savez(path, X=np.random.default_rng(0).random((20, 3, 6, 6)), y=np.arange(20) % 4)
+    data = load_dataset(str(path))
+    assert data.name == "mine" and data.X.shape == (20, 3, 6, 6) and data.num_classes == 4
+    assert model_inputs("convnet", data.X).shape == (20, 3, 6, 6)
+    assert model_inputs("mlp", data.X).shape == (20, 108)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"X": np.zeros((4, 2))}, "missing array.s. y; the file has X"),
+        ({"inputs": np.zeros((4, 2)), "y": np.zeros(4)}, "missing array.s. X"),
+        ({"X": np.zeros(4), "y": np.zeros(4, int)}, r"X must have shape \[N, features...\]"),
+        ({"X": np.zeros((4, 2)), "y": np.zeros((4, 1), int)}, r"y must have shape \[N\]"),
+        ({"X": np.zeros((4, 2)), "y": np.zeros(3, int)}, "X has 4 samples but y has 3"),
+        ({"X": np.zeros((4, 2)), "y": np.full(4, 0.5)}, "integer class labels"),
+        ({"X": np.zeros((4, 2)), "y": -np.ones(4, int)}, "labels must be >= 0"),
+        ({"X": np.full((4, 2), np.nan), "y": np.zeros(4, int)}, "NaN or Inf"),
+        ({"X": np.array([["a", "b"]] * 4), "y": np.zeros(4, int)}, "real numbers"),
+    ],
+)
+def test_a_bad_npz_file_is_named_with_what_is_wrong(tmp_path, arrays, message) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=message):
+        load_dataset(path)
+
+
+def test_unknown_names_list_the_valid_ones(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"Valid: digits, or the path of an \.npz"):
+        load_dataset("mnist")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset(tmp_path / "absent.npz")
+    with pytest.raises(ValueError, match="Valid: convnet, mlp, autoencoder"):
+        build_model("resnet", (64,), 10)
+    with pytest.raises(ValueError, match="needs images"):
+        model_inputs("convnet", torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="at least 4×4"):
+        build_model("convnet", (1, 3, 3), 10)

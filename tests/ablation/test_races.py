@@ -1,0 +1,165 @@
+"""``curvlab.ablation.race``: identical starts, aligned logs, divergence, findings, tuning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from curvlab.ablation import Contender, Curve, RaceResult, contender, race, tune_lr
+
+
+def _task(n: int = 96, classes: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=generator)
+    y = (x[:, :classes].argmax(dim=1)).long()
+    return (x[: n * 3 // 4], y[: n * 3 // 4]), (x[n * 3 // 4 :], y[n * 3 // 4 :])
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_every_contender_starts_from_the_same_weights_and_logs_aligned_curves() -> None:
+    train, val = _task()
+    result = race(
+        _mlp, nn.CrossEntropyLoss(), train, val, ["sgd", "adam", "ngd", "kfac"], steps=6,
+        seed=1, batch_size=16, lr=0.05, eval_every=2, target_loss=10.0,
+    )  # fmt: skip
+    assert [c.name for c in result.curves] == ["SGD", "Adam", "exact NGD", "kfac"]
+    first = {c.train_loss[0] for c in result.curves}
+    assert len(first) == 1  # the same initial loss: the same initial weights
+    for c in result.curves:
+        assert c.steps == [0, 2, 4, 6]
+        assert len(c.seconds) == len(c.train_loss) == len(c.val_loss) == len(c.val_accuracy) == 4
+        assert c.seconds[0] == 0.0 and all(b >= a for a, b in zip(c.seconds, c.seconds[1:]))
+        assert all(0.0 <= acc <= 1.0 for acc in c.train_accuracy + c.val_accuracy)
+        assert c.diverged_at is None
+        assert c.reached(10.0) == (0, 0.0)
+    assert result.settings["train_samples"] == 72 and result.settings["val_samples"] == 24
+
+
+def test_the_logged_loss_is_the_full_data_loss() -> None:
+    train, val = _task()
+    result = race(_mlp, nn.CrossEntropyLoss(), train, val, ["sgd"], steps=1, seed=3, eval_every=1)
+    torch.manual_seed(3)
+    model = _mlp()
+    with torch.no_grad():
+        train_loss = float(nn.CrossEntropyLoss()(model(train[0]), train[1]))
+        val_loss = float(nn.CrossEntropyLoss()(model(val[0]), val[1]))
+    assert result.curves[0].train_loss[0] == pytest.approx(train_loss, rel=1e-6)
+    assert result.curves[0].val_loss[0] == pytest.approx(val_loss, rel=1e-6)
+
+
+def test_sgd_in_the_race_matches_a_hand_written_loop() -> None:
+    train, val = _task()
+    result = race(
+        _mlp, nn.CrossEntropyLoss(), train, val, [Contender("SGD", "sgd", 0.1, momentum=0.0)],
+        steps=4, seed=0, batch_size=72, eval_every=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(4):  # batch = the whole training set, so the order does not matter
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(train[0]), train[1]).backward()
+        opt.step()
+    expected = float(nn.CrossEntropyLoss()(model(train[0]), train[1]))
+    assert result.curves[0].train_loss[-1] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_diverging_contender_is_recorded_not_raised() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=generator)
+    result = race(
+        _mlp, nn.MSELoss(), (x[:30], x[:30, :3]), (x[30:], x[30:, :3]),
+        [Contender("wild", "sgd", 1e12), Contender("ngd", "sgd", 1e12, curvature="kfac")],
+        steps=20, seed=0, eval_every=1, target_loss=0.1,
+    )  # fmt: skip
+    for c in result.curves:
+        assert c.diverged_at is not None and c.diverged_at <= 20
+        assert c.steps[-1] < 20
+    assert "diverged" in result.to_markdown()
+    assert json.loads(result.to_json())["curves"][0]["diverged_at"] is not None
+    wild, ngd = result.curves
+    assert result.findings() == [
+        f"ngd diverged at iteration {ngd.diverged_at}; wild diverged at iteration "
+        f"{wild.diverged_at}."
+    ]
+
+
+def test_non_classification_targets_log_no_accuracy() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=generator)
+    result = race(
+        lambda: nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 6)), nn.MSELoss(),
+        (x[:30], x[:30]), (x[30:], x[30:]), ["sgd", "kfac"], steps=3, seed=0, eval_every=1,
+    )  # fmt: skip
+    assert all(c.train_accuracy is None and c.val_accuracy is None for c in result.curves)
+    assert "—" in result.to_markdown()
+
+
+def _curve(name, curvature, losses, seconds) -> Curve:
+    steps = list(range(0, 10 * len(losses), 10))
+    return Curve(name, "sgd", curvature, 0.1, steps, seconds, losses, losses, None, None)
+
+
+def test_findings_state_wall_clock_and_per_iteration_comparisons_with_numbers() -> None:
+    result = RaceResult(
+        [
+            _curve("SGD", None, [2.0, 1.0, 0.5, 0.2], [0.0, 1.0, 2.0, 3.0]),
+            _curve("exact NGD", "exact_fisher", [2.0, 0.4, 0.05, 0.01], [0.0, 5.0, 10.0, 15.0]),
+            _curve("kfac", "kfac", [2.0, 0.8, 0.08, 0.02], [0.0, 1.0, 2.0, 3.0]),
+        ],
+        target_loss=0.1,
+        settings={},
+    )
+    wall, per_iteration = result.findings()
+    assert wall.startswith("kfac reached train loss 0.1 in 2.00 s (iteration 20)")
+    assert "less wall-clock than SGD, exact NGD" in wall
+    assert "SGD not within 30 iterations" in wall and "exact NGD 10.00 s (iteration 20)" in wall
+    # ratios at iterations 10, 20, 30: 2.0, 1.6, 2.0
+    assert (
+        "median 2.00× exact NGD's (from 1.60× to 2.00× over 3 logged iterations)" in per_iteration
+    )
+
+
+def test_model_fn_must_be_deterministic_under_the_seed() -> None:
+    train, val = _task()
+    counter = iter(range(100))
+
+    def drifting() -> nn.Module:
+        torch.manual_seed(next(counter))
+        return _mlp()
+
+    with pytest.raises(ValueError, match="different initial weights"):
+        race(drifting, nn.CrossEntropyLoss(), train, val, ["sgd", "adam"], steps=1)
+
+
+def test_bad_contenders_fail_before_any_training() -> None:
+    train, val = _task()
+    with pytest.raises(ValueError, match="Valid: sgd, adam, ngd, or a curvature backend"):
+        contender("lbfgs", 0.1)
+    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
+        Contender("x", "rmsprop")
+    with pytest.raises(ValueError, match="lr must be a positive float"):
+        Contender("x", "sgd", lr=-1.0)
+    with pytest.raises(ValueError, match="distinct contenders"):
+        race(_mlp, nn.CrossEntropyLoss(), train, val, ["sgd", "sgd"], steps=1)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        race(_mlp, nn.CrossEntropyLoss(), train, val, ["sgd"], steps=0)
+    with pytest.raises(ValueError, match=r"same \(non-zero\) number of samples"):
+        race(_mlp, nn.CrossEntropyLoss(), (train[0], train[1][:3]), val, ["sgd"], steps=1)
+
+
+def test_tune_lr_picks_the_lowest_final_training_loss() -> None:
+    train, val = _task()
+    grid = (1e-4, 0.3, 1e12)
+    best, losses = tune_lr(
+        _mlp, nn.CrossEntropyLoss(), train, val, contender("sgd", 1.0), grid, steps=8,
+        eval_every=4,
+    )  # fmt: skip
+    assert best == 0.3
+    assert losses[0.3] < losses[1e-4] < losses[1e12]
