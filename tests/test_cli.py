@@ -1,0 +1,115 @@
+"""``curvlab ablate`` end to end on a tiny setting, its outputs and its input errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from curvlab.cli import main
+
+TINY = ["--steps", "4", "--eval-every", "2", "--batch-size", "32", "--quality-samples", "24"]
+FILES = ("summary.md", "results.json", "loss_vs_iter.png", "loss_vs_time.png", "race.png")
+
+
+def test_ablate_writes_every_output_with_the_documented_schema(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    code = main(["ablate", *TINY, "--backends", "kfc,block_diagonal", "--out", str(out),
+                 "--no-progress"])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    for name in (*FILES, "quality.png"):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+        assert str(path) in printed
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"settings", "race", "findings", "quality", "tuning", "seconds"}
+    settings = results["settings"]
+    assert settings["model"] == "convnet" and settings["data"] == "digits"
+    assert settings["steps"] == 4 and settings["backends"] == ["kfc", "block_diagonal"]
+    names = [c["name"] for c in results["race"]["curves"]]
+    assert names == ["SGD", "Adam", "exact NGD", "kfc", "block_diagonal"]
+    for curve in results["race"]["curves"]:
+        assert curve["steps"] == [0, 2, 4]
+        for key in ("seconds", "train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+            assert len(curve[key]) == 3, key
+    assert [r["backend"] for r in results["quality"]["rows"]] == ["kfc", "block_diagonal"]
+    assert results["quality"]["num_samples"] == 24
+    assert len(results["findings"]) == 4  # wall-clock + per-iteration, per approximation
+    summary = (out / "summary.md").read_text()
+    assert "**Findings.**" in summary and "| exact NGD |" in summary and "| kfc |" in summary
+
+
+def test_python_dash_m_runs_the_same_command(tmp_path) -> None:
+    data = tmp_path / "tiny.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, X=rng.random((60, 5)).astype(np.float32), y=rng.integers(0, 3, 60))
+    out = tmp_path / "m"
+    proc = subprocess.run(
+        [sys.executable, "-m", "curvlab", "ablate", *TINY, "--model", "mlp", "--data", str(data),
+         "--backends", "kfac", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Wrote:" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["data"] == "tiny" and results["settings"]["model"] == "mlp"
+
+
+def test_the_autoencoder_has_no_accuracy(tmp_path) -> None:
+    out = tmp_path / "ae"
+    assert main(["ablate", *TINY, "--model", "autoencoder", "--backends", "kfac",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert all(c["val_accuracy"] is None for c in results["race"]["curves"])
+    assert results["race"]["target_loss"] == 0.03
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backends", "kfac,kfx"], "unknown backend.s. 'kfx'. Valid: block_diagonal"),
+        (["--backends", "exact_fisher"], "exact_fisher is the reference"),
+        (["--data", "mnist"], "Unknown dataset 'mnist'. Valid: digits"),
+        (["--lr", "sgd=0.1,rms=2"], "unknown group 'rms'"),
+        (["--lr", "-1"], "must be a positive finite number"),
+        (["--ema-decay", "1.5"], r"--ema-decay must lie in \[0, 1\)"),
+    ],
+)
+def test_bad_input_is_named_before_any_work(tmp_path, capsys, args, message) -> None:
+    out = tmp_path / "never"
+    assert main(["ablate", *args, "--out", str(out)]) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_a_backend_that_does_not_fit_the_model_fails_before_training(tmp_path, capsys) -> None:
+    out = tmp_path / "never"
+    assert main(["ablate", *TINY, "--backends", "kfac", "--out", str(out)]) == 2
+    assert "module '0' (Conv2d)" in capsys.readouterr().err
+
+
+def test_a_bad_npz_names_what_is_wrong(tmp_path, capsys) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, X=np.zeros((10, 4)), labels=np.zeros(10))
+    assert main(["ablate", "--data", str(path), "--out", str(tmp_path / "never")]) == 2
+    assert "missing array(s) y" in capsys.readouterr().err
+
+
+def test_cuda_without_cuda_says_so_first(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["ablate", "--device", "cuda", "--out", str(tmp_path / "never")]) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_unknown_model_lists_the_valid_ones(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["ablate", "--model", "resnet"])
+    assert "choose from 'convnet', 'mlp', 'autoencoder'" in capsys.readouterr().err
