@@ -35,16 +35,19 @@ from curvlab.ablation import (
     plot_race,
     quality,
     race,
-    tune_lr,
+    tune,
 )
 from curvlab.ablation.reports import to_jsonable
 from curvlab.registry import available
 
 DEFAULT_BACKENDS = ("kfc", "ekfac", "block_diagonal", "block_tridiagonal")
-#: Learning rates of the default race: each optimizer's best final training loss on
-#: ``TUNING_GRID`` at the default settings (``curvlab ablate --tune`` reproduces them).
+#: Learning rates without ``--lr`` (``natural``: every NaturalGradient contender).
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.01, "natural": 0.1}
-TUNING_GRID = {"sgd": (0.03, 0.1, 0.3), "adam": (0.003, 0.01, 0.03), "natural": (0.03, 0.1, 0.3)}
+#: The damping λ of every NaturalGradient without ``--damping``.
+DEFAULT_DAMPING = 1e-3
+#: The grids of ``--tune``: learning rates per group, and λ of the natural gradients.
+TUNING_LRS = {"sgd": (0.03, 0.1, 0.3), "adam": (0.003, 0.01, 0.03), "natural": (0.03, 0.1, 0.3)}
+TUNING_DAMPINGS = (1e-3, 1e-2, 1e-1)
 #: The training loss the summary times every optimizer to, per model (fixed in advance).
 DEFAULT_TARGET = {"convnet": 0.1, "mlp": 0.1, "autoencoder": 0.03}
 README_BEGIN = "<!-- curvlab-ablate:begin -->"
@@ -95,8 +98,14 @@ def _parser() -> argparse.ArgumentParser:
         help="one learning rate for all, or e.g. 'sgd=0.1,adam=0.01,natural=0.1' "
         f"(default: {_format_lr(DEFAULT_LR)})",
     )
-    p.add_argument("--tune", action="store_true", help="pick each optimizer's lr from a grid")
-    p.add_argument("--damping", type=_positive_float, default=1e-3, help="λ of every NGD")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="give every optimizer its best lr (and λ for natural gradients) of a fixed grid",
+    )
+    p.add_argument(
+        "--damping", type=_positive_float, default=DEFAULT_DAMPING, help="λ of every NGD"
+    )
     p.add_argument("--update-every", type=_positive_int, default=1)
     p.add_argument("--invert-every", type=_positive_int, default=10)
     p.add_argument("--ema-decay", type=float, default=0.95)
@@ -158,18 +167,19 @@ def ablate(args: argparse.Namespace) -> int:
         device=device,
     )
     contenders = _contenders(backends, lrs)
-    tuning: dict[str, dict[float, float]] = {}
+    tuning: dict[str, dict[str, float]] = {}
     if args.tune:
         tuned = []
         for c in contenders:
             group = _lr_group(c)
-            best, losses = tune_lr(
+            dampings = TUNING_DAMPINGS if c.curvature is not None else (None,)
+            best, scores = tune(
                 model_fn, loss_fn, (inputs, targets), (val_inputs, val_targets), c,
-                TUNING_GRID[group], args.steps, args.seed, **race_options,
+                TUNING_LRS[group], args.steps, args.seed, dampings, **race_options,
             )  # fmt: skip
-            tuning[c.name] = losses
-            tuned.append(_with_lr(c, best))
-            _say(progress, f"tuned {c.name}: lr={best:g} ({_losses_text(losses)})")
+            tuning[c.name] = scores
+            tuned.append(best)
+            _say(progress, f"tuned {c.name}: {_scores_text(scores)}")
         contenders = tuned
     result = race(
         model_fn, loss_fn, (inputs, targets), (val_inputs, val_targets), contenders,
@@ -273,16 +283,12 @@ def _lr_group(c: Contender) -> str:
     return "natural" if c.curvature is not None else c.optimizer
 
 
-def _with_lr(c: Contender, lr: float) -> Contender:
-    return Contender(c.name, c.optimizer, lr, c.curvature, c.curvature_options, c.momentum)
-
-
 def _format_lr(lrs: dict[str, float]) -> str:
     return ",".join(f"{k}={v:g}" for k, v in lrs.items())
 
 
-def _losses_text(losses: dict[float, float]) -> str:
-    return ", ".join(f"{lr:g}: {loss:.3g}" for lr, loss in losses.items())
+def _scores_text(scores: dict[str, float]) -> str:
+    return "; ".join(f"{label}: {score:.3g}" for label, score in scores.items())
 
 
 def _say(enabled: bool, text: str) -> None:
@@ -305,24 +311,23 @@ def _summary(
     settings: dict[str, Any],
     result: RaceResult,
     report: QualityReport,
-    tuning: dict[str, dict[float, float]],
+    tuning: dict[str, dict[str, float]],
     seconds: float,
 ) -> str:
     s = settings
     lr_note = (
-        "each optimizer's best final training loss on its grid (`--tune`)"
+        "each optimizer's best of a fixed grid (`--tune`; the search is listed below)"
         if s["tuned"]
-        else "fixed defaults (each optimizer's best of a grid at the default settings; "
-        "`--tune` re-runs that search)"
+        else "as given (`--tune` gives every optimizer its best of a fixed grid)"
     )
     lines = [
         f"**Setup.** {s['model']} ({s['num_params']} parameters) on {s['data']} "
         f"({s['train_samples']} training / {s['val_samples']} validation samples), "
         f"{s['steps']} iterations of batch {s['batch_size']}, seed {s['seed']}, on {s['machine']}. "
-        f"Every natural gradient: damping λ = {s['damping']:g}, statistics every "
+        f"Every natural gradient: statistics every "
         f"{s['update_every']} and inversions every {s['invert_every']} iterations, EMA "
         f"{s['ema_decay']:g}, KL clipping {s['kl_clip']:g}; SGD and every natural gradient "
-        f"use momentum 0.9. Learning rates: {lr_note}. Wall-clock counts training steps "
+        f"use momentum 0.9. Learning rates and λ: {lr_note}. Wall-clock counts training steps "
         f"only. Total run: {seconds:.0f} s.",
         "",
         "**Findings.**",
@@ -336,8 +341,12 @@ def _summary(
         "**Approximation quality.** " + report.to_markdown(),
     ]
     if tuning:
-        lines += ["", "**Learning-rate search** (final training loss per rate):", ""]
-        lines += [f"- {name}: {_losses_text(losses)}" for name, losses in tuning.items()]
+        lines += [
+            "",
+            "**Search** (mean training loss over the last quarter of the iterations):",
+            "",
+        ]
+        lines += [f"- {name}: {_scores_text(scores)}" for name, scores in tuning.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -346,7 +355,7 @@ def _write(
     settings: dict[str, Any],
     result: RaceResult,
     report: QualityReport,
-    tuning: dict[str, dict[float, float]],
+    tuning: dict[str, dict[str, float]],
     seconds: float,
 ) -> list[Path]:
     import matplotlib
@@ -366,7 +375,7 @@ def _write(
         "race": result,
         "findings": result.findings(),
         "quality": report,
-        "tuning": {name: {str(k): v for k, v in d.items()} for name, d in tuning.items()},
+        "tuning": tuning,
         "seconds": seconds,
     }
     results.write_text(json.dumps(to_jsonable(payload), indent=2))

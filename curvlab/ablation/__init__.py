@@ -26,7 +26,7 @@ from curvlab.ablation.races import (
     RaceResult,
     contender,
     race,
-    tune_lr,
+    tune,
 )
 
 __all__ = [
@@ -51,5 +51,5 @@ __all__ = [
     "plot_race",
     "quality",
     "race",
-    "tune_lr",
+    "tune",
 ]

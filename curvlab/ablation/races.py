@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ class Contender:
             ``NaturalGradient(make(curvature, model, loss_fn, **curvature_options))``.
         curvature_options: keyword arguments of that backend.
         momentum: SGD's momentum.
+        damping: ``λ`` of its ``NaturalGradient`` (``None``: the race's ``damping``).
     """
 
     name: str
@@ -50,6 +51,7 @@ class Contender:
     curvature: str | None = None
     curvature_options: Mapping[str, Any] = field(default_factory=dict)
     momentum: float = 0.9
+    damping: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adam"):
@@ -60,6 +62,10 @@ class Contender:
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(
                 f"Contender {self.name!r}: lr must be a positive float, got {self.lr}."
+            )
+        if self.damping is not None and not (self.damping >= 0 and math.isfinite(self.damping)):
+            raise ValueError(
+                f"Contender {self.name!r}: damping must be finite and >= 0, got {self.damping}."
             )
         if self.curvature is not None and self.curvature not in available():
             raise ValueError(
@@ -93,6 +99,7 @@ class Curve:
     optimizer: str
     curvature: str | None
     lr: float
+    damping: float | None  # λ of its NaturalGradient; None without one
     steps: list[int]
     seconds: list[float]  # training wall-clock up to each logged step
     train_loss: list[float]
@@ -128,6 +135,7 @@ class RaceResult:
         header = [
             "optimizer",
             "lr",
+            "λ",
             "final train loss",
             "final val loss",
             "final val acc.",
@@ -143,6 +151,7 @@ class RaceResult:
                 [
                     c.name,
                     c.lr,
+                    c.damping,
                     c.train_loss[-1],
                     c.val_loss[-1],
                     c.val_accuracy[-1] if c.val_accuracy else None,
@@ -243,7 +252,7 @@ def race(
         precond = (
             NaturalGradient(
                 make(c.curvature, model, loss_fn, **dict(c.curvature_options)),
-                damping=damping,
+                damping=damping if c.damping is None else c.damping,
                 update_every=update_every,
                 invert_every=invert_every,
                 ema_decay=ema_decay,
@@ -335,6 +344,7 @@ def _run(
         optimizer=c.optimizer,
         curvature=c.curvature,
         lr=float(c.lr),
+        damping=None if precond is None else precond.current_damping(),
         steps=log["steps"],
         seconds=log["seconds"],
         train_loss=log["tl"],
@@ -447,39 +457,46 @@ def _per_iteration_finding(a: Curve, exact: Curve) -> str:
     )
 
 
-def tune_lr(
+def tune(
     model_fn: Callable[[], nn.Module],
     loss_fn: nn.Module,
     train: Data,
     val: Data,
     candidate: Contender,
-    grid: Sequence[float],
+    lrs: Sequence[float],
     steps: int,
     seed: int = 0,
+    dampings: Sequence[float | None] = (None,),
     **race_options: Any,
-) -> tuple[float, dict[float, float]]:
-    """The learning rate of ``grid`` with the lowest final training loss of ``candidate``
-    after ``steps`` iterations (diverged runs count as infinite), and every rate's loss.
+) -> tuple[Contender, dict[str, float]]:
+    """``candidate`` with the learning rate (and damping) of the grid that reach the lowest
+    training loss, and every setting's score.
 
-    The same seed, batches and options as :func:`race`, so every contender can be given
-    its own best rate from the same grid (a fair race, not a tuned claim).
+    The score is the mean logged training loss over the last quarter of the iterations
+    (a diverged run scores ``inf``): robust to the spikes of a single final value. The
+    same seed, batches and options as :func:`race`, so every contender can be given its
+    own best setting from the same grid — a fair race, not a tuned claim.
     """
-    if not grid:
-        raise ValueError("tune_lr: the grid of learning rates is empty.")
-    losses: dict[float, float] = {}
-    for lr in grid:
-        trial = Contender(
-            f"{candidate.name} lr={lr:g}",
-            candidate.optimizer,
-            lr,
-            candidate.curvature,
-            candidate.curvature_options,
-            candidate.momentum,
-        )
-        result = race(model_fn, loss_fn, train, val, [trial], steps, seed, **race_options)
-        curve = result.curves[0]
-        final = curve.train_loss[-1]
-        diverged = curve.diverged_at is not None or not math.isfinite(final)
-        losses[lr] = math.inf if diverged else final
-    best = min(grid, key=lambda lr: losses[lr])
-    return best, losses
+    if not lrs or not dampings:
+        raise ValueError("tune: the grid of learning rates (and dampings) must not be empty.")
+    scores: dict[str, float] = {}
+    best: tuple[float, Contender] | None = None
+    for lr in lrs:
+        for damping in dampings:
+            label = f"lr={lr:g}" + ("" if damping is None else f", λ={damping:g}")
+            trial = replace(candidate, name=f"{candidate.name} {label}", lr=lr, damping=damping)
+            curve = race(model_fn, loss_fn, train, val, [trial], steps, seed, **race_options)
+            score = _late_loss(curve.curves[0], steps)
+            scores[label] = score
+            if best is None or score < best[0]:
+                best = (score, replace(candidate, lr=lr, damping=damping))
+    assert best is not None
+    return best[1], scores
+
+
+def _late_loss(curve: Curve, steps: int) -> float:
+    if curve.diverged_at is not None:
+        return math.inf
+    late = [loss for step, loss in zip(curve.steps, curve.train_loss) if step >= 0.75 * steps]
+    late = late or curve.train_loss[-1:]
+    return sum(late) / len(late) if all(math.isfinite(v) for v in late) else math.inf

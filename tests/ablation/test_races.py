@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.ablation import Contender, Curve, RaceResult, contender, race, tune_lr
+from curvlab.ablation import Contender, Curve, RaceResult, contender, race, tune
 
 
 def _task(n: int = 96, classes: int = 3, seed: int = 0):
@@ -66,7 +66,7 @@ def test_sgd_in_the_race_matches_a_hand_written_loop() -> None:
         opt.zero_grad()
         nn.CrossEntropyLoss()(model(train[0]), train[1]).backward()
         opt.step()
-    expected = float(nn.CrossEntropyLoss()(model(train[0]), train[1]))
+    expected = float(nn.CrossEntropyLoss()(model(train[0]), train[1]).detach())
     assert result.curves[0].train_loss[-1] == pytest.approx(expected, rel=1e-5)
 
 
@@ -103,7 +103,7 @@ def test_non_classification_targets_log_no_accuracy() -> None:
 
 def _curve(name, curvature, losses, seconds) -> Curve:
     steps = list(range(0, 10 * len(losses), 10))
-    return Curve(name, "sgd", curvature, 0.1, steps, seconds, losses, losses, None, None)
+    return Curve(name, "sgd", curvature, 0.1, None, steps, seconds, losses, losses, None, None)
 
 
 def test_findings_state_wall_clock_and_per_iteration_comparisons_with_numbers() -> None:
@@ -154,12 +154,17 @@ def test_bad_contenders_fail_before_any_training() -> None:
         race(_mlp, nn.CrossEntropyLoss(), (train[0], train[1][:3]), val, ["sgd"], steps=1)
 
 
-def test_tune_lr_picks_the_lowest_final_training_loss() -> None:
+def test_tune_picks_the_lowest_late_training_loss_of_the_grid() -> None:
     train, val = _task()
-    grid = (1e-4, 0.3, 1e12)
-    best, losses = tune_lr(
-        _mlp, nn.CrossEntropyLoss(), train, val, contender("sgd", 1.0), grid, steps=8,
-        eval_every=4,
+    best, scores = tune(
+        _mlp, nn.CrossEntropyLoss(), train, val, contender("kfac", 1.0), lrs=(1e-4, 0.1),
+        steps=8, dampings=(1e-2, 1e12), eval_every=2,
     )  # fmt: skip
-    assert best == 0.3
-    assert losses[0.3] < losses[1e-4] < losses[1e12]
+    assert (best.lr, best.damping, best.name) == (0.1, 1e-2, "kfac")
+    assert set(scores) == {"lr=0.0001, λ=0.01", "lr=0.0001, λ=1e+12", "lr=0.1, λ=0.01",
+                           "lr=0.1, λ=1e+12"}  # fmt: skip
+    assert scores["lr=0.1, λ=0.01"] == min(scores.values())
+    (curve,) = race(_mlp, nn.CrossEntropyLoss(), train, val, [best], steps=8, eval_every=2).curves
+    late = [loss for step, loss in zip(curve.steps, curve.train_loss) if step >= 6]
+    assert scores["lr=0.1, λ=0.01"] == pytest.approx(sum(late) / len(late))
+    assert curve.damping == 1e-2
