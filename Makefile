@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench docs clean
+.PHONY: install demo figures test lint bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# the main job: `curvlab ablate` with its defaults on the embedded digits (a few minutes)
+demo: $(STAMP)
+	$(BIN)/curvlab ablate --out runs/ablate
+
+# regenerate the README's figure and tables (docs/_static/ablate) from a fresh run
+figures: $(STAMP)
+	$(BIN)/curvlab ablate --out docs/_static/ablate --readme README.md --no-progress
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -34,4 +42,4 @@ docs: $(STAMP)
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build docs/auto_examples docs/generated
+	rm -rf runs $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build docs/auto_examples docs/generated

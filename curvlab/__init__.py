@@ -6,7 +6,7 @@ model, loss_fn)``), feed it batches with ``update`` (or several at once with
 :func:`curvlab.extract`) and use ``matvec``, ``solve`` and ``to_dense``.
 """
 
-from curvlab import linalg
+from curvlab import ablation, linalg
 from curvlab.curvature import (
     EKFAC,
     KFAC,
@@ -42,6 +42,7 @@ __all__ = [
     "Layer",
     "LevenbergMarquardt",
     "NaturalGradient",
+    "ablation",
     "available",
     "extract",
     "linalg",

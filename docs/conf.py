@@ -27,7 +27,13 @@ extensions = [
     "sphinx_gallery.gen_gallery",
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
-exclude_patterns = ["_build", "auto_examples/*.ipynb", "auto_examples/*.py", "**.zip"]
+exclude_patterns = [
+    "_build",
+    "_static",  # generated files shown by pages (the committed `curvlab ablate` run)
+    "auto_examples/*.ipynb",
+    "auto_examples/*.py",
+    "**.zip",
+]
 myst_enable_extensions = ["dollarmath", "amsmath"]
 autosummary_generate = True
 autodoc_default_options = {"members": True, "show-inheritance": True}

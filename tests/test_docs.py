@@ -10,11 +10,11 @@ import pytest
 import curvlab
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = sorted((DOCS / "concepts").glob("*.md"))
+PAGES = [*sorted((DOCS / "concepts").glob("*.md")), DOCS / "ablate.md"]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
-def test_concept_page_code_runs(page: Path) -> None:
+def test_page_code_runs(page: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     assert blocks, f"{page.name} has no executable example"
     namespace: dict[str, object] = {}
@@ -22,21 +22,27 @@ def test_concept_page_code_runs(page: Path) -> None:
         exec(compile(block, str(page), "exec"), namespace)
 
 
-def test_every_public_name_is_in_the_api_reference() -> None:
+PUBLIC = [("curvlab", curvlab), ("curvlab.ablation", curvlab.ablation)]
+
+
+@pytest.mark.parametrize(("prefix", "module"), PUBLIC, ids=[p for p, _ in PUBLIC])
+def test_every_public_name_is_in_the_api_reference(prefix, module) -> None:
     api = (DOCS / "api.rst").read_text()
     missing = [
         name
-        for name in curvlab.__all__
-        if not re.search(rf"curvlab\.{re.escape(name)}\b", api) and name != "__version__"
+        for name in module.__all__
+        if not re.search(rf"{re.escape(prefix)}\.{re.escape(name)}\b", api)
+        and name != "__version__"
     ]
-    assert not missing, f"undocumented public names: {missing}"
+    assert not missing, f"undocumented public names of {prefix}: {missing}"
 
 
-def test_every_public_name_has_a_docstring() -> None:
+@pytest.mark.parametrize(("prefix", "module"), PUBLIC, ids=[p for p, _ in PUBLIC])
+def test_every_public_name_has_a_docstring(prefix, module) -> None:
     undocumented = [
         name
-        for name in curvlab.__all__
-        if not isinstance(getattr(curvlab, name), (tuple, str))
-        and not (getattr(curvlab, name).__doc__ or "").strip()
+        for name in module.__all__
+        if not isinstance(getattr(module, name), (tuple, str))
+        and not (getattr(module, name).__doc__ or "").strip()
     ]
-    assert not undocumented
+    assert not undocumented, f"{prefix}: {undocumented}"
