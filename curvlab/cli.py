@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,11 @@ DEFAULT_BACKENDS = ("kfc", "ekfac", "block_diagonal", "block_tridiagonal")
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.01, "natural": 0.1}
 #: The damping λ of every NaturalGradient without ``--damping``.
 DEFAULT_DAMPING = 1e-3
+#: The defaults of the default task (the ConvNet on digits): every optimizer's best
+#: learning rate (and λ) of the ``--tune`` grids at the default settings, from one run of
+#: ``curvlab ablate --tune`` (its search is in docs/ablate.md). Other tasks start from
+#: ``DEFAULT_LR`` and ``DEFAULT_DAMPING``; ``--lr`` and ``--damping`` override both.
+TUNED: dict[str, tuple[float, float | None]] = {}
 #: The grids of ``--tune``: learning rates per group, and λ of the natural gradients.
 TUNING_LRS = {"sgd": (0.03, 0.1, 0.3), "adam": (0.003, 0.01, 0.03), "natural": (0.03, 0.1, 0.3)}
 TUNING_DAMPINGS = (1e-3, 1e-2, 1e-1)
@@ -104,7 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         help="give every optimizer its best lr (and λ for natural gradients) of a fixed grid",
     )
     p.add_argument(
-        "--damping", type=_positive_float, default=DEFAULT_DAMPING, help="λ of every NGD"
+        "--damping",
+        type=_positive_float,
+        default=None,
+        help=f"λ of every natural gradient (default: tuned for the default task, else "
+        f"{DEFAULT_DAMPING:g}; also the λ of the quality measurements)",
     )
     p.add_argument("--update-every", type=_positive_int, default=1)
     p.add_argument("--invert-every", type=_positive_int, default=10)
@@ -157,7 +167,7 @@ def ablate(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     race_options: dict[str, Any] = dict(
         batch_size=args.batch_size,
-        damping=args.damping,
+        damping=args.damping or DEFAULT_DAMPING,
         update_every=args.update_every,
         invert_every=args.invert_every,
         ema_decay=args.ema_decay,
@@ -166,10 +176,11 @@ def ablate(args: argparse.Namespace) -> int:
         target_loss=target_loss,
         device=device,
     )
-    contenders = _contenders(backends, lrs)
+    tuned = TUNED if (args.model, str(args.data)) == ("convnet", "digits") else {}
+    contenders = _contenders(backends, lrs, args.damping, tuned)
     tuning: dict[str, dict[str, float]] = {}
     if args.tune:
-        tuned = []
+        searched = []
         for c in contenders:
             group = _lr_group(c)
             dampings = TUNING_DAMPINGS if c.curvature is not None else (None,)
@@ -178,9 +189,9 @@ def ablate(args: argparse.Namespace) -> int:
                 TUNING_LRS[group], args.steps, args.seed, dampings, **race_options,
             )  # fmt: skip
             tuning[c.name] = scores
-            tuned.append(best)
+            searched.append(best)
             _say(progress, f"tuned {c.name}: {_scores_text(scores)}")
-        contenders = tuned
+        contenders = searched
     result = race(
         model_fn, loss_fn, (inputs, targets), (val_inputs, val_targets), contenders,
         args.steps, args.seed, progress=progress, **race_options,
@@ -194,7 +205,7 @@ def ablate(args: argparse.Namespace) -> int:
         loss_fn,
         (inputs[:count].to(device), targets[:count].to(device)),
         backends,
-        damping=args.damping,
+        damping=args.damping or DEFAULT_DAMPING,
     )
     settings = {
         "model": args.model,
@@ -202,6 +213,9 @@ def ablate(args: argparse.Namespace) -> int:
         "num_params": sum(p.numel() for p in model.parameters()),
         "backends": backends,
         "tuned": bool(args.tune),
+        "defaults_tuned": bool(tuned) and not args.tune,
+        "learning_rates": {c.name: c.lr for c in contenders},
+        "dampings": {c.name: c.damping for c in contenders if c.curvature is not None},
         "quality_samples": count,
         "machine": _machine(device),
         **result.settings,
@@ -236,16 +250,17 @@ def _backends(text: str) -> list[str]:
 
 
 def _learning_rates(text: str | None) -> dict[str, float]:
-    lrs = dict(DEFAULT_LR)
+    """The learning rates the user set, by group (``sgd``, ``adam``, ``natural``)."""
+    lrs: dict[str, float] = {}
     if text is None:
         return lrs
     try:
         if "=" not in text:
-            return dict.fromkeys(lrs, _positive_float(text))
+            return dict.fromkeys(DEFAULT_LR, _positive_float(text))
         for item in text.split(","):
             key, value = item.split("=")
             key = key.strip()
-            if key not in lrs:
+            if key not in DEFAULT_LR:
                 raise ValueError(f"unknown group {key!r}")
             lrs[key] = _positive_float(value)
     except (ValueError, argparse.ArgumentTypeError) as error:
@@ -270,13 +285,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _contenders(backends: list[str], lrs: dict[str, float]) -> list[Contender]:
-    return [
-        contender("sgd", lrs["sgd"]),
-        contender("adam", lrs["adam"]),
-        contender("ngd", lrs["natural"]),
-        *(contender(name, lrs["natural"]) for name in backends),
-    ]
+def _contenders(
+    backends: list[str],
+    lrs: dict[str, float],
+    damping: float | None,
+    tuned: dict[str, tuple[float, float | None]],
+) -> list[Contender]:
+    """SGD, Adam, exact NGD and one natural gradient per backend, each with the learning
+    rate (and λ) the user gave, else its tuned default, else the group's default."""
+    out = []
+    for c in (contender(n, 1.0) for n in ("sgd", "adam", "ngd", *backends)):
+        group = _lr_group(c)
+        tuned_lr, tuned_damping = tuned.get(c.name, (None, None))
+        lr = lrs.get(group) or tuned_lr or DEFAULT_LR[group]
+        if c.curvature is not None:
+            c = replace(c, damping=damping or tuned_damping or DEFAULT_DAMPING)
+        out.append(replace(c, lr=lr))
+    return out
 
 
 def _lr_group(c: Contender) -> str:
@@ -318,6 +343,9 @@ def _summary(
     lr_note = (
         "each optimizer's best of a fixed grid (`--tune`; the search is listed below)"
         if s["tuned"]
+        else "each optimizer's best of a fixed grid for the default task (`--tune` "
+        "re-runs that search), unless set with --lr/--damping"
+        if s["defaults_tuned"]
         else "as given (`--tune` gives every optimizer its best of a fixed grid)"
     )
     lines = [

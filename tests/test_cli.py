@@ -113,3 +113,16 @@ def test_unknown_model_lists_the_valid_ones(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["ablate", "--model", "resnet"])
     assert "choose from 'convnet', 'mlp', 'autoencoder'" in capsys.readouterr().err
+
+
+def test_hyperparameters_come_from_the_user_then_the_tuned_table_then_the_defaults() -> None:
+    from curvlab.cli import DEFAULT_DAMPING, DEFAULT_LR, _contenders
+
+    tuned = {"SGD": (0.5, None), "kfc": (0.2, 0.05)}
+    given = {c.name: c for c in _contenders(["kfc", "ekfac"], {}, None, tuned)}
+    assert given["SGD"].lr == 0.5 and given["Adam"].lr == DEFAULT_LR["adam"]
+    assert (given["kfc"].lr, given["kfc"].damping) == (0.2, 0.05)
+    assert (given["ekfac"].lr, given["ekfac"].damping) == (DEFAULT_LR["natural"], DEFAULT_DAMPING)
+    assert given["exact NGD"].curvature == "exact_fisher" and given["SGD"].damping is None
+    given = {c.name: c for c in _contenders(["kfc"], {"natural": 0.7}, 0.3, tuned)}
+    assert (given["kfc"].lr, given["kfc"].damping) == (0.7, 0.3) and given["SGD"].lr == 0.5
