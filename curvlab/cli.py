@@ -200,12 +200,14 @@ def ablate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = model_fn().to(device)
     count = min(args.quality_samples, len(inputs))
+    # the directions are compared at exact NGD's λ in the race (the optimizer they stand in for)
+    (exact_ngd,) = [c for c in contenders if c.curvature == "exact_fisher"]
     report = quality(
         model,
         loss_fn,
         (inputs[:count].to(device), targets[:count].to(device)),
         backends,
-        damping=args.damping or DEFAULT_DAMPING,
+        damping=float(exact_ngd.damping or DEFAULT_DAMPING),
     )
     settings = {
         "model": args.model,

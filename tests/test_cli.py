@@ -41,7 +41,7 @@ def test_ablate_writes_every_output_with_the_documented_schema(tmp_path, capsys)
             assert len(curve[key]) == 3, key
     assert [r["backend"] for r in results["quality"]["rows"]] == ["kfc", "block_diagonal"]
     assert results["quality"]["num_samples"] == 24
-    assert len(results["findings"]) == 4  # wall-clock + per-iteration, per approximation
+    assert len(results["findings"]) == 6  # wall-clock, per iteration, final; per approximation
     summary = (out / "summary.md").read_text()
     assert "**Findings.**" in summary and "| exact NGD |" in summary and "| kfc |" in summary
 

@@ -179,6 +179,8 @@ class RaceResult:
                 out.append(_wall_clock_finding(a, baselines, target))
             for e in exact:
                 out.append(_per_iteration_finding(a, e))
+            if a.diverged_at is None and baselines:
+                out.append(_final_loss_finding(a, baselines))
         return out
 
 
@@ -429,6 +431,20 @@ def _wall_clock_finding(a: Curve, baselines: list[Curve], target: float) -> str:
     return (
         f"{a.name} reached train loss {target:g} in {hit[1]:.2f} s (iteration {hit[0]}): "
         f"{verdict}. Others: " + "; ".join(parts) + "."
+    )
+
+
+def _final_loss_finding(a: Curve, baselines: list[Curve]) -> str:
+    others = "; ".join(
+        f"{b.name} diverged" if b.diverged_at is not None else f"{b.name} {b.train_loss[-1]:.3g}"
+        for b in baselines
+    )
+    final = a.train_loss[-1]
+    lower = [b.name for b in baselines if b.diverged_at is not None or final < b.train_loss[-1]]
+    verdict = f"lower than {', '.join(lower)}" if lower else "not lower than any baseline"
+    return (
+        f"After {a.steps[-1]} iterations {a.name}'s training loss was {a.train_loss[-1]:.3g} "
+        f"({verdict}); {others}."
     )
 
 

@@ -116,13 +116,17 @@ def test_findings_state_wall_clock_and_per_iteration_comparisons_with_numbers() 
         target_loss=0.1,
         settings={},
     )
-    wall, per_iteration = result.findings()
+    wall, per_iteration, final = result.findings()
     assert wall.startswith("kfac reached train loss 0.1 in 2.00 s (iteration 20)")
     assert "less wall-clock than SGD, exact NGD" in wall
     assert "SGD not within 30 iterations" in wall and "exact NGD 10.00 s (iteration 20)" in wall
     # ratios at iterations 10, 20, 30: 2.0, 1.6, 2.0
     assert (
         "median 2.00× exact NGD's (from 1.60× to 2.00× over 3 logged iterations)" in per_iteration
+    )
+    assert final == (
+        "After 30 iterations kfac's training loss was 0.02 (lower than SGD); SGD 0.2; "
+        "exact NGD 0.01."
     )
 
 
