@@ -50,10 +50,22 @@ DEFAULT_DAMPING = 1e-3
 #: learning rate (and λ) of the ``--tune`` grids at the default settings, from one run of
 #: ``curvlab ablate --tune`` (its search is in docs/ablate.md). Other tasks start from
 #: ``DEFAULT_LR`` and ``DEFAULT_DAMPING``; ``--lr`` and ``--damping`` override both.
-TUNED: dict[str, tuple[float, float | None]] = {}
+TUNED: dict[str, tuple[float, float | None]] = {
+    "SGD": (0.1, None),
+    "Adam": (0.03, None),
+    "exact NGD": (0.1, 0.1),
+    "kfc": (0.03, 0.1),
+    "ekfac": (0.03, 0.01),
+    "block_diagonal": (0.03, 0.1),
+    "block_tridiagonal": (0.1, 0.1),
+}
 #: The grids of ``--tune``: learning rates per group, and λ of the natural gradients.
-TUNING_LRS = {"sgd": (0.03, 0.1, 0.3), "adam": (0.003, 0.01, 0.03), "natural": (0.03, 0.1, 0.3)}
-TUNING_DAMPINGS = (1e-3, 1e-2, 1e-1)
+TUNING_LRS = {
+    "sgd": (0.03, 0.1, 0.3),
+    "adam": (0.003, 0.01, 0.03, 0.1),
+    "natural": (0.03, 0.1, 0.3),
+}
+TUNING_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
 #: The training loss the summary times every optimizer to, per model (fixed in advance).
 DEFAULT_TARGET = {"convnet": 0.1, "mlp": 0.1, "autoencoder": 0.03}
 README_BEGIN = "<!-- curvlab-ablate:begin -->"
