@@ -273,16 +273,6 @@ class Communicator:
 
     # --- agreement -----------------------------------------------------------------------
 
-    def raise_together(self, error: BaseException | None, what: str) -> None:
-        """If ``error`` happened on any process, raise the same error on every process.
-
-        One all-gather of a flag; on failure, the first failing process's message is
-        broadcast and every process raises an exception of its type (for the types in
-        ``_ERRORS``, else ``RuntimeError``), naming that process.
-        """
-        flags = self.gather_values([1.0 if error is not None else 0.0])
-        self.raise_reported(error, [r for r, (flag,) in enumerate(flags) if flag], what)
-
     def raise_reported(self, error: BaseException | None, failed: Sequence[int], what: str) -> None:
         """Raise on every process the error of the first process in ``failed`` (a list all
         processes agree on); nothing happens if it is empty."""

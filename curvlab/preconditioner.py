@@ -170,8 +170,10 @@ class NaturalGradient:
             for k, v in sorted(vars(c).items())
             if not k.startswith(("_", "num_")) and isinstance(v, (str, int, float, bool))
         }
+        loss = c.loss_fn
         lines = [
             f"backend {type(c).__name__} {options}",
+            f"loss {type(loss).__name__} reduction={getattr(loss, 'reduction', None)}",
             f"update_every={self.update_every} invert_every={self.invert_every} "
             f"ema_decay={self.ema_decay} kl_clip={self.kl_clip} lr={self.lr}",
             f"distribution {self.distribution}",

@@ -15,6 +15,7 @@ references computed here, in float64:
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import traceback
@@ -51,7 +52,7 @@ class Scenario:
     # curvature gets the DDP wrapper itself) or "manual" (sample-weighted all-reduce)
     grads: str = "ddp"
     split: tuple[int, ...] = (4, 4)  # samples per process
-    fault: str | None = None
+    variant: str | None = None  # a fault, or another way of training (see _train)
     damping: float = DAMPING
 
 
@@ -74,13 +75,19 @@ TRAINING = [
     for dist_ in ("comm_opt", "mem_opt")
 ]  # fmt: skip
 FAULTS = [
-    Scenario("nan-loss", "kfac", EXACT, "mlp-ce-mean", grads="manual", fault="nan_input"),
-    Scenario("inf-statistics", "kfac", EXACT, "mlp-ce-mean", grads="manual", fault="inf_sums"),
+    Scenario("nan-loss", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="nan_input"),
+    Scenario("inf-statistics", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="inf_sums"),
     Scenario("singular-solve", "kfac", EXACT, "mlp-ce-mean", "mem_opt", "manual", damping=0.0),
-    Scenario("damping-differs", "kfac", EXACT, "mlp-ce-mean", grads="manual", fault="damping"),
-    Scenario("model-differs", "kfac", EXACT, "mlp-ce-mean", grads="manual", fault="model"),
+    Scenario("damping-differs", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="damping"),
+    Scenario("model-differs", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="model"),
 ]
-SCENARIOS = TRAINING + FAULTS
+OTHER = [
+    Scenario("kfac-lm", "kfac", {**EXACT, "damping_mode": "factored"}, "mlp-ce-mean",
+             variant="levenberg_marquardt"),
+    Scenario("kfac-resume-comm_opt", "kfac", EXACT, "mlp-ce-mean", variant="resume"),
+    Scenario("kfac-resume-mem_opt", "kfac", EXACT, "mlp-ce-mean", "mem_opt", variant="resume"),
+]  # fmt: skip
+SCENARIOS = TRAINING + FAULTS + OTHER
 
 
 def _case(name: str):
@@ -112,7 +119,7 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
     on the full batch."""
     case = _case(sc.case)
     model, loss_fn = case.build(seed=0)
-    if rank is not None and sc.fault == "model":
+    if rank is not None and sc.variant == "model":
         if rank == 1:
             model[2] = nn.Linear(4, 3, bias=False).to(torch.float64)
     forward: nn.Module = model
@@ -120,15 +127,23 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
     if rank is not None and sc.grads.startswith("ddp"):
         forward = DistributedDataParallel(model)
         target = forward if sc.grads == "ddp_wrapper" else model
-    damping = sc.damping + (0.1 if sc.fault == "damping" and rank == 1 else 0.0)
-    backend = curvlab.make(sc.backend, target, loss_fn, **sc.kwargs)
-    precond = curvlab.NaturalGradient(
-        backend,
-        damping=damping,
-        invert_every=INVERT_EVERY,
-        distribution=sc.distribution if rank is not None else "local",
-    )
-    if sc.fault == "inf_sums" and rank == 1:
+    damping: Any = sc.damping + (0.1 if sc.variant == "damping" and rank == 1 else 0.0)
+    if sc.variant == "levenberg_marquardt":
+        damping = curvlab.LevenbergMarquardt(initial=1.0, interval=1)
+
+    def build() -> curvlab.NaturalGradient:
+        backend = curvlab.make(sc.backend, target, loss_fn, **sc.kwargs)
+        return curvlab.NaturalGradient(
+            backend,
+            damping=damping,
+            invert_every=INVERT_EVERY,
+            lr=LR,
+            distribution=sc.distribution if rank is not None else "local",
+        )
+
+    precond = build()
+    backend = precond.curvature
+    if sc.variant == "inf_sums" and rank == 1:
         sums = backend._sums
 
         def poisoned():
@@ -143,9 +158,14 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
     result: dict[str, Any] = {"natural": []}
     for step, (x, y) in enumerate(_batches(sc)):
         x, y = x[start:stop], y[start:stop]
-        if sc.fault == "nan_input" and rank == 1:
+        if sc.variant == "nan_input" and rank == 1:
             x = x.clone()
             x[0, 0] = float("nan")
+        if sc.variant == "resume" and step == 1:  # a checkpoint taken between inversions
+            state = copy.deepcopy(precond.state_dict())
+            precond = build()
+            precond.load_state_dict(state)
+            backend = precond.curvature
         opt.zero_grad()
         precond.backward(loss_fn(forward(x), y))
         if rank is not None and sc.grads == "manual":
@@ -153,7 +173,7 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
             for p in model.parameters():
                 p.grad.mul_(share)
                 dist.all_reduce(p.grad)
-        precond.step()
+        precond.step(lambda x=x, y=y: loss_fn(model(x), y))
         if step == 0:
             result["dense"] = backend.to_dense()
         result["natural"].append(_flat(p.grad for p in model.parameters()))
@@ -163,6 +183,7 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
     result["owners"] = precond.owners
     result["costs"] = [b.cost for b in precond.blocks]
     result["bytes"] = dict(precond.comm.bytes) if precond.comm is not None else {}
+    result["damping"] = precond.current_damping()
     return result
 
 
@@ -262,6 +283,20 @@ def test_each_process_decomposes_its_share(runs, sc: Scenario) -> None:
         assert (sent["decompositions"] > 0) == (sc.backend != "ekfac")
     else:
         assert sent["decompositions"] == 0 and sent["gradients"] > 0
+
+
+@pytest.mark.parametrize("sc", OTHER, ids=lambda s: s.name)
+def test_adapted_damping_and_checkpoints_agree_with_one_process(runs, sc: Scenario) -> None:
+    """Levenberg-Marquardt ρ is averaged over the processes (each sees half the batch);
+    a checkpoint taken between inversions resumes with shared decompositions."""
+    results = _ok(runs, sc.name)
+    reference = _reference(sc)
+    for res in results:
+        _close(res["params"], reference["params"])
+        assert res["damping"] == pytest.approx(reference["damping"], rel=1e-10)
+    assert torch.equal(results[0]["params"], results[1]["params"])
+    if sc.variant == "levenberg_marquardt":
+        assert reference["damping"] != 1.0  # it adapted
 
 
 def _same_error(runs, name: str) -> tuple[str, str]:
