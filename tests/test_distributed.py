@@ -9,6 +9,7 @@ references computed here, in float64:
   single-process run (rtol 1e-10) and are bit-identical across the processes;
 * each process decomposes exactly the blocks :func:`curvlab.distributed.assign_blocks`
   gives it; with ``"comm_opt"`` decompositions travel, with ``"mem_opt"`` gradients;
+* ``examples/distributed_kfac.py`` runs under ``python -m torch.distributed.run``;
 * faults: a NaN loss or Inf statistics on one process, a failing solve on the owner, a
   damping that differs and a model that differs make every process raise the same error.
 """
@@ -18,8 +19,12 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import re
+import subprocess
+import sys
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -353,3 +358,16 @@ def test_assign_blocks_is_greedy_longest_processing_time() -> None:
     assert assign_blocks([2.0, 2.0], 1) == [0, 0]
     with pytest.raises(ValueError, match="world_size must be >= 1"):
         assign_blocks([1.0], 0)
+
+
+def test_the_example_runs_under_torchrun() -> None:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node=2", str(root / "examples" / "distributed_kfac.py")]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"torchrun failed:\n{done.stdout}\n{done.stderr}"
+    assert "2 processes, distribution comm_opt" in done.stdout
+    assert "parameters identical on every process: True" in done.stdout
+    accuracy = float(re.findall(r"test accuracy ([0-9.]+)", done.stdout)[-1])
+    assert accuracy > 0.85
