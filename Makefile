@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.kfac_extraction
 	$(BIN)/python -m benchmarks.training_step
 	$(BIN)/python -m benchmarks.tridiagonal_cost
+	$(BIN)/python -m benchmarks.distributed
 
 docs: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[docs]"

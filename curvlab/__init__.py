@@ -6,7 +6,7 @@ model, loss_fn)``), feed it batches with ``update`` (or several at once with
 :func:`curvlab.extract`) and use ``matvec``, ``solve`` and ``to_dense``.
 """
 
-from curvlab import ablation, linalg
+from curvlab import ablation, distributed, linalg
 from curvlab.curvature import (
     EKFAC,
     KFAC,
@@ -14,10 +14,12 @@ from curvlab.curvature import (
     BlockDiagonal,
     BlockTridiagonal,
     Curvature,
+    DecompositionBlock,
     EmpiricalFisher,
     ExactFisher,
     KroneckerFactors,
     Layer,
+    NamedTensor,
 )
 from curvlab.damping import LevenbergMarquardt
 from curvlab.extraction import FISHER_TYPES, extract
@@ -35,15 +37,18 @@ __all__ = [
     "BlockDiagonal",
     "BlockTridiagonal",
     "Curvature",
+    "DecompositionBlock",
     "EmpiricalFisher",
     "ExactFisher",
     "KFACOptimizer",
     "KroneckerFactors",
     "Layer",
     "LevenbergMarquardt",
+    "NamedTensor",
     "NaturalGradient",
     "ablation",
     "available",
+    "distributed",
     "extract",
     "linalg",
     "make",

@@ -80,6 +80,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             update_every=update_every,
             invert_every=invert_every,
             ema_decay=ema_decay,
+            distribution="local",  # the quadratic model reads this process's batch only
         )
         self.steps = 0
         self.last: dict[str, float] = {}  # α, μ, ρ, λ of the last step (for logging)

@@ -30,6 +30,18 @@ Everything stays on the parameters' device; no value is read back to the host in
 checks that the loss is finite (one scalar read back), and the decompositions on
 inversion steps check theirs. Statistics are computed in
 the parameters' dtype (float32 or float64), also under autocast.
+
+**Distributed** (``torch.distributed`` initialised with more than one process, or
+``process_group=``; :mod:`curvlab.distributed`, docs page "Distributed K-FAC"): every
+process feeds its own batch; on curvature steps the statistic sums are all-reduced, so
+every process averages the curvature of the union of all batches; on inversion steps the
+decomposition blocks are spread over the processes by cost and shared (``"comm_opt"``:
+the owners broadcast the decompositions; ``"mem_opt"``: the owners broadcast their blocks'
+preconditioned gradients every step). Gradients are not communicated here: wrap the
+model in ``DistributedDataParallel`` (or average ``p.grad`` yourself) so that every
+process holds the same gradient. Non-finite losses or statistics on any process make
+every process raise the same error in ``step``; a model that differs across processes is
+reported at construction.
 """
 
 from __future__ import annotations
@@ -41,8 +53,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab import extraction
-from curvlab.curvature.base import Curvature
+from curvlab import distributed, extraction
+from curvlab.curvature.base import Curvature, NamedTensor
 from curvlab.damping import LevenbergMarquardt
 from curvlab.quadratic import evaluate_capturing_inputs, ggn_gram
 
@@ -66,6 +78,25 @@ class NaturalGradient:
         kl_clip: if set, scale the preconditioned gradient by
             ``ν = min(1, sqrt(kl_clip / |lr² Σ ⟨ĝ, g⟩|))`` (Ba et al. 2017; MATH.md §6.2).
         lr: the learning rate the optimizer applies, used by ``kl_clip`` only.
+        process_group: the ``torch.distributed`` group to work over; ``None``: the default
+            group if ``torch.distributed`` is initialised. With one process (or none),
+            everything is local and results are those of a single process.
+        distribution: with several processes, ``"comm_opt"`` (default; the owner of a
+            block decomposes it and broadcasts the decomposition, every process
+            preconditions everything: least communication per step), ``"mem_opt"`` (the
+            owner keeps the decomposition and broadcasts its blocks' preconditioned
+            gradient every step: decompositions held once) or ``"local"`` (no
+            communication: every process uses its own batches' curvature).
+
+    With several processes every process must construct the same model, backend and
+    preconditioner (checked at construction), call ``backward`` and ``step`` on the same
+    steps, and use the same ``damping`` (a float, a schedule of the step, or a
+    :class:`~curvlab.LevenbergMarquardt` — whose ``ρ`` terms are averaged over processes).
+
+    Attributes:
+        comm: the :class:`curvlab.distributed.Communicator` (byte counters), or ``None``.
+        blocks: the curvature's decomposition blocks.
+        owners: per block, the rank that decomposes it (all 0 without distribution).
     """
 
     def __init__(
@@ -77,6 +108,8 @@ class NaturalGradient:
         ema_decay: float = 0.95,
         kl_clip: float | None = None,
         lr: float = 1.0,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        distribution: str = "comm_opt",
     ) -> None:
         if not isinstance(curvature, Curvature):
             raise TypeError(
@@ -92,6 +125,11 @@ class NaturalGradient:
             raise ValueError(f"NaturalGradient: kl_clip must be positive, got {kl_clip}.")
         if not callable(damping) and not isinstance(damping, LevenbergMarquardt):
             _check_damping(damping)
+        if distribution not in distributed.DISTRIBUTIONS:
+            raise ValueError(
+                f"NaturalGradient: unknown distribution {distribution!r}; choose one of "
+                f"{distributed.DISTRIBUTIONS}."
+            )
         self.curvature = curvature
         self.damping = damping
         self.update_every = update_every
@@ -105,6 +143,46 @@ class NaturalGradient:
         self._inverted: dict[str, Any] | None = None  # statistics of the last inversion
         self._gathering = False  # statistics of the current step are being accumulated
         curvature.hold_decompositions(True)
+        self.blocks = curvature.decomposition_blocks()
+        self.owners = [0] * len(self.blocks)
+        self.comm: distributed.Communicator | None = None
+        self.distribution = "local"
+        group = None if distribution == "local" else distributed.active_group(process_group)
+        if group is not None:
+            self.distribution = distribution
+            self.comm = distributed.Communicator(group, curvature.params[0].device)
+            self.owners = distributed.assign_blocks(
+                [b.cost for b in self.blocks], self.comm.world_size
+            )
+            self.comm.check_same(
+                self._signature(), "NaturalGradient: the model differs across processes"
+            )
+            comm = self.comm
+            curvature.set_process_reducer(lambda e: comm.all_reduce_sum(e, "statistics"))
+        self._decompositions_due = True  # distributed: share decompositions at the next step
+        self._bad_losses: Tensor | None = None  # distributed: non-finite losses, not yet read
+
+    def _signature(self) -> list[str]:
+        """What must agree across processes: settings, parameters, blocks."""
+        c = self.curvature
+        options = {
+            k: v
+            for k, v in sorted(vars(c).items())
+            if not k.startswith(("_", "num_")) and isinstance(v, (str, int, float, bool))
+        }
+        loss = c.loss_fn
+        lines = [
+            f"backend {type(c).__name__} {options}",
+            f"loss {type(loss).__name__} reduction={getattr(loss, 'reduction', None)}",
+            f"update_every={self.update_every} invert_every={self.invert_every} "
+            f"ema_decay={self.ema_decay} kl_clip={self.kl_clip} lr={self.lr}",
+            f"distribution {self.distribution}",
+        ]
+        lines += [
+            f"parameter {n} {tuple(p.shape)} {p.dtype}" for n, p in zip(c.param_names, c.params)
+        ]
+        lines += [f"block {b.name} {b.param_indices} cost {b.cost}" for b in self.blocks]
+        return lines
 
     # --- the training-loop API -----------------------------------------------------------
 
@@ -121,7 +199,11 @@ class NaturalGradient:
         if not self.curvature_due:
             loss.backward()
             return
-        if not bool(torch.isfinite(loss)):  # curvature steps only: one host sync
+        if self.comm is not None:
+            # every process must reach the all-reduce (and DDP's): the check is in step()
+            bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
+            self._bad_losses = bad if self._bad_losses is None else self._bad_losses + bad
+        elif not bool(torch.isfinite(loss)):  # curvature steps only: one host sync
             raise FloatingPointError(
                 f"NaturalGradient.backward: the loss is not finite ({float(loss)}); no "
                 "curvature taken. Lower the learning rate or raise the damping."
@@ -148,8 +230,10 @@ class NaturalGradient:
         is only used to adapt a :class:`~curvlab.LevenbergMarquardt` damping.
         """
         if self._gathering:
-            self._blend(self.curvature.statistics())
             self._gathering = False
+            if self.comm is not None:
+                self._all_reduce_statistics(self.comm)
+            self._blend(self.curvature.statistics())
         if self._average is None:
             raise RuntimeError(
                 "NaturalGradient.step: no curvature yet; call precond.backward(loss) in the "
@@ -159,8 +243,12 @@ class NaturalGradient:
             self._inverted = self._average
             self.curvature.load_statistics(self._inverted)
             self.curvature.refresh()
+            self._decompositions_due = True
         else:
             self.curvature.load_statistics(self._inverted)  # decompositions are held
+        damping = self.current_damping()
+        if self.comm is not None and self._decompositions_due:
+            self._share_decompositions(self.comm, damping)
         params = self.curvature.params
         grads = []
         for p, name in zip(params, self.curvature.param_names):
@@ -170,7 +258,10 @@ class NaturalGradient:
                     "precond.backward(loss) before step()."
                 )
             grads.append(p.grad)
-        natural = self.curvature.solve(grads, self.current_damping())
+        if self.comm is not None and self.distribution == "mem_opt":
+            natural = self._solve_by_owners(self.comm, grads, damping)
+        else:
+            natural = self.curvature.solve(grads, damping)
         if self.kl_clip is not None:
             natural = self._clip(natural, grads)
         lm = self.damping
@@ -198,7 +289,122 @@ class NaturalGradient:
                 p.copy_(s)
         quad = ggn_gram(model, self.curvature.loss_fn, inputs, params, [delta])
         change = float(sum((g * d).sum() for g, d in zip(grads, delta)) + 0.5 * quad[0, 0])
+        if self.comm is not None:  # ρ of the union of the processes' batches (equal weights)
+            rows = self.comm.gather_values([before, after, change])
+            before, after, change = (sum(col) / len(rows) for col in zip(*rows))
         return (after - before) / change if change < 0 else float("nan")
+
+    # --- distribution ----------------------------------------------------------------------
+
+    def _all_reduce_statistics(self, comm: distributed.Communicator) -> None:
+        """Sum the statistic sums over processes; every process checks the same result."""
+        device = self.curvature.params[0].device
+        bad = self._bad_losses
+        self._bad_losses = None
+        if bad is None:
+            bad = torch.zeros(1, dtype=torch.float64, device=device)
+        sums = self.curvature.statistic_sums()
+        entries = [*sums, NamedTensor("non-finite losses", bad)]
+        reduced = comm.all_reduce_sum(entries, "statistics")
+        # one host read: finiteness of every entry and the number of non-finite losses
+        status = torch.cat(
+            [torch.stack([torch.isfinite(t).all() for t in reduced[:-1]]).double(), reduced[-1]]
+        ).tolist()
+        world = comm.world_size
+        if status[-1] > 0:
+            raise FloatingPointError(
+                f"NaturalGradient.step: the loss was not finite in {round(status[-1])} "
+                f"curvature batch(es) over the {world} processes; no curvature taken (every "
+                "process raises this error). Lower the learning rate or raise the damping."
+            )
+        bad_names = [e.name for e, ok in zip(sums, status[:-1]) if not ok]
+        if bad_names:
+            shown = ", ".join(bad_names[:6]) + (", ..." if len(bad_names) > 6 else "")
+            raise FloatingPointError(
+                f"NaturalGradient.step: the curvature statistics summed over the {world} "
+                f"processes are not finite (NaN or Inf on at least one process) in: {shown}. "
+                "Every process raises this error."
+            )
+        self.curvature.load_statistic_sums(reduced[:-1])
+
+    def _share_decompositions(self, comm: distributed.Communicator, damping: float) -> None:
+        """Owners decompose their blocks; with ``"comm_opt"`` they broadcast the results."""
+        error: Exception | None = None
+        try:
+            for block, owner in zip(self.blocks, self.owners):
+                if owner == comm.rank:
+                    self.curvature.decompose(block, damping)
+        except Exception as err:  # reported on every process below
+            error = err
+        rows = comm.gather_values([1.0 if error is not None else 0.0, damping])
+        failed = [rank for rank, (flag, _) in enumerate(rows) if flag]
+        comm.raise_reported(error, failed, "NaturalGradient.step: a decomposition")
+        dampings = [d for _, d in rows]
+        if len(set(dampings)) > 1:
+            raise distributed.DistributedFailure(
+                f"NaturalGradient.step: the damping differs across processes ({dampings}); "
+                "every process must use the same damping."
+            )
+        if self.distribution == "comm_opt":
+            for src in range(comm.world_size):
+                owned = [b for b, o in zip(self.blocks, self.owners) if o == src]
+                if not owned:
+                    continue
+                exported = None
+                if src == comm.rank:
+                    exported = [self.curvature.export_decomposition(b, damping) for b in owned]
+                received = comm.broadcast_entries(exported, src, "decompositions")
+                for block, tensors in zip(owned, received):
+                    self.curvature.import_decomposition(block, damping, tensors)
+        self._decompositions_due = False
+
+    def _solve_by_owners(
+        self, comm: distributed.Communicator, grads: list[Tensor], damping: float
+    ) -> list[Tensor]:
+        """``"mem_opt"``: each owner solves its blocks and broadcasts the result."""
+        natural: list[Tensor | None] = [None] * len(grads)
+        error: Exception | None = None
+        statuses = []
+        for src in range(comm.world_size):
+            owned = [b for b, o in zip(self.blocks, self.owners) if o == src]
+            if not owned:
+                continue
+            indices = [i for b in owned for i in b.param_indices]
+            solved = [torch.zeros_like(grads[i]) for i in indices]
+            status = 0.0
+            if src == comm.rank:
+                try:
+                    solved = [
+                        t
+                        for b in owned
+                        for t in self.curvature.solve_block(
+                            b, [grads[i] for i in b.param_indices], damping
+                        )
+                    ]
+                except Exception as err:  # reported on every process below
+                    error, status = err, 1.0
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for k, i in enumerate(indices):
+                by_dtype.setdefault(grads[i].dtype, []).append(k)
+            for first, (dtype, ks) in enumerate(by_dtype.items()):
+                parts = [solved[k].reshape(-1) for k in ks]
+                if first == 0:  # the owner's status rides along in its first buffer
+                    parts.append(torch.full((1,), status, dtype=dtype, device=comm.device))
+                buffer = torch.cat(parts)
+                comm.broadcast(buffer, src, "gradients")
+                sizes = [grads[indices[k]].numel() for k in ks]
+                if first == 0:
+                    statuses.append(buffer[-1:].to(torch.float64))
+                    buffer = buffer[:-1]
+                for k, part in zip(ks, buffer.split(sizes)):
+                    i = indices[k]
+                    natural[i] = part.reshape(grads[i].shape)
+        srcs = [s for s in range(comm.world_size) if s in self.owners]
+        flags = torch.cat(statuses).tolist()  # one host read per step
+        comm.raise_reported(
+            error, [s for s, f in zip(srcs, flags) if f], "NaturalGradient.step: preconditioning"
+        )
+        return [n for n in natural if n is not None]
 
     def _blend(self, batch: dict[str, Any]) -> None:
         self.num_updates += 1
@@ -245,6 +451,8 @@ class NaturalGradient:
         if self._inverted is not None:
             self.curvature.load_statistics(_clone(self._inverted))
             self.curvature.refresh()
+        self._decompositions_due = True
+        self._bad_losses = None
 
 
 def _check_damping(value: float) -> float:

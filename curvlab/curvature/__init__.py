@@ -1,6 +1,6 @@
 """Curvature backends: one module per backend, all implementing ``Curvature``."""
 
-from curvlab.curvature.base import Curvature, Layer
+from curvlab.curvature.base import Curvature, DecompositionBlock, Layer, NamedTensor
 from curvlab.curvature.block_diagonal import BlockDiagonal
 from curvlab.curvature.block_tridiagonal import BlockTridiagonal
 from curvlab.curvature.ekfac import EKFAC
@@ -15,8 +15,10 @@ __all__ = [
     "BlockDiagonal",
     "BlockTridiagonal",
     "Curvature",
+    "DecompositionBlock",
     "EmpiricalFisher",
     "ExactFisher",
     "KroneckerFactors",
     "Layer",
+    "NamedTensor",
 ]

@@ -8,23 +8,88 @@ Accumulation over several batches gives the curvature of their union: batch ``b`
 enters with weight ``w_b = 1/R_b`` (its share of the union's reduction) and, for
 ``reduction="mean"``, the sum is divided by ``Σ_b w_b``; for ``"sum"`` the batch
 curvatures simply add (``w_b = 1``, no division).
+
+Distribution (:mod:`curvlab.distributed`) uses two more groups of methods. Statistic
+sums (:meth:`Curvature.statistic_sums`) are the accumulated state as sums that add over
+batches, so that summing them over processes gives the union of every process's batches.
+Decomposition blocks (:meth:`Curvature.decomposition_blocks`) are the units of
+factorisation work — one per layer for the Kronecker backends and ``BlockDiagonal``, one
+for a full or chained matrix — that can be decomposed on one process, exported,
+imported on the others, or solved with on their own.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from curvlab import extraction
 from curvlab.extraction import BackwardResult
 
 Vector = list[Tensor]
+
+#: How a :class:`NamedTensor` is determined by part of its entries.
+TENSOR_STRUCTURES = ("general", "symmetric", "lower_triangular")
+
+
+@dataclass(frozen=True)
+class NamedTensor:
+    """A tensor with a name for error messages and the structure that determines it.
+
+    ``structure``: ``"general"`` (every entry counts), ``"symmetric"`` (``[n, n]`` with
+    ``M = Mᵀ``: the upper triangle determines it) or ``"lower_triangular"`` (``[n, n]``,
+    zero above the diagonal, e.g. a Cholesky factor). Communication sends only the
+    entries that determine the tensor.
+    """
+
+    name: str
+    tensor: Tensor
+    structure: str = "general"
+
+    def __post_init__(self) -> None:
+        if self.structure not in TENSOR_STRUCTURES:
+            raise ValueError(
+                f"NamedTensor '{self.name}': unknown structure {self.structure!r}; choose one "
+                f"of {TENSOR_STRUCTURES}."
+            )
+        if self.structure != "general" and (
+            self.tensor.ndim != 2 or self.tensor.shape[0] != self.tensor.shape[1]
+        ):
+            raise ValueError(
+                f"NamedTensor '{self.name}': a {self.structure} tensor must be square [n, n], "
+                f"got shape {tuple(self.tensor.shape)}."
+            )
+
+
+@dataclass(frozen=True)
+class DecompositionBlock:
+    """A unit of decomposition work of a curvature (see :meth:`Curvature.decomposition_blocks`).
+
+    Attributes:
+        index: position in ``decomposition_blocks()``.
+        name: what the block is, for messages (e.g. ``"layer '0' (Linear)"``).
+        param_indices: the entries of ``params`` that the block's solve reads and writes,
+            in increasing order; the blocks of a backend partition ``range(len(params))``.
+        cost: estimated flops of decomposing the block (``Σ n³`` over the matrices it
+            factorises; for a block without a factorisation, one solve's flops). Only
+            ratios matter: blocks are assigned to processes by this cost.
+    """
+
+    index: int
+    name: str
+    param_indices: tuple[int, ...]
+    cost: float
+
+
+#: ``reduce(entries)``: the tensors of ``entries`` summed over processes (a collective).
+ProcessReducer = Callable[[list[NamedTensor]], list[Tensor]]
 
 
 @dataclass(frozen=True)
@@ -63,7 +128,9 @@ class Curvature(abc.ABC):
     """A curvature approximation of a model's loss (Fisher, GGN or a structured surrogate).
 
     Args:
-        model: the network; every module that owns trainable parameters forms a layer.
+        model: the network; every module that owns trainable parameters forms a layer. A
+            ``DistributedDataParallel`` (or ``DataParallel``) wrapper is unwrapped: the
+            curvature covers ``model.module`` (layer and parameter names are its names).
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
 
     Attributes:
@@ -75,6 +142,8 @@ class Curvature(abc.ABC):
     name: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module  # the wrapper replicates and averages; the layers are inside
         self.model = model
         self.loss_fn = loss_fn
         self.layers: list[Layer] = self._select_layers(model)
@@ -93,6 +162,9 @@ class Curvature(abc.ABC):
         self.num_samples = 0
         self._weight_sum = 0.0
         self._hold = False  # see hold_decompositions()
+        self._process_reducer: ProcessReducer | None = None  # see set_process_reducer()
+        #: Blocks decomposed by this object so far (in ``decompose`` or lazily in ``solve``).
+        self.num_decompositions = 0
 
     # --- hooks for backends ----------------------------------------------------------
 
@@ -134,6 +206,60 @@ class Curvature(abc.ABC):
     @abc.abstractmethod
     def _load_statistics(self, stats: dict[str, Any]) -> None:
         """Set the accumulated state to ``stats`` as if it were one unit-weight batch."""
+
+    def _sums(self) -> list[NamedTensor]:
+        """Tensor sums that add over batches (see :meth:`statistic_sums`).
+
+        Default: every tensor of ``_statistics()`` times ``_normalizer`` — exact for
+        backends whose statistics are all normalised by the base class's weight sum;
+        backends with other normalisations (e.g. K-FAC's ``A`` by its sample count)
+        override this with ``_load_sums`` and ``_counts``/``_load_counts``.
+        """
+        leaves = _tensor_leaves(self._statistics())
+        return [NamedTensor(f"statistics {path}", t * self._normalizer) for path, t in leaves]
+
+    def _load_sums(self, sums: list[Tensor]) -> None:
+        """Make ``sums`` (shaped like ``_sums()``) the accumulated state; the base class's
+        counters (``_weight_sum``, ...) already hold the reduced values."""
+        normalizer = self._normalizer
+        stats = _replace_tensor_leaves(self._statistics(), [t / normalizer for t in sums])
+        self._load_statistics(stats)
+        self._weight_sum = 1.0  # loaded statistics are one unit-weight batch
+
+    def _counts(self) -> list[float]:
+        """Backend counters that add over batches (e.g. K-FAC's per-layer sample counts)."""
+        return []
+
+    def _load_counts(self, counts: list[float]) -> None:
+        """Set the counters of ``_counts()`` to (reduced) values."""
+
+    def _decomposition_blocks(self) -> list[DecompositionBlock]:
+        """Default: one block, every parameter, cost of a dense factorisation."""
+        return [
+            DecompositionBlock(
+                index=0,
+                name=f"{type(self).__name__} (all parameters)",
+                param_indices=tuple(range(len(self.params))),
+                cost=float(self.num_params) ** 3,
+            )
+        ]
+
+    def _decompose(self, index: int, damping: float) -> None:
+        """Compute and cache block ``index``'s decomposition for ``damping`` unless cached
+        (adding 1 to ``num_decompositions`` when computed). Default: nothing to precompute
+        (``solve`` does all the work), so nothing is shared between processes."""
+
+    def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
+        """The cached decomposition of block ``index`` for ``damping`` as tensors."""
+        return []
+
+    def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
+        """Cache ``tensors`` (from another process's ``_export_decomposition``) as block
+        ``index``'s decomposition for ``damping``."""
+
+    def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
+        """``solve`` restricted to block ``index`` (``v``: its parameters' entries)."""
+        return self._solve(v, damping)
 
     def _sampled_label_extensions(self) -> list[BackpropExtension] | None:
         """Extensions that give the same statistics from a backward of the loss at labels
@@ -219,13 +345,8 @@ class Curvature(abc.ABC):
 
     def solve(self, v: Sequence[Tensor], damping: float) -> Vector:
         """``(C + damping·I)⁻¹ v``, or the backend's documented damped inverse."""
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-            raise TypeError(f"{type(self).__name__}.solve: damping must be a float.")
-        if not damping >= 0.0 or damping == float("inf"):
-            raise ValueError(
-                f"{type(self).__name__}.solve: damping must be finite and >= 0, got {damping}."
-            )
-        return self._solve(self._check_vector(v, "solve"), float(damping))
+        damping = self._check_damping(damping, "solve")
+        return self._solve(self._check_vector(v, "solve"), damping)
 
     def to_dense(self) -> Tensor:
         """The approximation as a dense ``[P, P]`` matrix in ``params`` order (row-major)."""
@@ -254,6 +375,141 @@ class Curvature(abc.ABC):
         self.num_samples = int(state["num_samples"])
         self._weight_sum = float(state["weight_sum"])
         self._statistics_changed()
+
+    # --- distribution (curvlab.distributed) ---------------------------------------------
+
+    def statistic_sums(self) -> list[NamedTensor]:
+        """The accumulated state as sums that add over batches (new or shared tensors).
+
+        Accumulating batch sets ``X`` and ``Y`` separately and adding the results entry by
+        entry gives the accumulation of ``X ∪ Y`` (the union convention of the module
+        docstring); summing them over processes therefore gives the curvature of every
+        process's batches together. The last entry, ``"counts"``, is a float64 vector of the
+        counters (weight sum, samples, batches, then the backend's own). Tensors are on
+        the parameters' device; symmetric sums are marked so that only their upper
+        triangle needs sending.
+        """
+        self._check_ready("statistic_sums")
+        counters = [self._weight_sum, float(self.num_samples), float(self.num_batches)]
+        counts = torch.tensor(
+            counters + [float(c) for c in self._counts()],
+            dtype=torch.float64,
+            device=self.params[0].device,
+        )
+        return [*self._sums(), NamedTensor("counts", counts)]
+
+    def load_statistic_sums(self, sums: Sequence[Tensor]) -> None:
+        """Make ``sums`` — shaped like :meth:`statistic_sums`, e.g. summed over processes —
+        the accumulated state. Reads the counters back to the host (one synchronisation).
+        """
+        expected = self.statistic_sums()
+        owner = f"{type(self).__name__}.load_statistic_sums"
+        if len(sums) != len(expected):
+            raise ValueError(f"{owner}: expected {len(expected)} tensors, got {len(sums)}.")
+        for t, ref in zip(sums, expected):
+            if not isinstance(t, Tensor) or t.shape != ref.tensor.shape:
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{owner}: '{ref.name}' must have shape {tuple(ref.tensor.shape)}, got {shape}."
+                )
+        counts = [float(c) for c in sums[-1].tolist()]
+        self._weight_sum = counts[0]
+        self.num_samples = round(counts[1])
+        self.num_batches = round(counts[2])
+        self._load_counts(counts[3:])
+        self._load_sums(list(sums[:-1]))
+        self._statistics_changed()
+
+    def set_process_reducer(self, reduce: ProcessReducer | None) -> None:
+        """Let accumulation use ``reduce`` (tensors summed over processes, a collective that
+        every process calls at the same point); ``None``: a single process.
+
+        A distributed :class:`~curvlab.NaturalGradient` sets it. Backends whose
+        accumulation itself needs quantities of the union of all processes' batches use
+        it (``EKFAC`` fits its eigenbasis from the all-reduced factors); the others ignore it.
+        """
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"{type(self).__name__}.set_process_reducer: reduce must be callable.")
+        self._process_reducer = reduce
+
+    def decomposition_blocks(self) -> list[DecompositionBlock]:
+        """The units of decomposition work, each covering some parameters (a partition).
+
+        One per layer for the block-diagonal Kronecker backends and ``BlockDiagonal``; one
+        block for a full matrix (``ExactFisher``, ``EmpiricalFisher``) or a chained structure
+        (block-tridiagonal). Fixed at construction.
+        """
+        return self._decomposition_blocks()
+
+    def decompose(self, block: DecompositionBlock | int, damping: float) -> None:
+        """Compute and cache ``block``'s decomposition (eigenbases, Cholesky factors) that
+        ``solve(·, damping)`` needs; nothing happens if it is cached. Each computed block
+        adds 1 to ``num_decompositions`` (as do the ones ``solve`` computes lazily)."""
+        index = self._check_block(block, "decompose")
+        self._decompose(index, self._check_damping(damping, "decompose"))
+
+    def export_decomposition(
+        self, block: DecompositionBlock | int, damping: float
+    ) -> list[NamedTensor]:
+        """``block``'s cached decomposition for ``damping`` (after :meth:`decompose`) as
+        named tensors, to be sent to processes that call :meth:`import_decomposition`."""
+        index = self._check_block(block, "export_decomposition")
+        return self._export_decomposition(index, self._check_damping(damping, "export"))
+
+    def import_decomposition(
+        self, block: DecompositionBlock | int, damping: float, tensors: Sequence[Tensor]
+    ) -> None:
+        """Cache ``tensors`` — what :meth:`export_decomposition` returned on another process
+        with the same statistics — as ``block``'s decomposition for ``damping``."""
+        owner = f"{type(self).__name__}.import_decomposition"
+        index = self._check_block(block, "import_decomposition")
+        if isinstance(tensors, Tensor) or not all(isinstance(t, Tensor) for t in tensors):
+            raise TypeError(f"{owner}: tensors must be a list of tensors.")
+        self._import_decomposition(index, self._check_damping(damping, "import"), list(tensors))
+
+    def solve_block(
+        self, block: DecompositionBlock | int, v: Sequence[Tensor], damping: float
+    ) -> Vector:
+        """:meth:`solve` restricted to ``block``: ``v`` holds the entries of its parameters
+        (``params[i]`` for ``i in block.param_indices``), the result likewise."""
+        owner = f"{type(self).__name__}.solve_block"
+        index = self._check_block(block, "solve_block")
+        self._check_ready("solve_block")
+        indices = self.decomposition_blocks()[index].param_indices
+        if isinstance(v, Tensor) or not isinstance(v, (list, tuple)) or len(v) != len(indices):
+            raise ValueError(
+                f"{owner}: expected a list of {len(indices)} tensors (the block's parameters)."
+            )
+        for t, i in zip(v, indices):
+            if not isinstance(t, Tensor) or t.shape != self.params[i].shape:
+                raise ValueError(
+                    f"{owner}: entry for '{self.param_names[i]}' must have shape "
+                    f"{tuple(self.params[i].shape)}."
+                )
+        return self._solve_block(index, list(v), self._check_damping(damping, "solve_block"))
+
+    def _check_block(self, block: DecompositionBlock | int, op: str) -> int:
+        blocks = self.decomposition_blocks()
+        index = block.index if isinstance(block, DecompositionBlock) else block
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(blocks):
+            raise ValueError(
+                f"{type(self).__name__}.{op}: unknown block {block!r}; this backend has "
+                f"{len(blocks)} block(s)."
+            )
+        if isinstance(block, DecompositionBlock) and block != blocks[index]:
+            raise ValueError(
+                f"{type(self).__name__}.{op}: block {block.name!r} belongs to another backend."
+            )
+        return index
+
+    def _check_damping(self, damping: float, op: str) -> float:
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
+            raise TypeError(f"{type(self).__name__}.{op}: damping must be a float.")
+        if not damping >= 0.0 or damping == float("inf"):
+            raise ValueError(
+                f"{type(self).__name__}.{op}: damping must be finite and >= 0, got {damping}."
+            )
+        return float(damping)
 
     # --- helpers shared by backends -------------------------------------------------
 
@@ -316,3 +572,21 @@ class Curvature(abc.ABC):
             f"{type(self).__name__}(layers={len(self.layers)}, params={self.num_params}, "
             f"batches={self.num_batches})"
         )
+
+
+def _tensor_leaves(tree: Any, path: str = "") -> list[tuple[str, Tensor]]:
+    """``(path, tensor)`` of every tensor in a tree of dicts and lists, in order."""
+    if isinstance(tree, dict):
+        return [leaf for k, v in tree.items() for leaf in _tensor_leaves(v, f"{path}[{k!r}]")]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for i, v in enumerate(tree) for leaf in _tensor_leaves(v, f"{path}[{i}]")]
+    return [(path, tree)] if isinstance(tree, Tensor) else []
+
+
+def _replace_tensor_leaves(tree: Any, values: list[Tensor]) -> Any:
+    """``tree`` with its tensors replaced, in order, by ``values`` (consumed from the front)."""
+    if isinstance(tree, dict):
+        return {k: _replace_tensor_leaves(v, values) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_replace_tensor_leaves(v, values) for v in tree]
+    return values.pop(0) if isinstance(tree, Tensor) else tree

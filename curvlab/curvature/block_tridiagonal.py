@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import Vector
+from curvlab.curvature.base import DecompositionBlock, NamedTensor, Vector
 from curvlab.curvature.block_diagonal import BlockDiagonal
 from curvlab.curvature.chain import ForwardOrder, chain_completion
 from curvlab.extraction import BackwardResult, fisher_rows
@@ -51,7 +51,7 @@ class BlockTridiagonal(BlockDiagonal):
         super().__init__(model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples)
         self._off: list[Tensor] | None = None  # Σ_b w_b F_{i,i+1} (forward order)
         self._forward = ForwardOrder(
-            model,
+            self.model,
             [layer.module for layer in self.layers],
             [layer.name for layer in self.layers],
             owner=type(self).__name__,
@@ -129,6 +129,7 @@ class BlockTridiagonal(BlockDiagonal):
         """``Ψ_i`` and Cholesky factors of ``Σ_i`` from the damped diagonal blocks."""
         if self._inverse is not None and self._inverse[0] == damping:
             return self._inverse[1], self._inverse[2]
+        self.num_decompositions += 1
         diag, off = self._chain()
         eye = [torch.eye(len(d), dtype=d.dtype, device=d.device) for d in diag]
         damped = [d + damping * e for d, e in zip(diag, eye)]
@@ -170,6 +171,54 @@ class BlockTridiagonal(BlockDiagonal):
             a, b = self._ranges[i]
             out[self._offsets[a] : self._offsets[b]] = u[k]
         return self._unflatten(out)
+
+    # --- distribution: the chain is factorised as one block ------------------------------
+
+    def _sums(self) -> list[NamedTensor]:
+        assert self._off is not None
+        off = [
+            NamedTensor(f"BlockTridiagonal off-diagonal block {k}", t)
+            for k, t in enumerate(self._off)
+        ]
+        return [*super()._sums(), *off]
+
+    def _load_sums(self, sums: list[Tensor]) -> None:
+        count = len(self._ranges)
+        super()._load_sums(sums[:count])
+        self._off = list(sums[count:])
+
+    def _decomposition_blocks(self) -> list[DecompositionBlock]:
+        sizes = [layer.numel for layer in self.layers]
+        return [
+            DecompositionBlock(
+                index=0,
+                name="BlockTridiagonal chain (all layers)",
+                param_indices=tuple(range(len(self.params))),
+                cost=float(sum(n**3 for n in sizes)),
+            )
+        ]
+
+    def _decompose(self, index: int, damping: float) -> None:
+        self._factorise(damping)
+
+    def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
+        if self._inverse is None or self._inverse[0] != damping:
+            raise RuntimeError("BlockTridiagonal: the chain is not decomposed yet.")
+        _, psi, sigma_chol = self._inverse
+        return [
+            *(NamedTensor(f"Ψ_{i}", t) for i, t in enumerate(psi)),
+            *(
+                NamedTensor(f"Σ_{i} Cholesky factor", t, "lower_triangular")
+                for i, t in enumerate(sigma_chol)
+            ),
+        ]
+
+    def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
+        count = len(self.layers)
+        self._inverse = (damping, list(tensors[: count - 1]), list(tensors[count - 1 :]))
+
+    def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
+        return self._solve(v, damping)
 
     # --- state ----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import Curvature, Vector
+from curvlab.curvature.base import Curvature, DecompositionBlock, NamedTensor, Vector
 from curvlab.extraction import (
     BackwardResult,
     check_fisher_type,
@@ -55,7 +55,7 @@ class DenseCurvature(Curvature):
         self._ranges: list[tuple[int, int]] = self._partition()
         self._blocks: list[Tensor] | None = None
         self._owned = True  # False after load_statistics: copy before updating in place
-        self._cholesky: tuple[float, list[Tensor]] | None = None
+        self._cholesky: tuple[float, list[Tensor | None]] | None = None  # lazily per block
 
     @abc.abstractmethod
     def _partition(self) -> list[tuple[int, int]]:
@@ -117,20 +117,81 @@ class DenseCurvature(Curvature):
         return self._unflatten(out)
 
     def _solve(self, v: Vector, damping: float) -> Vector:
-        if self._cholesky is None or self._cholesky[0] != damping:
-            factors = [
-                linalg.damped_cholesky(block, damping, name=self._block_name(k), keep_float64=True)
-                for k, block in enumerate(self.blocks())
-            ]
-            self._cholesky = (damping, factors)
+        factors = [self._block_cholesky(k, damping) for k in range(len(self._ranges))]
         x = self._flatten(v)
         out = torch.cat(
             [
                 linalg.cholesky_solve(chol, x[self._offsets[a] : self._offsets[b]])
-                for chol, (a, b) in zip(self._cholesky[1], self._ranges)
+                for chol, (a, b) in zip(factors, self._ranges)
             ]
         )
         return self._unflatten(out.to(x.dtype))
+
+    def _block_cholesky(self, k: int, damping: float) -> Tensor:
+        """Lower Cholesky factor of block ``k`` + ``damping·I``, cached per damping."""
+        if self._cholesky is None or self._cholesky[0] != damping:
+            self._cholesky = (damping, [None] * len(self._ranges))
+        chol = self._cholesky[1][k]
+        if chol is None:
+            assert self._blocks is not None
+            block = self._blocks[k] / self._normalizer
+            chol = linalg.damped_cholesky(
+                block, damping, name=self._block_name(k), keep_float64=True
+            )
+            self._cholesky[1][k] = chol
+            self.num_decompositions += 1
+        return chol
+
+    # --- distribution: one block per dense block (range) -----------------------------------
+
+    def _sums(self) -> list[NamedTensor]:
+        assert self._blocks is not None
+        return [
+            NamedTensor(self._block_name(k), b, "symmetric") for k, b in enumerate(self._blocks)
+        ]
+
+    def _load_sums(self, sums: list[Tensor]) -> None:
+        self._adopt(list(sums))
+
+    def _decomposition_blocks(self) -> list[DecompositionBlock]:
+        blocks = []
+        for k, (a, b) in enumerate(self._ranges):
+            size = self._offsets[b] - self._offsets[a]
+            blocks.append(
+                DecompositionBlock(
+                    index=k,
+                    name=self._block_name(k),
+                    param_indices=tuple(range(a, b)),
+                    cost=float(size) ** 3,
+                )
+            )
+        return blocks
+
+    def _decompose(self, index: int, damping: float) -> None:
+        self._block_cholesky(index, damping)
+
+    def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
+        chol = None
+        if self._cholesky is not None and self._cholesky[0] == damping:
+            chol = self._cholesky[1][index]
+        if chol is None:
+            raise RuntimeError(f"{self._block_name(index)} is not decomposed yet.")
+        return [NamedTensor(f"{self._block_name(index)} Cholesky factor", chol, "lower_triangular")]
+
+    def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
+        if self._cholesky is None or self._cholesky[0] != damping:
+            self._cholesky = (damping, [None] * len(self._ranges))
+        self._cholesky[1][index] = tensors[0]
+
+    def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
+        chol = self._block_cholesky(index, damping)
+        x = torch.cat([t.reshape(-1) for t in v])
+        out = linalg.cholesky_solve(chol, x).to(x.dtype)
+        parts, start = [], 0
+        for t in v:
+            parts.append(out[start : start + t.numel()].reshape(t.shape))
+            start += t.numel()
+        return parts
 
     def _block_name(self, k: int) -> str:
         start, stop = self._ranges[k]

@@ -14,6 +14,11 @@ and to ``S*`` — George et al.'s amortisation (rare eigendecompositions, cheap 
 updates). Without weight sharing (``T = 1``) ``S*`` is formed from the projected inputs and
 output columns without materialising per-sample gradients; with sharing the per-sample
 gradients are formed in chunks of samples.
+
+With a process reducer (:meth:`~curvlab.Curvature.set_process_reducer`, set by a
+distributed preconditioner) the basis fitted at a batch comes from that batch's factors
+summed over processes, so every process projects onto the same basis and the ``S*`` sums
+add up to the union's.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import Tensor, nn
 
 from curvlab import layers as layer_rules
 from curvlab import linalg
-from curvlab.curvature.base import Vector
+from curvlab.curvature.base import NamedTensor, Vector
 from curvlab.curvature.kfac import KFAC, KroneckerFactors, LayerSpec, _as_matrix, _parameter_order
 from curvlab.extraction import BackwardResult, KroneckerBatch
 from curvlab.registry import register
@@ -76,7 +81,7 @@ class EKFAC(KFAC):
         batches = self._layer_batches(result)
         self._add_factors(batches, weight)
         if self._basis is None:
-            self._basis = self._factor_eigenbases()
+            self._basis = self._factor_eigenbases(across_processes=True)
             self._basis_id += 1
         moments = [
             weight * _projected_second_moment(batch, q_g, q_a)
@@ -91,13 +96,22 @@ class EKFAC(KFAC):
             self._s_sum = [total + moment for total, moment in zip(self._s_sum, moments)]
         self._s_owned = True
 
-    def _factor_eigenbases(self) -> list[tuple[Tensor, Tensor]]:
+    def _factor_eigenbases(self, across_processes: bool = False) -> list[tuple[Tensor, Tensor]]:
+        factors = self._unnormalised_factors()
+        if across_processes and self._process_reducer is not None:
+            # the union's factor sums: every process then fits the same basis
+            entries = []
+            for k, f in enumerate(factors):
+                entries.append(NamedTensor(f"{self._layer_label(k)} A", f.A, "symmetric"))
+                entries.append(NamedTensor(f"{self._layer_label(k)} G", f.G, "symmetric"))
+            summed = self._process_reducer(entries)
+            factors = [KroneckerFactors(A=a, G=g) for a, g in zip(summed[::2], summed[1::2])]
         return [
             (
                 linalg.symeig(f.G, name=f"{self._layer_label(k)} G").eigenvectors,
                 linalg.symeig(f.A, name=f"{self._layer_label(k)} A").eigenvectors,
             )
-            for k, f in enumerate(self._unnormalised_factors())
+            for k, f in enumerate(factors)
         ]
 
     def _unnormalised_factors(self) -> list[KroneckerFactors]:
@@ -150,26 +164,66 @@ class EKFAC(KFAC):
 
     def _apply(self, v: Vector, transform: Any) -> Vector:
         result: Vector = []
-        for (layer, parts), (q_g, q_a), s in zip(
-            self._per_layer(v), self.eigenbasis(), self.scalings()
-        ):
-            mat = _as_matrix(layer, parts).to(s.dtype)
-            out = q_g @ transform(q_g.T @ mat @ q_a, s) @ q_a.T
-            result.extend(layer_rules.from_matrix(layer.module, out.to(parts[0].dtype)))
+        for k, (_, parts) in enumerate(self._per_layer(v)):
+            result.extend(self._apply_layer(k, parts, transform))
         return result
+
+    def _apply_layer(self, k: int, parts: list[Tensor], transform: Any) -> list[Tensor]:
+        assert self._basis is not None and self._s_sum is not None
+        layer, (q_g, q_a) = self.layers[k], self._basis[k]
+        s = self._s_sum[k] / self._normalizer
+        mat = _as_matrix(layer, parts).to(s.dtype)
+        out = q_g @ transform(q_g.T @ mat @ q_a, s) @ q_a.T
+        return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
 
     def _matvec(self, v: Vector) -> Vector:
         return self._apply(v, lambda x, s: x * s)
 
     def _solve(self, v: Vector, damping: float) -> Vector:
         if damping == 0.0:
-            for k, s in enumerate(self.scalings()):
-                if not bool(s.min() > torch.finfo(s.dtype).eps * s.max()):
-                    raise linalg.LinAlgError(
-                        f"EKFAC.solve: {self._layer_label(k)} has (numerically) zero "
-                        "eigenvalues; use damping > 0."
-                    )
+            for k in range(len(self.layers)):
+                self._check_invertible_scaling(k)
         return self._apply(v, lambda x, s: x / (s + damping))
+
+    def _check_invertible_scaling(self, k: int) -> None:
+        assert self._s_sum is not None
+        s = self._s_sum[k] / self._normalizer
+        if not bool(s.min() > torch.finfo(s.dtype).eps * s.max()):
+            raise linalg.LinAlgError(
+                f"EKFAC.solve: {self._layer_label(k)} has (numerically) zero "
+                "eigenvalues; use damping > 0."
+            )
+
+    # --- distribution: the basis is fixed when the statistics are taken, so a block's
+    # "decomposition" is empty; a block's work is its projection (solve_block) --------------
+
+    def _sums(self) -> list[NamedTensor]:
+        assert self._s_sum is not None
+        scalings = [NamedTensor(f"{self._layer_label(k)} S*", s) for k, s in enumerate(self._s_sum)]
+        return [*super()._sums(), *scalings]
+
+    def _load_sums(self, sums: list[Tensor]) -> None:
+        count = len(self.layers)
+        super()._load_sums(sums[: 2 * count])
+        self._s_sum, self._s_owned = list(sums[2 * count :]), False
+
+    def _layer_cost(self, d_out: int, d_in: int) -> float:
+        """The two-sided projection of one solve: ``O(d_out² d_in + d_out d_in²)``."""
+        return float(d_out * d_out * d_in + d_out * d_in * d_in)
+
+    def _decompose(self, index: int, damping: float) -> None:
+        pass
+
+    def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
+        return []
+
+    def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
+        pass
+
+    def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
+        if damping == 0.0:
+            self._check_invertible_scaling(index)
+        return self._apply_layer(index, v, lambda x, s: x / (s + damping))
 
     def _to_dense(self) -> Tensor:
         blocks = []

@@ -27,9 +27,16 @@ from torch import Tensor, nn
 
 from curvlab import layers as layer_rules
 from curvlab import linalg
-from curvlab.curvature.base import Curvature, Layer, Vector, find_layers
+from curvlab.curvature.base import (
+    Curvature,
+    DecompositionBlock,
+    Layer,
+    NamedTensor,
+    Vector,
+    find_layers,
+)
 from curvlab.curvature.chain import ForwardOrder, chain_completion
-from curvlab.curvature.kfac_tridiagonal import KroneckerChain
+from curvlab.curvature.kfac_tridiagonal import KroneckerChain, _Link
 from curvlab.extraction import (
     BackwardResult,
     KroneckerBatch,
@@ -133,13 +140,13 @@ class KFAC(Curvature):
         self._owned = False  # whether the sums may be updated in place (see _add_factors)
         self._a_count = [0] * len(self.layers)
         self._g_sum: list[Tensor] | None = None
-        self._eigen: list[_LayerEigen] | None = None
-        self._inverses: tuple[float, list[tuple[Tensor, Tensor]]] | None = None
+        self._eigen: list[_LayerEigen | None] | None = None  # per layer, computed lazily
+        self._inverses: tuple[float, list[tuple[Tensor, Tensor] | None]] | None = None
         self._chain: KroneckerChain | None = None
         self._chain_cache: tuple[float, Any, Any] | None = None
         if tridiagonal:
             self._forward = ForwardOrder(
-                model,
+                self.model,
                 [layer.module for layer in self.layers],
                 [layer.name for layer in self.layers],
                 owner=owner,
@@ -271,23 +278,27 @@ class KFAC(Curvature):
     def factors(self) -> list[KroneckerFactors]:
         """Per layer ``(A, G)``, normalised as described in the module docstring."""
         self._check_ready("factors")
-        assert self._a_sum is not None and self._g_sum is not None
-        return [
-            KroneckerFactors(A=a / count, G=g / self._normalizer)
-            for a, count, g in zip(self._a_sum, self._a_count, self._g_sum)
-        ]
+        return [self._factor(k) for k in range(len(self.layers))]
 
-    def _eigendecompositions(self) -> list[_LayerEigen]:
-        """Cached eigenpairs of G and A per layer; recomputed after the factors change."""
+    def _factor(self, k: int) -> KroneckerFactors:
+        assert self._a_sum is not None and self._g_sum is not None
+        return KroneckerFactors(
+            A=self._a_sum[k] / self._a_count[k], G=self._g_sum[k] / self._normalizer
+        )
+
+    def _layer_eigen(self, k: int) -> _LayerEigen:
         if self._eigen is None:
-            self._eigen = [
-                _LayerEigen(
-                    G=_psd_eig(f.G, f"{self._layer_label(k)} G"),
-                    A=_psd_eig(f.A, f"{self._layer_label(k)} A"),
-                )
-                for k, f in enumerate(self.factors())
-            ]
-        return self._eigen
+            self._eigen = [None] * len(self.layers)
+        eig = self._eigen[k]
+        if eig is None:
+            f = self._factor(k)
+            eig = _LayerEigen(
+                G=_psd_eig(f.G, f"{self._layer_label(k)} G"),
+                A=_psd_eig(f.A, f"{self._layer_label(k)} A"),
+            )
+            self._eigen[k] = eig
+            self.num_decompositions += 1
+        return eig
 
     # --- products ----------------------------------------------------------------------
 
@@ -314,31 +325,28 @@ class KFAC(Curvature):
         result: Vector = []
         if self._chain is not None:
             return self._solve_chain(v, damping)
-        if self.damping_mode == "factored":
-            for (layer, parts), (inv_g, inv_a) in zip(
-                self._per_layer(v), self._factored_inverses(damping)
-            ):  # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer
-                out = inv_g @ _as_matrix(layer, parts).to(inv_g.dtype) @ inv_a
-                result.extend(layer_rules.from_matrix(layer.module, out.to(parts[0].dtype)))
-            return result
-        for k, ((layer, parts), eig) in enumerate(
-            zip(self._per_layer(v), self._eigendecompositions())
-        ):
-            mat = _as_matrix(layer, parts).to(eig.G.eigenvalues.dtype)
-            if damping == 0.0:
-                self._check_invertible(k, eig.G, eig.A)
-            out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
-            result.extend(layer_rules.from_matrix(layer.module, out.to(parts[0].dtype)))
+        for k, (_, parts) in enumerate(self._per_layer(v)):
+            result.extend(self._solve_layer(k, parts, damping))
         return result
+
+    def _solve_layer(self, k: int, parts: list[Tensor], damping: float) -> list[Tensor]:
+        """The block-diagonal damped solve of layer ``k`` (``parts``: its parameters)."""
+        layer = self.layers[k]
+        if self.damping_mode == "factored":
+            # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer
+            inv_g, inv_a = self._layer_inverses(k, damping)
+            out = inv_g @ _as_matrix(layer, parts).to(inv_g.dtype) @ inv_a
+            return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
+        eig = self._layer_eigen(k)
+        mat = _as_matrix(layer, parts).to(eig.G.eigenvalues.dtype)
+        if damping == 0.0:
+            self._check_invertible(k, eig.G, eig.A)
+        out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
+        return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
 
     def _solve_chain(self, v: Vector, damping: float) -> Vector:
         assert self._chain is not None
-        if self._chain_cache is None or self._chain_cache[0] != damping:
-            _, links, inverses = self._chain.factorise(
-                self.factors(), self._chain.cross(self._normalizer), damping
-            )
-            self._chain_cache = (damping, links, inverses)
-        _, links, inverses = self._chain_cache
+        _, links, inverses = self._chain_factorisation(damping)
         parts = self._per_layer(v)
         mats = [_as_matrix(layer, p).to(inverses[0][0].dtype) for layer, p in parts]
         result: Vector = []
@@ -346,24 +354,32 @@ class KFAC(Curvature):
             result.extend(layer_rules.from_matrix(layer.module, out.to(p[0].dtype)))
         return result
 
-    def _factored_inverses(self, damping: float) -> list[tuple[Tensor, Tensor]]:
-        """Per layer ``((G + γ/π I)⁻¹, (A + πγ I)⁻¹)``, ``γ = √λ`` (MATH.md §2.3.2), from
-        Cholesky factorisations (no eigendecomposition); cached until the decompositions
-        are dropped or ``damping`` changes."""
-        if self._inverses is not None and self._inverses[0] == damping:
-            return self._inverses[1]
-        inverses = []
-        for k, f in enumerate(self.factors()):
+    def _chain_factorisation(self, damping: float) -> tuple[float, Any, Any]:
+        """``(damping, links, inverses)`` of the block-tridiagonal structure, cached."""
+        assert self._chain is not None
+        if self._chain_cache is None or self._chain_cache[0] != damping:
+            _, links, inverses = self._chain.factorise(
+                self.factors(), self._chain.cross(self._normalizer), damping
+            )
+            self._chain_cache = (damping, links, inverses)
+            self.num_decompositions += 1
+        return self._chain_cache
+
+    def _layer_inverses(self, k: int, damping: float) -> tuple[Tensor, Tensor]:
+        if self._inverses is None or self._inverses[0] != damping:
+            self._inverses = (damping, [None] * len(self.layers))
+        cached = self._inverses[1][k]
+        if cached is None:
+            f = self._factor(k)
             damped_g, damped_a = linalg.factored_damping(f.G, f.A, damping)
             label = self._layer_label(k)
-            inverses.append(
-                (
-                    _spd_inverse(damped_g, f"{label} G + γ/π I"),
-                    _spd_inverse(damped_a, f"{label} A + πγ I"),
-                )
+            cached = (
+                _spd_inverse(damped_g, f"{label} G + γ/π I"),
+                _spd_inverse(damped_a, f"{label} A + πγ I"),
             )
-        self._inverses = (damping, inverses)
-        return inverses
+            self._inverses[1][k] = cached
+            self.num_decompositions += 1
+        return cached
 
     def _check_invertible(
         self, k: int, eig_g: linalg.SymmetricEigen, eig_a: linalg.SymmetricEigen
@@ -410,6 +426,164 @@ class KFAC(Curvature):
     def _layer_label(self, k: int) -> str:
         layer = self.layers[k]
         return f"layer '{layer.name}' ({type(layer.module).__name__})"
+
+    # --- distribution ----------------------------------------------------------------------
+
+    def _sums(self) -> list[NamedTensor]:
+        assert self._a_sum is not None and self._g_sum is not None
+        sums = []
+        for k, (a, g) in enumerate(zip(self._a_sum, self._g_sum)):
+            label = self._layer_label(k)
+            sums.append(NamedTensor(f"{label} A", a, "symmetric"))
+            sums.append(NamedTensor(f"{label} G", g, "symmetric"))
+        if self._chain is not None:
+            for k, (a_cross, g_cross) in enumerate(zip(self._chain.a_sum, self._chain.g_sum)):
+                if a_cross is not None and g_cross is not None:
+                    sums.append(NamedTensor(f"cross-layer boundary {k} A", a_cross))
+                    sums.append(NamedTensor(f"cross-layer boundary {k} G", g_cross))
+        return sums
+
+    def _load_sums(self, sums: list[Tensor]) -> None:
+        count = len(self.layers)
+        a_sum, g_sum = sums[0 : 2 * count : 2], sums[1 : 2 * count : 2]
+        self._adopt(a_sum, list(self._a_count), g_sum)
+        if self._chain is not None:
+            cross = iter(sums[2 * count :])
+            for k, a in enumerate(self._chain.a_sum):
+                if a is not None:
+                    self._chain.a_sum[k], self._chain.g_sum[k] = next(cross), next(cross)
+
+    def _counts(self) -> list[float]:
+        counts = [float(c) for c in self._a_count]
+        if self._chain is not None:
+            counts.append(float(self._chain.a_count))
+        return counts
+
+    def _load_counts(self, counts: list[float]) -> None:
+        count = len(self.layers)
+        self._a_count = [round(c) for c in counts[:count]]
+        if self._chain is not None:
+            self._chain.a_count = round(counts[count])
+
+    def _decomposition_blocks(self) -> list[DecompositionBlock]:
+        sizes = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
+        if self._chain is not None:  # coupled layers are factorised together
+            return [
+                DecompositionBlock(
+                    index=0,
+                    name=f"{type(self).__name__} block-tridiagonal chain (all layers)",
+                    param_indices=tuple(range(len(self.params))),
+                    cost=float(sum(d_out**3 + d_in**3 for d_out, d_in in sizes)),
+                )
+            ]
+        blocks, start = [], 0
+        for k, (layer, (d_out, d_in)) in enumerate(zip(self.layers, sizes)):
+            stop = start + len(layer.params)
+            blocks.append(
+                DecompositionBlock(
+                    index=k,
+                    name=self._layer_label(k),
+                    param_indices=tuple(range(start, stop)),
+                    cost=self._layer_cost(d_out, d_in),
+                )
+            )
+            start = stop
+        return blocks
+
+    def _layer_cost(self, d_out: int, d_in: int) -> float:
+        """Eigen- or Cholesky decompositions of ``G`` and ``A``: ``O(d_out³ + d_in³)``."""
+        return float(d_out**3 + d_in**3)
+
+    def _decompose(self, index: int, damping: float) -> None:
+        if self._chain is not None:
+            self._chain_factorisation(damping)
+        elif self.damping_mode == "factored":
+            self._layer_inverses(index, damping)
+        else:
+            self._layer_eigen(index)
+
+    def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
+        label = self._layer_label(index)
+        if self._chain is not None:
+            return self._export_chain(damping)
+        if self.damping_mode == "factored":
+            if self._inverses is None or self._inverses[0] != damping:
+                raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
+            pair = self._inverses[1][index]
+            if pair is None:
+                raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
+            return [
+                NamedTensor(f"{label} (G + γ/π I)⁻¹", pair[0], "symmetric"),
+                NamedTensor(f"{label} (A + πγ I)⁻¹", pair[1], "symmetric"),
+            ]
+        eig = None if self._eigen is None else self._eigen[index]
+        if eig is None:
+            raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
+        return [
+            NamedTensor(f"{label} G eigenvalues", eig.G.eigenvalues),
+            NamedTensor(f"{label} G eigenvectors", eig.G.eigenvectors),
+            NamedTensor(f"{label} A eigenvalues", eig.A.eigenvalues),
+            NamedTensor(f"{label} A eigenvectors", eig.A.eigenvectors),
+        ]
+
+    def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
+        if self._chain is not None:
+            self._import_chain(damping, tensors)
+        elif self.damping_mode == "factored":
+            if self._inverses is None or self._inverses[0] != damping:
+                self._inverses = (damping, [None] * len(self.layers))
+            self._inverses[1][index] = (tensors[0], tensors[1])
+        else:
+            if self._eigen is None:
+                self._eigen = [None] * len(self.layers)
+            self._eigen[index] = _LayerEigen(
+                G=linalg.SymmetricEigen(tensors[0], tensors[1]),
+                A=linalg.SymmetricEigen(tensors[2], tensors[3]),
+            )
+
+    def _export_chain(self, damping: float) -> list[NamedTensor]:
+        if self._chain_cache is None or self._chain_cache[0] != damping:
+            raise RuntimeError(f"{type(self).__name__}: the chain is not decomposed yet.")
+        _, links, inverses = self._chain_cache
+        out = []
+        for k, (inv_g, inv_a) in enumerate(inverses):
+            out.append(NamedTensor(f"layer {k} Ĝ⁻¹", inv_g, "symmetric"))
+            out.append(NamedTensor(f"layer {k} Â⁻¹", inv_a, "symmetric"))
+        for i in sorted(links):
+            link, name = links[i], f"link {i}"
+            sigma = link.sigma
+            out.extend(
+                NamedTensor(f"{name} {field}", t)
+                for field, t in (
+                    ("Ψ_G", link.psi_g),
+                    ("Ψ_A", link.psi_a),
+                    ("Σ U_row", sigma.U_row),
+                    ("Σ s_row", sigma.s_row),
+                    ("Σ U_col", sigma.U_col),
+                    ("Σ s_col", sigma.s_col),
+                    ("Σ denominator", sigma.denominator),
+                )
+            )
+        return out
+
+    def _import_chain(self, damping: float, tensors: list[Tensor]) -> None:
+        assert self._chain is not None and self._chain.order is not None
+        assert self._chain.coupled is not None
+        count = len(self.layers)
+        inverses = [(tensors[2 * k], tensors[2 * k + 1]) for k in range(count)]
+        rest = iter(tensors[2 * count :])
+        links = {}
+        coupled = [self._chain.order[k] for k, c in enumerate(self._chain.coupled) if c]
+        for i in sorted(coupled):
+            psi_g, psi_a, u_row, s_row, u_col, s_col, den = (next(rest) for _ in range(7))
+            sigma = linalg.KronSumInverse(u_row, s_row, u_col, s_col, den, sign=-1)
+            links[i] = _Link(psi_g=psi_g, psi_a=psi_a, sigma=sigma)
+        self._chain_cache = (damping, links, inverses)
+
+    def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
+        if self._chain is not None:
+            return self._solve_chain(v, damping)
+        return self._solve_layer(index, v, damping)
 
     # --- state ---------------------------------------------------------------------------
 

@@ -1,0 +1,327 @@
+"""Communication of a distributed :class:`~curvlab.NaturalGradient` over ``torch.distributed``.
+
+KAISA-style data-parallel K-FAC (Pauloski et al. 2021; MATH.md §6.2), for any
+:class:`~curvlab.Curvature`:
+
+* **statistics**: on curvature steps every process all-reduces its
+  :meth:`~curvlab.Curvature.statistic_sums` (sums that add over batches, with the sample
+  counts), so every process holds the curvature of the union of all processes' batches —
+  weighted by batch size for ``reduction="mean"``, a plain sum for ``"sum"``. Symmetric
+  matrices travel as upper triangles; the tensors are packed into one flat buffer per
+  dtype (one collective each).
+* **decompositions**: the backend's :meth:`~curvlab.Curvature.decomposition_blocks` are
+  assigned to processes by estimated cost (:func:`assign_blocks`); on inversion steps
+  each process decomposes its own blocks. With ``"comm_opt"`` the owners broadcast the
+  decompositions and every process preconditions every layer; with ``"mem_opt"`` the
+  owner keeps them and broadcasts its blocks' preconditioned gradient every step.
+
+Everything is sent from and received into tensors on the parameters' device (CPU with
+gloo, CUDA with NCCL). :class:`Communicator` counts the bytes it hands to collectives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from curvlab import linalg
+from curvlab.curvature.base import TENSOR_STRUCTURES, NamedTensor
+
+#: How decompositions are shared (``NaturalGradient(distribution=...)``).
+DISTRIBUTIONS = ("comm_opt", "mem_opt", "local")
+
+#: What the byte counters of :class:`Communicator` distinguish.
+CATEGORIES = ("statistics", "decompositions", "gradients", "control")
+
+_DTYPES = (
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.complex64,
+    torch.complex128,
+    torch.int64,
+    torch.int32,
+)
+
+#: Errors a failing process reports and every process re-raises with the same type.
+_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (
+        linalg.LinAlgError,
+        FloatingPointError,
+        ValueError,
+        TypeError,
+        NotImplementedError,
+        RuntimeError,
+    )
+}
+
+
+def active_group(process_group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:
+    """``process_group`` or, if ``None``, the default group — when ``torch.distributed`` is
+    initialised and the group has more than one process; otherwise ``None``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise RuntimeError(
+                "process_group was given but torch.distributed is not initialised; call "
+                "torch.distributed.init_process_group first."
+            )
+        return None
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def assign_blocks(costs: Sequence[float], world_size: int) -> list[int]:
+    """Greedy longest-processing-time assignment: the owner (rank) of each block.
+
+    Blocks in order of decreasing cost (ties: lower index first) go to the process with
+    the least total cost so far (ties: fewer blocks, then lower rank). Deterministic, so
+    every process computes the same assignment.
+    """
+    if world_size < 1:
+        raise ValueError(f"assign_blocks: world_size must be >= 1, got {world_size}.")
+    owners = [0] * len(costs)
+    load = [0.0] * world_size
+    count = [0] * world_size
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world_size), key=lambda r: (load[r], count[r], r))
+        owners[index] = rank
+        load[rank] += costs[index]
+        count[rank] += 1
+    return owners
+
+
+class DistributedFailure(RuntimeError):
+    """Raised on every process when the processes disagree (model structure, damping)."""
+
+
+class Communicator:
+    """The collectives of a distributed preconditioner over one process group.
+
+    Attributes:
+        rank, world_size: of this process in ``group``.
+        device: where control tensors and received buffers are allocated (the
+            parameters' device: CPU for gloo, CUDA for NCCL).
+        bytes: per category (:data:`CATEGORIES`), the bytes of the buffers this process
+            handed to collectives (for an all-reduce its buffer; for a broadcast the
+            buffer sent or received). Network traffic depends on the algorithm: a ring
+            all-reduce moves about ``2(w−1)/w`` times the buffer per process.
+        collectives: per category, the number of collective calls.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
+        self.group = group
+        self.device = device  # where control tensors and received buffers live
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.bytes = dict.fromkeys(CATEGORIES, 0)
+        self.collectives = dict.fromkeys(CATEGORIES, 0)
+        self._indices: dict[tuple[str, int, str], tuple[Tensor, Tensor]] = {}
+
+    def reset_counters(self) -> None:
+        """Zero :attr:`bytes` and :attr:`collectives`."""
+        self.bytes = dict.fromkeys(CATEGORIES, 0)
+        self.collectives = dict.fromkeys(CATEGORIES, 0)
+
+    def _count(self, category: str, buffer: Tensor) -> None:
+        self.bytes[category] += buffer.numel() * buffer.element_size()
+        self.collectives[category] += 1
+
+    # --- packing -------------------------------------------------------------------------
+
+    def _triangle(self, structure: str, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (structure, n, str(device))
+        if key not in self._indices:
+            if structure == "symmetric":
+                rows, cols = torch.triu_indices(n, n, device=device)
+            else:
+                rows, cols = torch.tril_indices(n, n, device=device)
+            self._indices[key] = (rows, cols)
+        return self._indices[key]
+
+    def pack(self, entry: NamedTensor) -> Tensor:
+        """The entries that determine ``entry`` as a flat vector (a triangle for symmetric
+        and lower-triangular matrices, everything otherwise)."""
+        t = entry.tensor
+        if entry.structure == "general":
+            return t.reshape(-1)
+        rows, cols = self._triangle(entry.structure, t.shape[0], t.device)
+        return t[rows, cols]
+
+    def unpack(self, flat: Tensor, shape: Sequence[int], structure: str) -> Tensor:
+        """Inverse of :meth:`pack`: a symmetric matrix gets its lower triangle mirrored."""
+        if structure == "general":
+            return flat.reshape(tuple(shape))
+        n = shape[0]
+        rows, cols = self._triangle(structure, n, flat.device)
+        out = flat.new_zeros(n, n)
+        out[rows, cols] = flat
+        if structure == "symmetric":
+            out[cols, rows] = flat
+        return out
+
+    def _buckets(self, entries: Sequence[NamedTensor]) -> dict[torch.dtype, list[int]]:
+        """Entry indices grouped by dtype, dtypes in order of first appearance."""
+        buckets: dict[torch.dtype, list[int]] = {}
+        for i, e in enumerate(entries):
+            buckets.setdefault(e.tensor.dtype, []).append(i)
+        return buckets
+
+    # --- collectives ---------------------------------------------------------------------
+
+    def all_reduce_sum(self, entries: Sequence[NamedTensor], category: str) -> list[Tensor]:
+        """Every entry summed over the processes (new tensors, identical on every process).
+
+        Every process must pass entries with the same names, shapes, dtypes and
+        structures in the same order.
+        """
+        out: list[Tensor | None] = [None] * len(entries)
+        for indices in self._buckets(entries).values():
+            packed = [self.pack(entries[i]) for i in indices]
+            buffer = torch.cat(packed)
+            self._count(category, buffer)
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+            for i, part in zip(indices, buffer.split([p.numel() for p in packed])):
+                e = entries[i]
+                out[i] = self.unpack(part, e.tensor.shape, e.structure)
+        return [t for t in out if t is not None]
+
+    def broadcast_entries(
+        self, groups: Sequence[Sequence[NamedTensor]] | None, src: int, category: str
+    ) -> list[list[Tensor]]:
+        """Groups of tensors (given on ``src`` only, e.g. one group per block) on every
+        process, ``src`` included: it gets the packed-and-unpacked copy too, so that every
+        process holds identical tensors.
+
+        Group sizes, shapes, dtypes and structures travel in a small int64 header first
+        (two control broadcasts, read back to the host), then one buffer per dtype.
+        """
+        device = self.device
+        header: list[int] = []
+        entries: list[NamedTensor] = []
+        if self.rank == src:
+            assert groups is not None
+            entries = [e for g in groups for e in g]
+            header = [len(groups), *(len(g) for g in groups)]
+            for e in entries:
+                t = e.tensor
+                header += [_DTYPES.index(t.dtype), TENSOR_STRUCTURES.index(e.structure), t.ndim]
+                header += list(t.shape)
+        length = torch.tensor([len(header)], dtype=torch.int64, device=device)
+        self._broadcast(length, src, "control")
+        if self.rank == src:
+            head = torch.tensor(header, dtype=torch.int64, device=device)
+        else:
+            head = torch.zeros(int(length.item()), dtype=torch.int64, device=device)
+        self._broadcast(head, src, "control")
+        values = header if self.rank == src else head.tolist()
+        sizes_of_groups = values[1 : 1 + values[0]]
+        specs: list[tuple[torch.dtype, str, list[int]]] = []
+        pos = 1 + values[0]
+        for _ in range(sum(sizes_of_groups)):
+            dtype, structure, ndim = values[pos], values[pos + 1], values[pos + 2]
+            shape = values[pos + 3 : pos + 3 + ndim]
+            specs.append((_DTYPES[dtype], TENSOR_STRUCTURES[structure], shape))
+            pos += 3 + ndim
+        out: list[Tensor | None] = [None] * len(specs)
+        buckets: dict[torch.dtype, list[int]] = {}
+        for i, (dtype, _, _) in enumerate(specs):
+            buckets.setdefault(dtype, []).append(i)
+        for dtype, indices in buckets.items():
+            sizes = [_packed_size(specs[i][1], specs[i][2]) for i in indices]
+            if self.rank == src:
+                buffer = torch.cat([self.pack(entries[i]) for i in indices])
+            else:
+                buffer = torch.empty(sum(sizes), dtype=dtype, device=device)
+            self._broadcast(buffer, src, category)
+            for i, part in zip(indices, buffer.split(sizes)):
+                out[i] = self.unpack(part, specs[i][2], specs[i][1])
+        tensors = [t for t in out if t is not None]
+        grouped, start = [], 0
+        for size in sizes_of_groups:
+            grouped.append(tensors[start : start + size])
+            start += size
+        return grouped
+
+    def broadcast(self, buffer: Tensor, src: int, category: str) -> None:
+        """``buffer`` of ``src`` into ``buffer`` of every process (shapes known to all)."""
+        self._broadcast(buffer, src, category)
+
+    def _broadcast(self, buffer: Tensor, src: int, category: str) -> None:
+        self._count(category, buffer)
+        dist.broadcast(buffer, group=self.group, group_src=src)
+
+    def gather_values(self, values: Sequence[float]) -> list[list[float]]:
+        """``values`` of every process (float64, one all-gather, read back to the host)."""
+        mine = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        self._count("control", mine)
+        dist.all_gather(gathered, mine, group=self.group)
+        return torch.stack(gathered).tolist()
+
+    def broadcast_message(self, message: str | None, src: int) -> str:
+        """A string from ``src`` (pickled; for error reports only)."""
+        box = [message]
+        self.collectives["control"] += 1
+        dist.broadcast_object_list(box, group=self.group, group_src=src)
+        return str(box[0])
+
+    # --- agreement -----------------------------------------------------------------------
+
+    def raise_reported(self, error: BaseException | None, failed: Sequence[int], what: str) -> None:
+        """Raise on every process the error of the first process in ``failed`` (a list all
+        processes agree on); nothing happens if it is empty."""
+        if not failed:
+            return
+        src = failed[0]
+        report = f"{type(error).__name__}\n{error}" if self.rank == src else None
+        kind, _, message = self.broadcast_message(report, src).partition("\n")
+        cls = _ERRORS.get(kind, RuntimeError)
+        full = (
+            f"{what} failed on process {src} of {self.world_size} (every process raises this "
+            f"error): {message}"
+        )
+        raise cls(full) from error
+
+    def check_same(self, description: Sequence[str], what: str) -> None:
+        """Raise :class:`DistributedFailure` on every process unless every process passes the
+        same ``description`` (compared by a hash; on a mismatch the descriptions are
+        gathered to name the first difference)."""
+        digest = hashlib.sha256("\n".join(description).encode()).digest()
+        mine = int.from_bytes(digest[:6], "big")  # 48 bits: exact in float64
+        hashes = [int(h) for (h,) in self.gather_values([float(mine)])]
+        if len(set(hashes)) == 1:
+            return
+        everyone: list[list[str] | None] = [None] * self.world_size
+        self.collectives["control"] += 1
+        dist.all_gather_object(everyone, list(description), group=self.group)
+        reference = everyone[0] or []
+        for rank, other in enumerate(everyone):
+            other = other or []
+            if other == reference:
+                continue
+            for i in range(max(len(other), len(reference))):
+                mine_line = other[i] if i < len(other) else "<nothing>"
+                ref_line = reference[i] if i < len(reference) else "<nothing>"
+                if mine_line != ref_line:
+                    raise DistributedFailure(
+                        f"{what}: process {rank} has {mine_line!r} where process 0 has "
+                        f"{ref_line!r}. Every process must build the same model and curvature "
+                        "(same layers, parameter shapes, backend and options)."
+                    )
+        raise DistributedFailure(f"{what}: the processes differ.")  # pragma: no cover
+
+
+def _packed_size(structure: str, shape: Sequence[int]) -> int:
+    if structure == "general":
+        size = 1
+        for d in shape:
+            size *= d
+        return size
+    n = shape[0]
+    return n * (n + 1) // 2
