@@ -233,13 +233,17 @@ class NaturalGradient:
             self._gathering = False
             if self.comm is not None:
                 self._all_reduce_statistics(self.comm)
-            self._blend(self.curvature.statistics())
+            restarted = self._blend(self.curvature.statistics())
+        else:
+            restarted = False
         if self._average is None:
             raise RuntimeError(
                 "NaturalGradient.step: no curvature yet; call precond.backward(loss) in the "
                 "first step (it gathers statistics when curvature_due)."
             )
-        if self.steps % self.invert_every == 0 or self._inverted is None:
+        # a restarted average (e.g. EKFAC refitted its basis) cannot be mixed with the held
+        # statistics either: invert now
+        if restarted or self.steps % self.invert_every == 0 or self._inverted is None:
             self._inverted = self._average
             self.curvature.load_statistics(self._inverted)
             self.curvature.refresh()
@@ -406,13 +410,16 @@ class NaturalGradient:
         )
         return [n for n in natural if n is not None]
 
-    def _blend(self, batch: dict[str, Any]) -> None:
+    def _blend(self, batch: dict[str, Any]) -> bool:
+        """Mix ``batch`` into the moving average; ``True`` if the average restarted."""
         self.num_updates += 1
         eps = min(1.0 - 1.0 / self.num_updates, self.ema_decay)
         if self._average is None or not _same_structure(self._average, batch):
+            restarted = self._average is not None
             self._average = batch  # first update, or a backend's basis changed: restart
-            return
+            return restarted
         self._average = _mix(self._average, batch, eps)
+        return False
 
     def _clip(self, natural: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         # ν = min(1, sqrt(κ / |lr² Σ⟨ĝ, g⟩|)), as a tensor: no host synchronisation

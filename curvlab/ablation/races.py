@@ -266,10 +266,12 @@ def race(
         )
         runs.append((c, model, precond))
     order = _batch_order(len(train[0]), batch_size, steps, seed)
-    curves = [
-        _run(c, model, loss_fn, precond, train, val, order, eval_every, progress)
-        for c, model, precond in runs
-    ]
+    curves = []
+    for c, model, precond in runs:
+        # the same random stream (Monte-Carlo labels) for every contender, wherever it is
+        # in the list and whether it runs alone (tune) or in a race
+        torch.manual_seed(seed)
+        curves.append(_run(c, model, loss_fn, precond, train, val, order, eval_every, progress))
     settings = {
         "steps": steps,
         "seed": seed,

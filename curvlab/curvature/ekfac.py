@@ -46,6 +46,13 @@ class EKFAC(KFAC):
 
     ``solve`` applies ``Q [(Qᵀ v) ⊘ (S* + λ)]`` exactly (EKFAC's natural damping, as in
     curvlinops); there is no factored mode.
+
+    Args:
+        refit_every: under a preconditioner (``hold_decompositions``), refit the eigenbasis
+            at every ``refit_every``-th ``reset()`` (i.e. curvature step) from the factors
+            held then — the preconditioner's moving average — instead of keeping the first
+            batch's basis for good (George et al. recompute it periodically). ``None``:
+            keep it. ``S*`` restarts in the new basis.
     """
 
     supported_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -59,7 +66,14 @@ class EKFAC(KFAC):
         kfac_approx: str = "expand",
         layers: Sequence[LayerSpec] | None = None,
         exclude: Sequence[LayerSpec] | None = None,
+        refit_every: int | None = None,
     ) -> None:
+        if refit_every is not None and (
+            isinstance(refit_every, bool) or not isinstance(refit_every, int) or refit_every < 1
+        ):
+            raise ValueError(
+                f"EKFAC: refit_every must be a positive int or None, got {refit_every!r}."
+            )
         super().__init__(
             model,
             loss_fn,
@@ -74,6 +88,8 @@ class EKFAC(KFAC):
         self._basis_id = 0  # increases with every new basis (statistics() carries it)
         self._s_sum: list[Tensor] | None = None  # Σ_b w_b S*_b, [D_out, D_in] per layer
         self._s_owned = False
+        self.refit_every = refit_every
+        self._resets_held = 0  # resets under hold_decompositions, for refit_every
 
     _keep_raw = True
 
@@ -133,6 +149,12 @@ class EKFAC(KFAC):
         self._invalidate()
 
     def _reset(self) -> None:
+        if self._hold and self._basis is not None and self.refit_every is not None:
+            self._resets_held += 1
+            if self._resets_held % self.refit_every == 0:
+                # the factors held now are the preconditioner's average, equal on every process
+                self._basis = self._factor_eigenbases()
+                self._basis_id += 1
         super()._reset()
         if not self._hold:  # a preconditioner holding decompositions keeps the basis too
             self._basis = None

@@ -172,3 +172,12 @@ def test_tune_picks_the_lowest_late_training_loss_of_the_grid() -> None:
     late = [loss for step, loss in zip(curve.steps, curve.train_loss) if step >= 6]
     assert scores["lr=0.1, λ=0.01"] == pytest.approx(sum(late) / len(late))
     assert curve.damping == 1e-2
+
+
+def test_a_contenders_run_does_not_depend_on_the_others() -> None:
+    train, val = _task()
+    options = dict(steps=5, seed=2, batch_size=16, eval_every=1)
+    alone = race(_mlp, nn.CrossEntropyLoss(), train, val, ["kfac"], **options)
+    behind = race(_mlp, nn.CrossEntropyLoss(), train, val, ["sgd", "ekfac", "kfac"], **options)
+    # kfac samples Monte-Carlo labels: the same stream either way
+    assert behind.curve("kfac").train_loss == alone.curve("kfac").train_loss

@@ -122,3 +122,35 @@ def test_undamped_solve_with_zero_eigenvalues_is_reported() -> None:
     ekfac.update(*case.data(n=2))
     with pytest.raises(curvlab.linalg.LinAlgError, match="use damping > 0"):
         ekfac.solve([torch.ones_like(p) for p in ekfac.params], 0.0)
+
+
+def test_refit_every_refits_the_basis_from_the_preconditioners_average() -> None:
+    case = next(c for c in CASES if c.id == "mlp-ce-mean")
+    model, loss_fn = case.build()
+    ekfac = curvlab.EKFAC(model, loss_fn, fisher_type="exact", refit_every=3)
+    precond = curvlab.NaturalGradient(ekfac, damping=1e-2, invert_every=10, ema_decay=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids, held, refitted = [], None, None
+    for step in range(7):
+        x, y = case.data(n=8, seed=step)
+        if step == 3:  # the factors held before this step's reset: the average so far
+            held = ekfac.factors()
+        opt.zero_grad()
+        precond.backward(loss_fn(model(x), y))
+        precond.step()  # a new basis restarts the average and inverts at once
+        opt.step()
+        ids.append(ekfac.statistics()["basis_id"])
+        if step == 3:
+            refitted = ekfac.eigenbasis()
+    assert ids == [1, 1, 1, 2, 2, 2, 3]
+    assert held is not None and refitted is not None
+    for (q_g, q_a), f in zip(refitted, held):
+        off_g, off_a = q_g.T @ f.G @ q_g, q_a.T @ f.A @ q_a
+        assert (off_g - torch.diag(torch.diagonal(off_g))).abs().max() < 1e-10
+        assert (off_a - torch.diag(torch.diagonal(off_a))).abs().max() < 1e-10
+
+
+def test_refit_every_must_be_a_positive_int() -> None:
+    model, loss_fn = CASES[0].build()
+    with pytest.raises(ValueError, match="refit_every must be a positive int or None"):
+        curvlab.EKFAC(model, loss_fn, refit_every=0)
