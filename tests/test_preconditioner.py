@@ -167,13 +167,20 @@ def _train(model, loss_fn, precond, opt, batches) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("backend", ["kfac", "block_diagonal"])
+RESUME_OPTIONS = {
+    "kfac": {"fisher_type": "mc"},
+    "block_diagonal": {},
+    "ekfac": {"fisher_type": "mc", "refit_every": 3},  # refits at the 6th step, after resume
+}
+
+
+@pytest.mark.parametrize("backend", list(RESUME_OPTIONS))
 def test_resuming_from_a_checkpoint_is_bit_identical(backend) -> None:
     batches = [MLP_CE.data(n=8, seed=s) for s in range(8)]
 
     def fresh():
         model, loss_fn = MLP_CE.build()
-        kwargs = {"fisher_type": "mc"} if backend == "kfac" else {}
+        kwargs = RESUME_OPTIONS[backend]
         precond = curvlab.NaturalGradient(
             curvlab.make(backend, model, loss_fn, **kwargs),
             damping=lambda step: 0.1 / (1 + step),

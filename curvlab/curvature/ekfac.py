@@ -262,6 +262,7 @@ class EKFAC(KFAC):
             "basis": self._basis,
             "basis_id": self._basis_id,
             "s_sum": self._s_sum,
+            "resets_held": self._resets_held,
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -271,6 +272,7 @@ class EKFAC(KFAC):
         self._basis_id = int(state["basis_id"])
         self._s_sum = None if s_sum is None else [s.clone() for s in s_sum]
         self._s_owned = True
+        self._resets_held = int(state.get("resets_held", 0))  # for refit_every
 
 
 def _projected_second_moment(batch: KroneckerBatch, q_g: Tensor, q_a: Tensor) -> Tensor:
