@@ -205,7 +205,7 @@ class NaturalGradient:
             self._bad_losses = bad if self._bad_losses is None else self._bad_losses + bad
         elif not bool(torch.isfinite(loss)):  # curvature steps only: one host sync
             raise FloatingPointError(
-                f"NaturalGradient.backward: the loss is not finite ({float(loss)}); no "
+                f"NaturalGradient.backward: the loss is not finite ({float(loss.detach())}); no "
                 "curvature taken. Lower the learning rate or raise the damping."
             )
         if not self._gathering:
