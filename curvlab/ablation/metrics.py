@@ -169,20 +169,23 @@ def quality(
     F, u_star = reference.dense, reference.direction
     offsets = _offsets(exact.params)
     k = min(top_k, len(F))
-    eig_cache: dict[tuple[int, ...], Tensor] = {}
+    eig_cache: dict[tuple[int, ...], Tensor] = {}  # F's top eigenvalues per covered subset
+
+    def reference_top(index: Tensor) -> Tensor:
+        key = tuple(index.tolist())
+        if key not in eig_cache:
+            eig_cache[key] = _top_eigenvalues(F[index][:, index], k)
+        return eig_cache[key]
 
     rows = []
     for label, curvature in named.items():
         index = _index(curvature.params, offsets, label)
-        grads = _gradient(model, loss_fn, batches, curvature)
+        # the same gradient, restricted to the parameters this backend covers
+        grads = [reference.gradient[slice(*offsets[id(p)])].view_as(p) for p in curvature.params]
         m = _measure(curvature, batches, damping, grads)
         # the optimizer's direction: natural gradient where covered, plain gradient elsewhere
         u = reference.gradient.clone()
         u[index] = m.direction
-        key = tuple(index.tolist())
-        if key not in eig_cache:
-            eig_cache[key] = _top_eigenvalues(F[index][:, index], k)
-        F_top = eig_cache[key]
         C_top = _top_eigenvalues(m.dense, k)
         rows.append(
             QualityRow(
@@ -192,7 +195,7 @@ def quality(
                 block_errors=_block_errors(exact, curvature, m.dense, F, offsets),
                 direction_error=_relative(u, u_star),
                 direction_cosine=float(torch.nn.functional.cosine_similarity(u, u_star, dim=0)),
-                eigenvalue_error=_relative(C_top, F_top),
+                eigenvalue_error=_relative(C_top, reference_top(index)),
                 top_eigenvalues=C_top.tolist(),
                 extract_seconds=m.extract_seconds,
                 solve_seconds=m.solve_seconds,
@@ -204,7 +207,7 @@ def quality(
         damping=float(damping),
         num_samples=sum(len(x) for x, _ in batches),
         num_params=len(F),
-        reference_eigenvalues=_top_eigenvalues(F, k).tolist(),
+        reference_eigenvalues=reference_top(torch.arange(len(F))).tolist(),
         reference_extract_seconds=reference.extract_seconds,
         reference_solve_seconds=reference.solve_seconds,
         reference_peak_memory_bytes=reference.peak_memory_bytes,
@@ -314,7 +317,8 @@ def _resolve(
 def _gradient(
     model: nn.Module, loss_fn: nn.Module, batches: list[Batch], c: Curvature
 ) -> list[Tensor]:
-    """Gradient of the loss over the union of the batches, for ``c.params``."""
+    """Gradient of the loss over the union of the batches, for ``c.params`` (the exact
+    Fisher's: every trainable parameter)."""
     total = sum(len(x) for x, _ in batches)
     if loss_fn.reduction == "sum":
         weights = [1.0] * len(batches)
@@ -351,10 +355,7 @@ def _block_errors(
     F: Tensor,
     offsets: dict[int, tuple[int, int]],
 ) -> dict[str, float]:
-    position, start = {}, 0
-    for p in c.params:
-        position[id(p)] = (start, start + p.numel())
-        start += p.numel()
+    position = _offsets(c.params)
     errors = {}
     for layer in exact.layers:
         if not all(id(p) in position for p in layer.params):
