@@ -18,8 +18,9 @@ class PeakTensorMemory(TorchDispatchMode):
 
     Every ATen call made inside the block (autograd's backward and BackPACK's hooks
     included) is seen here; a storage counts from the first op that returns it until the
-    last tensor viewing it is freed. Tensors that existed before the block (the model,
-    the data) are not counted. Slower than the code it measures: time separately.
+    last tensor viewing it is freed. Storages that existed before the block (the model,
+    the data, gradients updated in place) are not counted. Slower than the code it
+    measures: time separately.
     """
 
     @classmethod
@@ -42,14 +43,17 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {_address(t) for t in tree_flatten((args, kwargs))[0] if _is_real_tensor(t)}
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            if not _is_real_tensor(t):
                 continue
             storage = t.untyped_storage()
             address = storage.data_ptr()
             if address == 0:
                 continue
             entry = self._views.get(address)
+            if entry is None and address in inputs:
+                continue  # an in-place result or a view of a storage made before the block
             if entry is None:
                 entry = self._views[address] = [0, storage.nbytes()]
                 self.live += entry[1]
@@ -57,6 +61,14 @@ class PeakTensorMemory(TorchDispatchMode):
             entry[0] += 1
             weakref.finalize(t, self._release, address)
         return out
+
+
+def _is_real_tensor(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type != "meta"
+
+
+def _address(t: torch.Tensor) -> int:
+    return int(t.untyped_storage().data_ptr())
 
 
 class Stopwatch:
