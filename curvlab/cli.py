@@ -235,9 +235,10 @@ def ablate(args: argparse.Namespace) -> int:
         **result.settings,
     }
     seconds = time.perf_counter() - started
-    paths = _write(args.out, settings, result, report, tuning, seconds)
+    summary = _summary(settings, result, report, tuning, seconds)
+    paths = _write(args.out, summary, settings, result, report, tuning, seconds)
     if args.readme is not None:
-        _splice_readme(args.readme, args.out, _summary(settings, result, report, tuning, seconds))
+        _splice_readme(args.readme, args.out, summary)
         paths.append(args.readme)
     print(f"curvlab ablate: done in {seconds:.0f} s. Wrote:")
     for path in paths:
@@ -394,6 +395,7 @@ def _summary(
 
 def _write(
     out: Path,
+    summary_text: str,
     settings: dict[str, Any],
     result: RaceResult,
     report: QualityReport,
@@ -407,9 +409,7 @@ def _write(
 
     summary = out / "summary.md"
     summary.write_text(
-        "# curvlab ablate\n\n"
-        + _summary(settings, result, report, tuning, seconds)
-        + "\n![race](race.png)\n\n![quality](quality.png)\n"
+        "# curvlab ablate\n\n" + summary_text + "\n![race](race.png)\n\n![quality](quality.png)\n"
     )
     results = out / "results.json"
     payload = {
