@@ -6,14 +6,17 @@ A training loop stays a training loop::
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for x, y in loader:
         opt.zero_grad()
-        precond.backward(loss_fn(model(x), y))  # plain backward, or with BackPACK when due
+        precond.backward(loss_fn(model(x), y))  # plain backward (+ curvature when due)
         precond.step()                          # p.grad <- (C + λI)⁻¹ p.grad, in place
         opt.step()
 
 Per step ``k`` (counted by ``step()``):
 
-* **statistics** every ``update_every`` steps: ``backward`` runs inside BackPACK with the
-  backend's extensions and accumulates; several ``backward`` calls before one ``step``
+* **statistics** every ``update_every`` steps: the curvature records the forward passes
+  of the step (:meth:`Curvature.recording`, armed by the preconditioner), ``backward``
+  accumulates the statistics of the forward that produced its loss
+  (:meth:`Curvature.accumulate`) and then runs ``loss.backward()``; several ``backward``
+  calls before one ``step``
   (gradient accumulation) give the curvature of their union. ``step`` then blends the
   step's normalised statistics into an exponential moving average with
   ``ε = min(1 − 1/u, ema_decay)``, ``u`` the number of curvature updates so far (a plain
@@ -53,7 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab import distributed, extraction
+from curvlab import distributed
 from curvlab.curvature.base import Curvature, NamedTensor
 from curvlab.damping import LevenbergMarquardt
 from curvlab.quadratic import evaluate_capturing_inputs, ggn_gram
@@ -161,6 +164,15 @@ class NaturalGradient:
             curvature.set_process_reducer(lambda e: comm.all_reduce_sum(e, "statistics"))
         self._decompositions_due = True  # distributed: share decompositions at the next step
         self._bad_losses: Tensor | None = None  # distributed: non-finite losses, not yet read
+        self._arm_recording()
+
+    def _arm_recording(self) -> None:
+        """Record the forward passes of the coming step if it takes curvature statistics."""
+        recording = self.curvature.recording()
+        recording.__exit__(None, None, None)
+        recording.clear()
+        if self.curvature_due:
+            recording.__enter__()
 
     def _signature(self) -> list[str]:
         """What must agree across processes: settings, parameters, blocks."""
@@ -211,8 +223,9 @@ class NaturalGradient:
         if not self._gathering:
             self.curvature.reset()
             self._gathering = True
-        extraction.backward(loss, self.curvature.extensions(), self.curvature.loss_fn)
-        self.curvature.accumulate()
+        # distributed: every process must reach the all-reduce; step() reports the failure
+        self.curvature.accumulate(loss, check_finite=self.comm is None)
+        loss.backward()
 
     def current_damping(self) -> float:
         """``λ`` of the current step (evaluates a schedule)."""
@@ -274,6 +287,7 @@ class NaturalGradient:
         for g, n in zip(grads, natural):
             g.copy_(n)
         self.steps += 1
+        self._arm_recording()
 
     def _reduction_ratio(
         self, closure: Callable[[], Tensor], grads: list[Tensor], natural: list[Tensor]
@@ -451,6 +465,7 @@ class NaturalGradient:
         self._average = _clone(state["average"])
         self._inverted = _clone(state["inverted"])
         self._gathering = False
+        self._arm_recording()
         if isinstance(self.damping, LevenbergMarquardt) and state.get("damping") is not None:
             self.damping.load_state_dict(state["damping"])
         if state["curvature"] is not None:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from curvlab.extraction import suspended_hooks
-from curvlab.losses import output_hessian_apply
+from curvlab.extraction.hooks import suspended_hooks
+from curvlab.extraction.losses import output_hessian_apply
 
 
 def ggn_gram(

@@ -3,6 +3,7 @@
 from curvlab.curvature.base import Curvature, DecompositionBlock, Layer, NamedTensor
 from curvlab.curvature.block_diagonal import BlockDiagonal
 from curvlab.curvature.block_tridiagonal import BlockTridiagonal
+from curvlab.curvature.diagonal import DiagonalFisher
 from curvlab.curvature.ekfac import EKFAC
 from curvlab.curvature.empirical import EmpiricalFisher
 from curvlab.curvature.exact import ExactFisher
@@ -16,6 +17,7 @@ __all__ = [
     "BlockTridiagonal",
     "Curvature",
     "DecompositionBlock",
+    "DiagonalFisher",
     "EmpiricalFisher",
     "ExactFisher",
     "KroneckerFactors",

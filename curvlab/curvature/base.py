@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from curvlab import extraction
-from curvlab.extraction import BackwardResult
+from curvlab.extraction import hooks
+from curvlab.extraction.losses import check_loss
+from curvlab.extraction.requests import BatchResult, KroneckerStatistics, Request, validate_request
 
 Vector = list[Tensor]
 
@@ -107,10 +108,19 @@ class Layer:
 
 
 def find_layers(model: nn.Module) -> list[Layer]:
-    """Modules owning trainable parameters, in registration order, with their parameters."""
+    """Modules owning trainable parameters, in registration order, with their parameters.
+
+    A parameter shared by several modules (tied weights) belongs to the first module that
+    registers it, so every parameter appears once (the order of ``model.parameters()``).
+    """
     layers = []
+    seen: set[int] = set()
     for name, module in model.named_modules():
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        own = []
+        for n, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                own.append((n, p))
         if own:
             prefix = f"{name}." if name else ""
             layers.append(
@@ -132,6 +142,8 @@ class Curvature(abc.ABC):
             ``DistributedDataParallel`` (or ``DataParallel``) wrapper is unwrapped: the
             curvature covers ``model.module`` (layer and parameter names are its names).
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
+        engine: how statistics are extracted: ``"auto"`` (BackPACK where it applies and is
+            faster, else plain autograd hooks), ``"hooks"`` or ``"backpack"``.
 
     Attributes:
         params: the covered parameters, in the order of every parameter-space vector.
@@ -141,23 +153,32 @@ class Curvature(abc.ABC):
     #: Name under which the backend is registered (``curvlab.make(name, ...)``).
     name: ClassVar[str] = ""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, engine: str = "auto") -> None:
+        owner = type(self).__name__
         if isinstance(model, (DataParallel, DistributedDataParallel)):
             model = model.module  # the wrapper replicates and averages; the layers are inside
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}."
+            )
+        check_loss(loss_fn)
+        extraction.check_engine(engine, owner)
         self.model = model
         self.loss_fn = loss_fn
+        self.engine = engine
         self.layers: list[Layer] = self._select_layers(model)
-        if not self.layers:
-            raise ValueError(f"{type(self).__name__}: the model has no trainable parameters.")
-        self.params: list[nn.Parameter] = [p for layer in self.layers for p in layer.params]
-        self.param_names: list[str] = [n for layer in self.layers for n in layer.param_names]
-        extraction.prepare(
-            model,
-            loss_fn,
-            self.extensions(),
-            owner=type(self).__name__,
-            covered=[layer.module for layer in self.layers],
-        )
+        extra = self._other_layers()
+        if not self.layers and not extra:
+            raise ValueError(f"{owner}: the model has no trainable parameters.")
+        everything = [*self.layers, *extra]
+        self.params: list[nn.Parameter] = [p for layer in everything for p in layer.params]
+        self.param_names: list[str] = [n for layer in everything for n in layer.param_names]
+        self._request_list = self._requests()
+        for request in self._request_list:
+            validate_request(request, owner)
+        if engine == "backpack":
+            extraction.choose_engine(model, self._request_list, engine)  # says why not, now
+        self._recording: hooks.Recording | None = None
         self.num_batches = 0
         self.num_samples = 0
         self._weight_sum = 0.0
@@ -171,11 +192,17 @@ class Curvature(abc.ABC):
     def _select_layers(self, model: nn.Module) -> list[Layer]:
         return find_layers(model)
 
-    @abc.abstractmethod
-    def _extensions(self) -> list[BackpropExtension]: ...
+    def _other_layers(self) -> list[Layer]:
+        """Layers covered outside ``layers`` (after them in ``params``), e.g. the diagonal
+        blocks of a Kronecker backend. Called after ``_select_layers``."""
+        return []
 
     @abc.abstractmethod
-    def _accumulate(self, result: BackwardResult, weight: float) -> None:
+    def _requests(self) -> list[Request]:
+        """What the backend needs from each batch (fixed at construction)."""
+
+    @abc.abstractmethod
+    def _accumulate(self, result: BatchResult, weight: float) -> None:
         """Add ``weight`` × this batch's curvature statistics to the running sums."""
 
     @abc.abstractmethod
@@ -261,31 +288,86 @@ class Curvature(abc.ABC):
         """``solve`` restricted to block ``index`` (``v``: its parameters' entries)."""
         return self._solve(v, damping)
 
-    def _sampled_label_extensions(self) -> list[BackpropExtension] | None:
-        """Extensions that give the same statistics from a backward of the loss at labels
-        sampled from the model, or ``None``. ``update``/``extract`` use them (one ordinary
-        backward pass) when every backend in the call offers them."""
-        return None
+    def _block_kind(self, layer: Layer) -> str:
+        """What kind of block ``layer``'s parameters sit in (see :meth:`coverage`)."""
+        return self.name or type(self).__name__
 
     # --- public API ------------------------------------------------------------------
 
-    def extensions(self) -> list[BackpropExtension]:
-        """BackPACK extensions this backend needs in the backward pass."""
-        return self._extensions()
+    def requests(self) -> list[Request]:
+        """What this backend needs from each batch (plain data; see
+        :mod:`curvlab.extraction.requests`)."""
+        return list(self._request_list)
 
-    def update(self, inputs: Tensor, targets: Tensor) -> Tensor:
+    def recorded_modules(self) -> list[nn.Module]:
+        """The modules whose calls the hooks engine records for this backend."""
+        found = {
+            id(m): m
+            for r in self.requests()
+            if isinstance(r, KroneckerStatistics)
+            for m in r.modules
+        }
+        return list(found.values())
+
+    def coverage(self) -> dict[str, str]:
+        """``{parameter name: kind of block}`` for every covered parameter, in ``params``
+        order (e.g. ``"kronecker"``, ``"diagonal"``, ``"block_diagonal"``)."""
+        out: dict[str, str] = {}
+        for layer in [*self.layers, *self._other_layers()]:
+            kind = self._block_kind(layer)
+            out.update({name: kind for name in layer.param_names})
+        return out
+
+    def update(self, inputs: Any, targets: Tensor) -> Tensor:
         """Forward and backward on one batch, then accumulate it. Returns the (detached) loss.
 
         ``p.grad`` of the model's parameters is left untouched.
         """
         return extraction.extract(self.model, self.loss_fn, inputs, targets, [self])
 
-    def accumulate(self) -> None:
-        """Read what BackPACK left after a backward pass the caller ran with ``extensions()``."""
-        every = self.model.parameters()  # also clears layers this backend does not cover
-        self._consume(extraction.collect(self.loss_fn, every, self.extensions()))
+    def recording(self) -> hooks.Recording:
+        """Context manager recording the forward passes run inside it, for :meth:`accumulate`::
 
-    def _consume(self, result: BackwardResult) -> None:
+            with curvature.recording():
+                loss = loss_fn(model(inputs), targets)
+            curvature.accumulate(loss)   # the Fisher-type backward passes, .grad untouched
+            loss.backward()
+
+        Only forward passes with gradients enabled are recorded; :meth:`accumulate` uses
+        the one that produced its loss.
+        """
+        if self._recording is None:
+            self._recording = hooks.Recording(
+                self.loss_fn, self.recorded_modules(), owner=type(self).__name__
+            )
+        return self._recording
+
+    def accumulate(self, loss: Tensor | None = None, *, check_finite: bool = True) -> None:
+        """Accumulate the batch that produced ``loss`` (recorded by :meth:`recording`).
+
+        Backpropagates the Fisher type's output-space columns from the model output that
+        ``loss_fn`` received (plain autograd; ``p.grad`` is untouched and the graph is
+        kept for the caller's own ``loss.backward()``). ``check_finite=False`` skips the
+        loss check (a distributed preconditioner reports non-finite statistics on every
+        process instead of raising on one).
+        """
+        owner = f"{type(self).__name__}.accumulate"
+        if loss is None:
+            raise TypeError(
+                f"{owner}: pass the loss, e.g. `with c.recording(): loss = loss_fn(model(x), "
+                "y)` then `c.accumulate(loss)`."
+            )
+        if self._recording is None:
+            raise RuntimeError(
+                f"{owner}: nothing recorded; run the forward pass inside "
+                "`with curvature.recording():` first."
+            )
+        if check_finite and not bool(torch.isfinite(loss.detach()).all()):
+            raise FloatingPointError(f"{owner}: the loss is not finite; no curvature taken.")
+        call, calls = self._recording.take(loss)
+        self._consume(hooks.compute(self.loss_fn, call, calls, self.requests()))
+
+    def _consume(self, result: BatchResult) -> None:
         scale = result.scale
         weight = scale.inv_reduction if self._normalized else 1.0
         self._accumulate(result, weight)

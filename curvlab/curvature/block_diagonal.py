@@ -23,8 +23,11 @@ class BlockDiagonal(DenseCurvature):
         loss_fn: nn.Module,
         fisher_type: str = "exact",
         mc_samples: int = 1,
+        engine: str = "auto",
     ) -> None:
-        super().__init__(model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples)
+        super().__init__(
+            model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples, engine=engine
+        )
 
     def _partition(self) -> list[tuple[int, int]]:
         ranges, start = [], 0

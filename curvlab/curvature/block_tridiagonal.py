@@ -2,7 +2,7 @@
 block-tridiagonal (Martens & Grosse 2015 §4.3; MATH.md §3.1).
 
 Layers are ordered as the forward pass calls them (recorded by forward pre-hooks); the
-blocks ``F_{i,i}`` and ``F_{i,i+1}`` are accumulated densely from BackPACK's factor rows.
+blocks ``F_{i,i}`` and ``F_{i,i+1}`` are accumulated densely from the factor rows.
 The approximation ``F̂`` agrees with ``F`` on those blocks and is the maximum-entropy
 completion — a Gaussian chain ``w_1 — w_2 — … — w_ℓ`` over the layers' gradients:
 
@@ -29,7 +29,7 @@ from curvlab import linalg
 from curvlab.curvature.base import DecompositionBlock, NamedTensor, Vector
 from curvlab.curvature.block_diagonal import BlockDiagonal
 from curvlab.curvature.chain import ForwardOrder, chain_completion
-from curvlab.extraction import BackwardResult, fisher_rows
+from curvlab.extraction import BatchResult
 from curvlab.registry import register
 
 
@@ -47,40 +47,39 @@ class BlockTridiagonal(BlockDiagonal):
         loss_fn: nn.Module,
         fisher_type: str = "exact",
         mc_samples: int = 1,
+        engine: str = "auto",
     ) -> None:
-        super().__init__(model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples)
+        super().__init__(
+            model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples, engine=engine
+        )
         self._off: list[Tensor] | None = None  # Σ_b w_b F_{i,i+1} (forward order)
         self._forward = ForwardOrder(
             self.model,
             [layer.module for layer in self.layers],
             [layer.name for layer in self.layers],
             owner=type(self).__name__,
+            strict=False,
         )
         self._order: list[int] | None = None  # layer indices in forward call order
         self._inverse: tuple[float, list[Tensor], list[Tensor]] | None = None
 
     # --- statistics -----------------------------------------------------------------------
 
-    def _accumulate(self, result: BackwardResult, weight: float) -> None:
+    def _accumulate(self, result: BatchResult, weight: float) -> None:
         super()._accumulate(result, weight)
         self._order = self._forward.confirm()
-        rows = [self._layer_rows(result, k) for k in range(len(self.layers))]
+        per_param = self._rows(result)
+        rows, start = [], 0
+        for layer in self.layers:
+            stop = start + len(layer.params)
+            rows.append(torch.cat(per_param[start:stop], dim=1))
+            start = stop
         pairs = zip(self._order[:-1], self._order[1:])
         off = [weight * rows[i].T @ rows[j] for i, j in pairs]
         if self._off is None:
             self._off = off
         else:
             self._off = [a + b for a, b in zip(self._off, off)]
-
-    def _layer_rows(self, result: BackwardResult, k: int) -> Tensor:
-        layer = self.layers[k]
-        return torch.cat(
-            [
-                fisher_rows(result, self.fisher_type, p, n)
-                for p, n in zip(layer.params, layer.param_names)
-            ],
-            dim=1,
-        )
 
     def _reset(self) -> None:
         super()._reset()

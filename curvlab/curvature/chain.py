@@ -16,13 +16,25 @@ from torch import Tensor, nn
 
 
 class ForwardOrder:
-    """Forward pre-hooks recording the call order of ``modules`` in each forward pass."""
+    """Forward pre-hooks recording the call order of ``modules`` in each forward pass.
+
+    ``strict``: every module must be called exactly once per forward. Otherwise a module
+    is placed at its first call, and one never called through its own ``forward`` (e.g.
+    ``out_proj`` inside ``nn.MultiheadAttention``, which calls it functionally) right after
+    its nearest called ancestor (or at the end).
+    """
 
     def __init__(
-        self, model: nn.Module, modules: Sequence[nn.Module], names: Sequence[str], owner: str
+        self,
+        model: nn.Module,
+        modules: Sequence[nn.Module],
+        names: Sequence[str],
+        owner: str,
+        strict: bool = True,
     ) -> None:
         self.names = list(names)
         self.owner = owner
+        self.strict = strict
         self.calls: list[int] = []
         self.order: list[int] | None = None
         model.register_forward_pre_hook(lambda module, args: self.calls.clear())
@@ -30,6 +42,8 @@ class ForwardOrder:
             module.register_forward_pre_hook(lambda m, args, index=index: self._record(index))
 
     def _record(self, index: int) -> None:
+        if index in self.calls and not self.strict:
+            return
         if index in self.calls:
             raise RuntimeError(
                 f"{self.owner}: layer '{self.names[index]}' was called twice in one forward "
@@ -40,6 +54,8 @@ class ForwardOrder:
     def confirm(self) -> list[int]:
         """The order of the last forward pass, checked against earlier ones."""
         calls = list(self.calls)
+        if not self.strict:
+            calls = self._complete(calls)
         if sorted(calls) != list(range(len(self.names))):
             raise RuntimeError(
                 f"{self.owner}: every layer must be called exactly once per forward pass to "
@@ -52,6 +68,25 @@ class ForwardOrder:
             )
         self.order = calls
         return calls
+
+
+    def _complete(self, calls: list[int]) -> list[int]:
+        """Insert the modules not called through their ``forward`` after their ancestor."""
+        order = list(calls)
+        for index, name in enumerate(self.names):
+            if index in order:
+                continue
+            parents = [
+                i
+                for i, other in enumerate(self.names)
+                if i in order and (other == "" or name.startswith(other + "."))
+            ]
+            if parents:
+                nearest = max(parents, key=lambda i: len(self.names[i]))
+                order.insert(order.index(nearest) + 1, index)
+            else:
+                order.append(index)
+        return order
 
 
 def chain_completion(diag: Sequence[Tensor], off: Sequence[Tensor]) -> Tensor:

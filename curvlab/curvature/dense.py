@@ -2,11 +2,11 @@
 
 A dense backend partitions the flat parameter vector into contiguous ranges (the
 whole vector for the full Fisher, one range per layer for the block-diagonal one)
-and keeps one dense symmetric block per range, built from BackPACK's factor rows
-(``curvlab.extraction``) as ``Σ_b w_b V_bᵀ V_b``. Blocks are assembled parameter pair
-by parameter pair from the per-parameter rows, so no concatenated ``[K, P]`` matrix
-is ever materialised. ``solve`` goes through a Cholesky factor of each damped block,
-cached until the statistics or the damping change.
+and keeps one dense symmetric block per range, built from the factor rows of a
+:class:`~curvlab.extraction.FactorRows` request as ``Σ_b w_b V_bᵀ V_b``. Blocks are
+assembled parameter pair by parameter pair from the per-parameter rows, so no
+concatenated ``[K, P]`` matrix is ever materialised. ``solve`` goes through a Cholesky
+factor of each damped block, cached until the statistics or the damping change.
 """
 
 from __future__ import annotations
@@ -15,18 +15,11 @@ import abc
 from typing import Any
 
 import torch
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 
 from curvlab import linalg
 from curvlab.curvature.base import Curvature, DecompositionBlock, NamedTensor, Vector
-from curvlab.extraction import (
-    BackwardResult,
-    check_fisher_type,
-    check_mc_samples,
-    fisher_extension,
-    fisher_rows,
-)
+from curvlab.extraction import BatchResult, FactorRows, Request, check_fisher_type, check_mc_samples
 
 
 class DenseCurvature(Curvature):
@@ -41,13 +34,14 @@ class DenseCurvature(Curvature):
         loss_fn: nn.Module,
         fisher_type: str = "exact",
         mc_samples: int = 1,
+        engine: str = "auto",
     ) -> None:
         owner = type(self).__name__
         check_fisher_type(fisher_type, self.fisher_types, owner)
         check_mc_samples(mc_samples, owner)
         self.fisher_type = fisher_type
         self.mc_samples = mc_samples
-        super().__init__(model, loss_fn)
+        super().__init__(model, loss_fn, engine=engine)
         offsets = [0]
         for p in self.params:
             offsets.append(offsets[-1] + p.numel())
@@ -61,14 +55,17 @@ class DenseCurvature(Curvature):
     def _partition(self) -> list[tuple[int, int]]:
         """Contiguous parameter-index ranges ``[start, stop)`` forming the blocks."""
 
-    def _extensions(self) -> list[BackpropExtension]:
-        return [fisher_extension(self.fisher_type, self.mc_samples)]
+    def _requests(self) -> list[Request]:
+        return [FactorRows(self.fisher_type, tuple(self.params), self.mc_samples)]
 
-    def _accumulate(self, result: BackwardResult, weight: float) -> None:
-        rows = [
-            fisher_rows(result, self.fisher_type, p, name)
-            for p, name in zip(self.params, self.param_names)
-        ]
+    def _rows(self, result: BatchResult) -> list[Tensor]:
+        """This batch's factor rows ``[K, p.numel()]`` per parameter."""
+        request = self.requests()[0]
+        assert isinstance(request, FactorRows)
+        return [result.factor_rows(request, p, n) for p, n in zip(self.params, self.param_names)]
+
+    def _accumulate(self, result: BatchResult, weight: float) -> None:
+        rows = self._rows(result)
         if self._blocks is None:
             self._blocks = [self._zeros(start, stop, rows[0]) for start, stop in self._ranges]
         elif not self._owned:

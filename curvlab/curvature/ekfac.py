@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvlab import layers as layer_rules
 from curvlab import linalg
 from curvlab.curvature.base import NamedTensor, Vector
-from curvlab.curvature.kfac import KFAC, KroneckerFactors, LayerSpec, _as_matrix, _parameter_order
-from curvlab.extraction import BackwardResult, KroneckerBatch
+from curvlab.curvature.kfac import KFAC, KroneckerFactors, LayerSpec, _as_matrix
+from curvlab.extraction import BatchResult, KroneckerBatch
+from curvlab.extraction import layers as layer_rules
 from curvlab.registry import register
 
 #: Per-sample projected gradients are formed for at most this many entries at a time.
@@ -55,7 +55,7 @@ class EKFAC(KFAC):
             keep it. ``S*`` restarts in the new basis.
     """
 
-    supported_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    supported_layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
     def __init__(
         self,
@@ -67,6 +67,8 @@ class EKFAC(KFAC):
         layers: Sequence[LayerSpec] | None = None,
         exclude: Sequence[LayerSpec] | None = None,
         refit_every: int | None = None,
+        strict: bool = False,
+        engine: str = "auto",
     ) -> None:
         if refit_every is not None and (
             isinstance(refit_every, bool) or not isinstance(refit_every, int) or refit_every < 1
@@ -83,6 +85,8 @@ class EKFAC(KFAC):
             damping_mode="exact",
             layers=layers,
             exclude=exclude,
+            strict=strict,
+            engine=engine,
         )
         self._basis: list[tuple[Tensor, Tensor]] | None = None  # (Q_G, Q_A) per layer
         self._basis_id = 0  # increases with every new basis (statistics() carries it)
@@ -93,7 +97,12 @@ class EKFAC(KFAC):
 
     _keep_raw = True
 
-    def _accumulate(self, result: BackwardResult, weight: float) -> None:
+    def _accumulate(self, result: BatchResult, weight: float) -> None:
+        if len(self._diag()):
+            self._diag().accumulate(result, weight)
+        if not self.layers:
+            self._s_sum = []
+            return
         batches = self._layer_batches(result)
         self._add_factors(batches, weight)
         if self._basis is None:
@@ -199,13 +208,19 @@ class EKFAC(KFAC):
         return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
 
     def _matvec(self, v: Vector) -> Vector:
-        return self._apply(v, lambda x, s: x * s)
+        out = self._apply(v, lambda x, s: x * s)
+        if len(self._diag()):
+            out.extend(self._diag().matvec(self._tail(v), self._normalizer))
+        return out
 
     def _solve(self, v: Vector, damping: float) -> Vector:
         if damping == 0.0:
             for k in range(len(self.layers)):
                 self._check_invertible_scaling(k)
-        return self._apply(v, lambda x, s: x / (s + damping))
+        out = self._apply(v, lambda x, s: x / (s + damping))
+        if len(self._diag()):
+            out.extend(self._diag().solve(self._tail(v), damping, self._normalizer))
+        return out
 
     def _check_invertible_scaling(self, k: int) -> None:
         assert self._s_sum is not None
@@ -222,12 +237,12 @@ class EKFAC(KFAC):
     def _sums(self) -> list[NamedTensor]:
         assert self._s_sum is not None
         scalings = [NamedTensor(f"{self._layer_label(k)} S*", s) for k, s in enumerate(self._s_sum)]
-        return [*super()._sums(), *scalings]
+        return [*scalings, *super()._sums()]
 
     def _load_sums(self, sums: list[Tensor]) -> None:
         count = len(self.layers)
-        super()._load_sums(sums[: 2 * count])
-        self._s_sum, self._s_owned = list(sums[2 * count :]), False
+        super()._load_sums(sums[count:])
+        self._s_sum, self._s_owned = list(sums[:count]), False
 
     def _layer_cost(self, d_out: int, d_in: int) -> float:
         """The two-sided projection of one solve: ``O(d_out² d_in + d_out d_in²)``."""
@@ -243,6 +258,8 @@ class EKFAC(KFAC):
         pass
 
     def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
+        if self._is_diagonal_block(index):
+            return self._diag().solve(v, damping, self._normalizer)
         if damping == 0.0:
             self._check_invertible_scaling(index)
         return self._apply_layer(index, v, lambda x, s: x / (s + damping))
@@ -252,8 +269,10 @@ class EKFAC(KFAC):
         for layer, (q_g, q_a), s in zip(self.layers, self.eigenbasis(), self.scalings()):
             q = torch.kron(q_g, q_a)
             block = q @ torch.diag(s.reshape(-1)) @ q.T
-            perm = _parameter_order(layer)
+            perm = layer_rules.parameter_order(layer.module)
             blocks.append(block[perm][:, perm])
+        if len(self._diag()):
+            blocks.append(self._diag().to_dense(self._normalizer))
         return torch.block_diag(*blocks)
 
     def _state(self) -> dict[str, Any]:

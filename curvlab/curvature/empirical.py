@@ -12,7 +12,7 @@ from curvlab.registry import register
 class EmpiricalFisher(DenseCurvature):
     """``EF = R·Σ_n ∇ℓ_n ∇ℓ_nᵀ`` with the observed labels (DESIGN.md "Conventions").
 
-    Built from BackPACK's per-sample gradients (``BatchGrad``), rescaled so it sits on
+    Built from per-sample gradients of the loss rows, rescaled so it sits on
     the exact Fisher's scale (``R = 1/N`` for CE-mean, ``1/(N·C)`` for MSE/BCE-mean,
     ``1`` for sum); this is curvlinops' ``EFLinearOperator``. It is *not* an estimator
     of the Fisher (MATH.md §1.2).
@@ -20,8 +20,8 @@ class EmpiricalFisher(DenseCurvature):
 
     fisher_types = ("empirical",)
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
-        super().__init__(model, loss_fn, fisher_type="empirical")
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, engine: str = "auto") -> None:
+        super().__init__(model, loss_fn, fisher_type="empirical", engine=engine)
 
     def _partition(self) -> list[tuple[int, int]]:
         return [(0, len(self.params))]

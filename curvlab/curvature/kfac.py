@@ -12,8 +12,17 @@ Each layer is one block ``kron(G, A)`` on the row-major homogeneous weight matri
   over positions, reduce sums ``g`` over positions first. For convolutions, expand is KFC.
 
 These are curvlinops' ``KFACLinearOperator`` factors with ``separate_weight_and_bias=False``.
-The factors are computed inside the backward pass (``curvlab.extraction``); a layer's
-memory is two small matrices, never per-sample gradients.
+The factors are computed from a :class:`~curvlab.extraction.KroneckerStatistics` request;
+a layer's memory is two small matrices, never per-sample gradients.
+
+**Coverage.** Every trainable parameter is covered by default: layers with a Kronecker
+rule (``Linear``, ``ConvNd``, ``Embedding`` — see ``supported_layers``) get a Kronecker
+block; every other parameter (normalisation layers, raw ``nn.Parameter``s, recurrent
+weights, transposed convolutions, parameters shared between modules, the projections of
+``nn.MultiheadAttention``, which it calls functionally) gets a diagonal block of the same
+Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`), placed after the
+Kronecker layers in ``params``. ``strict=True`` refuses such parameters instead;
+``coverage()`` tells which parameter sits in which kind of block.
 """
 
 from __future__ import annotations
@@ -22,10 +31,8 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 
-from curvlab import layers as layer_rules
 from curvlab import linalg
 from curvlab.curvature.base import (
     Curvature,
@@ -36,16 +43,17 @@ from curvlab.curvature.base import (
     find_layers,
 )
 from curvlab.curvature.chain import ForwardOrder, chain_completion
+from curvlab.curvature.diagonal import DiagonalBlocks
 from curvlab.curvature.kfac_tridiagonal import KroneckerChain, _Link
 from curvlab.extraction import (
-    BackwardResult,
+    BatchResult,
     KroneckerBatch,
-    KroneckerGradient,
+    KroneckerStatistics,
+    Request,
     check_fisher_type,
     check_mc_samples,
-    kronecker_extension,
-    kronecker_statistics,
 )
+from curvlab.extraction import layers as layer_rules
 from curvlab.registry import register
 
 DAMPING_MODES = ("exact", "factored")
@@ -90,12 +98,13 @@ class KFAC(Curvature):
             (Martens & Grosse 2015 §4.3, :mod:`curvlab.curvature.kfac_tridiagonal`).
             ``matvec``/``to_dense`` of this structure are dense (small models).
         layers: only these modules (objects or names from ``model.named_modules()``).
-        exclude: modules to leave out. Any other module with trainable parameters that
-            this backend cannot approximate raises a ``ValueError``; nothing is skipped
-            silently. Parameters of excluded modules are not in ``params``.
+        exclude: modules to leave out; their parameters are not in ``params``.
+        strict: refuse (``ValueError`` naming the module and the reason) any trainable
+            parameter without a Kronecker block instead of giving it a diagonal block.
+        engine: ``"auto"``, ``"hooks"`` or ``"backpack"`` (see :class:`~curvlab.Curvature`).
     """
 
-    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)
 
     def __init__(
         self,
@@ -108,6 +117,8 @@ class KFAC(Curvature):
         layers: Sequence[LayerSpec] | None = None,
         exclude: Sequence[LayerSpec] | None = None,
         structure: str = "block_diagonal",
+        strict: bool = False,
+        engine: str = "auto",
     ) -> None:
         owner = type(self).__name__
         check_fisher_type(fisher_type, ("exact", "mc", "empirical"), owner)
@@ -135,7 +146,14 @@ class KFAC(Curvature):
         self.kfac_approx = kfac_approx
         self.damping_mode = damping_mode
         self._layer_choice = (layers, exclude)
-        super().__init__(model, loss_fn)
+        self.strict = strict
+        self._diagonal: DiagonalBlocks | None = None
+        super().__init__(model, loss_fn, engine=engine)
+        if tridiagonal and len(self._diag()):
+            raise ValueError(
+                f"{owner}: structure='block_tridiagonal' chains Kronecker blocks only; "
+                f"{self._diag().names} have no Kronecker rule. Exclude their modules."
+            )
         self._a_sum: list[Tensor] | None = None
         self._owned = False  # whether the sums may be updated in place (see _add_factors)
         self._a_count = [0] * len(self.layers)
@@ -158,36 +176,61 @@ class KFAC(Curvature):
     def _select_layers(self, model: nn.Module) -> list[Layer]:
         owner = type(self).__name__
         include, exclude = self._layer_choice
-        names = {id(m): n for n, m in model.named_modules()}
         chosen = _resolve(model, include, "layers", owner) if include is not None else None
         skipped = _resolve(model, exclude, "exclude", owner) if exclude is not None else set()
-        selected = []
+        kronecker, diagonal = [], []
         for layer in find_layers(model):
             key = id(layer.module)
             if key in skipped or (chosen is not None and key not in chosen):
                 continue
-            module = layer.module
-            if not isinstance(module, self.supported_layers) or type(module) not in (
-                layer_rules.KRONECKER_RULES
-            ):
-                supported = ", ".join(cls.__name__ for cls in self.supported_layers)
+            reason = self._no_kronecker_reason(model, layer)
+            if reason is None:
+                kronecker.append(layer)
+            elif self.strict:
                 raise ValueError(
-                    f"{owner}: module '{names[key]}' ({type(module).__name__}) has trainable "
-                    f"parameters but {owner} supports only {supported}. Pass "
-                    f"exclude=['{names[key]}'] to leave it out (its parameters are then not "
-                    "covered), or use a backend that supports it."
+                    f"{owner}: module '{layer.name}' ({type(layer.module).__name__}) has "
+                    f"trainable parameters without a Kronecker block: {reason}. Pass "
+                    f"exclude=['{layer.name}'] to leave it out, or strict=False to give it "
+                    "a diagonal block."
                 )
-            layer_rules.KRONECKER_RULES[type(module)].check(module)
-            weight = getattr(module, "weight", None)
-            if weight is None or not weight.requires_grad:
-                raise ValueError(
-                    f"{owner}: module '{names[key]}' has a trainable bias but a frozen weight; "
-                    "a Kronecker block needs the weight. Exclude the module."
-                )
-            selected.append(layer)
-        if not selected:
+            else:
+                diagonal.append(layer)
+        if not kronecker and not diagonal:
             raise ValueError(f"{owner}: no layer selected (check layers=/exclude=).")
-        return selected
+        self._diagonal = DiagonalBlocks(diagonal, self.fisher_type, self.mc_samples, owner)
+        return kronecker
+
+    def _no_kronecker_reason(self, model: nn.Module, layer: Layer) -> str | None:
+        """Why ``layer`` gets no Kronecker block, or ``None`` when it gets one."""
+        module = layer.module
+        rule = layer_rules.rule_for(module)
+        if rule is None or not isinstance(module, self.supported_layers):
+            supported = ", ".join(cls.__name__ for cls in self.supported_layers)
+            return f"{type(self).__name__} has Kronecker rules for {supported} only"
+        rule.check(module)
+        weight = getattr(module, "weight", None)
+        if weight is None or not any(p is weight for p in layer.params):
+            return "its weight is frozen or shared with another module (tied)"
+        bias = getattr(module, "bias", None)
+        if layer_rules.has_trainable_bias(module) and not any(p is bias for p in layer.params):
+            return "its bias is shared with another module (tied)"
+        for name, parent in model.named_modules():
+            if isinstance(parent, nn.MultiheadAttention) and layer.name.startswith(name + "."):
+                return (
+                    "nn.MultiheadAttention calls its projections functionally, so their "
+                    "outputs' gradients cannot be observed"
+                )
+        return None
+
+    def _diag(self) -> DiagonalBlocks:
+        assert self._diagonal is not None
+        return self._diagonal
+
+    def _other_layers(self) -> list[Layer]:
+        return self._diag().layers
+
+    def _block_kind(self, layer: Layer) -> str:
+        return "kronecker" if any(layer is k for k in self.layers) else "diagonal"
 
     # --- statistics -------------------------------------------------------------------
 
@@ -195,38 +238,36 @@ class KFAC(Curvature):
     #: block-tridiagonal structure's cross moments).
     _keep_raw: bool = False
 
-    def _extensions(self) -> list[BackpropExtension]:
-        return [
-            kronecker_extension(
-                self.fisher_type, self.kfac_approx, self.mc_samples, keep_raw=self._keep_raw
-            )
-        ]
+    def _requests(self) -> list[Request]:
+        requests: list[Request] = []
+        if self.layers:
+            requests.append(self._kronecker_request())
+        if len(self._diag()):
+            requests.append(self._diag().request)
+        return requests
 
-    def _sampled_label_extensions(self) -> list[BackpropExtension] | None:
-        if self.fisher_type != "mc" or self.mc_samples != 1:
-            return None
-        return [KroneckerGradient(self.kfac_approx, keep_raw=self._keep_raw, sampled=True)]
+    def _kronecker_request(self) -> KroneckerStatistics:
+        return KroneckerStatistics(
+            self.fisher_type,
+            tuple(layer.module for layer in self.layers),
+            kfac_approx=self.kfac_approx,
+            mc_samples=self.mc_samples,
+            keep_raw=self._keep_raw,
+        )
 
-    def _accumulate(self, result: BackwardResult, weight: float) -> None:
+    def _accumulate(self, result: BatchResult, weight: float) -> None:
+        if len(self._diag()):
+            self._diag().accumulate(result, weight)
+        if not self.layers:
+            return
         batches = self._layer_batches(result)
         self._add_factors(batches, weight)
         if self._chain is not None:
             self._chain.accumulate(batches, weight, self._forward.confirm())
 
-    def _layer_batches(
-        self, result: BackwardResult, keep_raw: bool = False
-    ) -> list[KroneckerBatch]:
-        return [
-            kronecker_statistics(
-                result,
-                self.fisher_type,
-                self.kfac_approx,
-                layer.params[0],
-                layer.param_names[0],
-                keep_raw=self._keep_raw,
-            )
-            for layer in self.layers
-        ]
+    def _layer_batches(self, result: BatchResult) -> list[KroneckerBatch]:
+        request = self._kronecker_request()
+        return [result.kronecker_batch(request, layer.module, layer.name) for layer in self.layers]
 
     def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
         if self._a_sum is None or self._g_sum is None:
@@ -234,7 +275,7 @@ class KFAC(Curvature):
             # backends of the same extract() and loaded statistics belong to the caller, so
             # nothing is modified in place until owned (copy-on-write); G is a fresh product.
             self._a_sum = [b.a_sum for b in batches]
-            self._g_sum = [b.g.mul_(weight) for b in batches]
+            self._g_sum = [b.g * weight for b in batches]
             self._a_count = [b.count for b in batches]
             self._owned = False
             return
@@ -251,12 +292,15 @@ class KFAC(Curvature):
     def _reset(self) -> None:
         self._a_sum = self._g_sum = None
         self._a_count = [0] * len(self.layers)
+        self._diag().reset()
         if self._chain is not None:
             self._chain.reset()
 
     def _statistics(self) -> dict[str, Any]:
         factors = self.factors()
         stats: dict[str, Any] = {"A": [f.A for f in factors], "G": [f.G for f in factors]}
+        if len(self._diag()):
+            stats["diagonal"] = self._diag().diagonals(self._normalizer)
         if self._chain is not None:
             cross = self._chain.cross(self._normalizer)
             stats["A_cross"] = [None if c is None else c[0] for c in cross]
@@ -265,6 +309,8 @@ class KFAC(Curvature):
 
     def _load_statistics(self, stats: dict[str, Any]) -> None:
         self._adopt(stats["A"], [1] * len(self.layers), stats["G"])
+        if len(self._diag()):
+            self._diag().adopt(list(stats["diagonal"]))
         if self._chain is not None:
             state = self._chain.state()
             state.update(a_cross=stats["A_cross"], g_cross=stats["G_cross"], a_cross_count=1)
@@ -303,12 +349,17 @@ class KFAC(Curvature):
     # --- products ----------------------------------------------------------------------
 
     def _per_layer(self, v: Vector) -> list[tuple[Layer, list[Tensor]]]:
+        """The Kronecker layers' parts of ``v`` (the diagonal tail: :meth:`_tail`)."""
         out, start = [], 0
         for layer in self.layers:
             stop = start + len(layer.params)
             out.append((layer, v[start:stop]))
             start = stop
         return out
+
+    def _tail(self, v: Vector) -> Vector:
+        """The entries of ``v`` for the diagonal blocks (after the Kronecker layers)."""
+        return list(v[len(v) - len(self._diag()) :])
 
     def _matvec(self, v: Vector) -> Vector:
         if self._chain is not None:  # F̂ has dense off-tridiagonal blocks: dense product
@@ -319,6 +370,8 @@ class KFAC(Curvature):
             mat = _as_matrix(layer, parts).to(f.G.dtype)
             out = linalg.kron_matvec(f.G, f.A, mat).to(parts[0].dtype)
             result.extend(layer_rules.from_matrix(layer.module, out))
+        if len(self._diag()):
+            result.extend(self._diag().matvec(self._tail(v), self._normalizer))
         return result
 
     def _solve(self, v: Vector, damping: float) -> Vector:
@@ -327,6 +380,8 @@ class KFAC(Curvature):
             return self._solve_chain(v, damping)
         for k, (_, parts) in enumerate(self._per_layer(v)):
             result.extend(self._solve_layer(k, parts, damping))
+        if len(self._diag()):
+            result.extend(self._diag().solve(self._tail(v), damping, self._normalizer))
         return result
 
     def _solve_layer(self, k: int, parts: list[Tensor], damping: float) -> list[Tensor]:
@@ -395,10 +450,12 @@ class KFAC(Curvature):
 
     def _to_dense(self) -> Tensor:
         blocks = []
-        perms = [_parameter_order(layer) for layer in self.layers]
+        perms = [layer_rules.parameter_order(layer.module) for layer in self.layers]
         for perm, f in zip(perms, self.factors()):
             block = linalg.kron_dense(f.G, f.A)
             blocks.append(block[perm][:, perm])
+        if len(self._diag()):
+            blocks.append(self._diag().to_dense(self._normalizer))
         if self._chain is None:
             return torch.block_diag(*blocks)
         # the Gaussian-chain completion of each coupled run (MATH.md §3.1)
@@ -430,9 +487,8 @@ class KFAC(Curvature):
     # --- distribution ----------------------------------------------------------------------
 
     def _sums(self) -> list[NamedTensor]:
-        assert self._a_sum is not None and self._g_sum is not None
         sums = []
-        for k, (a, g) in enumerate(zip(self._a_sum, self._g_sum)):
+        for k, (a, g) in enumerate(zip(self._a_sum or [], self._g_sum or [])):
             label = self._layer_label(k)
             sums.append(NamedTensor(f"{label} A", a, "symmetric"))
             sums.append(NamedTensor(f"{label} G", g, "symmetric"))
@@ -441,9 +497,14 @@ class KFAC(Curvature):
                 if a_cross is not None and g_cross is not None:
                     sums.append(NamedTensor(f"cross-layer boundary {k} A", a_cross))
                     sums.append(NamedTensor(f"cross-layer boundary {k} G", g_cross))
+        if len(self._diag()):
+            sums.extend(self._diag().named_sums())
         return sums
 
     def _load_sums(self, sums: list[Tensor]) -> None:
+        if len(self._diag()):
+            self._diag().adopt(sums[len(sums) - len(self._diag()) :])
+            sums = sums[: len(sums) - len(self._diag())]
         count = len(self.layers)
         a_sum, g_sum = sums[0 : 2 * count : 2], sums[1 : 2 * count : 2]
         self._adopt(a_sum, list(self._a_count), g_sum)
@@ -488,13 +549,27 @@ class KFAC(Curvature):
                 )
             )
             start = stop
+        if len(self._diag()):
+            blocks.append(
+                DecompositionBlock(
+                    index=len(blocks),
+                    name=f"{type(self).__name__} diagonal blocks",
+                    param_indices=tuple(range(start, len(self.params))),
+                    cost=float(sum(p.numel() for p in self._diag().params)),
+                )
+            )
         return blocks
+
+    def _is_diagonal_block(self, index: int) -> bool:
+        return self._chain is None and index == len(self.layers)
 
     def _layer_cost(self, d_out: int, d_in: int) -> float:
         """Eigen- or Cholesky decompositions of ``G`` and ``A``: ``O(d_out³ + d_in³)``."""
         return float(d_out**3 + d_in**3)
 
     def _decompose(self, index: int, damping: float) -> None:
+        if self._is_diagonal_block(index):
+            return  # nothing to factorise: (d + λ)⁻¹
         if self._chain is not None:
             self._chain_factorisation(damping)
         elif self.damping_mode == "factored":
@@ -503,6 +578,8 @@ class KFAC(Curvature):
             self._layer_eigen(index)
 
     def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
+        if self._is_diagonal_block(index):
+            return []
         label = self._layer_label(index)
         if self._chain is not None:
             return self._export_chain(damping)
@@ -527,6 +604,8 @@ class KFAC(Curvature):
         ]
 
     def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
+        if self._is_diagonal_block(index):
+            return
         if self._chain is not None:
             self._import_chain(damping, tensors)
         elif self.damping_mode == "factored":
@@ -583,6 +662,8 @@ class KFAC(Curvature):
     def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
         if self._chain is not None:
             return self._solve_chain(v, damping)
+        if self._is_diagonal_block(index):
+            return self._diag().solve(v, damping, self._normalizer)
         return self._solve_layer(index, v, damping)
 
     # --- state ---------------------------------------------------------------------------
@@ -595,6 +676,8 @@ class KFAC(Curvature):
         }
         if self._chain is not None:
             state["chain"] = self._chain.state()
+        if len(self._diag()):
+            state["diagonal"] = self._diag().sums
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -602,6 +685,9 @@ class KFAC(Curvature):
         if a_sum is not None:
             a_sum, g_sum = [t.clone() for t in a_sum], [t.clone() for t in g_sum]
         self._adopt(a_sum, list(state["a_count"]), g_sum)
+        if len(self._diag()):
+            sums = state.get("diagonal")
+            self._diag().adopt(None if sums is None else [t.clone() for t in sums])
         if self._chain is not None:
             self._chain.load(state["chain"], copy=True)
             self._forward.order = self._chain.order
@@ -632,7 +718,7 @@ class KFC(KFAC):
     Arguments as for :class:`KFAC`.
     """
 
-    supported_layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    supported_layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _resolve(model: nn.Module, specs: Sequence[LayerSpec], arg: str, owner: str) -> set[int]:
@@ -669,12 +755,3 @@ def _spd_inverse(M: Tensor, name: str) -> Tensor:
 def _as_matrix(layer: Layer, parts: list[Tensor]) -> Tensor:
     bias = parts[1] if len(parts) > 1 else None
     return layer_rules.to_matrix(layer.module, parts[0], bias)
-
-
-def _parameter_order(layer: Layer) -> Tensor:
-    """Indices into the row-major ``[W | b]`` matrix, listed in ``[vec(W), b]`` order."""
-    d_out, d_in = layer_rules.weight_matrix_shape(layer.module)
-    index = torch.arange(d_out * d_in).reshape(d_out, d_in)
-    if len(layer.params) == 1:
-        return index.reshape(-1)
-    return torch.cat([index[:, :-1].reshape(-1), index[:, -1]])

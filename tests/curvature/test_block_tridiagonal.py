@@ -106,11 +106,11 @@ def test_chain_follows_the_forward_order_not_the_registration_order() -> None:
     torch.manual_seed(0)
     model, loss_fn = Reversed().to(DTYPE), nn.CrossEntropyLoss()
     x, y = torch.randn(6, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
-    # BackPACK's second-order extensions need nn.Sequential; per-sample gradients do not
-    with pytest.raises(ValueError, match=r"container '<model>' \(Reversed\)"):
-        curvlab.BlockTridiagonal(model, loss_fn)
-    tri = curvlab.BlockTridiagonal(model, loss_fn, fisher_type="empirical")
-    exact = curvlab.EmpiricalFisher(model, loss_fn)
+    # BackPACK's second-order extensions need nn.Sequential; the hooks engine does not
+    with pytest.raises(ValueError, match=r"module '<model>' \(Reversed\)"):
+        curvlab.BlockTridiagonal(model, loss_fn, engine="backpack")
+    tri = curvlab.BlockTridiagonal(model, loss_fn)
+    exact = curvlab.ExactFisher(model, loss_fn)
     curvlab.extract(model, loss_fn, x, y, [tri, exact])
     assert [layer.name for layer in tri.layers] == ["last", "first"]
     assert tri._order == [1, 0]
@@ -118,20 +118,25 @@ def test_chain_follows_the_forward_order_not_the_registration_order() -> None:
     torch.testing.assert_close(tri.to_dense(), exact.to_dense(), rtol=1e-9, atol=1e-12)
 
 
-def test_a_layer_called_twice_is_reported() -> None:
+def test_a_layer_called_twice_is_one_block_placed_at_its_first_call() -> None:
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
+            self.head = nn.Linear(3, 2)
             self.lin = nn.Linear(3, 3)
             self.act = nn.Tanh()
 
         def forward(self, x):
-            return self.lin(self.act(self.lin(x)))
+            return self.head(self.act(self.lin(self.act(self.lin(x)))))
 
-    model = Twice().to(DTYPE)
-    tri = curvlab.BlockTridiagonal(model, nn.MSELoss(), fisher_type="empirical")
-    with pytest.raises(RuntimeError, match="BlockTridiagonal: layer 'lin' was called twice"):
-        tri.update(torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 3, dtype=DTYPE))
+    torch.manual_seed(0)
+    model, loss_fn = Twice().to(DTYPE), nn.MSELoss()
+    x, y = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
+    tri, exact = curvlab.BlockTridiagonal(model, loss_fn), curvlab.ExactFisher(model, loss_fn)
+    curvlab.extract(model, loss_fn, x, y, [tri, exact])
+    assert tri._order == [1, 0]  # lin (first called) — head
+    # two blocks: the completion is the whole matrix, with both calls' contributions
+    torch.testing.assert_close(tri.to_dense(), exact.to_dense(), rtol=1e-9, atol=1e-12)
 
 
 def test_a_single_layer_is_its_own_block() -> None:

@@ -26,8 +26,11 @@ BACKENDS: list[tuple[str, dict[str, Any], bool, set[str] | None]] = [
     ("block_diagonal", {}, True, ALL_MODELS),
     ("block_diagonal", {"fisher_type": "mc", "mc_samples": 2}, False, ALL_MODELS),
     ("block_diagonal", {"fisher_type": "empirical"}, True, ALL_MODELS),
-    ("kfac", {"fisher_type": "exact"}, True, MLP_ONLY),
+    ("kfac", {"fisher_type": "exact"}, True, ALL_MODELS),  # convolutions: diagonal blocks
     ("kfac", {"fisher_type": "mc", "mc_samples": 2}, False, MLP_ONLY),
+    ("diagonal", {}, True, ALL_MODELS),
+    ("diagonal", {"fisher_type": "mc", "mc_samples": 2}, False, ALL_MODELS),
+    ("diagonal", {"fisher_type": "empirical"}, True, ALL_MODELS),
     ("kfc", {"fisher_type": "empirical"}, True, ALL_MODELS),
     ("kfc", {"fisher_type": "exact", "kfac_approx": "reduce"}, True, ALL_MODELS),
     ("kfc", {"fisher_type": "mc"}, False, ALL_MODELS),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backpack import backpack
 
 import curvlab
 from tests.cases import CASES
@@ -56,9 +55,11 @@ def test_accumulate_after_callers_backward_matches_update() -> None:
     model, loss_fn = case.build()
     x, y = case.data(n=5)
     c = curvlab.BlockDiagonal(model, loss_fn)
-    with backpack(*c.extensions()):
-        loss_fn(model(x), y).backward()
-    c.accumulate()
+    with c.recording():
+        loss = loss_fn(model(x), y)
+    c.accumulate(loss)
+    assert all(p.grad is None for p in model.parameters())  # accumulate leaves .grad alone
+    loss.backward()
     # the caller's backward produced ordinary gradients as well
     assert all(p.grad is not None for p in model.parameters())
     ref = curvlab.BlockDiagonal(model, loss_fn)
@@ -81,11 +82,15 @@ def test_mc_backends_with_same_samples_share_one_pass() -> None:
         start = stop
 
 
-def test_extract_rejects_conflicting_mc_samples() -> None:
+def test_different_mc_samples_need_the_hooks_engine() -> None:
     case = next(c for c in CASES if c.id == "mlp-ce-sum")
     model, loss_fn = case.build()
     a = curvlab.ExactFisher(model, loss_fn, fisher_type="mc", mc_samples=1)
     b = curvlab.BlockDiagonal(model, loss_fn, fisher_type="mc", mc_samples=2)
+    curvlab.extract(model, loss_fn, *case.data(), [a, b])  # auto: the hooks engine
+    assert a.num_batches == b.num_batches == 1
+    a = curvlab.ExactFisher(model, loss_fn, fisher_type="mc", mc_samples=1, engine="backpack")
+    b = curvlab.BlockDiagonal(model, loss_fn, fisher_type="mc", mc_samples=2, engine="backpack")
     with pytest.raises(ValueError, match="incompatible BackPACK extensions"):
         curvlab.extract(model, loss_fn, *case.data(), [a, b])
 

@@ -299,8 +299,15 @@ def test_decompositions_are_cached_until_the_factors_change(monkeypatch) -> None
 def test_unsupported_layer_is_named_and_can_be_excluded() -> None:
     case = next(c for c in CASES if c.id == "conv2d-ce-mean")
     model, loss_fn = case.build()
-    with pytest.raises(ValueError, match=r"module '0' \(Conv2d\).*supports only Linear.*exclude"):
-        curvlab.KFAC(model, loss_fn)
+    with pytest.raises(ValueError, match=r"module '0' \(Conv2d\).*Linear, Embedding only.*exclude"):
+        curvlab.KFAC(model, loss_fn, strict=True)
+    covered = curvlab.KFAC(model, loss_fn)  # the convolution gets a diagonal block
+    assert covered.coverage() == {
+        "3.weight": "kronecker",
+        "3.bias": "kronecker",
+        "0.weight": "diagonal",
+        "0.bias": "diagonal",
+    }
     kfac = curvlab.KFAC(model, loss_fn, fisher_type="exact", exclude=["0"])
     assert [layer.name for layer in kfac.layers] == ["3"]
     assert kfac.params == list(model[3].parameters())
@@ -356,8 +363,8 @@ def test_excluded_layer_of_another_type_is_backpropagated_through(fisher_type) -
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda case: case.name)
 def test_one_sample_mc_routes_both_estimate_the_exact_factor(loss, reduction) -> None:
-    """``update`` (labels sampled from the model, one ordinary backward) and ``accumulate``
-    after a caller's backward (BackPACK's sampled square root) average to the exact G."""
+    """The hooks engine (one backward of sampled columns to the layer outputs) and
+    BackPACK's sampled square root both average to the exact G."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
     loss_fn = loss.loss_cls(reduction=reduction)
@@ -365,19 +372,14 @@ def test_one_sample_mc_routes_both_estimate_the_exact_factor(loss, reduction) ->
     x, y = torch.randn(10, 4, generator=gen, dtype=DTYPE), _targets(loss.loss_cls, 10, 3, gen)
     exact = curvlab.KFAC(model, loss_fn, fisher_type="exact")
     exact.update(x, y)
-    sampled = curvlab.KFAC(model, loss_fn, fisher_type="mc")
-    square_root = curvlab.KFAC(model, loss_fn, fisher_type="mc")
-    assert sampled._sampled_label_extensions() is not None
-    from backpack import backpack
-
+    hooks = curvlab.KFAC(model, loss_fn, fisher_type="mc", engine="hooks")
+    square_root = curvlab.KFAC(model, loss_fn, fisher_type="mc", engine="backpack")
     draws = 400
     for _ in range(draws):  # the union of 400 copies of the batch (sum: 400 times the batch)
-        sampled.update(x, y)
-        with backpack(*square_root.extensions()):
-            loss_fn(model(x), y).backward()
-        square_root.accumulate()
+        hooks.update(x, y)
+        square_root.update(x, y)
     copies = draws if reduction == "sum" else 1
-    for estimate in (sampled, square_root):
+    for estimate in (hooks, square_root):
         for f, f_exact in zip(estimate.factors(), exact.factors()):
             _close(f.A, f_exact.A, rtol=1e-10)
             err = float((f.G / copies - f_exact.G).norm() / f_exact.G.norm())

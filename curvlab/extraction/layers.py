@@ -1,14 +1,17 @@
 """Layer rules for Kronecker-factored curvature: how each layer type yields ``a`` and ``g``.
 
 A rule turns a layer's input into *patches* ``[N, T, D_in]`` (``T`` = positions sharing
-the weight: 1 for a plain ``Linear``, the sequence positions of a ``[N, T, D]`` input,
-the output locations of a convolution) and its backpropagated output quantities
-``[K, N, *out]`` (``K`` loss-Hessian columns, MC samples or 1) into ``[K, N, T, D_out]``.
-The weight is viewed as the matrix ``[D_out, D_in]`` (``weight.reshape(D_out, -1)``,
-which for convolutions matches the (channel, kernel offset) order of the patches,
-MATH.md §4.1); the bias joins as the last column through the homogeneous coordinate.
+the weight: 1 for a plain ``Linear``, the positions of a ``[N, …, D]`` input, the output
+locations of a convolution, the tokens of an embedding) and its backpropagated output
+quantities ``[K, N, *out]`` (``K`` loss-Hessian columns, MC samples or 1) into
+``[K, N, T, D_out]``. The weight is viewed as the matrix ``[D_out, D_in]``
+(``weight.reshape(D_out, -1)``, which for convolutions matches the (channel, kernel
+offset) order of the patches, docs page "Kronecker factors"; an embedding's ``[V, D]``
+weight is the transpose of its matrix, whose inputs are one-hot vectors); a *trainable*
+bias joins as the last column through the homogeneous coordinate.
 
-Rules live in ``KRONECKER_RULES`` (layer type → rule); nothing else inspects layer types.
+Rules live in ``KRONECKER_RULES`` (layer type → rule), which users may extend with
+:func:`register_kronecker_rule`; nothing else inspects layer types.
 """
 
 from __future__ import annotations
@@ -77,6 +80,41 @@ def _conv_columns(module: nn.Module, grad: Tensor) -> Tensor:
     return grad.flatten(start_dim=3).transpose(2, 3)
 
 
+def _embedding_patches(module: nn.Module, x: Tensor) -> Tensor:
+    """One-hot rows ``[N, T, V]``; ``padding_idx`` tokens get a zero row (no gradient)."""
+    emb = _as_embedding(module)
+    idx = x.reshape(x.shape[0], -1)
+    onehot = F.one_hot(idx, emb.num_embeddings).to(emb.weight.dtype)
+    if emb.padding_idx is not None:
+        onehot[..., emb.padding_idx] = 0
+    return onehot
+
+
+def _embedding_input_sum(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
+    """``Σ ā āᵀ`` of one-hot inputs is diagonal: the token counts (``padding_idx`` left out)."""
+    emb = _as_embedding(module)
+    counts = torch.bincount(x.reshape(-1), minlength=emb.num_embeddings).to(emb.weight.dtype)
+    if emb.padding_idx is not None:
+        counts[emb.padding_idx] = 0
+    return torch.diag(counts), x.numel()
+
+
+def _as_embedding(module: nn.Module) -> nn.Embedding:
+    assert isinstance(module, nn.Embedding)
+    return module
+
+
+def _check_embedding(module: nn.Module) -> None:
+    emb = _as_embedding(module)
+    if emb.max_norm is not None:
+        raise ValueError(
+            "Embedding with max_norm renormalises its weight in place during the forward "
+            "pass; the Kronecker backends do not support it."
+        )
+    if emb.sparse:
+        raise ValueError("Embedding(sparse=True): sparse gradients are not supported.")
+
+
 def _as_conv(module: nn.Module) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
     assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     return module
@@ -103,11 +141,17 @@ def _check_conv(module: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class KroneckerRule:
-    """How one layer type enters a Kronecker factorization (see the module docstring)."""
+    """How one layer type enters a Kronecker factorization (see the module docstring).
+
+    ``input_sum`` optionally computes ``(Σ ā āᵀ, N·T)`` of the expand setting directly
+    (an embedding's is diagonal); ``transposed``: the weight is stored as ``[D_in, D_out]``.
+    """
 
     patches: Callable[[nn.Module, Tensor], Tensor]
     columns: Callable[[nn.Module, Tensor], Tensor]
     check: Callable[[nn.Module], None]
+    input_sum: Callable[[nn.Module, Tensor], tuple[Tensor, int]] | None = None
+    transposed: bool = False
 
 
 KRONECKER_RULES: dict[type[nn.Module], KroneckerRule] = {
@@ -115,20 +159,50 @@ KRONECKER_RULES: dict[type[nn.Module], KroneckerRule] = {
     nn.Conv1d: KroneckerRule(_conv_patches, _conv_columns, _check_conv),
     nn.Conv2d: KroneckerRule(_conv_patches, _conv_columns, _check_conv),
     nn.Conv3d: KroneckerRule(_conv_patches, _conv_columns, _check_conv),
+    nn.Embedding: KroneckerRule(
+        _embedding_patches,
+        _linear_columns,
+        _check_embedding,
+        input_sum=_embedding_input_sum,
+        transposed=True,
+    ),
 }
+
+
+def register_kronecker_rule(layer_type: type[nn.Module], rule: KroneckerRule) -> None:
+    """Give ``layer_type`` (exactly this class) a Kronecker rule; the hooks engine then
+    covers it with a Kronecker block. The layer must own ``weight`` (and optionally
+    ``bias``) and compute ``output = f(weight-matrix @ patches)`` per position."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise TypeError(f"register_kronecker_rule: {layer_type!r} is not an nn.Module class.")
+    if not isinstance(rule, KroneckerRule):
+        raise TypeError("register_kronecker_rule: rule must be a KroneckerRule.")
+    KRONECKER_RULES[layer_type] = rule
+
+
+def rule_for(module: nn.Module) -> KroneckerRule | None:
+    """The rule of ``module``'s exact type, or ``None``."""
+    return KRONECKER_RULES.get(type(module))
+
+
+def has_trainable_bias(module: nn.Module) -> bool:
+    """Whether ``module`` has a bias that requires grad (it joins the Kronecker block)."""
+    bias = getattr(module, "bias", None)
+    return isinstance(bias, Tensor) and bias.requires_grad
+
 
 KFAC_APPROXES = ("expand", "reduce")
 
 
 def homogeneous(patches: Tensor, module: nn.Module) -> Tensor:
-    """Rows ``ā = [a, 1]`` (the 1 only when ``module`` has a bias): ``[rows, D_in(+1)]``.
+    """Rows ``ā = [a, 1]`` (the 1 only with a trainable bias): ``[rows, D_in(+1)]``.
 
     ``patches`` ``[..., D_in]`` may be a strided view; they are written into the result
     with a single copy.
     """
     d = patches.shape[-1]
     rows = patches.numel() // max(d, 1)
-    if getattr(module, "bias", None) is None:
+    if not has_trainable_bias(module):
         return patches.reshape(rows, d)
     out = patches.new_empty(rows, d + 1)
     out[:, :d].view(*patches.shape).copy_(patches)
@@ -154,7 +228,10 @@ def input_factor_sum(module: nn.Module, x: Tensor, kfac_approx: str) -> tuple[Te
     expand: the sum over samples and positions, ``count = N·T``; reduce: patches are
     averaged over positions first, ``count = N`` (the homogeneous 1 stays 1).
     """
-    patches = KRONECKER_RULES[type(module)].patches(module, x)  # [N, T, D]
+    rule = KRONECKER_RULES[type(module)]
+    if kfac_approx == "expand" and rule.input_sum is not None:
+        return rule.input_sum(module, x)
+    patches = rule.patches(module, x)  # [N, T, D]
     if kfac_approx == "reduce":
         patches = patches.mean(dim=1, keepdim=True)
     a = homogeneous(patches, module)
@@ -175,27 +252,50 @@ def output_factor(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
     return flat @ flat.T
 
 
-def _has_bias(module: nn.Module) -> int:
-    return int(getattr(module, "bias", None) is not None)
+def _transposed(module: nn.Module) -> bool:
+    rule = KRONECKER_RULES.get(type(module))
+    return rule is not None and rule.transposed
 
 
 def weight_matrix_shape(module: nn.Module) -> tuple[int, int]:
     """``(D_out, D_in)`` of the homogeneous weight matrix ``[W | b]``."""
     weight: Tensor = module.weight  # type: ignore[assignment]
-    return weight.shape[0], weight[0].numel() + _has_bias(module)
+    bias = int(has_trainable_bias(module))
+    if _transposed(module):
+        return weight.shape[1], weight.shape[0] + bias
+    return weight.shape[0], weight[0].numel() + bias
 
 
 def to_matrix(module: nn.Module, weight_part: Tensor, bias_part: Tensor | None) -> Tensor:
     """Parameter-shaped tensors (weight, bias) → the homogeneous matrix ``[D_out, D_in(+1)]``."""
-    mat = weight_part.reshape(weight_part.shape[0], -1)
+    if _transposed(module):
+        mat = weight_part.T
+    else:
+        mat = weight_part.reshape(weight_part.shape[0], -1)
     if bias_part is None:
         return mat
     return torch.cat([mat, bias_part.reshape(-1, 1)], dim=1)
 
 
 def from_matrix(module: nn.Module, mat: Tensor) -> list[Tensor]:
-    """Inverse of :func:`to_matrix`: ``[weight-shaped, bias-shaped]`` (bias only if present)."""
+    """Inverse of :func:`to_matrix`: ``[weight-shaped, bias-shaped]`` (bias only if trainable)."""
     weight: Tensor = module.weight  # type: ignore[assignment]
-    if getattr(module, "bias", None) is None:
-        return [mat.reshape(weight.shape)]
-    return [mat[:, :-1].reshape(weight.shape), mat[:, -1].contiguous()]
+    w = mat[:, :-1] if has_trainable_bias(module) else mat
+    w = w.T.contiguous() if _transposed(module) else w.reshape(weight.shape)
+    if not has_trainable_bias(module):
+        return [w]
+    return [w, mat[:, -1].contiguous()]
+
+
+def parameter_order(module: nn.Module) -> Tensor:
+    """Indices into the row-major ``[W | b]`` matrix, listed in ``[vec(W), b]`` order
+    (``vec`` row-major over the *parameter's* shape)."""
+    d_out, d_in = weight_matrix_shape(module)
+    index = torch.arange(d_out * d_in).reshape(d_out, d_in)
+    weight_index = index[:, :-1] if has_trainable_bias(module) else index
+    if _transposed(module):
+        weight_index = weight_index.T
+    order = weight_index.reshape(-1)
+    if not has_trainable_bias(module):
+        return order
+    return torch.cat([order, index[:, -1]])

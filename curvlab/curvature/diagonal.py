@@ -1,0 +1,170 @@
+"""``DiagonalFisher``: the diagonal of the Fisher (BackPACK's ``DiagGGN`` analogue).
+
+:class:`DiagonalBlocks` is the shared piece: the diagonal ``d = Σ_b w_b Σ_k V_{b,k}²`` of a
+set of parameters' curvature, accumulated from factor rows (one row per loss row and
+output column, MC sample or observed label; the docs page "Fisher types"). The Kronecker
+backends cover the parameters that have no Kronecker rule (normalisation layers, raw
+``nn.Parameter``s, recurrent weights, transposed convolutions, tied weights) with it.
+Its damped inverse is exact: ``(d + λ)⁻¹``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.curvature.base import Curvature, DecompositionBlock, Layer, NamedTensor, Vector
+from curvlab.extraction import BatchResult, FactorRows, Request, check_fisher_type, check_mc_samples
+from curvlab.registry import register
+
+
+class DiagonalBlocks:
+    """Diagonal curvature of ``layers``' parameters (see the module docstring)."""
+
+    def __init__(self, layers: list[Layer], fisher_type: str, mc_samples: int, owner: str) -> None:
+        self.layers = layers
+        self.owner = owner
+        self.params = [p for layer in layers for p in layer.params]
+        self.names = [n for layer in layers for n in layer.param_names]
+        self.request = FactorRows(fisher_type, tuple(self.params), mc_samples)
+        self.sums: list[Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def accumulate(self, result: BatchResult, weight: float) -> None:
+        batch = [
+            result.factor_rows(self.request, p, n).square().sum(0).reshape(p.shape) * weight
+            for p, n in zip(self.params, self.names)
+        ]
+        self.sums = batch if self.sums is None else [a + b for a, b in zip(self.sums, batch)]
+
+    def reset(self) -> None:
+        self.sums = None
+
+    def diagonals(self, normalizer: float) -> list[Tensor]:
+        assert self.sums is not None
+        return [d / normalizer for d in self.sums]
+
+    def matvec(self, v: Vector, normalizer: float) -> Vector:
+        return [d.to(t.dtype) * t for d, t in zip(self.diagonals(normalizer), v)]
+
+    def solve(self, v: Vector, damping: float, normalizer: float) -> Vector:
+        out = []
+        for d, t, name in zip(self.diagonals(normalizer), v, self.names):
+            damped = d + damping
+            if not bool((damped > 0).all()):
+                raise torch.linalg.LinAlgError(
+                    f"{self.owner}.solve: the diagonal block of '{name}' has zero entries; "
+                    "use damping > 0."
+                )
+            out.append((t / damped.to(t.dtype)).to(t.dtype))
+        return out
+
+    def to_dense(self, normalizer: float) -> Tensor:
+        return torch.diag(torch.cat([d.reshape(-1) for d in self.diagonals(normalizer)]))
+
+    def named_sums(self) -> list[NamedTensor]:
+        assert self.sums is not None
+        return [NamedTensor(f"diagonal of '{n}'", d) for n, d in zip(self.names, self.sums)]
+
+    def adopt(self, sums: list[Tensor] | None) -> None:
+        """Take ``sums`` over (validated, not copied)."""
+        if sums is not None:
+            shapes = [tuple(t.shape) for t in sums]
+            expected = [tuple(p.shape) for p in self.params]
+            if shapes != expected:
+                raise ValueError(
+                    f"{self.owner}: diagonal shapes {shapes} do not match this model's {expected}."
+                )
+        self.sums = sums
+
+
+@register("diagonal")
+class DiagonalFisher(Curvature):
+    """The diagonal of the Fisher: exact (``"exact"``), Monte-Carlo (``"mc"``, ``mc_samples``
+    labels per input) or empirical (``"empirical"``), every trainable parameter.
+
+    ``solve`` divides by ``diagonal + λ``. Cheap to store and invert; ignores every
+    correlation between parameters.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        fisher_type: str = "exact",
+        mc_samples: int = 1,
+        engine: str = "auto",
+    ) -> None:
+        owner = type(self).__name__
+        check_fisher_type(fisher_type, ("exact", "mc", "empirical"), owner)
+        check_mc_samples(mc_samples, owner)
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        self._diag: DiagonalBlocks | None = None
+        super().__init__(model, loss_fn, engine=engine)
+
+    def _blocks(self) -> DiagonalBlocks:
+        if self._diag is None:
+            self._diag = DiagonalBlocks(
+                self.layers, self.fisher_type, self.mc_samples, type(self).__name__
+            )
+        return self._diag
+
+    def _block_kind(self, layer: Layer) -> str:
+        return "diagonal"
+
+    def _requests(self) -> list[Request]:
+        return [self._blocks().request]
+
+    def _accumulate(self, result: BatchResult, weight: float) -> None:
+        self._blocks().accumulate(result, weight)
+
+    def _reset(self) -> None:
+        self._blocks().reset()
+
+    def _matvec(self, v: Vector) -> Vector:
+        return self._blocks().matvec(v, self._normalizer)
+
+    def _solve(self, v: Vector, damping: float) -> Vector:
+        return self._blocks().solve(v, damping, self._normalizer)
+
+    def _to_dense(self) -> Tensor:
+        return self._blocks().to_dense(self._normalizer)
+
+    def diagonal(self) -> Vector:
+        """The diagonal, shaped like ``params``."""
+        self._check_ready("diagonal")
+        return self._blocks().diagonals(self._normalizer)
+
+    def _statistics(self) -> dict[str, Any]:
+        return {"diagonal": self._blocks().diagonals(self._normalizer)}
+
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        self._blocks().adopt(list(stats["diagonal"]))
+
+    def _sums(self) -> list[NamedTensor]:
+        return self._blocks().named_sums()
+
+    def _load_sums(self, sums: list[Tensor]) -> None:
+        self._blocks().adopt(list(sums))
+
+    def _decomposition_blocks(self) -> list[DecompositionBlock]:
+        return [
+            DecompositionBlock(
+                index=0,
+                name=f"{type(self).__name__} (all parameters)",
+                param_indices=tuple(range(len(self.params))),
+                cost=float(self.num_params),
+            )
+        ]
+
+    def _state(self) -> dict[str, Any]:
+        return {"sums": self._blocks().sums}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        sums = state["sums"]
+        self._blocks().adopt(None if sums is None else [t.clone() for t in sums])

@@ -1,0 +1,136 @@
+"""Extraction: turning a batch into the statistics a backend asked for.
+
+Backends state their needs as requests (:mod:`curvlab.extraction.requests`); an *engine*
+answers them with plain result objects:
+
+* ``"hooks"`` (:mod:`curvlab.extraction.hooks`): plain torch autograd on any
+  ``nn.Module`` — custom ``forward``, residual adds, concatenations, attention,
+  weight sharing, tied weights;
+* ``"backpack"`` (:mod:`curvlab.extraction.backpack_engine`): BackPACK, for
+  ``nn.Sequential`` models of supported layers, where its single backward pass is fastest.
+
+``engine="auto"`` takes BackPACK where it applies and is faster (see :func:`choose_engine`),
+else the hooks engine. Both give the same numbers where both apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.extraction import backpack_engine, hooks
+from curvlab.extraction.losses import FISHER_TYPES, batch_scale
+from curvlab.extraction.requests import (
+    BatchResult,
+    FactorRows,
+    KroneckerBatch,
+    KroneckerStatistics,
+    Request,
+    check_fisher_type,
+    check_mc_samples,
+)
+
+if TYPE_CHECKING:
+    from curvlab.curvature.base import Curvature
+
+ENGINES: tuple[str, ...] = ("auto", "hooks", "backpack")
+
+__all__ = [
+    "ENGINES",
+    "FISHER_TYPES",
+    "BatchResult",
+    "FactorRows",
+    "KroneckerBatch",
+    "KroneckerStatistics",
+    "Request",
+    "check_engine",
+    "check_fisher_type",
+    "check_mc_samples",
+    "choose_engine",
+    "extract",
+    "suspended_hooks",
+]
+
+
+def check_engine(engine: str, owner: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"{owner}: unknown engine {engine!r}; choose one of {list(ENGINES)}.")
+
+
+def _backpack_is_faster(requests: Sequence[Request]) -> bool:
+    """Where BackPACK's one backward beats the hooks engine (``benchmarks/kfac_extraction``):
+    dense factor rows (its per-sample Jacobian products are fused into the backward pass)
+    and the exact Fisher's Kronecker statistics. Monte-Carlo and empirical Kronecker
+    statistics take one backward to the layer outputs with the hooks engine, which never
+    forms weight gradients."""
+    return all(isinstance(r, FactorRows) or r.fisher_type == "exact" for r in requests)
+
+
+def choose_engine(model: nn.Module, requests: Sequence[Request], engine: str) -> str:
+    """``"hooks"`` or ``"backpack"`` for ``requests`` on ``model`` under setting ``engine``.
+
+    ``engine="backpack"`` raises a ``ValueError`` saying why BackPACK cannot serve them.
+    """
+    if engine == "hooks":
+        return "hooks"
+    reason = backpack_engine.unsupported_reason(model, requests)
+    if engine == "backpack":
+        if reason is not None:
+            raise ValueError(f"engine='backpack' cannot serve this model: {reason}.")
+        return "backpack"
+    if reason is None and _backpack_is_faster(requests):
+        return "backpack"
+    return "hooks"
+
+
+def _check_finite(loss: Tensor) -> None:
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise FloatingPointError(f"The loss is not finite ({loss.detach()}); no curvature taken.")
+
+
+def extract(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Any,
+    targets: Tensor,
+    curvatures: Sequence[Curvature],
+) -> Tensor:
+    """One forward and one extraction feeding every curvature in ``curvatures``.
+
+    The union of their requests is answered by one engine (``"backpack"`` only when every
+    curvature allows it). Parameter gradients (``.grad``) are left exactly as they were.
+    Returns the detached loss.
+    """
+    if not curvatures:
+        raise ValueError("extract: pass at least one curvature.")
+    for c in curvatures:
+        if c.model is not model or c.loss_fn is not loss_fn:
+            raise ValueError(
+                f"extract: {type(c).__name__} was built for another model or loss function."
+            )
+    requests = [r for c in curvatures for r in c.requests()]
+    settings = {c.engine for c in curvatures} - {"auto"}
+    if len(settings) > 1:
+        raise ValueError(f"extract: the curvatures force different engines {sorted(settings)}.")
+    engine = choose_engine(model, requests, settings.pop() if settings else "auto")
+    if engine == "backpack":
+        loss, result = backpack_engine.run(model, loss_fn, inputs, targets, requests)
+    else:
+        modules = list({id(m): m for c in curvatures for m in c.recorded_modules()}.values())
+        with hooks.Recording(loss_fn, modules, owner="extract") as recording:
+            outputs = model(inputs)
+            scale = batch_scale(loss_fn, outputs, targets)  # clear errors before PyTorch's
+            graph_loss = loss_fn(outputs, targets)
+        _check_finite(graph_loss)
+        call, calls = recording.take(graph_loss)
+        result = hooks.compute(loss_fn, call, calls, requests, scale=scale)
+        loss = graph_loss.detach()
+    for c in curvatures:
+        c._consume(result)
+    return loss
+
+
+suspended_hooks = hooks.suspended_hooks

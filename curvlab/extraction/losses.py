@@ -1,0 +1,223 @@
+"""Supported losses: validation, reduction bookkeeping and output-space columns.
+
+A loss ``L = R · Σ_n ℓ_n`` over the rows ``n`` of an ``[N, C]`` output is summarised per
+batch by its row count and the inverse reduction factor ``1/R`` (docs page
+"Conventions"): ``N`` for ``CrossEntropyLoss(mean)`` (the rows whose target is not
+``ignore_index``), ``N·C`` for ``MSELoss``/``BCEWithLogitsLoss`` with ``mean`` (PyTorch
+divides by ``numel``), ``1`` for ``sum``.
+
+Every Fisher type is delivered to the engines as *output-space columns*: a tensor
+``[K, N, C]`` whose columns ``u_k`` satisfy ``Σ_k u_k[n] u_k[n]ᵀ = R·M_n`` with ``M_n``
+
+* ``"exact"``: the loss Hessian w.r.t. row ``n``'s output (the Fisher's output matrix for
+  these losses; ``K = C``, a symmetric square root);
+* ``"mc"``: its Monte-Carlo estimate ``(1/M) Σ_m g̃_m g̃_mᵀ`` with ``g̃_m = ∇_f ℓ(f_n, ỹ_m)``,
+  ``ỹ_m ~ p(y | f_n)`` (``K = M``);
+* ``"empirical"``: ``∇_f ℓ(f_n, y_n) ∇_f ℓ(f_n, y_n)ᵀ`` at the observed label (``K = 1``).
+
+Backpropagating the columns to a layer output gives its ``g`` vectors on the loss's scale;
+to the parameters, the factor rows of the dense Fisher (see ``docs/concepts/fisher.md``).
+Rows whose target is ``ignore_index`` have zero columns: they are not part of the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import sqrt
+
+import torch
+from torch import Tensor, nn
+
+SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
+    nn.CrossEntropyLoss,
+    nn.MSELoss,
+    nn.BCEWithLogitsLoss,
+)
+SUPPORTED_REDUCTIONS = ("mean", "sum")
+FISHER_TYPES: tuple[str, ...] = ("exact", "mc", "empirical")
+
+
+def check_loss(loss_fn: nn.Module) -> None:
+    """Raise a ``ValueError`` unless ``loss_fn`` is a supported loss with supported options.
+
+    A subclass that overrides ``forward`` is refused: its curvature would be that of the
+    base class's likelihood, silently wrong for whatever the override computes.
+    """
+    if not isinstance(loss_fn, SUPPORTED_LOSSES):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
+        raise ValueError(
+            f"Unsupported loss function {type(loss_fn).__name__}; curvlab supports {names}."
+        )
+    base = next(cls for cls in SUPPORTED_LOSSES if isinstance(loss_fn, cls))
+    name = type(loss_fn).__name__
+    if type(loss_fn).forward is not base.forward:
+        raise ValueError(
+            f"{name} overrides forward(): curvlab derives the curvature from "
+            f"{base.__name__}'s likelihood and cannot see what the override computes. Use "
+            f"{base.__name__} itself (transform the model's output inside the model instead)."
+        )
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction not in SUPPORTED_REDUCTIONS:
+        raise ValueError(f"{name}(reduction={reduction!r}) is not supported; use 'mean' or 'sum'.")
+    if getattr(loss_fn, "weight", None) is not None:
+        raise ValueError(f"{name} with class/element weights is not supported.")
+    if getattr(loss_fn, "pos_weight", None) is not None:
+        raise ValueError(f"{name} with pos_weight is not supported.")
+    if getattr(loss_fn, "label_smoothing", 0.0) != 0.0:
+        raise ValueError(f"{name} with label_smoothing is not supported.")
+
+
+@dataclass(frozen=True)
+class BatchScale:
+    """How one batch enters the loss.
+
+    ``num_samples``: rows ``N`` of the output that count (``ignore_index`` rows excluded);
+    ``inv_reduction``: ``1/R``; ``valid``: ``[N]`` bool mask of the counted rows, or
+    ``None`` when every row counts.
+    """
+
+    num_samples: int
+    inv_reduction: float
+    valid: Tensor | None = None
+
+
+def batch_scale(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> BatchScale:
+    """Validate ``outputs``/``targets`` for ``loss_fn`` and return the batch's scale.
+
+    Outputs must be ``[N, C]``; ``CrossEntropyLoss`` takes class indices ``[N]`` (rows
+    equal to its ``ignore_index`` are left out, which costs one host synchronisation when
+    the targets may contain it), the other losses targets shaped like the outputs.
+    """
+    name = type(loss_fn).__name__
+    if not isinstance(outputs, Tensor) or outputs.dim() != 2:
+        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise ValueError(
+            f"{name}: the model output must have shape [N, C], got {shape}. Flatten extra "
+            "dimensions (e.g. tokens) into the rows inside the model."
+        )
+    n, c = outputs.shape
+    if n == 0:
+        raise ValueError(f"{name}: the batch is empty (0 rows); no curvature can be taken.")
+    valid = None
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if targets.shape != (n,) or targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"{name}: targets must be class indices of shape [{n}] (int64), got "
+                f"shape {tuple(targets.shape)} and dtype {targets.dtype}."
+            )
+        mask = targets != loss_fn.ignore_index
+        counted = int(mask.sum())  # one host synchronisation (curvature steps only)
+        if counted == 0:
+            raise ValueError(
+                f"{name}: every target of the batch is ignore_index={loss_fn.ignore_index}; "
+                "the loss has no terms, so there is no curvature to take."
+            )
+        if counted != n:
+            valid = mask
+        inv_reduction = float(counted)
+        rows = counted
+    else:
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"{name}: targets must have the output's shape {tuple(outputs.shape)}, "
+                f"got {tuple(targets.shape)}."
+            )
+        inv_reduction = float(n * c)
+        rows = n
+    if loss_fn.reduction == "sum":
+        inv_reduction = 1.0
+    return BatchScale(num_samples=rows, inv_reduction=inv_reduction, valid=valid)
+
+
+def sample_targets(loss_fn: nn.Module, outputs: Tensor, num: int | None = None) -> Tensor:
+    """Targets drawn from the model's predictive distribution ``p(y | f)``.
+
+    ``CrossEntropyLoss``: a class from ``softmax(f)``; ``BCEWithLogitsLoss``: Bernoulli
+    with ``σ(f)``; ``MSELoss``: ``f + N(0, ½)`` — PyTorch's squared error is the negative
+    log-likelihood of a Gaussian with variance ½ (the "factor 2"). With ``num``, a leading
+    axis of ``num`` independent draws.
+    """
+    f = outputs.detach()
+    shape = (num, *f.shape) if num is not None else f.shape
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        probs = f.float().softmax(dim=1)
+        draws = torch.multinomial(probs, num_samples=num or 1, replacement=True)  # [N, M]
+        return draws.T if num is not None else draws.squeeze(1)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return torch.bernoulli(f.sigmoid().expand(shape))
+    return f + torch.randn(shape, dtype=f.dtype, device=f.device) * 0.5**0.5
+
+
+def _row_gradient(loss_fn: nn.Module, f: Tensor, targets: Tensor) -> Tensor:
+    """``∇_f ℓ(f_n, y_n)`` per row (the ``sum``-reduced loss's gradient): ``[..., N, C]``."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        p = f.softmax(dim=-1)
+        safe = targets.clamp(min=0, max=f.shape[-1] - 1)
+        return p - nn.functional.one_hot(safe, f.shape[-1]).to(p.dtype)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return f.sigmoid() - targets.to(f.dtype)
+    return 2.0 * (f - targets.to(f.dtype))
+
+
+def output_columns(
+    loss_fn: nn.Module,
+    outputs: Tensor,
+    targets: Tensor,
+    fisher_type: str,
+    scale: BatchScale,
+    mc_samples: int = 1,
+) -> Tensor:
+    """Output-space columns ``[K, N, C]`` of ``fisher_type`` on the loss's scale (module doc)."""
+    f = outputs.detach()
+    if f.dtype not in (torch.float32, torch.float64):
+        f = f.float()
+    r = 1.0 / scale.inv_reduction if scale.inv_reduction > 0 else 0.0
+    n, c = f.shape
+    if fisher_type == "exact":
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            # S = diag(√p) − p √pᵀ: column c is √p_c (e_c − p), and S Sᵀ = diag(p) − p pᵀ
+            p = f.softmax(dim=1)
+            sqrt_p = p.sqrt()
+            eye = torch.eye(c, dtype=f.dtype, device=f.device)
+            cols = sqrt_p.T.unsqueeze(2) * (eye.unsqueeze(1) - p.unsqueeze(0))  # [C, N, C]
+        elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
+            s = f.sigmoid()
+            cols = torch.diag_embed((s * (1 - s)).sqrt()).permute(1, 0, 2)  # [C, N, C]
+        else:
+            eye = torch.eye(c, dtype=f.dtype, device=f.device)
+            cols = (sqrt(2.0) * eye).unsqueeze(1).expand(c, n, c)
+        cols = cols * sqrt(r)
+    elif fisher_type == "mc":
+        draws = sample_targets(loss_fn, f, num=mc_samples)  # [M, N] or [M, N, C]
+        cols = _row_gradient(loss_fn, f.expand(mc_samples, n, c), draws) * sqrt(r / mc_samples)
+    elif fisher_type == "empirical":
+        cols = (_row_gradient(loss_fn, f, targets) * sqrt(r)).unsqueeze(0)
+    else:
+        raise ValueError(f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}.")
+    if scale.valid is not None:
+        cols = cols * scale.valid.to(cols.dtype).unsqueeze(-1)
+    return cols
+
+
+def output_hessian_apply(loss_fn: nn.Module, outputs: Tensor, u: Tensor) -> Tensor:
+    """``∇²_f L · u`` row by row: ``[N, C]`` for ``u`` ``[N, C]``.
+
+    The Hessian of the *reduced* loss w.r.t. each row's output (so it includes ``R``):
+    CE ``R(diag(p) − ppᵀ)``, MSE ``2R·I``, BCE ``R·diag(σ(1−σ))``. It does not depend on
+    the targets, which is why it equals the Fisher's output matrix.
+    """
+    f = outputs.detach()
+    n, c = f.shape
+    if loss_fn.reduction == "sum":
+        r = 1.0
+    elif isinstance(loss_fn, nn.CrossEntropyLoss):
+        r = 1.0 / n
+    else:
+        r = 1.0 / (n * c)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        p = f.softmax(dim=1)
+        return r * (p * u - p * (p * u).sum(dim=1, keepdim=True))
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        s = f.sigmoid()
+        return r * s * (1 - s) * u
+    return 2.0 * r * u

@@ -1,0 +1,140 @@
+"""What a backend asks of a batch, and the plain objects an engine answers with.
+
+A backend states its needs as *requests* (:class:`FactorRows` for dense blocks,
+:class:`KroneckerStatistics` for Kronecker-factored layers); an engine runs the forward
+and backward passes and returns a :class:`BatchResult`. Requests are plain data: they
+name parameters and modules, Fisher type and options, never an engine. Results are plain
+tensors keyed by the request; nothing is stored on ``Parameter`` or module objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from curvlab.extraction.losses import FISHER_TYPES, BatchScale
+
+__all__ = [
+    "BatchResult",
+    "FactorRows",
+    "KroneckerBatch",
+    "KroneckerStatistics",
+    "Request",
+    "check_fisher_type",
+    "check_mc_samples",
+]
+
+
+def check_fisher_type(fisher_type: str, allowed: tuple[str, ...], owner: str) -> None:
+    """Raise a ``ValueError`` naming ``owner`` unless ``fisher_type`` is in ``allowed``."""
+    if fisher_type not in allowed:
+        raise ValueError(
+            f"{owner}: unknown fisher_type {fisher_type!r}; choose one of {list(allowed)}."
+        )
+
+
+def check_mc_samples(mc_samples: int, owner: str) -> None:
+    """Raise a ``ValueError`` unless ``mc_samples`` is a positive integer."""
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"{owner}: mc_samples must be a positive integer, got {mc_samples!r}.")
+
+
+@dataclass(frozen=True, eq=False)
+class FactorRows:
+    """Per parameter ``p``, rows ``V_p`` ``[K, p.numel()]`` with ``V_pᵀ V_q`` the batch's
+    curvature block between ``p`` and ``q`` on the loss's scale (``K``: one row per loss
+    row and output column, MC sample or observed label)."""
+
+    fisher_type: str
+    params: tuple[nn.Parameter, ...]
+    mc_samples: int = 1
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+
+
+@dataclass(frozen=True, eq=False)
+class KroneckerStatistics:
+    """Per module, its Kronecker statistics (:class:`KroneckerBatch`) for ``fisher_type``.
+
+    ``keep_raw``: also the homogeneous input patches and output columns of the batch.
+    """
+
+    fisher_type: str
+    modules: tuple[nn.Module, ...]
+    kfac_approx: str = "expand"
+    mc_samples: int = 1
+    keep_raw: bool = False
+
+    @property
+    def columns_key(self) -> tuple[str, int]:
+        """Requests with the same key share the backpropagated columns (and MC draws)."""
+        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+
+    @property
+    def key(self) -> tuple[str, int, str, bool]:
+        return (*self.columns_key, self.kfac_approx, self.keep_raw)
+
+
+Request = FactorRows | KroneckerStatistics
+
+
+@dataclass(frozen=True)
+class KroneckerBatch:
+    """One batch's statistics of one layer: ``A = a_sum / count``, ``G`` on the loss's scale.
+
+    ``patches`` ``[N, T, D_in]`` and ``columns`` ``[K, N, T, D_out]`` are set when the
+    request kept them; ``column_scale`` brings ``Σ columns²`` onto the loss's scale.
+    """
+
+    a_sum: Tensor
+    count: int
+    g: Tensor
+    patches: Tensor | None = None
+    columns: Tensor | None = None
+    column_scale: float = 1.0
+
+
+@dataclass
+class BatchResult:
+    """What one extraction delivered: the batch's scale and the answer to each request."""
+
+    scale: BatchScale
+    engine: str = ""
+    rows: dict[tuple[Any, ...], dict[int, Tensor]] = field(default_factory=dict)
+    kronecker: dict[tuple[Any, ...], dict[int, KroneckerBatch]] = field(default_factory=dict)
+
+    def factor_rows(self, request: FactorRows, param: Tensor, name: str) -> Tensor:
+        """``[K, param.numel()]`` rows of ``param`` for ``request``."""
+        found = self.rows.get(request.key, {}).get(id(param))
+        if found is None:
+            raise RuntimeError(
+                f"No factor rows for parameter '{name}' ({request.fisher_type} Fisher) in this "
+                "batch: the parameter took no part in the loss that was backpropagated."
+            )
+        return found
+
+    def kronecker_batch(
+        self, request: KroneckerStatistics, module: nn.Module, name: str
+    ) -> KroneckerBatch:
+        """The Kronecker statistics of ``module`` for ``request``."""
+        found = self.kronecker.get(request.key, {}).get(id(module))
+        if found is None:
+            raise RuntimeError(
+                f"No Kronecker statistics for layer '{name}' ({type(module).__name__}) in this "
+                "batch: the layer was not called (through its forward) in the forward pass "
+                "that produced the loss. Layers called functionally (e.g. the projections "
+                "inside nn.MultiheadAttention) cannot get Kronecker blocks."
+            )
+        return found
+
+
+def validate_request(request: Any, owner: str) -> None:
+    """Raise a ``TypeError``/``ValueError`` naming ``owner`` for a malformed request."""
+    if not isinstance(request, (FactorRows, KroneckerStatistics)):
+        raise TypeError(f"{owner}: unknown request {request!r}.")
+    check_fisher_type(request.fisher_type, FISHER_TYPES, owner)
+    check_mc_samples(request.mc_samples, owner)
