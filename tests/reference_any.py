@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 DTYPE = torch.float64
-KFAC_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+KFAC_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 # --- model and loss plumbing -----------------------------------------------------------
@@ -284,6 +284,11 @@ def _positions(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]
         if x.ndim == 1:  # unbatched
             x, g = x.reshape(1, 1, -1), g.reshape(1, 1, -1)
         return x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+    if isinstance(module, nn.Embedding):  # one-hot inputs; padding tokens get no gradient
+        onehot = F.one_hot(x.reshape(x.shape[0], -1), module.num_embeddings).to(g.dtype)
+        if module.padding_idx is not None:
+            onehot[..., module.padding_idx] = 0
+        return onehot, g.reshape(g.shape[0], -1, g.shape[-1])
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         spatial = 1 if isinstance(module, nn.Conv1d) else 2
         if x.ndim == spatial + 1:  # unbatched
@@ -328,6 +333,7 @@ def kfac_reference(
     modules: Iterable[nn.Module | str] | None = None,
     fisher_type: str = "exact",
     kfac_approx: str = "expand",
+    sqrt: str = "symmetric",
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """K-FAC factors ``{name: (A, G)}`` from their definition, for Linear/Conv1d/Conv2d.
 
@@ -339,6 +345,9 @@ def kfac_reference(
 
     * ``fisher_type="exact"``: ``V_c[n] = S_n[:, c]`` with ``S_n`` the symmetric square
       root of row ``n``'s block of ``∇²_f L`` (ignored rows have ``S_n = 0``); scale 1.
+      ``sqrt="curvlinops"`` takes BackPACK's and curvlinops' square root instead, for
+      cross-entropy ``√R (diag(√p) − p √pᵀ)`` (the same for the diagonal Hessians of
+      MSE and BCE). The two agree whenever each row has its own layer outputs.
     * ``fisher_type="empirical"``: one column ``V = ∇_f L``; ``G`` is scaled by ``1/R``.
 
     ``kfac_approx="expand"``: ``A`` is the mean of ``a aᵀ`` over all ``(b, t, call)``
@@ -391,6 +400,11 @@ def kfac_reference(
         H = output_hessian(loss_fn, fd, y)  # [N_rows, C, N_rows, C]
         rows = torch.arange(num_rows)
         S = _symmetric_sqrt(H[rows, :, rows, :])  # [N_rows, C, C]
+        if sqrt == "curvlinops" and isinstance(loss_fn, nn.CrossEntropyLoss):
+            p = fd.softmax(dim=1)
+            r = reduction_factor(loss_fn, fd, y)
+            S = (torch.diag_embed(p.sqrt()) - p.unsqueeze(2) * p.sqrt().unsqueeze(1)) * r**0.5
+            S = S * valid_rows(loss_fn, y, num_rows).to(S.dtype)[:, None, None]
         columns = [S[:, :, c] for c in range(num_out)]
         scale = 1.0
     else:
@@ -448,6 +462,12 @@ def kfac_dense(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]]) -> T
     for name, (A, G) in factors.items():
         module = model.get_submodule(name)
         weight, bias = _trainable(module)
+        if isinstance(module, nn.Embedding):  # the matrix is weightᵀ [D, V]
+            vocab, c_out = module.weight.shape
+            idx = offsets[id(module.weight)] + torch.arange(vocab * c_out).view(vocab, c_out).T
+            idx = idx.reshape(-1)
+            dense[idx[:, None], idx[None, :]] += torch.kron(G.to(DTYPE), A.to(DTYPE))
+            continue
         c_out = module.weight.shape[0]
         d_in = module.weight[0].numel() if weight else 0
         if A.shape[0] != d_in + int(bias) or G.shape[0] != c_out:

@@ -220,8 +220,11 @@ def test_patches_reproduce_layer_outputs(label: str, model: nn.Module, X: Tensor
     modules = [m for m in model.modules() if isinstance(m, ra.KFAC_MODULES)]
     io = ra.layer_io(model, X, modules)
     for module in modules:
-        W = module.weight.detach().reshape(module.weight.shape[0], -1)
-        b = 0.0 if module.bias is None else module.bias.detach()
+        if isinstance(module, nn.Embedding):  # one-hot rows times the weight: a lookup
+            W, b = module.weight.detach().T, 0.0
+        else:
+            W = module.weight.detach().reshape(module.weight.shape[0], -1)
+            b = 0.0 if module.bias is None else module.bias.detach()
         for x, s in io[module]:
             a, s_pos = ra._positions(module, x, s)
             assert_matches(a @ W.T + b, s_pos, rtol=1e-12)

@@ -179,6 +179,10 @@ class KFAC(Curvature):
         chosen = _resolve(model, include, "layers", owner) if include is not None else None
         skipped = _resolve(model, exclude, "exclude", owner) if exclude is not None else set()
         kronecker, diagonal = [], []
+        uses: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        self._tied = {key for key, count in uses.items() if count > 1}
         for layer in find_layers(model):
             key = id(layer.module)
             if key in skipped or (chosen is not None and key not in chosen):
@@ -203,6 +207,12 @@ class KFAC(Curvature):
     def _no_kronecker_reason(self, model: nn.Module, layer: Layer) -> str | None:
         """Why ``layer`` gets no Kronecker block, or ``None`` when it gets one."""
         module = layer.module
+        for name, parent in model.named_modules():
+            if isinstance(parent, nn.MultiheadAttention) and layer.name.startswith(name + "."):
+                return (
+                    "nn.MultiheadAttention calls its projections functionally, so their "
+                    "outputs' gradients cannot be observed"
+                )
         rule = layer_rules.rule_for(module)
         if rule is None or not isinstance(module, self.supported_layers):
             supported = ", ".join(cls.__name__ for cls in self.supported_layers)
@@ -211,15 +221,11 @@ class KFAC(Curvature):
         weight = getattr(module, "weight", None)
         if weight is None or not any(p is weight for p in layer.params):
             return "its weight is frozen or shared with another module (tied)"
+        if any(id(p) in self._tied for p in layer.params):
+            return "a parameter of it is shared with another module (tied weights)"
         bias = getattr(module, "bias", None)
         if layer_rules.has_trainable_bias(module) and not any(p is bias for p in layer.params):
             return "its bias is shared with another module (tied)"
-        for name, parent in model.named_modules():
-            if isinstance(parent, nn.MultiheadAttention) and layer.name.startswith(name + "."):
-                return (
-                    "nn.MultiheadAttention calls its projections functionally, so their "
-                    "outputs' gradients cannot be observed"
-                )
         return None
 
     def _diag(self) -> DiagonalBlocks:

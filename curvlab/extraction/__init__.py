@@ -69,14 +69,20 @@ def _backpack_is_faster(requests: Sequence[Request]) -> bool:
     return all(isinstance(r, FactorRows) or r.fisher_type == "exact" for r in requests)
 
 
-def choose_engine(model: nn.Module, requests: Sequence[Request], engine: str) -> str:
+def choose_engine(
+    model: nn.Module, requests: Sequence[Request], engine: str, ignored_rows: bool = False
+) -> str:
     """``"hooks"`` or ``"backpack"`` for ``requests`` on ``model`` under setting ``engine``.
 
-    ``engine="backpack"`` raises a ``ValueError`` saying why BackPACK cannot serve them.
+    ``ignored_rows``: the batch has targets equal to the loss's ``ignore_index``, which
+    BackPACK would count. ``engine="backpack"`` raises a ``ValueError`` saying why
+    BackPACK cannot serve them.
     """
     if engine == "hooks":
         return "hooks"
     reason = backpack_engine.unsupported_reason(model, requests)
+    if reason is None and ignored_rows:
+        reason = "BackPACK counts targets equal to ignore_index as part of the loss"
     if engine == "backpack":
         if reason is not None:
             raise ValueError(f"engine='backpack' cannot serve this model: {reason}.")
@@ -115,7 +121,10 @@ def extract(
     settings = {c.engine for c in curvatures} - {"auto"}
     if len(settings) > 1:
         raise ValueError(f"extract: the curvatures force different engines {sorted(settings)}.")
-    engine = choose_engine(model, requests, settings.pop() if settings else "auto")
+    ignored = isinstance(loss_fn, nn.CrossEntropyLoss) and bool(
+        (torch.as_tensor(targets) == loss_fn.ignore_index).any()
+    )
+    engine = choose_engine(model, requests, settings.pop() if settings else "auto", ignored)
     if engine == "backpack":
         loss, result = backpack_engine.run(model, loss_fn, inputs, targets, requests)
     else:

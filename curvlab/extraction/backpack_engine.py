@@ -297,6 +297,8 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
         if id(p) in seen:
             return f"parameter '{name}' is tied to '{seen[id(p)]}'"
         seen[id(p)] = name
+    second_order = [e for e in extensions if not isinstance(e, FirstOrderBackpropExtension)]
+    first_order = [e for e in extensions if isinstance(e, FirstOrderBackpropExtension)]
     for name, module in model.named_modules():
         label = f"module '{name or '<model>'}' ({type(module).__name__})"
         if next(module.children(), None) is not None:
@@ -305,7 +307,10 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
             if not is_no_op(module):
                 return f"{label} is a custom container (BackPACK needs nn.Sequential)"
             continue
-        for ext in extensions:
+        # second-order quantities travel through every module; first-order ones are
+        # computed on the modules that own trainable parameters
+        owns = any(p.requires_grad for p in module.parameters(recurse=False))
+        for ext in second_order + (first_order if owns else []):
             if type(module) not in _module_map(ext):
                 return f"{label} is not supported by BackPACK's {type(ext).__name__}"
     return None
