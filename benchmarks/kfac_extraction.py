@@ -3,7 +3,8 @@
 For every workload it times (median of repeated runs, same process, same data):
 
 * a plain forward+backward of an un-extended copy of the model (the unit of the ratios);
-* curvlab ``KFC.update`` for the exact (type-2) and the MC (1 sample) Fisher;
+* curvlab ``KFC.update`` for the exact (type-2) and the MC (1 sample) Fisher, with the
+  engine ``engine="auto"`` picks and with each engine forced (``hooks``, ``backpack``);
 * BackPACK ``KFLR`` (exact) and ``KFAC`` (MC) — note: for convolutions BackPACK's factors
   are not KFC (G is summed over locations before the outer product, MATH.md §1.3);
 * curvlinops ``KFACLinearOperator.compute_kronecker_factors`` (type-2 and MC);
@@ -36,18 +37,21 @@ def _plain(w: Workload, device: str):
     return run
 
 
-def _curvlab(w: Workload, device: str, fisher_type: str):
-    torch.manual_seed(0)
-    model = w.build().to(device)
-    loss_fn = nn.CrossEntropyLoss()
-    x, y = w.data(device)
-    kfc = curvlab.KFC(model, loss_fn, fisher_type=fisher_type)
+def _curvlab(engine: str):
+    def make(w: Workload, device: str, fisher_type: str):
+        torch.manual_seed(0)
+        model = w.build().to(device)
+        loss_fn = nn.CrossEntropyLoss()
+        x, y = w.data(device)
+        kfc = curvlab.KFC(model, loss_fn, fisher_type=fisher_type, engine=engine)
 
-    def run() -> None:
-        kfc.reset()
-        kfc.update(x, y)
+        def run() -> None:
+            kfc.reset()
+            kfc.update(x, y)
 
-    return run
+        return run
+
+    return make
 
 
 def _backpack(w: Workload, device: str, fisher_type: str):
@@ -115,7 +119,9 @@ def _asdl(w: Workload, device: str, fisher_type: str):
 
 
 TOOLS = {
-    "curvlab KFC": _curvlab,
+    "curvlab KFC": _curvlab("auto"),
+    "curvlab KFC hooks": _curvlab("hooks"),
+    "curvlab KFC backpack": _curvlab("backpack"),
     "BackPACK KFLR/KFAC": _backpack,
     "curvlinops KFAC": _curvlinops,
     "ASDL kron": _asdl,

@@ -4,7 +4,7 @@ Natural gradient in an ordinary training loop
 
 :class:`curvlab.NaturalGradient` turns any curvature backend into a preconditioner
 that composes with any ``torch.optim`` optimizer: ``precond.backward(loss)`` runs the
-backward pass (inside BackPACK when curvature statistics are due) and
+backward pass (plus the curvature's own passes when statistics are due) and
 ``precond.step()`` replaces every covered ``p.grad`` by ``(C + λI)⁻¹ p.grad`` in place,
 before the optimizer's own step. Statistics are averaged over steps (EMA) and the
 inverses refreshed every ``invert_every`` steps.
@@ -55,7 +55,7 @@ def train(kind: str, lr: float, steps: int = 120) -> list[float]:
                 if precond is None:
                     loss.backward()
                 else:
-                    precond.backward(loss)  # plain backward, or with BackPACK when due
+                    precond.backward(loss)  # plain backward (+ curvature when due)
                     precond.step()  # p.grad <- (F̃ + λI)⁻¹ p.grad
                 opt.step()
             with torch.no_grad():

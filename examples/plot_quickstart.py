@@ -24,7 +24,7 @@ model = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
 loss_fn = nn.CrossEntropyLoss()
 
 # %%
-# One backward pass feeds both backends (the union of their BackPACK extensions).
+# One extraction feeds both backends (the union of their requests).
 exact = curvlab.ExactFisher(model, loss_fn)
 kfac = curvlab.KFAC(model, loss_fn, fisher_type="exact")
 loss = curvlab.extract(model, loss_fn, X, y, [exact, kfac])

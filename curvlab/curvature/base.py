@@ -32,7 +32,13 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 from curvlab import extraction
 from curvlab.extraction import hooks
 from curvlab.extraction.losses import check_loss
-from curvlab.extraction.requests import BatchResult, KroneckerStatistics, Request, validate_request
+from curvlab.extraction.requests import (
+    BatchResult,
+    DiagonalStatistics,
+    KroneckerStatistics,
+    Request,
+    validate_request,
+)
 
 Vector = list[Tensor]
 
@@ -304,7 +310,7 @@ class Curvature(abc.ABC):
         found = {
             id(m): m
             for r in self.requests()
-            if isinstance(r, KroneckerStatistics)
+            if isinstance(r, (KroneckerStatistics, DiagonalStatistics))
             for m in r.modules
         }
         return list(found.values())

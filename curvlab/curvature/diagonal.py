@@ -5,7 +5,12 @@ set of parameters' curvature, accumulated from factor rows (one row per loss row
 output column, MC sample or observed label; the docs page "Fisher types"). The Kronecker
 backends cover the parameters that have no Kronecker rule (normalisation layers, raw
 ``nn.Parameter``s, recurrent weights, transposed convolutions, tied weights) with it.
-Its damped inverse is exact: ``(d + λ)⁻¹``.
+Its damped inverse is exact: ``(d + λ)⁻¹``. With ``at_layers=True`` (the Kronecker
+backends) normalisation layers take their per-sample gradients at the layer instead
+(:class:`~curvlab.extraction.requests.DiagonalStatistics`: unit-wise, from the columns
+already backpropagated for the Kronecker layers, and as exact as K-FAC's own statistics:
+samples at the layer are treated as independent), which is far cheaper than one backward
+pass per loss row.
 """
 
 from __future__ import annotations
@@ -17,27 +22,58 @@ from torch import Tensor, nn
 
 from curvlab.curvature.base import Curvature, DecompositionBlock, Layer, NamedTensor, Vector
 from curvlab.extraction import BatchResult, FactorRows, Request, check_fisher_type, check_mc_samples
+from curvlab.extraction import layers as layer_rules
+from curvlab.extraction.requests import DiagonalStatistics
 from curvlab.registry import register
 
 
 class DiagonalBlocks:
     """Diagonal curvature of ``layers``' parameters (see the module docstring)."""
 
-    def __init__(self, layers: list[Layer], fisher_type: str, mc_samples: int, owner: str) -> None:
+    def __init__(
+        self,
+        layers: list[Layer],
+        fisher_type: str,
+        mc_samples: int,
+        owner: str,
+        at_layers: bool = False,
+        tied: frozenset[int] = frozenset(),
+    ) -> None:
         self.layers = layers
         self.owner = owner
         self.params = [p for layer in layers for p in layer.params]
         self.names = [n for layer in layers for n in layer.param_names]
-        self.request = FactorRows(fisher_type, tuple(self.params), mc_samples)
+        local = [
+            layer
+            for layer in layers
+            if at_layers
+            and type(layer.module) in layer_rules.DIAGONAL_RULES
+            and not any(id(p) in tied for p in layer.params)
+        ]
+        self._local = {id(p) for layer in local for p in layer.params}
+        rest = tuple(p for p in self.params if id(p) not in self._local)
+        self.requests: list[Request] = []
+        self._rows = FactorRows(fisher_type, rest, mc_samples)
+        self._stats = DiagonalStatistics(
+            fisher_type, tuple(layer.module for layer in local), mc_samples
+        )
+        if rest:
+            self.requests.append(self._rows)
+        if local:
+            self.requests.append(self._stats)
         self.sums: list[Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
 
+    def _batch_diagonal(self, result: BatchResult, p: Tensor, name: str) -> Tensor:
+        if id(p) in self._local:
+            return result.diagonal(self._stats, p, name)
+        return result.factor_rows(self._rows, p, name).square().sum(0).reshape(p.shape)
+
     def accumulate(self, result: BatchResult, weight: float) -> None:
         batch = [
-            result.factor_rows(self.request, p, n).square().sum(0).reshape(p.shape) * weight
-            for p, n in zip(self.params, self.names)
+            self._batch_diagonal(result, p, n) * weight for p, n in zip(self.params, self.names)
         ]
         self.sums = batch if self.sums is None else [a + b for a, b in zip(self.sums, batch)]
 
@@ -118,7 +154,7 @@ class DiagonalFisher(Curvature):
         return "diagonal"
 
     def _requests(self) -> list[Request]:
-        return [self._blocks().request]
+        return list(self._blocks().requests)
 
     def _accumulate(self, result: BatchResult, weight: float) -> None:
         self._blocks().accumulate(result, weight)

@@ -201,7 +201,14 @@ class KFAC(Curvature):
                 diagonal.append(layer)
         if not kronecker and not diagonal:
             raise ValueError(f"{owner}: no layer selected (check layers=/exclude=).")
-        self._diagonal = DiagonalBlocks(diagonal, self.fisher_type, self.mc_samples, owner)
+        self._diagonal = DiagonalBlocks(
+            diagonal,
+            self.fisher_type,
+            self.mc_samples,
+            owner,
+            at_layers=True,
+            tied=frozenset(self._tied),
+        )
         return kronecker
 
     def _no_kronecker_reason(self, model: nn.Module, layer: Layer) -> str | None:
@@ -249,7 +256,7 @@ class KFAC(Curvature):
         if self.layers:
             requests.append(self._kronecker_request())
         if len(self._diag()):
-            requests.append(self._diag().request)
+            requests.extend(self._diag().requests)
         return requests
 
     def _kronecker_request(self) -> KroneckerStatistics:

@@ -61,12 +61,20 @@ def check_engine(engine: str, owner: str) -> None:
 
 
 def _backpack_is_faster(requests: Sequence[Request]) -> bool:
-    """Where BackPACK's one backward beats the hooks engine (``benchmarks/kfac_extraction``):
-    dense factor rows (its per-sample Jacobian products are fused into the backward pass)
-    and the exact Fisher's Kronecker statistics. Monte-Carlo and empirical Kronecker
-    statistics take one backward to the layer outputs with the hooks engine, which never
-    forms weight gradients."""
-    return all(isinstance(r, FactorRows) or r.fisher_type == "exact" for r in requests)
+    """Where BackPACK's one backward beats the hooks engine (``benchmarks/kfac_extraction``,
+    docs page "Benchmarks"): dense factor rows (its per-sample Jacobian products are fused
+    into the backward pass) and the exact Fisher's Kronecker statistics of convolutional
+    networks. Monte-Carlo and empirical Kronecker statistics, and the exact ones of
+    fully-connected networks, are faster with the hooks engine, which backpropagates the
+    columns to the layer outputs only and never forms weight gradients."""
+    convolutional = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    for r in requests:
+        if isinstance(r, KroneckerStatistics):
+            if r.fisher_type != "exact":
+                return False
+            if not any(isinstance(m, convolutional) for m in r.modules):
+                return False
+    return True
 
 
 def choose_engine(

@@ -255,9 +255,11 @@ def _extensions(requests: Sequence[Request]) -> list[BackpropExtension]:
         key: tuple[Any, ...]
         if isinstance(r, FactorRows):
             ext, key = fisher_extension(r.fisher_type, r.mc_samples), r.key
-        else:
+        elif isinstance(r, KroneckerStatistics):
             ext = kronecker_extension(r.fisher_type, r.kfac_approx, r.mc_samples, r.keep_raw)
             key = r.key
+        else:
+            raise ValueError(f"{type(r).__name__} is served by the hooks engine only")
         known = chosen.get(ext.savefield)
         if known is None:
             chosen[ext.savefield] = (key, ext)
@@ -284,6 +286,8 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
     for r in requests:
         if r.fisher_type not in FISHER_TYPES:
             return f"unknown fisher_type {r.fisher_type!r}"
+        if not isinstance(r, (FactorRows, KroneckerStatistics)):
+            return f"{type(r).__name__} is served by the hooks engine only"
         if isinstance(r, KroneckerStatistics):
             for m in r.modules:
                 if type(m) not in _KRON_DERIVATIVES:
@@ -375,6 +379,8 @@ def run(
 def _collect(model: nn.Module, requests: Sequence[Request], result: BatchResult) -> BatchResult:
     """Move BackPACK's results off the parameters into ``result``."""
     for r in requests:
+        if not isinstance(r, (FactorRows, KroneckerStatistics)):
+            continue
         if isinstance(r, FactorRows):
             store = result.rows.setdefault(r.key, {})
             for p in r.params:

@@ -36,6 +36,7 @@ from curvlab.extraction import layers
 from curvlab.extraction.losses import BatchScale, batch_scale, output_columns
 from curvlab.extraction.requests import (
     BatchResult,
+    DiagonalStatistics,
     FactorRows,
     KroneckerBatch,
     KroneckerStatistics,
@@ -240,14 +241,21 @@ def compute(
             )
         return columns[key]
 
-    kron = [r for r in requests if isinstance(r, KroneckerStatistics)]
-    for key in dict.fromkeys(r.columns_key for r in kron):
-        group = [r for r in kron if r.columns_key == key]
+    local = [r for r in requests if isinstance(r, (KroneckerStatistics, DiagonalStatistics))]
+    for key in dict.fromkeys(r.columns_key for r in local):
+        group = [r for r in local if r.columns_key == key]
         wanted = {id(m) for r in group for m in r.modules}
         calls = [c for c in layer_calls if id(c.module) in wanted]
         grads = _vjp(call.outputs, [c.output for c in calls], columns_for(key))
         used = [(c, g) for c, g in zip(calls, grads) if g is not None]
         for request in group:
+            if isinstance(request, DiagonalStatistics):
+                diag_store = result.diagonals.setdefault(request.key, {})
+                for module in request.modules:
+                    for c, g in used:
+                        if c.module is module:
+                            _add_diagonal(diag_store, module, c, g)
+                continue
             store = result.kronecker.setdefault(request.key, {})
             for module in request.modules:
                 mine = [(c, g) for c, g in used if c.module is module]
@@ -259,10 +267,25 @@ def compute(
         per_row = _per_row(columns_for(key), scale.valid)
         grads = _vjp(call.outputs, params, per_row)
         rows_store = result.rows.setdefault(key, {})
-        for p, g in zip(params, grads):
-            rows = torch.zeros_like(per_row[:, :1, 0]).expand(-1, p.numel()) if g is None else g
+        for p, maybe in zip(params, grads):
+            # None: the loss does not depend on p, its rows are zero
+            rows = per_row.new_zeros(per_row.shape[0], p.numel()) if maybe is None else maybe
             rows_store[id(p)] = _statistics_dtype(rows.reshape(per_row.shape[0], p.numel()))
     return result
+
+
+def _add_diagonal(
+    store: dict[int, Tensor], module: nn.Module, call: LayerCall, grad: Tensor
+) -> None:
+    """Add one call's ``Σ_{k,n} g²`` of the per-sample gradients at ``module``."""
+    rule = layers.DIAGONAL_RULES[type(module)]
+    with torch.no_grad():
+        per_sample = rule(module, _statistics_dtype(call.input), _statistics_dtype(grad))
+        for param, g in per_sample.items():
+            square = g.square().sum(dim=(0, 1))
+            if id(param) in store:
+                square = square + store[id(param)]
+            store[id(param)] = square
 
 
 def _kronecker_batch(

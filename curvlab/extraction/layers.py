@@ -299,3 +299,74 @@ def parameter_order(module: nn.Module) -> Tensor:
     if not has_trainable_bias(module):
         return order
     return torch.cat([order, index[:, -1]])
+
+
+# --- diagonal rules: per-sample gradients at the layer ---------------------------------
+#
+# A rule maps a layer, its recorded input and its output gradients ``[K, N, ...]`` (one
+# per column) to per-sample gradients of its trainable parameters, ``{param: [K, N,
+# *param.shape]}``. Normalisation layers are affine in their normalised input ``x̂``:
+# ``y = x̂ · w + b`` per channel, so ``∂/∂w = Σ g·x̂`` and ``∂/∂b = Σ g`` over the
+# positions of each sample (the unit-wise view of ASDL and Osawa et al.).
+
+
+def _affine_per_channel(
+    module: nn.Module, x_hat: Tensor, grad: Tensor, channel_dims: int
+) -> dict[Tensor, Tensor]:
+    """Per-sample ``(Σ g·x̂, Σ g)`` over the dimensions that are neither sample nor channel.
+
+    ``channel_dims``: ``1`` (channels at dim 1 of ``x``: BatchNorm, GroupNorm) or ``-d``
+    (the last ``d`` dims: LayerNorm's normalized shape).
+    """
+    k, n = grad.shape[:2]
+    if channel_dims == 1:
+        c = x_hat.shape[1]
+        gx = (grad * x_hat).reshape(k, n, c, -1).sum(-1)
+        gb = grad.reshape(k, n, c, -1).sum(-1)
+    else:
+        shape = x_hat.shape[channel_dims:]
+        gx = (grad * x_hat).reshape(k, n, -1, *shape).sum(2)
+        gb = grad.reshape(k, n, -1, *shape).sum(2)
+    out: dict[Tensor, Tensor] = {}
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if isinstance(weight, Tensor) and weight.requires_grad:
+        out[weight] = gx
+    if isinstance(bias, Tensor) and bias.requires_grad:
+        out[bias] = gb
+    return out
+
+
+def _batch_norm_rule(module: nn.Module, x: Tensor, grad: Tensor) -> dict[Tensor, Tensor]:
+    bn = cast(nn.modules.batchnorm._BatchNorm, module)
+    batch_stats = bn.training or not bn.track_running_stats
+    x_hat = F.batch_norm(
+        x,
+        None if batch_stats else bn.running_mean,
+        None if batch_stats else bn.running_var,
+        training=batch_stats,
+        eps=bn.eps,
+    )
+    return _affine_per_channel(module, x_hat, grad, 1)
+
+
+def _layer_norm_rule(module: nn.Module, x: Tensor, grad: Tensor) -> dict[Tensor, Tensor]:
+    ln = cast(nn.LayerNorm, module)
+    x_hat = F.layer_norm(x, ln.normalized_shape, eps=ln.eps)
+    return _affine_per_channel(module, x_hat, grad, -len(ln.normalized_shape))
+
+
+def _group_norm_rule(module: nn.Module, x: Tensor, grad: Tensor) -> dict[Tensor, Tensor]:
+    gn = cast(nn.GroupNorm, module)
+    x_hat = F.group_norm(x, gn.num_groups, eps=gn.eps)
+    return _affine_per_channel(module, x_hat, grad, 1)
+
+
+DiagonalRule = Callable[[nn.Module, Tensor, Tensor], dict[Tensor, Tensor]]
+
+DIAGONAL_RULES: dict[type[nn.Module], DiagonalRule] = {
+    nn.BatchNorm1d: _batch_norm_rule,
+    nn.BatchNorm2d: _batch_norm_rule,
+    nn.BatchNorm3d: _batch_norm_rule,
+    nn.LayerNorm: _layer_norm_rule,
+    nn.GroupNorm: _group_norm_rule,
+}

@@ -18,6 +18,7 @@ from curvlab.extraction.losses import FISHER_TYPES, BatchScale
 
 __all__ = [
     "BatchResult",
+    "DiagonalStatistics",
     "FactorRows",
     "KroneckerBatch",
     "KroneckerStatistics",
@@ -79,7 +80,30 @@ class KroneckerStatistics:
         return (*self.columns_key, self.kfac_approx, self.keep_raw)
 
 
-Request = FactorRows | KroneckerStatistics
+@dataclass(frozen=True, eq=False)
+class DiagonalStatistics:
+    """Per parameter of ``modules``, ``Σ_{k,n} (∂ℓ/∂θ)_{k,n}²``: the diagonal of the Fisher
+    from per-sample gradients formed *at the layer* (its recorded input and output
+    gradients, one per column and sample), for layers with a diagonal rule
+    (:data:`curvlab.extraction.layers.DIAGONAL_RULES`: normalisation layers). Cheap: it
+    reuses the columns backpropagated for the Kronecker layers. Like K-FAC's own
+    statistics it treats the samples at the layer as independent (exact unless samples
+    are coupled, e.g. BatchNorm in train mode)."""
+
+    fisher_type: str
+    modules: tuple[nn.Module, ...]
+    mc_samples: int = 1
+
+    @property
+    def columns_key(self) -> tuple[str, int]:
+        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.columns_key
+
+
+Request = FactorRows | KroneckerStatistics | DiagonalStatistics
 
 
 @dataclass(frozen=True)
@@ -106,6 +130,17 @@ class BatchResult:
     engine: str = ""
     rows: dict[tuple[Any, ...], dict[int, Tensor]] = field(default_factory=dict)
     kronecker: dict[tuple[Any, ...], dict[int, KroneckerBatch]] = field(default_factory=dict)
+    diagonals: dict[tuple[Any, ...], dict[int, Tensor]] = field(default_factory=dict)
+
+    def diagonal(self, request: DiagonalStatistics, param: Tensor, name: str) -> Tensor:
+        """``Σ_{k,n} g²`` of ``param`` (shaped like it) for ``request``."""
+        found = self.diagonals.get(request.key, {}).get(id(param))
+        if found is None:
+            raise RuntimeError(
+                f"No diagonal statistics for parameter '{name}' in this batch: its layer was "
+                "not called (through its forward) in the forward pass that produced the loss."
+            )
+        return found
 
     def factor_rows(self, request: FactorRows, param: Tensor, name: str) -> Tensor:
         """``[K, param.numel()]`` rows of ``param`` for ``request``."""
@@ -134,7 +169,7 @@ class BatchResult:
 
 def validate_request(request: Any, owner: str) -> None:
     """Raise a ``TypeError``/``ValueError`` naming ``owner`` for a malformed request."""
-    if not isinstance(request, (FactorRows, KroneckerStatistics)):
+    if not isinstance(request, (FactorRows, KroneckerStatistics, DiagonalStatistics)):
         raise TypeError(f"{owner}: unknown request {request!r}.")
     check_fisher_type(request.fisher_type, FISHER_TYPES, owner)
     check_mc_samples(request.mc_samples, owner)
