@@ -316,3 +316,52 @@ def test_two_models_in_two_threads() -> None:
         alone = curvlab.KFC(model, loss_fn, fisher_type="exact")
         alone.update(x, y)
         _close(results[name], alone.to_dense(), rtol=1e-12)
+
+
+# --- cross-checks against curvlinops, where it supports the model --------------------
+
+
+@pytest.mark.parametrize("case", [c for c in ZOO if c.curvlinops_ok], ids=lambda c: c.name)
+def test_exact_fisher_equals_curvlinops_ggn(case: ZooCase) -> None:
+    from curvlinops import GGNLinearOperator
+
+    from tests.test_zoo_reference import dense
+
+    model, loss_fn, x, y = _setup(case)
+    params = [p for _, p in ref.flat_params(model)]
+    op = GGNLinearOperator(model, loss_fn, params, [(x, y)], check_deterministic=False)
+    c = curvlab.ExactFisher(model, loss_fn)
+    c.update(x, y)
+    _close(c.to_dense(), dense(op))
+
+
+# curvlinops averages A per call of a layer called twice and counts ignored rows: the
+# cases where both conventions coincide (tests/test_zoo_reference.py pins the others)
+KFAC_CROSSCHECK = [
+    c for c in ZOO if c.curvlinops_ok and c.name not in ("shared_layer", "ignore_index")
+]
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("fisher_type", FISHER)
+@pytest.mark.parametrize("case", KFAC_CROSSCHECK, ids=lambda c: c.name)
+def test_kronecker_factors_equal_curvlinops(
+    case: ZooCase, fisher_type: str, kfac_approx: str
+) -> None:
+    from tests.test_zoo_reference import CURVLINOPS_FISHER, curvlinops_kfac, kfac_modules
+
+    model, loss_fn, x, y = _setup(case)
+    modules = kfac_modules(model, x)
+    kfc = curvlab.KFC(
+        model, loss_fn, fisher_type=fisher_type, kfac_approx=kfac_approx, layers=modules
+    )
+    kfc.update(x, y)
+    op = curvlinops_kfac(model, loss_fn, x, y, modules, CURVLINOPS_FISHER[fisher_type], kfac_approx)
+    g_scale = max(float(f.G.abs().max()) for f in kfc.factors())
+    for layer, f in zip(kfc.layers, kfc.factors()):
+        if layer.name not in op._input_covariances:
+            continue  # a tied layer: curvlinops' and curvlab's coverage differ
+        _close(f.A, op._input_covariances[layer.name])
+        torch.testing.assert_close(
+            f.G, op._gradient_covariances[layer.name], rtol=1e-8, atol=1e-12 * g_scale
+        )
