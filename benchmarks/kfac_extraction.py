@@ -6,7 +6,7 @@ For every workload it times (median of repeated runs, same process, same data):
 * curvlab ``KFC.update`` for the exact (type-2) and the MC (1 sample) Fisher, with the
   engine ``engine="auto"`` picks and with each engine forced (``hooks``, ``backpack``);
 * BackPACK ``KFLR`` (exact) and ``KFAC`` (MC) — note: for convolutions BackPACK's factors
-  are not KFC (G is summed over locations before the outer product, MATH.md §1.3);
+  are not KFC (G is summed over locations before the outer product, concepts/fisher_types.md);
 * curvlinops ``KFACLinearOperator.compute_kronecker_factors`` (type-2 and MC);
 * ASDL (asdfghjkl) ``fisher_exact`` / ``fisher_mc`` with ``kron`` shapes.
 

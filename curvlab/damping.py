@@ -1,4 +1,5 @@
-"""Levenberg–Marquardt adaptation of the damping (Martens & Grosse 2015 §6.5; MATH.md §2.3.3)."""
+"""Levenberg–Marquardt adaptation of the damping (Martens & Grosse 2015 §6.5;
+concepts/natural_gradient.md#levenberg-marquardt-damping)."""
 
 from __future__ import annotations
 

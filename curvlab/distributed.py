@@ -1,6 +1,7 @@
 """Communication of a distributed :class:`~curvlab.NaturalGradient` over ``torch.distributed``.
 
-KAISA-style data-parallel K-FAC (Pauloski et al. 2021; MATH.md §6.2), for any
+KAISA-style data-parallel K-FAC (Pauloski et al. 2021; concepts/natural_gradient.md#kl-clipping),
+for any
 :class:`~curvlab.Curvature`:
 
 * **statistics**: on curvature steps every process all-reduces its

@@ -1,6 +1,6 @@
 """``KFACOptimizer``: Martens & Grosse's full K-FAC recipe as a ``torch.optim.Optimizer``.
 
-Per step (MATH.md §2.3–2.6):
+Per step (concepts/natural_gradient.md):
 
 1. gradient ``g`` of ``h(θ) = L(θ) + (η/2)‖θ‖²`` and, every ``update_every`` steps, K-FAC
    statistics (moving average, inverses refreshed every ``invert_every`` steps) — a
@@ -167,7 +167,9 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
 
 
 def _solve_model(curvature: Tensor, linear: Tensor) -> Tensor:
-    """Minimiser of ``½ cᵀ C c + linearᵀ c`` (MATH.md §2.5): ``c = −C⁻¹ linear``."""
+    """Minimiser of ``½ cᵀ C c + linearᵀ c``
+    (concepts/natural_gradient.md#step-size-and-momentum-from-the-quadratic-model): ``c = −C⁻¹
+    linear``."""
     if curvature.shape[0] == 1:
         return -linear / curvature[0, 0]
     try:

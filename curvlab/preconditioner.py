@@ -20,7 +20,8 @@ Per step ``k`` (counted by ``step()``):
   (gradient accumulation) give the curvature of their union. ``step`` then blends the
   step's normalised statistics into an exponential moving average with
   ``ε = min(1 − 1/u, ema_decay)``, ``u`` the number of curvature updates so far (a plain
-  average at first, MATH.md §2.4). The blend is a map over the tensors of
+  average at first, concepts/natural_gradient.md#moving-averages-of-the-statistics). The blend is a
+  map over the tensors of
   :meth:`Curvature.statistics`; the preconditioner never looks at the backend's type.
 * **inversion** every ``invert_every`` steps: the current average becomes the backend's
   statistics and its decompositions are recomputed at the next solve; in between, the
@@ -79,7 +80,8 @@ class NaturalGradient:
         invert_every: refresh the decompositions every this many steps.
         ema_decay: decay of the moving average of the statistics (0: the last step only).
         kl_clip: if set, scale the preconditioned gradient by
-            ``ν = min(1, sqrt(kl_clip / |lr² Σ ⟨ĝ, g⟩|))`` (Ba et al. 2017; MATH.md §6.2).
+            ``ν = min(1, sqrt(kl_clip / |lr² Σ ⟨ĝ, g⟩|))`` (Ba et al. 2017;
+            concepts/natural_gradient.md#kl-clipping).
         lr: the learning rate the optimizer applies, used by ``kl_clip`` only.
         process_group: the ``torch.distributed`` group to work over; ``None``: the default
             group if ``torch.distributed`` is initialised. With one process (or none),
@@ -292,7 +294,8 @@ class NaturalGradient:
     def _reduction_ratio(
         self, closure: Callable[[], Tensor], grads: list[Tensor], natural: list[Tensor]
     ) -> float:
-        """``ρ`` of the plain step ``δ = −lr·ĝ`` on the closure's batch (MATH.md §2.3.3)."""
+        """``ρ`` of the plain step ``δ = −lr·ĝ`` on the closure's batch
+        (concepts/natural_gradient.md#levenberg-marquardt-damping)."""
         model, params = self.curvature.model, self.curvature.params
         loss, inputs = evaluate_capturing_inputs(model, closure, "NaturalGradient.step")
         before = float(loss)

@@ -1,4 +1,5 @@
-"""Exact curvature products for the quadratic model of K-FAC's step (MATH.md §2.5, App. C).
+"""Exact curvature products for the quadratic model of K-FAC's step
+(concepts/natural_gradient.md#step-size-and-momentum-from-the-quadratic-model, App. C).
 
 ``ggn_gram(model, loss_fn, inputs, vectors)`` returns the ``[k, k]`` matrix of
 ``vᵢᵀ G vⱼ`` for parameter-space vectors ``v₁..v_k`` with ``G`` the exact GGN (= Fisher for

@@ -2,7 +2,8 @@
 The Kronecker identities behind K-FAC, checked numerically
 ==========================================================
 
-K-FAC is cheap because of a handful of identities (MATH.md §5). Parameters are
+K-FAC is cheap because of a handful of identities (concepts/kronecker.md#kronecker-identities).
+Parameters are
 flattened row-major, so a layer's block is ``kron(G, A)`` and acts on a weight-shaped
 matrix ``V`` as ``G V Aᵀ`` — no ``[P, P]`` matrix is ever formed.
 """
@@ -53,7 +54,8 @@ print("log-determinant", rel(linalg.kron_logdet(G, A), torch.logdet(dense)))
 
 # %%
 # The block-tridiagonal K-FAC needs ``(A⊗B − C⊗D)⁻¹``: one generalized
-# eigendecomposition per side turns it into an elementwise division (MATH.md §3.3).
+# eigendecomposition per side turns it into an elementwise division
+# (concepts/block_tridiagonal.md#the-math).
 B = spd(7, 1e2)
 
 

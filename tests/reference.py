@@ -8,7 +8,8 @@ in the order of ``model.named_parameters()`` (trainable ones), each parameter fl
 row-major — the order curvlab uses for these ``Sequential`` models. Meant for float64
 and tiny models; clarity over speed.
 
-Conventions (DESIGN.md "Conventions", MATH.md §0, §1.2): the loss is
+Conventions (concepts/conventions.md, concepts/kronecker.md#notation-and-the-vec-convention;
+concepts/fisher_types.md): the loss is
 ``L = R Σ_n ℓ_n`` with ``R = 1/N`` (CrossEntropy, mean), ``1/(N·C)`` (MSE or BCE, mean),
 ``1`` (sum); ``ℓ_n`` is sample n's loss under ``reduction="sum"``.
 

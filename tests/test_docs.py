@@ -46,3 +46,37 @@ def test_every_public_name_has_a_docstring(prefix, module) -> None:
         and not (getattr(module, name).__doc__ or "").strip()
     ]
     assert not undocumented, f"{prefix}: {undocumented}"
+
+
+CITATION = re.compile(r"concepts/([a-z_]+)\.md(?:#([a-z0-9-]+))?")
+SOURCES = [
+    p
+    for folder in ("curvlab", "tests", "examples", "benchmarks", "docs")
+    for p in (DOCS.parent / folder).rglob("*")
+    if p.suffix in (".py", ".md", ".rst")
+    and "_build" not in p.parts
+    and "auto_examples" not in p.parts
+] + [DOCS.parent / "README.md"]
+
+
+def _slug(title: str) -> str:
+    title = re.sub(r"[^a-z0-9 -]", "", title.lower().replace("–", "-"))
+    return re.sub(r"\s+", "-", title.strip())
+
+
+def test_every_citation_points_to_a_page_and_section_that_exist() -> None:
+    broken, foreign = [], []
+    for path in SOURCES:
+        text = path.read_text()
+        if path.name != "test_docs.py" and re.search(r"(MATH|DESIGN)\.md", text):
+            foreign.append(path.name)  # the team's notes are not part of the product
+        for page, section in CITATION.findall(text):
+            target = DOCS / "concepts" / f"{page}.md"
+            if not target.exists():
+                broken.append(f"{path.name}: concepts/{page}.md")
+                continue
+            headings = {_slug(h) for h in re.findall(r"^#+ (.+)$", target.read_text(), re.M)}
+            if section and section not in headings:
+                broken.append(f"{path.name}: concepts/{page}.md#{section}")
+    assert not foreign, f"files citing MATH.md/DESIGN.md: {foreign}"
+    assert not broken, broken

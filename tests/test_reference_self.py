@@ -66,7 +66,7 @@ def test_flat_params_follows_named_parameters() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_ggn_equals_fisher_by_label_enumeration(case: Case) -> None:
-    """For these losses (canonical links) the GGN is the Fisher (MATH.md §1.2)."""
+    """For these losses (canonical links) the GGN is the Fisher (concepts/fisher_types.md)."""
     model, loss_fn = case.build()
     X, y = case.data(N)
     G = ref.ggn(model, loss_fn, X, y)

@@ -1,4 +1,4 @@
-"""The ``Curvature`` interface every backend implements (DESIGN.md "The Curvature interface").
+"""The ``Curvature`` interface every backend implements (docs/api.rst).
 
 Public methods validate their arguments once and dispatch to small private hooks
 (``_accumulate``, ``_matvec``, ``_solve``, ``_to_dense``, ``_state``, ``_load_state``,

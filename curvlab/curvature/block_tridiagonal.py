@@ -1,5 +1,5 @@
 """``BlockTridiagonal``: the Fisher's tridiagonal layer blocks, completed so its inverse is
-block-tridiagonal (Martens & Grosse 2015 §4.3; MATH.md §3.1).
+block-tridiagonal (Martens & Grosse 2015 §4.3; concepts/block_tridiagonal.md#the-math).
 
 Layers are ordered as the forward pass calls them (recorded by forward pre-hooks); the
 blocks ``F_{i,i}`` and ``F_{i,i+1}`` are accumulated densely from the factor rows.
@@ -160,7 +160,7 @@ class BlockTridiagonal(BlockDiagonal):
         x = self._flatten(v)
         parts = self._split_forward(x)
         n = len(parts)
-        # w = Ξ v; z = Λ w; u = Ξᵀ z (MATH.md §3.5, dense blocks)
+        # w = Ξ v; z = Λ w; u = Ξᵀ z (concepts/block_tridiagonal.md#the-math, dense blocks)
         w = [parts[i] - psi[i] @ parts[i + 1] for i in range(n - 1)] + [parts[-1]]
         z = [linalg.cholesky_solve(c, wi) for c, wi in zip(sigma_chol, w)]
         u = [z[0]] + [z[i] - psi[i - 1].T @ z[i - 1] for i in range(1, n)]

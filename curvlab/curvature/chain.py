@@ -1,4 +1,4 @@
-"""Shared pieces of the block-tridiagonal approximations (MATH.md §3.1).
+"""Shared pieces of the block-tridiagonal approximations (concepts/block_tridiagonal.md#the-math).
 
 * :class:`ForwardOrder` records the order in which the forward pass calls the layers —
   the chain ``w_1 — w_2 — … — w_ℓ`` of the Gaussian graphical model follows it.
@@ -68,7 +68,6 @@ class ForwardOrder:
             )
         self.order = calls
         return calls
-
 
     def _complete(self, calls: list[int]) -> list[int]:
         """Insert the modules not called through their ``forward`` after their ancestor."""

@@ -2,7 +2,7 @@
 
 :class:`DiagonalBlocks` is the shared piece: the diagonal ``d = Σ_b w_b Σ_k V_{b,k}²`` of a
 set of parameters' curvature, accumulated from factor rows (one row per loss row and
-output column, MC sample or observed label; the docs page "Fisher types"). The Kronecker
+output column, MC sample or observed label; concepts/models.md#extraction-engines). The Kronecker
 backends cover the parameters that have no Kronecker rule (normalisation layers, raw
 ``nn.Parameter``s, recurrent weights, transposed convolutions, tied weights) with it.
 Its damped inverse is exact: ``(d + λ)⁻¹``. With ``at_layers=True`` (the Kronecker

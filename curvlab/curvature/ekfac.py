@@ -1,4 +1,5 @@
-"""``EKFAC``: K-FAC's eigenbasis with a refitted diagonal (George et al. 2018; MATH.md §6.1).
+"""``EKFAC``: K-FAC's eigenbasis with a refitted diagonal (George et al. 2018;
+concepts/kronecker.md#ekfac).
 
 Per layer, the Kronecker-factored eigenbasis ``Q = Q_G ⊗ Q_A`` comes from the K-FAC
 factors; the diagonal is replaced by the second moments of the per-sample gradients
@@ -301,7 +302,7 @@ def _projected_second_moment(batch: KroneckerBatch, q_g: Tensor, q_a: Tensor) ->
     acts = batch.patches @ q_a  # [N, T, D_in]:     (Q_Aᵀ ā)
     if acts.shape[1] == 1:  # no weight sharing: (Q_GᵀDWQ_A)_ij² = (Q_Gᵀg)_i² (Q_Aᵀā)_j²
         moment = torch.einsum("kno,ni->oi", cols[:, :, 0] ** 2, acts[:, 0] ** 2)
-    else:  # sum over positions before squaring (MATH.md §6.1)
+    else:  # sum over positions before squaring (concepts/kronecker.md#ekfac)
         k, n, _, d_out = cols.shape
         step = max(1, _CHUNK_ELEMENTS // max(1, k * d_out * acts.shape[-1]))
         moment = cols.new_zeros(d_out, acts.shape[-1])

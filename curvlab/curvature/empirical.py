@@ -10,12 +10,12 @@ from curvlab.registry import register
 
 @register("empirical_fisher")
 class EmpiricalFisher(DenseCurvature):
-    """``EF = R·Σ_n ∇ℓ_n ∇ℓ_nᵀ`` with the observed labels (DESIGN.md "Conventions").
+    """``EF = R·Σ_n ∇ℓ_n ∇ℓ_nᵀ`` with the observed labels (concepts/conventions.md).
 
     Built from per-sample gradients of the loss rows, rescaled so it sits on
     the exact Fisher's scale (``R = 1/N`` for CE-mean, ``1/(N·C)`` for MSE/BCE-mean,
     ``1`` for sum); this is curvlinops' ``EFLinearOperator``. It is *not* an estimator
-    of the Fisher (MATH.md §1.2).
+    of the Fisher (concepts/fisher_types.md).
     """
 
     fisher_types = ("empirical",)

@@ -10,7 +10,7 @@ from curvlab.registry import register
 
 @register("exact_fisher")
 class ExactFisher(DenseCurvature):
-    """The full ``[P, P]`` Fisher of the loss as it is reduced (MATH.md §1.2).
+    """The full ``[P, P]`` Fisher of the loss as it is reduced (concepts/fisher_types.md).
 
     ``fisher_type="exact"`` is the true Fisher (= the GGN for the supported losses),
     from BackPACK's exact loss-Hessian square root; ``"mc"`` its Monte-Carlo estimate

@@ -1,11 +1,13 @@
 """``KFAC`` (Linear layers; Martens & Grosse 2015) and ``KFC`` (+ convolutions; G&M 2016).
 
 Each layer is one block ``kron(G, A)`` on the row-major homogeneous weight matrix
-``[W | b]`` (MATH.md §0, §2.1), permuted into the ``[vec(W), b]`` parameter order:
+``[W | b]`` (concepts/kronecker.md#notation-and-the-vec-convention;
+concepts/kronecker.md#k-fac-for-linear-layers), permuted into the ``[vec(W), b]`` parameter order:
 
 * ``A = Σ ā āᵀ / count``: layer inputs with the homogeneous 1; expand averages over
   samples and weight-sharing positions (``count = N·T``), reduce over samples of the
-  position-averaged input (MATH.md §4.4). Independent of the loss's reduction.
+  position-averaged input (concepts/kronecker.md#weight-sharing-expand-and-reduce). Independent of
+  the loss's reduction.
 * ``G = Σ g gᵀ`` on the loss's scale: ``g`` are the loss-Hessian square-root columns
   backpropagated to the layer output (``"exact"``), their Monte-Carlo version (``"mc"``)
   or the observed-label output gradients (``"empirical"``); expand sums the outer products
@@ -89,7 +91,8 @@ class KFAC(Curvature):
         damping_mode: how ``solve`` damps: ``"exact"`` applies ``(kron(G, A) + λI)⁻¹``
             exactly in the factors' eigenbases; ``"factored"`` applies
             ``(G + γ/π I)⁻¹ ⊗ (A + πγ I)⁻¹`` with ``γ = √λ`` and π the trace-norm
-            correction (MATH.md §2.3), the damped inverse Martens & Grosse use. Default:
+            correction (concepts/kronecker.md#damped-inverse), the damped inverse Martens & Grosse
+            use. Default:
             ``"exact"`` for the block-diagonal structure, ``"factored"`` (the only one
             defined) for the block-tridiagonal one.
         structure: ``"block_diagonal"`` (one independent block per layer) or
@@ -136,7 +139,8 @@ class KFAC(Curvature):
         if tridiagonal and damping_mode != "factored":
             raise ValueError(
                 f"{owner}: structure='block_tridiagonal' uses factored damping of the diagonal "
-                "factors (MATH.md §3.4); damping_mode='exact' is not defined for it."
+                "factors (concepts/block_tridiagonal.md#the-math); damping_mode='exact' is not "
+                "defined for it."
             )
         self.structure = structure
         if tridiagonal:
@@ -471,7 +475,7 @@ class KFAC(Curvature):
             blocks.append(self._diag().to_dense(self._normalizer))
         if self._chain is None:
             return torch.block_diag(*blocks)
-        # the Gaussian-chain completion of each coupled run (MATH.md §3.1)
+        # the Gaussian-chain completion of each coupled run (concepts/block_tridiagonal.md#the-math)
         assert self._chain.order is not None
         cross = self._chain.cross(self._normalizer)
         off_by_first = {
@@ -726,7 +730,8 @@ class KFC(KFAC):
     """K-FAC with convolutions (Grosse & Martens 2016): ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
 
     For a convolution, ``kfac_approx="expand"`` is KFC: ``A = Ω/|T|`` from the unfolded input
-    patches and ``G = |T|·Γ`` from the per-location output gradients (MATH.md §4.3). Stride,
+    patches and ``G = |T|·Γ`` from the per-location output gradients
+    (concepts/kronecker.md#convolutions-kfc). Stride,
     padding (zeros) and dilation are supported; grouped convolutions raise a clear error.
     Arguments as for :class:`KFAC`.
     """

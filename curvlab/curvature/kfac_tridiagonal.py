@@ -1,10 +1,11 @@
-"""K-FAC's block-tridiagonal inverse (Martens & Grosse 2015 §4.3, App. B; MATH.md §3.2–3.5).
+"""K-FAC's block-tridiagonal inverse (Martens & Grosse 2015 §4.3, App. B;
+concepts/block_tridiagonal.md#the-math).
 
 Used by ``KFAC(..., structure="block_tridiagonal")`` (and ``KFC``). Layers are chained in
 forward-call order. Two consecutive layers are *coupled* when both see one position per
 sample (no weight sharing: ``T = 1``), so that their statistics share the sample axis;
 the cross moments are then accumulated from the same samples and columns, with the same
-averaging, as the diagonal factors (MATH.md §3.3):
+averaging, as the diagonal factors (concepts/block_tridiagonal.md#the-math):
 
 * ``Ā_{k,k+1} = Σ_n ā_k ā_{k+1}ᵀ / N`` (layer inputs, homogeneous), ``[D_in_k, D_in_{k+1}]``;
 * ``G_{k,k+1} = Σ_{n,c} g_k g_{k+1}ᵀ`` on the loss's scale, ``[D_out_k, D_out_{k+1}]``.
@@ -13,7 +14,8 @@ Elsewhere (e.g. a convolution feeding a linear layer through a flatten) the chai
 and the structure falls back to block-diagonal at that boundary. Every layer's diagonal
 factors get factored Tikhonov damping (``A + πγI``, ``G + γ/π I``, ``γ = √λ``), used
 wherever they appear (in the diagonal blocks, ``Ψ`` and ``Σ``); cross moments are not
-damped (MATH.md §3.4). Per maximal coupled run ``1..m`` of layers (row-major matrices
+damped (concepts/block_tridiagonal.md#the-math). Per maximal coupled run ``1..m`` of layers
+(row-major matrices
 ``V_k`` of shape ``[D_out_k, D_in_k]``):
 
 * ``Ψ_k = Ψ^G_k ⊗ Ψ^A_k`` with ``Ψ^G_k = G_{k,k+1} Ĝ_{k+1}⁻¹``, ``Ψ^A_k = Ā_{k,k+1} Â_{k+1}⁻¹``;

@@ -62,7 +62,7 @@ def check_engine(engine: str, owner: str) -> None:
 
 def _backpack_is_faster(requests: Sequence[Request]) -> bool:
     """Where BackPACK's one backward beats the hooks engine (``benchmarks/kfac_extraction``,
-    docs page "Benchmarks"): dense factor rows (its per-sample Jacobian products are fused
+    docs/benchmarks.md): dense factor rows (its per-sample Jacobian products are fused
     into the backward pass) and the exact Fisher's Kronecker statistics of convolutional
     networks. Monte-Carlo and empirical Kronecker statistics, and the exact ones of
     fully-connected networks, are faster with the hooks engine, which backpropagates the

@@ -76,7 +76,7 @@ class _BCEWithLogitsDerivatives(BCELossWithLogitsDerivatives):
     """BCE-with-logits derivatives for ``[N, C]`` outputs with any ``C``.
 
     BackPACK 1.7.1 supports ``C = 1`` only and divides by ``N`` under ``mean``; PyTorch
-    divides by ``N·C``. The loss Hessian is ``diag(σ(f)(1−σ(f)))`` (MATH.md §1.2), its
+    divides by ``N·C``. The loss Hessian is ``diag(σ(f)(1−σ(f)))`` (concepts/fisher_types.md), its
     square root is diagonal too; MC gradients ``σ(f) − ỹ`` with ``ỹ ~ Bernoulli(σ(f))``.
     The Fisher does not depend on the observed targets, so soft targets are allowed.
     """
@@ -137,7 +137,7 @@ def fisher_extension(fisher_type: str, mc_samples: int = 1) -> BackpropExtension
 # ``curvlab.extraction.layers``). For "exact"/"mc" the ``g`` are BackPACK's backpropagated
 # loss-Hessian square-root columns at the layer output (already on the loss's scale); for
 # "empirical" they are the output gradients of the reduced loss, ``R ∂ℓ_n/∂s``, and ``G``
-# is rescaled by ``1/R`` when read (docs page "Fisher types").
+# is rescaled by ``1/R`` when read (concepts/conventions.md).
 
 _KRON_DERIVATIVES = {
     nn.Linear: LinearDerivatives,

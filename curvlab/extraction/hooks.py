@@ -18,9 +18,9 @@ into the statistics.
 
 Layer inputs become patches with the rules of :mod:`curvlab.extraction.layers`. A layer
 called several times in one forward (weight sharing) contributes every call, the calls
-acting as extra positions (expand) or extra rows (reduce); see the docs page "Layers and
-models". Parameters shared by several modules (tied weights) are handled by the dense
-requests: their rows are gradients w.r.t. the one shared tensor, summing every use.
+acting as extra positions (expand) or extra rows (reduce); see
+concepts/models.md#kronecker-rules-and-coverage. Parameters shared by several modules (tied
+weights) are served by factor rows: gradients w.r.t. the one shared tensor, summing every use.
 """
 
 from __future__ import annotations

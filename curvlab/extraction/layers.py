@@ -6,7 +6,7 @@ locations of a convolution, the tokens of an embedding) and its backpropagated o
 quantities ``[K, N, *out]`` (``K`` loss-Hessian columns, MC samples or 1) into
 ``[K, N, T, D_out]``. The weight is viewed as the matrix ``[D_out, D_in]``
 (``weight.reshape(D_out, -1)``, which for convolutions matches the (channel, kernel
-offset) order of the patches, docs page "Kronecker factors"; an embedding's ``[V, D]``
+offset) order of the patches, concepts/kronecker.md#convolutions-kfc; an embedding's ``[V, D]``
 weight is the transpose of its matrix, whose inputs are one-hot vectors); a *trainable*
 bias joins as the last column through the homogeneous coordinate.
 
@@ -223,7 +223,8 @@ def layer_columns(module: nn.Module, grad: Tensor) -> Tensor:
 
 
 def input_factor_sum(module: nn.Module, x: Tensor, kfac_approx: str) -> tuple[Tensor, int]:
-    """``(Σ ā āᵀ, count)`` of one batch; ``A = Σ ā āᵀ / count`` (MATH.md §4.4).
+    """``(Σ ā āᵀ, count)`` of one batch; ``A = Σ ā āᵀ / count``
+    (concepts/kronecker.md#weight-sharing-expand-and-reduce).
 
     expand: the sum over samples and positions, ``count = N·T``; reduce: patches are
     averaged over positions first, ``count = N`` (the homogeneous 1 stays 1).
@@ -242,7 +243,7 @@ def output_factor(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
     """``Σ g gᵀ`` over columns, samples and positions of ``grad`` ``[K, N, *out]``.
 
     expand sums the outer products over positions; reduce sums ``g`` over positions
-    before the outer product (MATH.md §4.4).
+    before the outer product (concepts/kronecker.md#weight-sharing-expand-and-reduce).
     """
     cols = layer_columns(module, grad)  # [K, N, T, D_out]
     if kfac_approx == "reduce":

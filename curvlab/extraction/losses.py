@@ -16,7 +16,8 @@ Every Fisher type is delivered to the engines as *output-space columns*: a tenso
 * ``"empirical"``: ``∇_f ℓ(f_n, y_n) ∇_f ℓ(f_n, y_n)ᵀ`` at the observed label (``K = 1``).
 
 Backpropagating the columns to a layer output gives its ``g`` vectors on the loss's scale;
-to the parameters, the factor rows of the dense Fisher (see ``docs/concepts/fisher.md``).
+to the parameters, the factor rows of the dense Fisher (see
+``concepts/models.md#extraction-engines``).
 Rows whose target is ``ignore_index`` have zero columns: they are not part of the loss.
 """
 

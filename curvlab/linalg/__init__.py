@@ -1,4 +1,6 @@
-"""Pure-torch linear algebra for Kronecker-factored curvature (MATH.md §2, §3, §5).
+"""Pure-torch linear algebra for Kronecker-factored curvature
+(concepts/kronecker.md#k-fac-for-linear-layers; concepts/block_tridiagonal.md#the-math;
+concepts/kronecker.md#kronecker-identities).
 
 Layout convention: parameters are flattened row-major (``W.flatten()``); a layer's K-FAC
 block is ``torch.kron(G, A)`` with ``G`` the ``[d_out, d_out]`` output-gradient factor and

@@ -1,4 +1,6 @@
-"""Cholesky factorization with a float64 retry and clear errors (MATH.md §2.2, §2.3.2, §3.5)."""
+"""Cholesky factorization with a float64 retry and clear errors
+(concepts/kronecker.md#block-diagonal-inverse; concepts/kronecker.md#damped-inverse;
+concepts/block_tridiagonal.md#the-math)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Factored Tikhonov damping (Martens & Grosse 2015 §6.3; MATH.md §2.3.2, §3.4, §5.11)."""
+"""Factored Tikhonov damping (Martens & Grosse 2015 §6.3; concepts/kronecker.md#damped-inverse;
+concepts/block_tridiagonal.md#the-math)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ __all__ = ["factored_damping", "pi_correction"]
 
 
 def pi_correction(G: Tensor, A: Tensor) -> Tensor:
-    """Trace-norm π of factored Tikhonov damping (MATH.md §2.3.2).
+    """Trace-norm π of factored Tikhonov damping (concepts/kronecker.md#damped-inverse).
 
     ``π = sqrt( (tr(A) / dim A) / (tr(G) / dim G) )`` for the K-FAC block ``kron(G, A)``
     (``G`` output-gradient factor, ``A`` input factor, dims including a homogeneous bias
@@ -56,7 +57,8 @@ def factored_damping(
 
     Convention: ``damping`` is the overall Tikhonov strength ``λ`` (``λ = γ²``), so that
     ``kron(G + (γ/π)I, A + πγI) = kron(G, A) + λ I + γ (π^{-1}·kron(I, A) + π·kron(G, I))
-    ≈ kron(G, A) + λ I`` (MATH.md §2.3.2, §5.11, written for the row-major ``kron(G, A)``;
+    ≈ kron(G, A) + λ I`` (concepts/kronecker.md#damped-inverse, written for the row-major ``kron(G,
+    A)``;
     Martens & Grosse damp ``Ā + πγI`` and ``G + (γ/π)I`` — the same thing).
 
     Args:
@@ -64,7 +66,8 @@ def factored_damping(
         A: ``[m, m]`` PSD input factor.
         damping: ``λ ≥ 0`` (float or scalar tensor).
         pi: override π (e.g. ``1.0`` for no correction, or the π of another layer as in the
-            block-tridiagonal case, MATH.md §3.4); default :func:`pi_correction` ``(G, A)``.
+            block-tridiagonal case, concepts/block_tridiagonal.md#the-math); default
+            :func:`pi_correction` ``(G, A)``.
 
     Returns:
         ``(G_damped, A_damped)`` with the input dtype and device.

@@ -1,6 +1,7 @@
 """Symmetric (generalized) eigendecompositions and Kronecker eigenbasis operations.
 
-MATH.md §2.3.1 (exactly damped inverse), §3.3 (generalized eigenproblems), §5.5, §5.6.
+concepts/kronecker.md#damped-inverse (exactly damped inverse), §3.3 (generalized eigenproblems),
+§5.5, §5.6.
 Row-major convention of :mod:`curvlab.linalg.kron`: the operator is ``torch.kron(G, A)``
 acting on ``V.flatten()``, ``V`` of shape ``[..., dim G, dim A]``.
 """
@@ -47,7 +48,7 @@ class GeneralizedEigen(NamedTuple):
     """Solution of ``C u = s A u``; unpacks as ``(eigenvalues, eigenvectors)``.
 
     ``eigenvalues`` ``s`` ``[n]`` ascending, ``eigenvectors`` ``U`` ``[n, n]`` with
-    ``Uᵀ A U = I`` and ``Uᵀ C U = diag(s)`` (MATH.md §3.3).
+    ``Uᵀ A U = I`` and ``Uᵀ C U = diag(s)`` (concepts/block_tridiagonal.md#the-math).
     """
 
     eigenvalues: Tensor
@@ -134,7 +135,8 @@ def kron_eigen_matvec(
     """Apply ``kron(G, A)^power`` to ``V`` ``[..., n, m]`` from eigendecompositions.
 
     With ``G = Q_G diag(d_G) Q_Gᵀ`` and ``A = Q_A diag(d_A) Q_Aᵀ`` (e.g. from :func:`symeig`),
-    returns ``Q_G [(Q_Gᵀ V Q_A) ⊙ (d_G d_Aᵀ)^power] Q_Aᵀ`` (MATH.md §5.3, §5.5, row-major).
+    returns ``Q_G [(Q_Gᵀ V Q_A) ⊙ (d_G d_Aᵀ)^power] Q_Aᵀ``
+    (concepts/kronecker.md#kronecker-identities, row-major).
     For non-integer ``power`` the eigenvalue products must be non-negative (and positive
     for negative powers); they are not clamped.
     """
@@ -153,7 +155,8 @@ def kron_eigen_damped_solve(
 ) -> Tensor:
     """Exactly damped inverse: ``(kron(G, A) + λ I)^{-1} V.flatten()`` in matrix form.
 
-    Returns ``Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ`` (MATH.md §2.3.1, §5.6; row-major, so
+    Returns ``Q_G [(Q_Gᵀ V Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ`` (concepts/kronecker.md#damped-inverse;
+    concepts/kronecker.md#kronecker-identities; row-major, so
     the ``G`` eigenbasis acts on the rows of ``V`` ``[..., dim G, dim A]``). ``damping`` ``λ``
     is a finite non-negative scalar (a float, or a 1-element tensor, which is validated only on
     the CPU so that the per-step solve never synchronizes a GPU). The eigenvalues are used as
@@ -167,7 +170,8 @@ def kron_eigen_damped_solve(
 
 
 def generalized_symeig(C: Tensor, A: Tensor, *, name: str = "A") -> GeneralizedEigen:
-    """Symmetric-definite generalized eigenproblem ``C u = s A u`` (MATH.md §3.3).
+    """Symmetric-definite generalized eigenproblem ``C u = s A u``
+    (concepts/block_tridiagonal.md#the-math).
 
     ``A`` ``[n, n]`` SPD, ``C`` ``[n, n]`` symmetric (symmetrized as ``(C + Cᵀ)/2``). With
     ``A = L Lᵀ`` (Cholesky), ``L^{-1} C L^{-ᵀ} = Q diag(s) Qᵀ`` and ``U = L^{-ᵀ} Q``, computed

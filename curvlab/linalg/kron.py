@@ -1,11 +1,14 @@
-"""Kronecker products in PyTorch's row-major layout (MATH.md §0, §5).
+"""Kronecker products in PyTorch's row-major layout
+(concepts/kronecker.md#notation-and-the-vec-convention; concepts/kronecker.md#kronecker-identities).
 
 Convention used throughout :mod:`curvlab.linalg`: parameters are flattened row-major
 (``W.flatten()``), a layer's weight matrix ``V`` has shape ``[d_out, d_in]`` and its K-FAC block
 is ``torch.kron(G, A)`` with ``G`` ``[d_out, d_out]`` (output-gradient factor) and ``A``
 ``[d_in, d_in]`` (input factor), so that
 
-    ``torch.kron(G, A) @ V.flatten() == (G @ V @ A.T).flatten()``     (MATH.md §0, §5.4).
+    ``torch.kron(G, A) @ V.flatten() == (G @ V @ A.T).flatten()``
+    (concepts/kronecker.md#notation-and-the-vec-convention;
+    concepts/kronecker.md#kronecker-identities).
 
 In the column-major notation of Martens & Grosse the same block is written ``A ⊗ G``.
 """
@@ -34,13 +37,14 @@ def kron_matvec(G: Tensor, A: Tensor, V: Tensor) -> Tensor:
 
     Args:
         G: ``[p, n]`` row factor (the output-gradient factor; square in K-FAC, rectangular
-            allowed, e.g. for the block-tridiagonal ``Ψ`` factors of MATH.md §3.2).
+            allowed, e.g. for the block-tridiagonal ``Ψ`` factors of
+            concepts/block_tridiagonal.md#the-math).
         A: ``[q, m]`` column factor (the input factor).
         V: ``[n, m]`` or batched ``[..., n, m]``.
 
     Returns:
         ``[..., p, q]`` tensor equal to ``(torch.kron(G, A) @ V.flatten()).reshape(p, q)``
-        for each matrix in the batch (MATH.md §5.4, row-major).
+        for each matrix in the batch (concepts/kronecker.md#kronecker-identities, row-major).
 
     Raises:
         ValueError: if the shapes are incompatible (the message names the argument).
@@ -63,7 +67,8 @@ def kron_dense(G: Tensor, A: Tensor) -> Tensor:
     """Dense Kronecker product ``torch.kron(G, A)``.
 
     With the row-major convention this is the dense K-FAC block ``[p*q, n*m]`` acting on
-    ``V.flatten()`` for ``V`` of shape ``[n, m]`` (MATH.md §0). Intended for ``to_dense``
+    ``V.flatten()`` for ``V`` of shape ``[n, m]``
+    (concepts/kronecker.md#notation-and-the-vec-convention). Intended for ``to_dense``
     code and tests; it costs ``O((nm)^2)`` memory.
 
     Equal to ``torch.kron(G, A)`` but computed by broadcasting, because in torch ≤ 2.13
@@ -83,7 +88,8 @@ def kron_dense(G: Tensor, A: Tensor) -> Tensor:
 def commutation_matrix(
     m: int, n: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
 ) -> Tensor:
-    """Commutation matrix ``K_{m,n}`` (``[m*n, m*n]``) with ``K vec(X) = vec(X.T)`` (MATH.md §0).
+    """Commutation matrix ``K_{m,n}`` (``[m*n, m*n]``) with ``K vec(X) = vec(X.T)``
+    (concepts/kronecker.md#notation-and-the-vec-convention).
 
     ``vec`` is column-major: for ``X`` of shape ``[m, n]``, ``vec(X) = X.T.flatten()``, so
     equivalently ``K @ X.T.flatten() == X.flatten()``: ``K`` converts column-major to row-major
@@ -102,7 +108,8 @@ def commutation_matrix(
 def kron_cholesky_solve(L_G: Tensor, L_A: Tensor, V: Tensor) -> Tensor:
     """Solve ``torch.kron(G, A) x = V.flatten()`` from Cholesky factors: ``G^{-1} V A^{-1}``.
 
-    This is the block-diagonal K-FAC update of MATH.md §2.2 (with the damped factors of
+    This is the block-diagonal K-FAC update of concepts/kronecker.md#block-diagonal-inverse (with
+    the damped factors of
     §2.3.2 it is the factored-Tikhonov update). ``L_G`` ``[n, n]`` and ``L_A`` ``[m, m]`` are
     lower Cholesky factors (``G = L_G L_Gᵀ``, see :func:`cholesky_factor`); ``V`` is
     ``[..., n, m]``. The result has ``V``'s shape and dtype.
@@ -122,14 +129,16 @@ def kron_cholesky_solve(L_G: Tensor, L_A: Tensor, V: Tensor) -> Tensor:
 
 
 def kron_trace(G: Tensor, A: Tensor) -> Tensor:
-    """``tr(kron(G, A)) = tr(G) · tr(A)`` for square ``G``, ``A`` (MATH.md §5.7); 0-d tensor."""
+    """``tr(kron(G, A)) = tr(G) · tr(A)`` for square ``G``, ``A``
+    (concepts/kronecker.md#kronecker-identities); 0-d tensor."""
     check_square(G, "G")
     check_square(A, "A")
     return torch.trace(G) * torch.trace(A)
 
 
 def kron_frobenius_norm(G: Tensor, A: Tensor) -> Tensor:
-    """``‖kron(G, A)‖_F = ‖G‖_F · ‖A‖_F`` (MATH.md §5.7); 0-d tensor. Any 2-D shapes."""
+    """``‖kron(G, A)‖_F = ‖G‖_F · ‖A‖_F`` (concepts/kronecker.md#kronecker-identities); 0-d tensor.
+    Any 2-D shapes."""
     if G.ndim != 2 or A.ndim != 2:
         raise ValueError(
             f"G and A must be 2-D matrices, got shapes {_fmt(G.shape)} and {_fmt(A.shape)}"
@@ -138,7 +147,8 @@ def kron_frobenius_norm(G: Tensor, A: Tensor) -> Tensor:
 
 
 def kron_logdet(G: Tensor, A: Tensor, *, name: str = "kron(G, A)") -> Tensor:
-    """``logdet(kron(G, A)) = dim(A)·logdet(G) + dim(G)·logdet(A)`` (MATH.md §5.8).
+    """``logdet(kron(G, A)) = dim(A)·logdet(G) + dim(G)·logdet(A)``
+    (concepts/kronecker.md#kronecker-identities).
 
     ``G`` and ``A`` must be symmetric positive definite; each log-determinant is computed as
     ``2 Σ log diag(L)`` from a Cholesky factor (with the float64 retry of

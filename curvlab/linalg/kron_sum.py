@@ -1,6 +1,7 @@
 """Solves with sums/differences of two Kronecker products (Martens & Grosse 2015 App. B).
 
-MATH.md §3.3 / §5.9, rewritten for the row-major convention of :mod:`curvlab.linalg.kron`.
+concepts/block_tridiagonal.md#the-math / §5.9, rewritten for the row-major convention of
+:mod:`curvlab.linalg.kron`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class KronSumInverse:
     act on the rows of ``X`` ``[n, m]``, the second factors ``B``, ``D`` ``[m, m]`` on its
     columns: ``M @ X.flatten() == (A X Bᵀ + sign · C X Dᵀ).flatten()``.
 
-    In the column-major notation of MATH.md §3.3 (``A_m⊗B_m ± C_m⊗D_m`` with ``X`` of shape
+    In the column-major notation of concepts/block_tridiagonal.md#the-math (``A_m⊗B_m ± C_m⊗D_m``
+    with ``X`` of shape
     ``dim(B_m) × dim(A_m)``) this is ``A = B_m``, ``B = A_m``, ``C = D_m``, ``D = C_m``. For the
     block-tridiagonal Schur complement ``Σ_{i|i+1}`` (§3.2) call
     ``KronSumInverse.from_factors(G_ii, Ā_ii, D_G, C_Ā, sign=-1)``.
@@ -64,7 +66,8 @@ class KronSumInverse:
         symmetric. Since ``M = (U_row ⊗ U_col)^{-ᵀ} diag(denominator) (U_row ⊗ U_col)^{-1}``,
         ``M`` is positive definite iff every entry of ``denominator`` is positive; this is
         required. For ``sign=-1`` and PSD ``C``, ``D`` it holds iff all generalized eigenvalues
-        satisfy ``s_row s_colᵀ < 1``, e.g. when ``C ≺ A`` and ``D ≺ B`` (MATH.md §3.3).
+        satisfy ``s_row s_colᵀ < 1``, e.g. when ``C ≺ A`` and ``D ≺ B``
+        (concepts/block_tridiagonal.md#the-math).
 
         Rounding: entries of ``denominator`` in ``[-tol, tol]`` with
         ``tol = rounding_tol`` (default ``100 · eps`` of the dtype, ≈1.2e-5 in float32,
@@ -108,7 +111,8 @@ class KronSumInverse:
     def solve(self, Y: Tensor) -> Tensor:
         """Return ``X`` ``[..., n, m]`` with ``A X Bᵀ + sign · C X Dᵀ = Y`` (``Y`` ``[..., n, m]``).
 
-        ``X = U_row [(U_rowᵀ Y U_col) ⊘ denominator] U_colᵀ`` (MATH.md §3.3, row-major).
+        ``X = U_row [(U_rowᵀ Y U_col) ⊘ denominator] U_colᵀ``
+        (concepts/block_tridiagonal.md#the-math, row-major).
         """
         n, m = self.denominator.shape
         if Y.ndim < 2 or Y.shape[-2] != n or Y.shape[-1] != m:
@@ -131,6 +135,6 @@ def kron_sum_solve(
     Equivalently ``A X Bᵀ + sign · C X Dᵀ = Y`` with ``X``, ``Y`` ``[..., n, m]``, ``A``, ``C``
     ``[n, n]`` (rows), ``B``, ``D`` ``[m, m]`` (columns). One-shot form of
     :meth:`KronSumInverse.from_factors` ``(...).solve(Y)``; see there for requirements and the
-    mapping to MATH.md §3.3.
+    mapping to concepts/block_tridiagonal.md#the-math.
     """
     return KronSumInverse.from_factors(A, B, C, D, sign, name=name).solve(Y)

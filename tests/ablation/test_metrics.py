@@ -32,7 +32,8 @@ def test_the_exact_fisher_against_itself_has_no_error(case) -> None:
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: loss.name)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_kfac_on_one_linear_layer_with_one_sample_is_exact(loss, reduction, bias) -> None:
-    # one sample: the Jacobian is I ⊗ aᵀ, so F = G ⊗ A exactly (MATH.md §3)
+    # one sample: the Jacobian is I ⊗ aᵀ, so F = G ⊗ A exactly
+    # (concepts/block_tridiagonal.md#the-math)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 3, bias=bias)).double()
     loss_fn = loss.loss_cls(reduction=reduction)

@@ -1,4 +1,5 @@
-"""BlockTridiagonal: the completion is pinned down by two properties of F̂_λ (MATH.md §3.1).
+"""BlockTridiagonal: the completion is pinned down by two properties of F̂_λ
+(concepts/block_tridiagonal.md#the-math).
 
 (a) its inverse — the operator ``solve`` applies — is block-tridiagonal, and (b) F̂_λ
 agrees with ``F + λI`` on the diagonal and first off-diagonal layer blocks. The

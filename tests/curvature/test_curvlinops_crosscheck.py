@@ -1,6 +1,6 @@
 """Cross-check of the dense backends against curvlinops 3.0.1 (a test-only dependency).
 
-DESIGN.md fixes curvlab's conventions to curvlinops' definitions, so no conversion is
+concepts/conventions.md fixes curvlab's conventions to curvlinops' definitions, so no conversion is
 applied: ``GGNLinearOperator`` (curvlinops/ggn.py) applies ``Jᵀ (∇²_f L) J`` with ``L``
 the loss module's own reduction, and ``EFLinearOperator`` (curvlinops/
 gradient_moments.py, ``make_batch_ef_matrix_product``) rescales the output gradients

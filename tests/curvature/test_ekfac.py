@@ -1,4 +1,5 @@
-"""EKFAC: the refitted diagonal is diag(Qᵀ F Q) of the layer's Fisher block (MATH.md §6.1)."""
+"""EKFAC: the refitted diagonal is diag(Qᵀ F Q) of the layer's Fisher block
+(concepts/kronecker.md#ekfac)."""
 
 from __future__ import annotations
 

@@ -169,7 +169,8 @@ def test_accumulate_of_an_unrecorded_forward_is_reported() -> None:
 
 
 def test_singular_undamped_solve_names_the_block() -> None:
-    # softmax outputs: the last layer's Fisher block is singular (MATH.md §2.1 pitfall)
+    # softmax outputs: the last layer's Fisher block is singular
+    # (concepts/kronecker.md#k-fac-for-linear-layers pitfall)
     model, loss_fn, x, y = _mlp_ce()
     c = curvlab.BlockDiagonal(model, loss_fn)
     c.update(x[:1], y[:1])

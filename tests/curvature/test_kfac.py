@@ -157,7 +157,8 @@ def test_factors_match_curvlinops(arch, loss, reduction, fisher_type, approx) ->
 
 
 def _kfc_reference(model: nn.Sequential, loss_fn: nn.Module, x: Tensor, y: Tensor, approx: str):
-    """A and G of ``model[0]`` (a convolution) from the definitions (MATH.md §4.3-4.4).
+    """A and G of ``model[0]`` (a convolution) from the definitions
+    (concepts/kronecker.md#weight-sharing-expand-and-reduce).
 
     Patches are read off the Jacobian of the conv output w.r.t. its weight
     (``∂s[n, 0, t]/∂W[0] = patch[n, t]``); G comes from ``Jᵀ H J`` of the network output
@@ -255,7 +256,7 @@ def test_factored_damping_solve_and_pi() -> None:
     v = [torch.randn_like(p) for p in kfc.params]
     blocks = []
     for f in kfc.factors():
-        # π = sqrt((tr A / dim A) / (tr G / dim G)), MATH.md §2.3.2
+        # π = sqrt((tr A / dim A) / (tr G / dim G)), concepts/kronecker.md#damped-inverse
         pi = ((f.A.trace() / f.A.shape[0]) / (f.G.trace() / f.G.shape[0])).sqrt()
         eye_a, eye_g = torch.eye(f.A.shape[0], dtype=DTYPE), torch.eye(f.G.shape[0], dtype=DTYPE)
         block = torch.kron(f.G + gamma / pi * eye_g, f.A + gamma * pi * eye_a)

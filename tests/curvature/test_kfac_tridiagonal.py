@@ -1,4 +1,5 @@
-"""K-FAC's block-tridiagonal inverse against a dense evaluation of Ξᵀ Λ Ξ (MATH.md §3)."""
+"""K-FAC's block-tridiagonal inverse against a dense evaluation of Ξᵀ Λ Ξ
+(concepts/block_tridiagonal.md#the-math)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def _dense_blocks(kfac: curvlab.KFAC, damping: float | None):
 
 
 def _xi_lambda_xi(diag: list[Tensor], off: list[Tensor], v: Tensor) -> Tensor:
-    """Dense ``Ξᵀ Λ Ξ v`` conditioning the chain on the next layer (MATH.md §3.1)."""
+    """Dense ``Ξᵀ Λ Ξ v`` conditioning the chain on the next layer
+    (concepts/block_tridiagonal.md#the-math)."""
     n = len(diag)
     psi = [off[k] @ torch.linalg.inv(diag[k + 1]) for k in range(n - 1)]
     sigma = [diag[k] - psi[k] @ off[k].T for k in range(n - 1)] + [diag[-1]]
@@ -85,7 +87,8 @@ def test_solve_equals_the_dense_xi_lambda_xi(loss, fisher_type) -> None:
     v = [torch.randn_like(p) for p in kfac.params]
     expected = _xi_lambda_xi(diag, off, _flat(v))
     torch.testing.assert_close(_flat(kfac.solve(v, damping)), expected, rtol=1e-10, atol=1e-12)
-    # conditioning the chain the other way round gives the same F̂⁻¹ (MATH.md §3.1)
+    # conditioning the chain the other way round gives the same F̂⁻¹
+    # (concepts/block_tridiagonal.md#the-math)
     sizes = [len(d) for d in diag]
     reordered = torch.cat(list(_flat(v).split(sizes))[::-1])
     backwards = _xi_lambda_xi(diag[::-1], [o.T for o in off[::-1]], reordered)

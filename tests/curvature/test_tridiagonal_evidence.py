@@ -4,7 +4,7 @@ MLP autoencoder on 256 scikit-learn digits (BCE outputs), exact Fisher type, equ
 λ = 0.01 × mean diagonal of F. Against the exact damped natural gradient (F + λI)⁻¹g, the
 block-tridiagonal inverse must be closer than the block-diagonal one — in relative error
 and in cosine — for the dense and for the Kronecker-factored variant. The same numbers are
-computed and printed in docs/concepts/block_tridiagonal.md.
+computed and printed in concepts/block_tridiagonal.md.
 """
 
 from __future__ import annotations

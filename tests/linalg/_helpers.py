@@ -1,4 +1,5 @@
-"""Shared generators and tolerance rules for the curvlab.linalg tests (MATH.md §5)."""
+"""Shared generators and tolerance rules for the curvlab.linalg tests
+(concepts/kronecker.md#kronecker-identities)."""
 
 from __future__ import annotations
 
@@ -76,12 +77,13 @@ def assert_rel(actual: object, expected: object, rtol: float, what: str = "") ->
 
 
 def product_rtol(dtype: torch.dtype) -> float:
-    """MATH.md §5: products, vec trick, trace, eigen-reconstruction."""
+    """concepts/kronecker.md#kronecker-identities: products, vec trick, trace,
+    eigen-reconstruction."""
     return 1e-12 if dtype == torch.float64 else 1e-5
 
 
 def solve_rtol(dtype: torch.dtype, kappa_op: float) -> float:
-    """MATH.md §5 solve/inverse tolerance, ``max(base, 10·κ_op·ε)``.
+    """concepts/kronecker.md#kronecker-identities solve/inverse tolerance, ``max(base, 10·κ_op·ε)``.
 
     ``base`` is 1e-10 (float64) or 1e-4 (float32); ``κ_op`` is the condition number of the
     operator being inverted and the reference is computed in float64 from the same inputs.

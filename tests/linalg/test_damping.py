@@ -1,4 +1,4 @@
-"""Tests for curvlab.linalg.damping: MATH.md §2.3.2 and §5.11 (factored Tikhonov)."""
+"""Tests for curvlab.linalg.damping: concepts/kronecker.md#damped-inverse (factored Tikhonov)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_factored_damping_expansion(
         + lam * np.eye(n * m)
     )
     assert_rel(lhs, rhs, 10 * product_rtol(dtype), "factored damping expansion (row-major)")
-    # MATH.md's column-major statement, converted with the commutation matrix K_{n,m}:
+    # the papers' column-major statement, converted with the commutation matrix K_{n,m}:
     # (A+πγI)⊗(G+(γ/π)I) = A⊗G + γ(π I⊗G + π^{-1} A⊗I) + γ²I and K (A'⊗G') Kᵀ = G'⊗A'.
     K = f64(commutation_matrix(n, m))
     col = (
@@ -77,7 +77,8 @@ def test_factored_damping_expansion(
     assert_rel(K @ col @ K.T, rhs, 1e-12, "column-major form")
 
 
-# π minimizes the trace norm of the error term γ(π G⊗I + π^{-1} I⊗A) (MATH.md §2.3.2).
+# π minimizes the trace norm of the error term γ(π G⊗I + π^{-1} I⊗A)
+# (concepts/kronecker.md#damped-inverse).
 @hsettings(60)
 @given(seed=seeds, n=st.integers(1, 8), m=st.integers(1, 8), kG=kappas, sG=scales)
 def test_pi_minimizes_trace_norm(seed: int, n: int, m: int, kG: float, sG: float) -> None:

@@ -1,4 +1,5 @@
-"""Tests for curvlab.linalg.eigen: MATH.md §5.3 (powers), §5.5, §5.6, §3.3 (generalized)."""
+"""Tests for curvlab.linalg.eigen: concepts/kronecker.md#kronecker-identities (powers), §5.5, §5.6,
+§3.3 (generalized)."""
 
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def test_kron_eigen_damped_solve(
             assert_rel(Xb, ref, rtol, "damped solve")
 
 
-# Generalized symmetric-definite eigenproblem C u = s A u (MATH.md §3.3) vs scipy.
+# Generalized symmetric-definite eigenproblem C u = s A u (concepts/block_tridiagonal.md#the-math)
+# vs scipy.
 @hsettings(120)
 @given(seed=seeds, n=dims, kA=kappas, psd=st.booleans(), dtype=dtypes)
 def test_generalized_symeig(seed: int, n: int, kA: float, psd: bool, dtype: torch.dtype) -> None:

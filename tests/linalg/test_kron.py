@@ -1,4 +1,5 @@
-"""Tests for curvlab.linalg.kron: MATH.md §5.1-5.4, 5.7, 5.8, 5.10 (row-major convention)."""
+"""Tests for curvlab.linalg.kron: concepts/kronecker.md#kronecker-identities
+(row-major convention)."""
 
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def test_inverse_and_kron_cholesky_solve(
     X = kron_cholesky_solve(cholesky_factor(G, name="G"), cholesky_factor(A, name="A"), V)
     assert X.dtype == dtype and X.shape == V.shape
     ref = scipy.linalg.solve(K, f64(V).reshape(-1), assume_a="pos").reshape(n, m)
-    # backward error (κ-independent) always; forward error where the MATH.md rule is informative
+    # backward error (κ-independent) always; forward error where the tolerance rule of
+    # concepts/kronecker.md is informative
     resid = K @ f64(X).reshape(-1) - f64(V).reshape(-1)
     eps = torch.finfo(dtype).eps
     assert np.linalg.norm(resid) <= 10 * (n + m) * eps * np.linalg.norm(K, 2) * np.linalg.norm(

@@ -1,4 +1,5 @@
-"""Tests for curvlab.linalg.kron_sum: MATH.md §3.3 / §5.9 (solves with A⊗B ± C⊗D)."""
+"""Tests for curvlab.linalg.kron_sum: concepts/block_tridiagonal.md#the-math / §5.9 (solves with A⊗B
+± C⊗D)."""
 
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def test_kron_sum_inverse_fields_and_reuse(seed: int, n: int, m: int, sign: int)
 
 
 def test_kron_sum_matches_math_column_major_form() -> None:
-    """MATH.md §3.3: (A_m⊗B_m ± C_m⊗D_m)^{-1} vec(X) (column-major, X: dim B_m × dim A_m)
+    """concepts/block_tridiagonal.md#the-math: (A_m⊗B_m ± C_m⊗D_m)^{-1} vec(X) (column-major, X: dim
+    B_m × dim A_m)
     equals kron_sum_solve(B_m, A_m, D_m, C_m, X) in the row-major convention."""
     g = gen(7)
     for sign in (1, -1):
