@@ -6,7 +6,9 @@ model, loss_fn)``), feed it batches with ``update`` (or several at once with
 :func:`curvlab.extract`) and use ``matvec``, ``solve`` and ``to_dense``.
 """
 
-from curvlab import ablation, distributed, linalg
+from typing import TYPE_CHECKING, Any
+
+from curvlab import linalg
 from curvlab.curvature import (
     EKFAC,
     KFAC,
@@ -22,11 +24,12 @@ from curvlab.curvature import (
     Layer,
     NamedTensor,
 )
-from curvlab.damping import LevenbergMarquardt
 from curvlab.extraction import FISHER_TYPES, extract
-from curvlab.optim import KFACOptimizer
-from curvlab.preconditioner import NaturalGradient
+from curvlab.optim import KFACOptimizer, LevenbergMarquardt, NaturalGradient, distributed
 from curvlab.registry import available, make, register
+
+if TYPE_CHECKING:
+    from curvlab import ablation
 
 __version__ = "0.1.0"
 
@@ -56,3 +59,12 @@ __all__ = [
     "make",
     "register",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # the research harness (matplotlib, scikit-learn) loads on first use only
+    if name == "ablation":
+        import importlib
+
+        return importlib.import_module("curvlab.ablation")
+    raise AttributeError(f"module 'curvlab' has no attribute {name!r}")

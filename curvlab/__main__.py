@@ -1,5 +1,5 @@
 """``python -m curvlab ablate``: the same as the ``curvlab`` console script."""
 
-from curvlab.cli import main
+from curvlab.ablation.cli import main
 
 raise SystemExit(main())

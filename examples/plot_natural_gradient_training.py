@@ -65,7 +65,7 @@ def train(kind: str, lr: float, steps: int = 120) -> list[float]:
 
 # %%
 # Learning rates (initial damping for the KFACOptimizer): the best of a small grid for
-# each (see ``tests/test_preconditioner.py``).
+# each (see ``tests/optim/test_natural_gradient.py``).
 runs = {
     "SGD": train("SGD", 1.0),
     "Adam": train("Adam", 0.1),

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from curvlab.ablation.measure import PeakTensorMemory, Stopwatch
 from curvlab.ablation.reports import dumps, markdown_table
 from curvlab.curvature.base import Curvature
-from curvlab.curvature.exact import ExactFisher
+from curvlab.curvature.dense.exact import ExactFisher
 from curvlab.registry import make
 
 Batch = tuple[Tensor, Tensor]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from curvlab.ablation.measure import Stopwatch
 from curvlab.ablation.reports import dumps, format_value, markdown_table
-from curvlab.preconditioner import NaturalGradient
+from curvlab.optim.natural_gradient import NaturalGradient
 from curvlab.registry import available, make
 
 Data = tuple[Tensor, Tensor]

@@ -9,7 +9,7 @@ enters with weight ``w_b = 1/R_b`` (its share of the union's reduction) and, for
 ``reduction="mean"``, the sum is divided by ``Σ_b w_b``; for ``"sum"`` the batch
 curvatures simply add (``w_b = 1``, no division).
 
-Distribution (:mod:`curvlab.distributed`) uses two more groups of methods. Statistic
+Distribution (:mod:`curvlab.optim.distributed`) uses two more groups of methods. Statistic
 sums (:meth:`Curvature.statistic_sums`) are the accumulated state as sums that add over
 batches, so that summing them over processes gives the union of every process's batches.
 Decomposition blocks (:meth:`Curvature.decomposition_blocks`) are the units of
@@ -464,7 +464,7 @@ class Curvature(abc.ABC):
         self._weight_sum = float(state["weight_sum"])
         self._statistics_changed()
 
-    # --- distribution (curvlab.distributed) ---------------------------------------------
+    # --- distribution (curvlab.optim.distributed) ---------------------------------------------
 
     def statistic_sums(self) -> list[NamedTensor]:
         """The accumulated state as sums that add over batches (new or shared tensors).

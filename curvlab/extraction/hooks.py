@@ -327,7 +327,7 @@ class suspended_hooks:
     """Context manager: ``model``'s module hooks (BackPACK's included) are switched off.
 
     ``torch.func`` transforms must not run through recording hooks; the exact curvature
-    products of the quadratic model (``curvlab.quadratic``) run inside this.
+    products of the quadratic model (``curvlab.optim.quadratic``) run inside this.
     """
 
     _KINDS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

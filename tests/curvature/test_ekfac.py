@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 import curvlab
-from curvlab.curvature import ekfac as ekfac_module
+from curvlab.curvature.kronecker import ekfac as ekfac_module
 from tests.cases import CASES, DTYPE
 
 _CASES = [c for c in CASES if c.reduction == "mean" or c.model.name == "conv1d"]

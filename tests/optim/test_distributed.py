@@ -7,7 +7,7 @@ references computed here, in float64:
 * the curvature after one step on 2 processes × part of the batch equals the full batch's;
 * preconditioned gradients, and parameters after three training steps, equal the
   single-process run (rtol 1e-10) and are bit-identical across the processes;
-* each process decomposes exactly the blocks :func:`curvlab.distributed.assign_blocks`
+* each process decomposes exactly the blocks :func:`curvlab.optim.distributed.assign_blocks`
   gives it; with ``"comm_opt"`` decompositions travel, with ``"mem_opt"`` gradients;
 * ``examples/distributed_kfac.py`` runs under ``python -m torch.distributed.run``;
 * faults: a NaN loss or Inf statistics on one process, a failing solve on the owner, a
@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import curvlab
-from curvlab.distributed import assign_blocks
+from curvlab.optim.distributed import assign_blocks
 from tests.cases import CASES
 
 WORLD = 2
@@ -361,7 +361,7 @@ def test_assign_blocks_is_greedy_longest_processing_time() -> None:
 
 
 def test_the_example_runs_under_torchrun() -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node=2", str(root / "examples" / "distributed_kfac.py")]

@@ -1,4 +1,4 @@
-"""``curvlab.quadratic``: exact GGN products by JVPs against the dense exact Fisher."""
+"""``curvlab.optim.quadratic``: exact GGN products by JVPs against the dense exact Fisher."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import curvlab
-from curvlab.quadratic import evaluate_capturing_inputs, ggn_gram
+from curvlab.optim.quadratic import evaluate_capturing_inputs, ggn_gram
 from tests.cases import CASES
 
 

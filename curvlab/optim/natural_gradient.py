@@ -36,7 +36,7 @@ inversion steps check theirs. Statistics are computed in
 the parameters' dtype (float32 or float64), also under autocast.
 
 **Distributed** (``torch.distributed`` initialised with more than one process, or
-``process_group=``; :mod:`curvlab.distributed`, docs page "Distributed K-FAC"): every
+``process_group=``; :mod:`curvlab.optim.distributed`, docs page "Distributed K-FAC"): every
 process feeds its own batch; on curvature steps the statistic sums are all-reduced, so
 every process averages the curvature of the union of all batches; on inversion steps the
 decomposition blocks are spread over the processes by cost and shared (``"comm_opt"``:
@@ -57,10 +57,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvlab import distributed
 from curvlab.curvature.base import Curvature, NamedTensor
-from curvlab.damping import LevenbergMarquardt
-from curvlab.quadratic import evaluate_capturing_inputs, ggn_gram
+from curvlab.optim import distributed
+from curvlab.optim.damping import LevenbergMarquardt
+from curvlab.optim.quadratic import evaluate_capturing_inputs, ggn_gram
 
 DampingSchedule = Callable[[int], float]
 
@@ -99,7 +99,7 @@ class NaturalGradient:
     :class:`~curvlab.LevenbergMarquardt` — whose ``ρ`` terms are averaged over processes).
 
     Attributes:
-        comm: the :class:`curvlab.distributed.Communicator` (byte counters), or ``None``.
+        comm: the :class:`curvlab.optim.distributed.Communicator` (byte counters), or ``None``.
         blocks: the curvature's decomposition blocks.
         owners: per block, the rank that decomposes it (all 0 without distribution).
     """

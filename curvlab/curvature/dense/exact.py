@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from curvlab.curvature.dense import DenseCurvature
+from curvlab.curvature.dense.base import DenseCurvature
 from curvlab.registry import register
 
 

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from curvlab import linalg
 from curvlab.curvature.base import DecompositionBlock, NamedTensor, Vector
-from curvlab.curvature.block_diagonal import BlockDiagonal
 from curvlab.curvature.chain import ForwardOrder, chain_completion
+from curvlab.curvature.dense.block_diagonal import BlockDiagonal
 from curvlab.extraction import BatchResult
 from curvlab.registry import register
 

@@ -46,7 +46,7 @@ from curvlab.curvature.base import (
 )
 from curvlab.curvature.chain import ForwardOrder, chain_completion
 from curvlab.curvature.diagonal import DiagonalBlocks
-from curvlab.curvature.kfac_tridiagonal import KroneckerChain, _Link
+from curvlab.curvature.kronecker.tridiagonal import KroneckerChain, _Link
 from curvlab.extraction import (
     BatchResult,
     KroneckerBatch,
@@ -98,7 +98,7 @@ class KFAC(Curvature):
         structure: ``"block_diagonal"`` (one independent block per layer) or
             ``"block_tridiagonal"`` — consecutive layers (in forward order) coupled
             through cross-layer statistics so that the inverse is block-tridiagonal
-            (Martens & Grosse 2015 §4.3, :mod:`curvlab.curvature.kfac_tridiagonal`).
+            (Martens & Grosse 2015 §4.3, :mod:`curvlab.curvature.kronecker.tridiagonal`).
             ``matvec``/``to_dense`` of this structure are dense (small models).
         layers: only these modules (objects or names from ``model.named_modules()``).
         exclude: modules to leave out; their parameters are not in ``params``.

@@ -8,7 +8,7 @@ Per step (concepts/natural_gradient.md):
 2. proposal ``Δ = −F̆⁻¹ g`` with factored Tikhonov damping ``γ = √(λ + η)`` and π;
 3. step size and momentum from the exact-Fisher quadratic model with
    ``C = F + (λ+η)I``: ``[ΔᵀCΔ ΔᵀCδ₀; δ₀ᵀCΔ δ₀ᵀCδ₀][α; μ] = −[gᵀΔ; gᵀδ₀]`` (``F`` products
-   by forward-mode JVPs, :mod:`curvlab.quadratic`), ``δ = αΔ + μδ₀``;
+   by forward-mode JVPs, :mod:`curvlab.optim.quadratic`), ``δ = αΔ + μδ₀``;
 4. every ``damping_interval`` steps, ``λ`` adapts to ``ρ = (h(θ+δ) − h(θ)) / (M(δ) − M(0))``
    with ``M(δ) − M(0) = gᵀδ + ½δᵀ(F + ηI)δ`` (the λ term excluded, as the authors'
    implementations do).
@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.base import Curvature
-from curvlab.curvature.kfac import KFC
-from curvlab.damping import LevenbergMarquardt
-from curvlab.preconditioner import NaturalGradient
-from curvlab.quadratic import evaluate_capturing_inputs, ggn_gram
+from curvlab.curvature.kronecker.kfac import KFC
+from curvlab.optim.damping import LevenbergMarquardt
+from curvlab.optim.natural_gradient import NaturalGradient
+from curvlab.optim.quadratic import evaluate_capturing_inputs, ggn_gram
 
 
 class KFACOptimizer(torch.optim.Optimizer):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from curvlab import linalg
 from curvlab.curvature.base import NamedTensor, Vector
-from curvlab.curvature.kfac import KFAC, KroneckerFactors, LayerSpec, _as_matrix
+from curvlab.curvature.kronecker.kfac import KFAC, KroneckerFactors, LayerSpec, _as_matrix
 from curvlab.extraction import BatchResult, KroneckerBatch
 from curvlab.extraction import layers as layer_rules
 from curvlab.registry import register

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from curvlab.cli import main
+from curvlab.ablation.cli import main
 
 TINY = ["--steps", "4", "--eval-every", "2", "--batch-size", "32", "--quality-samples", "24"]
 FILES = ("summary.md", "results.json", "loss_vs_iter.png", "loss_vs_time.png", "race.png")
@@ -116,7 +116,7 @@ def test_unknown_model_lists_the_valid_ones(capsys) -> None:
 
 
 def test_hyperparameters_come_from_the_user_then_the_tuned_table_then_the_defaults() -> None:
-    from curvlab.cli import DEFAULT_DAMPING, DEFAULT_LR, _contenders
+    from curvlab.ablation.cli import DEFAULT_DAMPING, DEFAULT_LR, _contenders
 
     tuned = {"SGD": (0.5, None), "kfc": (0.2, 0.05)}
     given = {c.name: c for c in _contenders(["kfc", "ekfac"], {}, None, tuned)}

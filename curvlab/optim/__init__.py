@@ -1,0 +1,18 @@
+"""Optimisers over any :class:`~curvlab.Curvature`.
+
+* :class:`NaturalGradient` — a preconditioner for any ``torch.optim`` optimizer
+  (moving averages, inversion schedule, damping, KL clipping, distribution);
+* :class:`KFACOptimizer` — Martens & Grosse's full recipe (quadratic model, adaptive
+  damping);
+* :class:`LevenbergMarquardt` — the damping rule both use;
+* :mod:`curvlab.optim.distributed` — data-parallel statistics and decompositions.
+
+The math of each piece is on the docs page ``concepts/natural_gradient.md``.
+"""
+
+from curvlab.optim import distributed
+from curvlab.optim.damping import LevenbergMarquardt
+from curvlab.optim.kfac_optimizer import KFACOptimizer
+from curvlab.optim.natural_gradient import NaturalGradient
+
+__all__ = ["KFACOptimizer", "LevenbergMarquardt", "NaturalGradient", "distributed"]
