@@ -344,7 +344,7 @@ class Curvature(abc.ABC):
         """
         if self._recording is None:
             self._recording = hooks.Recording(
-                self.loss_fn, self.recorded_modules(), owner=type(self).__name__
+                self.loss_fn, self.recorded_modules(), type(self).__name__, self.model
             )
         return self._recording
 
@@ -370,8 +370,7 @@ class Curvature(abc.ABC):
             )
         if check_finite and not bool(torch.isfinite(loss.detach()).all()):
             raise FloatingPointError(f"{owner}: the loss is not finite; no curvature taken.")
-        call, calls = self._recording.take(loss)
-        self._consume(hooks.compute(self.loss_fn, call, calls, self.requests()))
+        extraction.accumulate_recorded([self], self._recording, loss)
 
     def _consume(self, result: BatchResult) -> None:
         scale = result.scale

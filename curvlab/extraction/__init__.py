@@ -150,4 +150,48 @@ def extract(
     return loss
 
 
+def replayable(model: nn.Module) -> bool:
+    """Whether a second forward pass of ``model`` gives the same outputs and leaves it as
+    it was: no dropout and no BatchNorm running statistics in training mode."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return not any(
+        m.training
+        and (isinstance(m, _BatchNorm) or (isinstance(m, _DropoutNd) and m.p > 0))
+        for m in model.modules()
+    )
+
+
+def accumulate_recorded(
+    curvatures: Sequence[Curvature], recording: hooks.Recording, loss: Tensor
+) -> None:
+    """Feed ``curvatures`` the batch of ``loss``, recorded by ``recording``.
+
+    The hooks engine backpropagates the Fisher type's columns through the recorded graph.
+    Where ``engine="auto"`` prefers BackPACK (:func:`choose_engine`) and the model can be
+    replayed (:func:`replayable`), its recorded inputs are run again under BackPACK
+    instead: one more forward pass, but one backward instead of one per loss row for
+    dense factor rows.
+    """
+    call, calls = recording.take(loss)
+    model, loss_fn = curvatures[0].model, curvatures[0].loss_fn
+    requests = [r for c in curvatures for r in c.requests()]
+    settings = {c.engine for c in curvatures} - {"auto"}
+    inputs = recording.taken_inputs
+    ignored = isinstance(loss_fn, nn.CrossEntropyLoss) and bool(
+        (call.targets == loss_fn.ignore_index).any()
+    )
+    finite = bool(torch.isfinite(loss.detach()).all())
+    engine = "hooks"
+    if finite and inputs is not None and len(inputs) == 1 and replayable(model):
+        engine = choose_engine(model, requests, settings.pop() if settings else "auto", ignored)
+    if engine == "backpack" and inputs is not None:
+        _, result = backpack_engine.run(model, loss_fn, inputs[0], call.targets, requests)
+    else:
+        result = hooks.compute(loss_fn, call, calls, requests)
+    for c in curvatures:
+        c._consume(result)
+
+
 suspended_hooks = hooks.suspended_hooks

@@ -57,6 +57,14 @@ class LayerCall:
 
 
 @dataclass(eq=False)
+class ModelCall:
+    """One call of the whole model: its positional inputs and its output."""
+
+    inputs: tuple[Any, ...]
+    output: Any
+
+
+@dataclass(eq=False)
 class LossCall:
     """One call of the loss module: the model output it received and the loss it gave."""
 
@@ -73,12 +81,22 @@ class Recording:
     gradients disabled are not recorded.
     """
 
-    def __init__(self, loss_fn: nn.Module, modules: Sequence[nn.Module], owner: str) -> None:
+    def __init__(
+        self,
+        loss_fn: nn.Module,
+        modules: Sequence[nn.Module],
+        owner: str,
+        model: nn.Module | None = None,
+    ) -> None:
         self.loss_fn = loss_fn
         self.modules = list(modules)
         self.owner = owner
+        self.model = model
         self.calls: list[LayerCall] = []
         self.losses: list[LossCall] = []
+        self.model_calls: list[ModelCall] = []
+        #: inputs of the model call that produced the last loss :meth:`take` returned
+        self.taken_inputs: tuple[Any, ...] | None = None
         self._handles: list[Any] = []
 
     @property
@@ -92,6 +110,8 @@ class Recording:
             )
             for module in self.modules:
                 self._handles.append(module.register_forward_hook(self._record_layer))
+            if self.model is not None:
+                self._handles.append(self.model.register_forward_hook(self._record_model))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -102,6 +122,18 @@ class Recording:
     def clear(self) -> None:
         self.calls = []
         self.losses = []
+        self.model_calls = []
+
+    def _record_model(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
+            self.model_calls.append(ModelCall(args, output))
+
+    def model_inputs(self, outputs: Tensor) -> tuple[Any, ...] | None:
+        """The inputs of the recorded model call whose output is ``outputs``, if any."""
+        for call in self.model_calls:
+            if call.output is outputs:
+                return call.inputs
+        return None
 
     def _record_layer(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
@@ -152,6 +184,8 @@ class Recording:
         mine = [c for c in self.calls if c.output.grad_fn in nodes]
         taken = {id(c) for c in mine}
         self.calls = [c for c in self.calls if id(c) not in taken]
+        self.taken_inputs = self.model_inputs(call.outputs)
+        self.model_calls = [c for c in self.model_calls if c.output is not call.outputs]
         return call, mine
 
 
@@ -349,4 +383,4 @@ class suspended_hooks:
         self.saved = []
 
 
-__all__ = ["LayerCall", "LossCall", "Recording", "compute", "suspended_hooks"]
+__all__ = ["LayerCall", "LossCall", "ModelCall", "Recording", "compute", "suspended_hooks"]

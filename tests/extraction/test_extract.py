@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import curvlab
 from tests.cases import CASES
@@ -104,3 +105,26 @@ def test_extract_rejects_curvature_of_another_model() -> None:
         curvlab.extract(model, loss_fn, *case.data(), [c])
     with pytest.raises(ValueError, match="at least one"):
         curvlab.extract(model, loss_fn, *case.data(), [])
+
+
+def test_recorded_batches_replay_under_backpack_only_where_that_is_exact() -> None:
+    """accumulate(loss) reruns a Sequential model's recorded input under BackPACK (one
+    backward instead of one per row) when auto prefers it; with dropout in training mode
+    a second forward would differ, so the recorded graph is used."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    for dropout, expected in ((0.0, "backpack"), (0.5, "hooks")):
+        model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(dropout), nn.Tanh(), nn.Linear(5, 3))
+        model = model.to(torch.float64)
+        loss_fn = nn.CrossEntropyLoss()
+        auto = curvlab.ExactFisher(model, loss_fn)
+        hooks = curvlab.ExactFisher(model, loss_fn, engine="hooks")
+        seen = []
+        original = auto._consume
+        auto._consume = lambda result: (seen.append(result.engine), original(result))[1]
+        with auto.recording(), hooks.recording():
+            loss = loss_fn(model(x), y)
+        auto.accumulate(loss)
+        hooks.accumulate(loss)
+        assert seen == [expected]
+        torch.testing.assert_close(auto.to_dense(), hooks.to_dense(), rtol=1e-10, atol=1e-14)
