@@ -119,9 +119,13 @@ def test_recorded_batches_replay_under_backpack_only_where_that_is_exact() -> No
         loss_fn = nn.CrossEntropyLoss()
         auto = curvlab.ExactFisher(model, loss_fn)
         hooks = curvlab.ExactFisher(model, loss_fn, engine="hooks")
-        seen = []
-        original = auto._consume
-        auto._consume = lambda result: (seen.append(result.engine), original(result))[1]
+        seen: list[str] = []
+
+        def consume(result, seen=seen, original=auto._consume):  # records the engine used
+            seen.append(result.engine)
+            original(result)
+
+        auto._consume = consume
         with auto.recording(), hooks.recording():
             loss = loss_fn(model(x), y)
         auto.accumulate(loss)
