@@ -51,6 +51,7 @@ reported at construction.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -166,6 +167,7 @@ class NaturalGradient:
             curvature.set_process_reducer(lambda e: comm.all_reduce_sum(e, "statistics"))
         self._decompositions_due = True  # distributed: share decompositions at the next step
         self._bad_losses: Tensor | None = None  # distributed: non-finite losses, not yet read
+        self._backward_done = False  # backward() ran since the last step()
         self._arm_recording()
 
     def _arm_recording(self) -> None:
@@ -206,12 +208,13 @@ class NaturalGradient:
         return self.steps % self.update_every == 0
 
     def backward(self, loss: Tensor) -> None:
-        """``loss.backward()``, inside BackPACK with the backend's extensions when due.
+        """``loss.backward()``, after accumulating its batch's curvature when due.
 
         ``loss`` must come from the curvature's ``loss_fn`` applied to ``model``'s output.
         """
+        self._backward_done = True
         if not self.curvature_due:
-            loss.backward()
+            _backward(loss)
             return
         if self.comm is not None:
             # every process must reach the all-reduce (and DDP's): the check is in step()
@@ -226,8 +229,9 @@ class NaturalGradient:
             self.curvature.reset()
             self._gathering = True
         # distributed: every process must reach the all-reduce; step() reports the failure
-        self.curvature.accumulate(loss, check_finite=self.comm is None)
-        loss.backward()
+        with _graph_used_once():
+            self.curvature.accumulate(loss, check_finite=self.comm is None)
+        _backward(loss)
 
     def current_damping(self) -> float:
         """``λ`` of the current step (evaluates a schedule)."""
@@ -244,6 +248,16 @@ class NaturalGradient:
         ``closure`` (re-evaluating the loss on the current batch, without ``backward``)
         is only used to adapt a :class:`~curvlab.LevenbergMarquardt` damping.
         """
+        if self._average is None and not self._gathering:
+            raise RuntimeError(
+                "NaturalGradient.step: no curvature yet; call precond.backward(loss) in the "
+                "first step (it gathers statistics when curvature_due)."
+            )
+        if not self._backward_done:
+            raise RuntimeError(
+                "NaturalGradient.step: no precond.backward(loss) since the last step(); the "
+                "gradients were already preconditioned. Call backward once before each step."
+            )
         if self._gathering:
             self._gathering = False
             if self.comm is not None:
@@ -251,11 +265,7 @@ class NaturalGradient:
             restarted = self._blend(self.curvature.statistics())
         else:
             restarted = False
-        if self._average is None:
-            raise RuntimeError(
-                "NaturalGradient.step: no curvature yet; call precond.backward(loss) in the "
-                "first step (it gathers statistics when curvature_due)."
-            )
+        assert self._average is not None  # checked above
         # a restarted average (e.g. EKFAC refitted its basis) cannot be mixed with the held
         # statistics either: invert now
         if restarted or self.steps % self.invert_every == 0 or self._inverted is None:
@@ -277,6 +287,7 @@ class NaturalGradient:
                     "precond.backward(loss) before step()."
                 )
             grads.append(p.grad)
+        self._check_finite_gradients(grads)
         if self.comm is not None and self.distribution == "mem_opt":
             natural = self._solve_by_owners(self.comm, grads, damping)
         else:
@@ -289,7 +300,23 @@ class NaturalGradient:
         for g, n in zip(grads, natural):
             g.copy_(n)
         self.steps += 1
+        self._backward_done = False
         self._arm_recording()
+
+    def _check_finite_gradients(self, grads: list[Tensor]) -> None:
+        """Refuse to precondition a non-finite gradient (one host synchronisation)."""
+        norms = torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads])
+        if not bool(torch.isfinite(norms).all()):
+            bad = [
+                name
+                for name, n in zip(self.curvature.param_names, norms.tolist())
+                if not math.isfinite(n)
+            ]
+            raise FloatingPointError(
+                f"NaturalGradient.step: the gradient is not finite in {bad[:5]}"
+                f"{' …' if len(bad) > 5 else ''}; the parameters were not changed. Check the "
+                "batch for NaN/Inf, lower the learning rate or raise the damping."
+            )
 
     def _reduction_ratio(
         self, closure: Callable[[], Tensor], grads: list[Tensor], natural: list[Tensor]
@@ -449,8 +476,13 @@ class NaturalGradient:
     # --- checkpoints ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-identically (tensors are not copied)."""
-        return {
+        """Everything needed to continue bit-identically (tensors are not copied).
+
+        Carries ``"format"`` (the version of this layout) and ``"checksum"`` (CRC32 of
+        every tensor's bytes), which :meth:`load_state_dict` checks.
+        """
+        state = {
+            "format": STATE_FORMAT,
             "steps": self.steps,
             "num_updates": self.num_updates,
             "average": self._average,
@@ -460,9 +492,44 @@ class NaturalGradient:
             if isinstance(self.damping, LevenbergMarquardt)
             else None,
         }
+        state["checksum"] = _checksum(state)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s result into a preconditioner over the same model."""
+        """Restore :meth:`state_dict`'s result into a preconditioner over the same model.
+
+        Everything is validated first (keys, format, checksum, backend, shapes); floating
+        tensors are converted to the parameters' dtype and device. A load that fails
+        leaves the preconditioner exactly as it was.
+        """
+        owner = "NaturalGradient.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"{owner}: expected a dict from state_dict(), got {type(state).__name__}."
+            )
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"{owner}: the state lacks {missing}; is it a NaturalGradient state?")
+        version = state.get("format", 1)
+        if version not in (1, STATE_FORMAT):
+            raise ValueError(
+                f"{owner}: state format {version!r} is not supported (this version reads 1 "
+                f"and {STATE_FORMAT})."
+            )
+        if "checksum" in state and _checksum(state) != state["checksum"]:
+            raise ValueError(
+                f"{owner}: the checksum does not match the tensors; the checkpoint is corrupt."
+            )
+        p0 = self.curvature.params[0]
+        state = _to_like(state, p0.dtype, p0.device)
+        backup = self.state_dict()
+        try:
+            self._load(state)
+        except Exception:
+            self._load(_clone(backup))  # leave everything as it was
+            raise
+
+    def _load(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.num_updates = int(state["num_updates"])
         self._average = _clone(state["average"])
@@ -478,6 +545,60 @@ class NaturalGradient:
             self.curvature.refresh()
         self._decompositions_due = True
         self._bad_losses = None
+        self._backward_done = False
+
+
+#: Version of the layout of :meth:`NaturalGradient.state_dict` (1: without format/checksum).
+STATE_FORMAT = 2
+_STATE_KEYS = ("steps", "num_updates", "average", "inverted", "curvature", "damping")
+
+
+def _tensors(tree: Any) -> list[Tensor]:
+    if isinstance(tree, dict):
+        return [t for k in sorted(tree, key=str) if k != "checksum" for t in _tensors(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return [tree] if isinstance(tree, Tensor) else []
+
+
+def _checksum(state: dict[str, Any]) -> int:
+    """CRC32 over the bytes of every tensor of ``state`` (in a fixed order)."""
+    crc = 0
+    for t in _tensors(state):
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        crc = zlib.crc32(data, crc)
+    return crc
+
+
+def _to_like(tree: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """``tree`` with floating tensors in ``dtype`` on ``device`` (others moved only)."""
+    if isinstance(tree, dict):
+        return {k: _to_like(v, dtype, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_to_like(v, dtype, device) for v in tree]
+    if isinstance(tree, Tensor):
+        return tree.to(device=device, dtype=dtype if tree.is_floating_point() else tree.dtype)
+    return tree
+
+
+class _graph_used_once:
+    """Turn autograd's "backward through the graph a second time" into a clear error."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
+        if isinstance(err, RuntimeError) and "second time" in str(err):
+            raise RuntimeError(
+                "NaturalGradient.backward: this loss was already backpropagated (e.g. by "
+                "another preconditioner or a loss.backward() call); build each loss once per "
+                "backward, or combine the curvatures in one preconditioner."
+            ) from err
+
+
+def _backward(loss: Tensor) -> None:
+    with _graph_used_once():
+        loss.backward()
 
 
 def _check_damping(value: float) -> float:

@@ -387,3 +387,91 @@ def test_composes_with_adamw_param_groups_and_weight_decay() -> None:
     torch.testing.assert_close(_flat(p.grad for p in model.parameters()), _flat(expected))
     opt.step()
     assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+# --- no silent wrong answers: call order, non-finite gradients, checkpoints -------------
+
+
+def _ready(backend: str = "kfac", **kw):
+    model, loss_fn = MLP_CE.build()
+    x, y = MLP_CE.data(n=8)
+    precond = curvlab.NaturalGradient(curvlab.make(backend, model, loss_fn, **kw), damping=0.1)
+    return model, loss_fn, x, y, precond
+
+
+def test_step_twice_after_one_backward_is_refused() -> None:
+    model, loss_fn, x, y, precond = _ready()
+    precond.backward(loss_fn(model(x), y))
+    precond.step()
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"no precond\.backward"):
+        precond.step()
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+    assert precond.steps == 1
+
+
+def test_a_loss_backpropagated_twice_is_named() -> None:
+    model, loss_fn, x, y, precond = _ready()
+    other = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), damping=0.1)
+    loss = loss_fn(model(x), y)
+    precond.backward(loss)
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        other.backward(loss)
+
+
+def test_a_non_finite_gradient_on_a_step_without_curvature_is_refused() -> None:
+    model, loss_fn, x, y, _ = _ready()
+    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), damping=0.1, update_every=2)
+    precond.backward(loss_fn(model(x), y))
+    precond.step()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    precond.backward(loss_fn(model(bad), y))  # no curvature on this step
+    with pytest.raises(FloatingPointError, match="gradient is not finite in"):
+        precond.step()
+    assert precond.steps == 1
+
+
+def test_a_failing_load_changes_nothing() -> None:
+    model, loss_fn, x, y, kfac = _ready("kfac", fisher_type="exact")
+    for _ in range(2):
+        kfac.backward(loss_fn(model(x), y))
+        kfac.step()
+    ekfac = curvlab.NaturalGradient(curvlab.EKFAC(model, loss_fn, fisher_type="exact"), damping=0.1)
+    for _ in range(7):
+        ekfac.backward(loss_fn(model(x), y))
+        ekfac.step()
+    before = copy.deepcopy(ekfac.state_dict())
+    with pytest.raises(ValueError, match="belongs to 'KFAC'"):
+        ekfac.load_state_dict(kfac.state_dict())
+    assert ekfac.steps == 7
+    after = ekfac.state_dict()
+    assert after["checksum"] == before["checksum"]
+
+
+def test_checkpoint_errors_name_what_is_wrong() -> None:
+    model, loss_fn, x, y, precond = _ready("kfac", fisher_type="exact")
+    precond.backward(loss_fn(model(x), y))
+    precond.step()
+    state = copy.deepcopy(precond.state_dict())
+    missing = {k: v for k, v in state.items() if k != "average"}
+    with pytest.raises(ValueError, match=r"lacks \['average'\]"):
+        precond.load_state_dict(missing)
+    corrupt = copy.deepcopy(state)
+    corrupt["average"]["A"][0][0, 0] += 1.0  # a flipped value
+    with pytest.raises(ValueError, match="checksum does not match"):
+        precond.load_state_dict(corrupt)
+    with pytest.raises(ValueError, match="format 99"):
+        precond.load_state_dict({**state, "format": 99})
+
+
+def test_a_float64_checkpoint_loads_into_a_float32_model() -> None:
+    model64, loss_fn, x, y, precond64 = _ready("kfac", fisher_type="exact")
+    precond64.backward(loss_fn(model64(x), y))
+    precond64.step()
+    model32 = copy.deepcopy(model64).float()
+    precond32 = curvlab.NaturalGradient(curvlab.KFAC(model32, loss_fn, fisher_type="exact"), 0.1)
+    precond32.load_state_dict(precond64.state_dict())
+    precond32.backward(loss_fn(model32(x.float()), y))
+    precond32.step()  # no dtype error in the blend
+    assert precond32._average["A"][0].dtype == torch.float32
