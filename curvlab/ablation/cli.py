@@ -83,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"curvlab {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"curvlab {args.command}: interrupted; no output written.", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,7 +177,7 @@ def ablate(args: argparse.Namespace) -> int:
     def model_fn() -> torch.nn.Module:
         return build_model(args.model, shape, dataset.num_classes)
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    _check_out(args.out)
     started = time.perf_counter()
     progress = not args.no_progress
     race_options: dict[str, Any] = dict(
@@ -236,6 +239,7 @@ def ablate(args: argparse.Namespace) -> int:
     }
     seconds = time.perf_counter() - started
     summary = _summary(settings, result, report, tuning, seconds)
+    args.out.mkdir(parents=True, exist_ok=True)  # only now: an interrupted run leaves nothing
     paths = _write(args.out, summary, settings, result, report, tuning, seconds)
     if args.readme is not None:
         _splice_readme(args.readme, args.out, summary)
@@ -391,6 +395,14 @@ def _summary(
         ]
         lines += [f"- {name}: {_scores_text(scores)}" for name, scores in tuning.items()]
     return "\n".join(lines) + "\n"
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder or not exist yet, and no path above it a file."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            where = "--out" if path == out else f"--out: {path} (above it)"
+            raise ValueError(f"{where} is a file, not a folder.")
 
 
 def _write(

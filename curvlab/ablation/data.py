@@ -9,6 +9,7 @@ second-order extensions need) and adapt their input layer to the data's shape.
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,10 @@ class Dataset:
         )
 
 
+#: The most output classes a data set may ask the model for.
+MAX_CLASSES = 100_000
+
+
 def load_dataset(source: str | Path) -> Dataset:
     """``"digits"`` (scikit-learn's 1797 8×8 handwritten digits, pixels scaled to [0, 1])
     or the path of an ``.npz`` file with arrays ``X`` (``[N, ...]``, numeric) and ``y``
@@ -70,14 +75,21 @@ def load_dataset(source: str | Path) -> Dataset:
         )
     if not path.is_file():
         raise FileNotFoundError(f"Dataset file {str(path)!r} does not exist.")
-    with np.load(path, allow_pickle=False) as archive:
-        missing = [k for k in ("X", "y") if k not in archive.files]
-        if missing:
-            raise ValueError(
-                f"{path}: missing array(s) {', '.join(missing)}; the file has "
-                f"{', '.join(archive.files) or 'no arrays'} (expected X [N, ...] and y [N])."
-            )
-        X_np, y_np = archive["X"], archive["y"]
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise ValueError("it holds a single array, not named arrays X and y")
+            missing = [k for k in ("X", "y") if k not in archive.files]
+            if missing:
+                raise ValueError(
+                    f"{path}: missing array(s) {', '.join(missing)}; the file has "
+                    f"{', '.join(archive.files) or 'no arrays'} (expected X [N, ...] and y [N])."
+                )
+            X_np, y_np = archive["X"], archive["y"]
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable .npz archive of numeric arrays ({err}).") from err
     return Dataset(path.stem, *_check_arrays(X_np, y_np, str(path)))
 
 
@@ -97,8 +109,25 @@ def _check_arrays(X: np.ndarray, y: np.ndarray, where: str) -> tuple[Tensor, Ten
             raise ValueError(f"{where}: y must hold integer class labels, got dtype {y.dtype}.")
     if y.min() < 0:
         raise ValueError(f"{where}: class labels must be >= 0, got {y.min()}.")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise ValueError(
+            f"{where}: y holds a single class ({classes[0]:g}); a classifier needs at least 2."
+        )
+    if y.max() >= MAX_CLASSES:
+        raise ValueError(
+            f"{where}: the largest class label is {y.max():g}, so the model would need "
+            f"{y.max() + 1:g} outputs (at most {MAX_CLASSES}); labels must be 0..K-1 — "
+            f"relabel the {len(classes)} classes."
+        )
     if not np.all(np.isfinite(X)):
         raise ValueError(f"{where}: X contains NaN or Inf.")
+    with np.errstate(over="ignore"):
+        if not np.all(np.isfinite(X.astype(np.float32))):
+            raise ValueError(
+                f"{where}: X is finite but overflows float32 (largest |x| = "
+                f"{float(np.abs(X).max()):.3g}); rescale it."
+            )
     return torch.tensor(X, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
 
 

@@ -126,3 +126,62 @@ def test_hyperparameters_come_from_the_user_then_the_tuned_table_then_the_defaul
     assert given["exact NGD"].curvature == "exact_fisher" and given["SGD"].damping is None
     given = {c.name: c for c in _contenders(["kfc"], {"natural": 0.7}, 0.3, tuned)}
     assert (given["kfc"].lr, given["kfc"].damping) == (0.7, 0.3) and given["SGD"].lr == 0.5
+
+
+def _npz(path, **arrays) -> str:
+    np.savez(path, **arrays)
+    return str(path)
+
+
+_X = np.random.default_rng(0).random((20, 64))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: _npz(p, X=_X, y=np.zeros(20, dtype=np.int64)), "single class"),
+        (lambda p: _npz(p, X=_X, y=np.array([0, 10**9] * 10)), r"1e\+09 outputs"),
+        (lambda p: _npz(p, X=_X * 1e39, y=np.arange(20) % 2), "overflows float32"),
+        (lambda p: (p.write_bytes(b"PK\x03\x04 truncated"), str(p))[1], "not a readable .npz"),
+        (lambda p: (p.write_bytes(b"not an archive at all"), str(p))[1], "not a readable .npz"),
+        (
+            lambda p: _npz(p, X=np.array([object()] * 20, dtype=object), y=np.arange(20) % 2),
+            "not a readable .npz",
+        ),
+    ],
+    ids=["one-class", "huge-label", "float32-overflow", "truncated", "not-npz", "pickled"],
+)
+def test_bad_data_files_get_one_line_naming_the_culprit(tmp_path, capsys, make, message) -> None:
+    path = make(tmp_path / "data.npz")
+    out = tmp_path / "never"
+    assert main(["ablate", *TINY, "--data", path, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(tmp_path / "data.npz") in err
+    import re
+
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_out_naming_a_file_or_a_path_below_one_is_refused(tmp_path, capsys) -> None:
+    existing = tmp_path / "file.txt"
+    existing.write_text("keep me")
+    for out in (existing, existing / "below"):
+        assert main(["ablate", *TINY, "--out", str(out)]) == 2
+        assert "is a file, not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+
+
+def test_ctrl_c_stops_cleanly_and_writes_nothing(tmp_path, capsys, monkeypatch) -> None:
+    import curvlab.ablation.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "race", interrupted)
+    out = tmp_path / "run"
+    assert main(["ablate", *TINY, "--out", str(out), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; no output written" in err and "Traceback" not in err
+    assert not out.exists()
