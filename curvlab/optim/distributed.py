@@ -313,7 +313,8 @@ class Communicator:
                     raise DistributedFailure(
                         f"{what}: process {rank} has {mine_line!r} where process 0 has "
                         f"{ref_line!r}. Every process must build the same model and curvature "
-                        "(same layers, parameter shapes, backend and options)."
+                        "(same layers, parameter shapes and values — wrap the model in "
+                        "DistributedDataParallel or broadcast it — backend and options)."
                     )
         raise DistributedFailure(f"{what}: the processes differ.")  # pragma: no cover
 

@@ -198,6 +198,16 @@ class NaturalGradient:
             f"parameter {n} {tuple(p.shape)} {p.dtype}" for n, p in zip(c.param_names, c.params)
         ]
         lines += [f"block {b.name} {b.param_indices} cost {b.cost}" for b in self.blocks]
+        # the values too: ranks that start from different weights (no DDP broadcast) would
+        # drift apart silently (one transfer of 2 numbers per parameter, at construction)
+        with torch.no_grad():
+            moments = torch.stack(
+                [torch.stack([p.double().sum(), p.double().square().sum()]) for p in c.params]
+            ).tolist()
+        lines += [
+            f"values of parameter {n}: sum {m[0]:.17g}, sum of squares {m[1]:.17g}"
+            for n, m in zip(c.param_names, moments)
+        ]
         return lines
 
     # --- the training-loop API -----------------------------------------------------------

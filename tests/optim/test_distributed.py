@@ -85,6 +85,7 @@ FAULTS = [
     Scenario("singular-solve", "kfac", EXACT, "mlp-ce-mean", "mem_opt", "manual", damping=0.0),
     Scenario("damping-differs", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="damping"),
     Scenario("model-differs", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="model"),
+    Scenario("weights-differ", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="weights"),
 ]
 OTHER = [
     Scenario("kfac-lm", "kfac", {**EXACT, "damping_mode": "factored"}, "mlp-ce-mean",
@@ -124,6 +125,9 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
     on the full batch."""
     case = _case(sc.case)
     model, loss_fn = case.build(seed=0)
+    if rank is not None and sc.variant == "weights" and rank == 1:
+        with torch.no_grad():
+            model[0].weight[0, 0] += 1.0  # another initialisation, no DDP to broadcast it
     if rank is not None and sc.variant == "model":
         if rank == 1:
             model[2] = nn.Linear(4, 3, bias=False).to(torch.float64)
@@ -341,6 +345,13 @@ def test_a_model_that_differs_is_reported_at_construction(runs) -> None:
     assert kind == "DistributedFailure"
     assert "the model differs across processes: process 1 has" in message
     assert "where process 0 has 'parameter 2.bias (3,) torch.float64'" in message
+
+
+def test_ranks_that_start_from_different_weights_are_reported_at_construction(runs) -> None:
+    kind, message = _same_error(runs, "weights-differ")
+    assert kind == "DistributedFailure"
+    assert "process 1 has 'values of parameter 0.weight: sum" in message
+    assert "DistributedDataParallel or broadcast it" in message
 
 
 def test_without_a_process_group_nothing_is_distributed() -> None:
