@@ -324,12 +324,40 @@ class Curvature(abc.ABC):
             out.update({name: kind for name in layer.param_names})
         return out
 
-    def update(self, inputs: Any, targets: Tensor) -> Tensor:
-        """Forward and backward on one batch, then accumulate it. Returns the (detached) loss.
+    def update(
+        self, inputs: Any, targets: Tensor | None = None, *, progress: bool = True
+    ) -> Tensor:
+        """Accumulate one batch (``update(inputs, targets)``) or a whole data set
+        (``update(loader)``: any iterable of ``(inputs, targets)`` pairs, e.g. a
+        ``DataLoader``; ``inputs`` may be a dict, passed to the model as one argument).
+        Returns the (detached) loss of the last batch.
 
-        ``p.grad`` of the model's parameters is left untouched.
+        ``p.grad`` of the model's parameters is left untouched. ``progress``: a tqdm bar
+        over the batches of a data set.
         """
-        return extraction.extract(self.model, self.loss_fn, inputs, targets, [self])
+        if targets is not None:
+            return extraction.extract(self.model, self.loss_fn, inputs, targets, [self])
+        if isinstance(inputs, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}.update: pass targets with a tensor batch, "
+                "update(inputs, targets), or an iterable of (inputs, targets) batches."
+            )
+        batches = inputs
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"{type(self).__name__}.update", leave=False)
+        loss: Tensor | None = None
+        for index, batch in enumerate(batches):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ValueError(
+                    f"{type(self).__name__}.update: batch {index} of the data set is not an "
+                    f"(inputs, targets) pair (got {type(batch).__name__})."
+                )
+            loss = extraction.extract(self.model, self.loss_fn, batch[0], batch[1], [self])
+        if loss is None:
+            raise ValueError(f"{type(self).__name__}.update: the data set has no batches.")
+        return loss
 
     def recording(self) -> hooks.Recording:
         """Context manager recording the forward passes run inside it, for :meth:`accumulate`::
@@ -434,6 +462,88 @@ class Curvature(abc.ABC):
         """``(C + damping·I)⁻¹ v``, or the backend's documented damped inverse."""
         damping = self._check_damping(damping, "solve")
         return self._solve(self._check_vector(v, "solve"), damping)
+
+    # --- the operator interface ----------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(P, P)``, ``P`` the number of covered parameter entries."""
+        return (self.num_params, self.num_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def __matmul__(self, v: Tensor | Sequence[Tensor]) -> Tensor | Vector:
+        """``C @ v`` for a flat ``[P]`` or ``[P, K]`` tensor (same shape back) or a list of
+        tensors shaped like ``params`` (a list back)."""
+        return _apply_flat(self, v, self.matvec, "@")
+
+    def inverse(self, damping: float) -> DampedInverse:
+        """The damped inverse of :meth:`solve` as an operator (``@``, ``to_scipy``)."""
+        return DampedInverse(self, self._check_damping(damping, "inverse"))
+
+    def to_scipy(self, dtype: Any = None) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` of ``C`` (float64 with
+        ``dtype=numpy.float64``; products run in torch on the parameters' device)."""
+        return _scipy_operator(self, lambda x: self @ x, dtype)
+
+    def trace(self) -> Tensor:
+        """``tr(C)`` (0-d tensor); closed forms for the block structures."""
+        self._check_ready("trace")
+        return self._trace()
+
+    def diagonal(self) -> Tensor:
+        """``diag(C)`` as a flat ``[P]`` tensor in ``params`` order."""
+        self._check_ready("diagonal")
+        return self._diagonal()
+
+    def frobenius_norm(self) -> Tensor:
+        """``‖C‖_F`` (0-d tensor)."""
+        self._check_ready("frobenius_norm")
+        return self._frobenius_norm()
+
+    def logdet(self, damping: float) -> Tensor:
+        """``log det(C + damping·I)`` (0-d tensor, float64 accumulation)."""
+        self._check_ready("logdet")
+        return self._logdet(self._check_damping(damping, "logdet"))
+
+    def eigenvalues(self, k: int | None = None) -> Tensor:
+        """The ``k`` largest eigenvalues of ``C``, descending (all with ``k=None``)."""
+        self._check_ready("eigenvalues")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"{type(self).__name__}.eigenvalues: k must be a positive int.")
+        values = self._eigenvalues(k)
+        return values if k is None else values[:k]
+
+    # defaults through the dense matrix (small models); backends override with closed forms
+    # (docs page concepts/kronecker.md#kronecker-identities)
+
+    def _trace(self) -> Tensor:
+        return torch.trace(self._to_dense())
+
+    def _diagonal(self) -> Tensor:
+        return torch.diagonal(self._to_dense()).clone()
+
+    def _frobenius_norm(self) -> Tensor:
+        return torch.linalg.matrix_norm(self._to_dense())
+
+    def _logdet(self, damping: float) -> Tensor:
+        dense = self._to_dense().double()
+        sym = (dense + dense.T) / 2 + damping * torch.eye(
+            len(dense), dtype=dense.dtype, device=dense.device
+        )
+        return torch.linalg.slogdet(sym).logabsdet
+
+    def _eigenvalues(self, k: int | None) -> Tensor:
+        dense = self._to_dense()
+        if k is not None and dense.shape[0] > max(4 * k, 256):
+            return _lanczos_top(self, k)
+        return torch.linalg.eigvalsh((dense + dense.T) / 2).flip(0)
 
     def to_dense(self) -> Tensor:
         """The approximation as a dense ``[P, P]`` matrix in ``params`` order (row-major)."""
@@ -677,3 +787,65 @@ def _replace_tensor_leaves(tree: Any, values: list[Tensor]) -> Any:
     if isinstance(tree, (list, tuple)):
         return [_replace_tensor_leaves(v, values) for v in tree]
     return values.pop(0) if isinstance(tree, Tensor) else tree
+
+
+class DampedInverse:
+    """``curvature.solve(·, damping)`` as an operator: ``@`` on ``[P]``/``[P, K]`` tensors
+    and parameter lists, ``to_scipy()``."""
+
+    def __init__(self, curvature: Curvature, damping: float) -> None:
+        self.curvature = curvature
+        self.damping = damping
+        self.shape = curvature.shape
+
+    def __matmul__(self, v: Tensor | Sequence[Tensor]) -> Tensor | Vector:
+        return _apply_flat(
+            self.curvature, v, lambda x: self.curvature.solve(x, self.damping), "inverse @"
+        )
+
+    def to_scipy(self, dtype: Any = None) -> Any:
+        return _scipy_operator(self.curvature, lambda x: self @ x, dtype)
+
+
+def _apply_flat(
+    c: Curvature, v: Tensor | Sequence[Tensor], apply: Callable[[Vector], Vector], op: str
+) -> Tensor | Vector:
+    """Apply a parameter-list map to a flat ``[P]``/``[P, K]`` tensor or a parameter list."""
+    if not isinstance(v, Tensor):
+        return apply(list(v))
+    owner = f"{type(c).__name__}.__matmul__ ({op})"
+    if v.dim() not in (1, 2) or v.shape[0] != c.num_params:
+        raise ValueError(
+            f"{owner}: expected [{c.num_params}] or [{c.num_params}, K], got {tuple(v.shape)}."
+        )
+    columns = v.unsqueeze(1) if v.dim() == 1 else v
+    out = []
+    for j in range(columns.shape[1]):
+        parts = c._unflatten(columns[:, j].to(device=c.device))
+        out.append(c._flatten(apply(parts)))
+    result = torch.stack(out, dim=1).to(v.dtype)
+    return result.squeeze(1) if v.dim() == 1 else result
+
+
+def _scipy_operator(c: Curvature, apply: Callable[[Tensor], Any], dtype: Any) -> Any:
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator
+
+    target = np.dtype(dtype) if dtype is not None else np.dtype(str(c.dtype).split(".")[-1])
+
+    def matvec(x: Any) -> Any:
+        t = torch.as_tensor(np.asarray(x), dtype=c.dtype, device=c.device)
+        return np.asarray(
+            apply(t.reshape(t.shape[0], -1)).detach().cpu().double().numpy(), dtype=target
+        ).reshape(np.shape(x))
+
+    return LinearOperator(c.shape, matvec=matvec, rmatvec=matvec, matmat=matvec, dtype=target)
+
+
+def _lanczos_top(c: Curvature, k: int) -> Tensor:
+    """The ``k`` largest eigenvalues by Lanczos (scipy's ``eigsh``) on ``C`` matrix-free."""
+    import numpy as np
+    from scipy.sparse.linalg import eigsh
+
+    values = eigsh(c.to_scipy(np.float64), k=k, which="LA", return_eigenvectors=False)
+    return torch.as_tensor(np.sort(values)[::-1].copy(), dtype=c.dtype, device=c.device)

@@ -171,10 +171,20 @@ class DiagonalFisher(Curvature):
     def _to_dense(self) -> Tensor:
         return self._blocks().to_dense(self._normalizer)
 
-    def diagonal(self) -> Vector:
-        """The diagonal, shaped like ``params``."""
-        self._check_ready("diagonal")
-        return self._blocks().diagonals(self._normalizer)
+    def _diagonal(self) -> Tensor:
+        return torch.cat([d.reshape(-1) for d in self._blocks().diagonals(self._normalizer)])
+
+    def _trace(self) -> Tensor:
+        return self._diagonal().sum()
+
+    def _frobenius_norm(self) -> Tensor:
+        return torch.linalg.vector_norm(self._diagonal())
+
+    def _logdet(self, damping: float) -> Tensor:
+        return torch.log(self._diagonal().double() + damping).sum()
+
+    def _eigenvalues(self, k: int | None) -> Tensor:
+        return torch.sort(self._diagonal(), descending=True).values
 
     def _statistics(self) -> dict[str, Any]:
         return {"diagonal": self._blocks().diagonals(self._normalizer)}

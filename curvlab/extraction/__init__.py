@@ -157,8 +157,7 @@ def replayable(model: nn.Module) -> bool:
     from torch.nn.modules.dropout import _DropoutNd
 
     return not any(
-        m.training
-        and (isinstance(m, _BatchNorm) or (isinstance(m, _DropoutNd) and m.p > 0))
+        m.training and (isinstance(m, _BatchNorm) or (isinstance(m, _DropoutNd) and m.p > 0))
         for m in model.modules()
     )
 

@@ -50,7 +50,7 @@ def test_an_npz_file_is_loaded(tmp_path) -> None:
         ({"X": np.zeros((4, 2)), "y": np.zeros(3, int)}, "X has 4 samples but y has 3"),
         ({"X": np.zeros((4, 2)), "y": np.full(4, 0.5)}, "integer class labels"),
         ({"X": np.zeros((4, 2)), "y": -np.ones(4, int)}, "labels must be >= 0"),
-        ({"X": np.full((4, 2), np.nan), "y": np.zeros(4, int)}, "NaN or Inf"),
+        ({"X": np.full((4, 2), np.nan), "y": np.arange(4) % 2}, "NaN or Inf"),
         ({"X": np.array([["a", "b"]] * 4), "y": np.zeros(4, int)}, "real numbers"),
     ],
 )

@@ -212,3 +212,63 @@ def test_update_keeps_grads_and_reset_forgets(row, case: Case) -> None:
     c.reset()
     with pytest.raises(RuntimeError, match="no curvature accumulated"):
         c.to_dense()
+
+
+# --- the operator interface --------------------------------------------------------------
+
+
+@over_backends_and_cases
+def test_operator_quantities_equal_those_of_the_dense_matrix(row, case: Case) -> None:
+    c, _, _ = _build(row, case)
+    c.update(*case.data(n=6))
+    dense = c.to_dense()
+    assert c.shape == tuple(dense.shape) and c.dtype == dense.dtype and c.device == dense.device
+    _close(c.trace(), torch.trace(dense))
+    _close(c.diagonal(), torch.diagonal(dense))
+    _close(c.frobenius_norm(), torch.linalg.matrix_norm(dense))
+    sym = (dense + dense.T) / 2
+    spectrum = torch.linalg.eigvalsh(sym).flip(0)
+    _close(c.eigenvalues(), spectrum, rtol=1e-7)
+    _close(c.eigenvalues(3), spectrum[:3], rtol=1e-7)
+    damping = 0.3
+    eye = torch.eye(len(dense), dtype=dense.dtype)
+    _close(c.logdet(damping), torch.linalg.slogdet(sym + damping * eye).logabsdet, rtol=1e-8)
+
+
+@over_backends_and_cases
+def test_matmul_scipy_and_inverse_agree_with_matvec_and_solve(row, case: Case) -> None:
+    import numpy as np
+
+    c, _, _ = _build(row, case)
+    c.update(*case.data(n=6))
+    v = _random_vector(c, seed=3)
+    flat = _flat(v)
+    expected = _flat(c.matvec(v))
+    _close(c @ flat, expected)
+    _close(_flat(c @ v), expected)
+    block = torch.stack([flat, 2 * flat], dim=1)
+    _close(c @ block, torch.stack([expected, 2 * expected], dim=1))
+    op = c.to_scipy(np.float64)
+    assert op.shape == c.shape
+    _close(torch.as_tensor(op @ flat.numpy()), expected)
+    inverse = c.inverse(0.5)
+    _close(inverse @ flat, _flat(c.solve(v, 0.5)))
+    _close(torch.as_tensor(inverse.to_scipy() @ flat.numpy()), _flat(c.solve(v, 0.5)))
+    with pytest.raises(ValueError, match=r"expected \[\d+\] or \[\d+, K\]"):
+        c @ torch.zeros(c.num_params + 1, dtype=flat.dtype)
+
+
+def test_update_takes_a_whole_data_set() -> None:
+    case = next(c for c in CASES if c.id == "mlp-ce-mean")
+    model, loss_fn = case.build()
+    x, y = case.data(n=12)
+    loader = [(x[:5], y[:5]), (x[5:], y[5:])]
+    whole = curvlab.KFAC(model, loss_fn, fisher_type="exact")
+    whole.update(loader, progress=False)
+    batch = curvlab.KFAC(model, loss_fn, fisher_type="exact")
+    batch.update(x, y)
+    _close(whole.to_dense(), batch.to_dense())
+    with pytest.raises(ValueError, match=r"batch 0 of the data set is not an \(inputs, targets\)"):
+        whole.update([x], progress=False)
+    with pytest.raises(TypeError, match="pass targets"):
+        whole.update(x)

@@ -195,6 +195,31 @@ class DenseCurvature(Curvature):
         names = self.param_names[start:stop]
         return f"{type(self).__name__} block {k} ({names[0]} .. {names[-1]})"
 
+    # --- closed forms over the blocks (the dense matrix is block-diagonal) ------------------
+
+    def _trace(self) -> Tensor:
+        return sum((torch.trace(b) for b in self.blocks()), torch.zeros((), dtype=self.dtype))
+
+    def _diagonal(self) -> Tensor:
+        return torch.cat([torch.diagonal(b) for b in self.blocks()])
+
+    def _frobenius_norm(self) -> Tensor:
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.matrix_norm(b) for b in self.blocks()])
+        )
+
+    def _logdet(self, damping: float) -> Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for b in self.blocks():
+            b = b.double()
+            eye = torch.eye(len(b), dtype=b.dtype, device=b.device)
+            total = total + torch.linalg.slogdet((b + b.T) / 2 + damping * eye).logabsdet.cpu()
+        return total
+
+    def _eigenvalues(self, k: int | None) -> Tensor:
+        values = torch.cat([torch.linalg.eigvalsh((b + b.T) / 2) for b in self.blocks()])
+        return torch.sort(values, descending=True).values
+
     def _to_dense(self) -> Tensor:
         blocks = self.blocks()
         dense = torch.zeros(

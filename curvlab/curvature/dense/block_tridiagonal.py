@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import DecompositionBlock, NamedTensor, Vector
+from curvlab.curvature.base import Curvature, DecompositionBlock, NamedTensor, Vector
 from curvlab.curvature.chain import ForwardOrder, chain_completion
 from curvlab.curvature.dense.block_diagonal import BlockDiagonal
 from curvlab.extraction import BatchResult
@@ -111,6 +111,12 @@ class BlockTridiagonal(BlockDiagonal):
         dense = torch.empty_like(dense_fwd)
         dense[index.unsqueeze(1), index.unsqueeze(0)] = dense_fwd
         return dense
+
+    # the completion keeps the diagonal blocks (trace, diagonal: the block forms) but fills
+    # every off-diagonal block: norms and spectra come from the dense matrix
+    _frobenius_norm = Curvature._frobenius_norm
+    _logdet = Curvature._logdet
+    _eigenvalues = Curvature._eigenvalues
 
     def _matvec(self, v: Vector) -> Vector:
         x = self._flatten(v)

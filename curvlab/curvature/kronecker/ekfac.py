@@ -265,6 +265,28 @@ class EKFAC(KFAC):
             self._check_invertible_scaling(index)
         return self._apply_layer(index, v, lambda x, s: x / (s + damping))
 
+    # --- closed forms in the eigenbasis: the spectrum is S* ------------------------------
+
+    def _layer_spectra(self) -> list[Tensor]:
+        return self.scalings()
+
+    def _trace(self) -> Tensor:
+        parts = [s.sum() for s in self.scalings()] + [d.sum() for d in self._tail_diagonal()]
+        return torch.stack(parts).sum()
+
+    def _diagonal(self) -> Tensor:
+        parts = []
+        for layer, (q_g, q_a), s in zip(self.layers, self.eigenbasis(), self.scalings()):
+            # diag(Q diag(s) Qᵀ) for Q = Q_G ⊗ Q_A: (Q_G∘Q_G) S (Q_A∘Q_A)ᵀ
+            grid = (q_g.square() @ s @ q_a.square().T).reshape(-1)
+            parts.append(grid[layer_rules.parameter_order(layer.module).to(grid.device)])
+        return torch.cat(parts + self._tail_diagonal())
+
+    def _frobenius_norm(self) -> Tensor:
+        squares = [s.square().sum() for s in self.scalings()]
+        squares += [d.square().sum() for d in self._tail_diagonal()]
+        return torch.stack(squares).sum().sqrt()
+
     def _to_dense(self) -> Tensor:
         blocks = []
         for layer, (q_g, q_a), s in zip(self.layers, self.eigenbasis(), self.scalings()):

@@ -151,7 +151,7 @@ class KFAC(Curvature):
         self.damping_mode = damping_mode
         self._layer_choice = (layers, exclude)
         self.strict = strict
-        self._diagonal: DiagonalBlocks | None = None
+        self._diagonal_blocks: DiagonalBlocks | None = None
         super().__init__(model, loss_fn, engine=engine)
         if tridiagonal and len(self._diag()):
             raise ValueError(
@@ -205,7 +205,7 @@ class KFAC(Curvature):
                 diagonal.append(layer)
         if not kronecker and not diagonal:
             raise ValueError(f"{owner}: no layer selected (check layers=/exclude=).")
-        self._diagonal = DiagonalBlocks(
+        self._diagonal_blocks = DiagonalBlocks(
             diagonal,
             self.fisher_type,
             self.mc_samples,
@@ -240,8 +240,8 @@ class KFAC(Curvature):
         return None
 
     def _diag(self) -> DiagonalBlocks:
-        assert self._diagonal is not None
-        return self._diagonal
+        assert self._diagonal_blocks is not None
+        return self._diagonal_blocks
 
     def _other_layers(self) -> list[Layer]:
         return self._diag().layers
@@ -496,6 +496,59 @@ class KFAC(Curvature):
             index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in run])
             dense[index.unsqueeze(1), index.unsqueeze(0)] = completed
         return dense
+
+    # --- closed forms of the block-diagonal structure (concepts/kronecker.md#kronecker-identities);
+    # the block-tridiagonal completion falls back to its dense matrix
+
+    def _layer_spectra(self) -> list[Tensor]:
+        """Per Kronecker layer, the eigenvalues ``d_G d_Aᵀ`` ``[D_out, D_in]``."""
+        return [
+            torch.outer(e.G.eigenvalues, e.A.eigenvalues)
+            for e in (self._layer_eigen(k) for k in range(len(self.layers)))
+        ]
+
+    def _tail_diagonal(self) -> list[Tensor]:
+        if not len(self._diag()):
+            return []
+        return [d.reshape(-1) for d in self._diag().diagonals(self._normalizer)]
+
+    def _trace(self) -> Tensor:
+        if self._chain is not None:
+            return super()._trace()
+        parts = [torch.trace(f.G) * torch.trace(f.A) for f in self.factors()]
+        parts += [d.sum() for d in self._tail_diagonal()]
+        return torch.stack(parts).sum()
+
+    def _diagonal(self) -> Tensor:
+        if self._chain is not None:
+            return super()._diagonal()
+        parts = []
+        for layer, f in zip(self.layers, self.factors()):
+            grid = torch.outer(torch.diagonal(f.G), torch.diagonal(f.A)).reshape(-1)
+            parts.append(grid[layer_rules.parameter_order(layer.module).to(grid.device)])
+        return torch.cat(parts + self._tail_diagonal())
+
+    def _frobenius_norm(self) -> Tensor:
+        if self._chain is not None:
+            return super()._frobenius_norm()
+        squares = [
+            torch.linalg.matrix_norm(f.G) ** 2 * torch.linalg.matrix_norm(f.A) ** 2
+            for f in self.factors()
+        ]
+        squares += [d.square().sum() for d in self._tail_diagonal()]
+        return torch.stack(squares).sum().sqrt()
+
+    def _logdet(self, damping: float) -> Tensor:
+        if self._chain is not None:
+            return super()._logdet(damping)
+        values = [s.reshape(-1) for s in self._layer_spectra()] + self._tail_diagonal()
+        return torch.log(torch.cat(values).double() + damping).sum()
+
+    def _eigenvalues(self, k: int | None) -> Tensor:
+        if self._chain is not None:
+            return super()._eigenvalues(k)
+        values = [s.reshape(-1) for s in self._layer_spectra()] + self._tail_diagonal()
+        return torch.sort(torch.cat(values), descending=True).values
 
     def _layer_label(self, k: int) -> str:
         layer = self.layers[k]
