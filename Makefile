@@ -1,5 +1,6 @@
 # Set-up and entry points. `make test` works from a fresh clone: it creates .venv,
-# installs the pinned dependencies (torch 2.13.0 CPU wheel, BackPACK 1.7.1) and runs pytest.
+# installs the pinned dependencies (torch 2.13.0 CPU wheel, BackPACK 1.7.1, the laplace-torch
+# extra whose integration is tested) and runs pytest.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test,dev]"
+	$(BIN)/pip install --quiet -e ".[test,dev,laplace]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,1 @@
+"""Integrations with other libraries (optional extras; imported on demand)."""
