@@ -288,6 +288,8 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
             return f"unknown fisher_type {r.fisher_type!r}"
         if not isinstance(r, (FactorRows, KroneckerStatistics)):
             return f"{type(r).__name__} is served by the hooks engine only"
+        if isinstance(r, KroneckerStatistics) and r.sample_fraction < 1.0:
+            return "statistics on a subset of the batch are served by the hooks engine only"
         if isinstance(r, KroneckerStatistics):
             for m in r.modules:
                 if type(m) not in _KRON_DERIVATIVES:

@@ -25,6 +25,7 @@ weights) are served by factor rows: gradients w.r.t. the one shared tensor, summ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -334,8 +335,15 @@ def _kronecker_batch(
         for call, grad in calls:
             x = call.input if not call.input.is_floating_point() else _statistics_dtype(call.input)
             grad = _statistics_dtype(grad)
+            scale = 1.0
+            if request.sample_fraction < 1.0 and x.dim() > 0 and x.shape[0] > 1:
+                n_all = x.shape[0]
+                m = max(1, math.ceil(request.sample_fraction * n_all))
+                x, grad, scale = x[:m], grad[:, :m], n_all / m
             a, n = layers.input_factor_sum(module, x, request.kfac_approx)
             g = layers.output_factor(module, grad, request.kfac_approx)
+            if scale != 1.0:
+                g = g * scale
             a_sum = a if a_sum is None else a_sum + a
             g_sum = g if g_sum is None else g_sum + g
             count += n

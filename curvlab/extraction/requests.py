@@ -69,6 +69,9 @@ class KroneckerStatistics:
     kfac_approx: str = "expand"
     mc_samples: int = 1
     keep_raw: bool = False
+    #: statistics from the first ``⌈fraction·N⌉`` samples of the batch (Martens & Grosse
+    #: estimate the factors on a subset); ``G`` is rescaled by ``N/m`` to the whole batch
+    sample_fraction: float = 1.0
 
     @property
     def columns_key(self) -> tuple[str, int]:
@@ -76,8 +79,8 @@ class KroneckerStatistics:
         return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
 
     @property
-    def key(self) -> tuple[str, int, str, bool]:
-        return (*self.columns_key, self.kfac_approx, self.keep_raw)
+    def key(self) -> tuple[str, int, str, bool, float]:
+        return (*self.columns_key, self.kfac_approx, self.keep_raw, self.sample_fraction)
 
 
 @dataclass(frozen=True, eq=False)

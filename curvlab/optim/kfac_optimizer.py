@@ -39,13 +39,19 @@ class KFACOptimizer(torch.optim.Optimizer):
         model: the network.
         loss_fn: its loss (``CrossEntropyLoss``, ``MSELoss``, ``BCEWithLogitsLoss``).
         curvature: the approximation; default ``KFC(model, loss_fn, fisher_type="mc",
-            damping_mode="factored")``. Any backend works; its ``solve`` gives ``Δ``.
+            damping_mode="factored", statistics_fraction=statistics_fraction)``. Any backend
+            works; its ``solve`` gives ``Δ``.
         damping: initial ``λ`` (Martens & Grosse use 150 for their autoencoders, whose
             losses are summed over outputs; the right scale depends on the loss's).
         l2: ``η``, the ℓ2 regularisation included in the objective (paper: 1e-5).
         damping_interval: ``T1``, steps between ``λ`` adaptations.
         update_every, invert_every, ema_decay: as for :class:`~curvlab.NaturalGradient`.
         momentum: use ``μ δ₀`` (otherwise ``μ = 0``).
+        quadratic_fraction: the share of the batch (its first samples) on which the exact
+            Fisher products of the quadratic model are computed — Martens & Grosse compute
+            them on a subset too (the estimate is rescaled to the whole batch).
+        statistics_fraction: the share of the batch the default curvature takes its
+            Kronecker statistics from (``KFC(statistics_fraction=...)``).
 
     ``step(closure)``: ``closure()`` evaluates the model on the current batch and returns
     the loss *without* calling ``backward`` (the optimizer runs the backward pass itself
@@ -64,9 +70,22 @@ class KFACOptimizer(torch.optim.Optimizer):
         invert_every: int = 20,
         ema_decay: float = 0.95,
         momentum: bool = True,
+        quadratic_fraction: float = 0.25,
+        statistics_fraction: float = 0.25,
     ) -> None:
+        if not 0.0 < quadratic_fraction <= 1.0:
+            raise ValueError(
+                f"KFACOptimizer: quadratic_fraction must lie in (0, 1], got {quadratic_fraction}."
+            )
+        self.quadratic_fraction = quadratic_fraction
         if curvature is None:
-            curvature = KFC(model, loss_fn, fisher_type="mc", damping_mode="factored")
+            curvature = KFC(
+                model,
+                loss_fn,
+                fisher_type="mc",
+                damping_mode="factored",
+                statistics_fraction=statistics_fraction,
+            )
         if curvature.model is not model or curvature.loss_fn is not loss_fn:
             raise ValueError("KFACOptimizer: the curvature belongs to another model or loss.")
         if not (l2 >= 0 and math.isfinite(l2)):
@@ -109,7 +128,10 @@ class KFACOptimizer(torch.optim.Optimizer):
             previous = [self.state[p].get("delta") for p in params]
             use_momentum = self.momentum and previous[0] is not None
             vectors = [proposal, previous] if use_momentum else [proposal]
-            gram = ggn_gram(self.model, self.loss_fn, inputs, params, vectors)  # vᵢᵀ F vⱼ
+            subset = inputs[: max(1, round(self.quadratic_fraction * len(inputs)))]
+            gram = ggn_gram(self.model, self.loss_fn, subset, params, vectors)  # vᵢᵀ F vⱼ
+            if self.loss_fn.reduction == "sum":  # a sum over fewer samples: rescale
+                gram = gram * (len(inputs) / len(subset))
             inner = torch.stack(
                 [torch.stack([_dot(a, b) for b in vectors]) for a in vectors]
             )  # vᵢᵀ vⱼ

@@ -23,7 +23,7 @@ def test_first_step_size_is_the_quadratic_model_minimiser() -> None:
     model, loss_fn = MLP_CE.build()
     x, y = MLP_CE.data(n=8)
     lam, l2 = 0.3, 1e-3
-    opt = curvlab.KFACOptimizer(model, loss_fn, damping=lam, l2=l2)
+    opt = curvlab.KFACOptimizer(model, loss_fn, damping=lam, l2=l2, quadratic_fraction=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     g = _flat(torch.autograd.grad(loss_fn(model(x), y), list(model.parameters())))
     g = g + l2 * _flat(before)  # ∇h includes the ℓ2 term
@@ -47,7 +47,7 @@ def test_rho_is_one_when_the_quadratic_model_is_exact() -> None:
     model = nn.Sequential(nn.Linear(5, 3)).to(DTYPE)
     loss_fn = nn.MSELoss()
     x, y = torch.randn(20, 5, dtype=DTYPE), torch.randn(20, 3, dtype=DTYPE)
-    opt = curvlab.KFACOptimizer(model, loss_fn, damping=0.5, l2=1e-2)
+    opt = curvlab.KFACOptimizer(model, loss_fn, damping=0.5, l2=1e-2, quadratic_fraction=1.0)
     opt.step(lambda: loss_fn(model(x), y))
     assert opt.last["rho"] == pytest.approx(1.0, rel=1e-8)
     assert opt.lm.value == pytest.approx(0.5 * (19 / 20) ** 5)  # ρ > 3/4: λ shrinks
@@ -58,7 +58,9 @@ def test_training_with_momentum_and_checkpoint_resume_is_bit_identical() -> None
 
     def fresh():
         model, loss_fn = MLP_CE.build()
-        opt = curvlab.KFACOptimizer(model, loss_fn, damping=0.5, damping_interval=2, invert_every=3)
+        opt = curvlab.KFACOptimizer(
+            model, loss_fn, damping=0.5, damping_interval=2, invert_every=3, quadratic_fraction=1.0
+        )
         return model, loss_fn, opt
 
     def train(model, loss_fn, opt, data):
@@ -122,3 +124,35 @@ def test_levenberg_marquardt_defaults_and_validation() -> None:
         with pytest.raises(ValueError):
             curvlab.LevenbergMarquardt(**kwargs)
     assert math.isfinite(curvlab.LevenbergMarquardt().update(float("inf")))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_quadratic_model_and_the_statistics_on_a_subset_keep_the_batch_scale(reduction):
+    """A batch made of two copies of the same half: the half gives the same step."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    x, y = torch.cat([x, x]), torch.cat([y, y])
+    steps = []
+    for fraction in (1.0, 0.5):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        curvature = curvlab.KFC(
+            model, loss_fn, fisher_type="exact", damping_mode="factored",
+            statistics_fraction=fraction,
+        )  # fmt: skip
+        opt = curvlab.KFACOptimizer(
+            model, loss_fn, curvature=curvature, damping=0.5, quadratic_fraction=fraction
+        )
+        opt.step(lambda model=model, loss_fn=loss_fn: loss_fn(model(x), y))
+        steps.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-10, atol=1e-12)
+
+
+def test_fractions_outside_the_unit_interval_are_refused():
+    model, loss_fn = nn.Sequential(nn.Linear(2, 2)), nn.MSELoss()
+    with pytest.raises(ValueError, match="quadratic_fraction must lie in"):
+        curvlab.KFACOptimizer(model, loss_fn, quadratic_fraction=0.0)
+    with pytest.raises(ValueError, match="statistics_fraction must lie in"):
+        curvlab.KFAC(model, loss_fn, statistics_fraction=1.5)

@@ -105,6 +105,9 @@ class KFAC(Curvature):
         strict: refuse (``ValueError`` naming the module and the reason) any trainable
             parameter without a Kronecker block instead of giving it a diagonal block.
         engine: ``"auto"``, ``"hooks"`` or ``"backpack"`` (see :class:`~curvlab.Curvature`).
+        statistics_fraction: Kronecker factors from this share of each batch (its first
+            samples; ``G`` rescaled to the whole batch), as Martens & Grosse do to cut the
+            cost of the statistics. The gradient still uses the whole batch.
     """
 
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Embedding)
@@ -122,8 +125,14 @@ class KFAC(Curvature):
         structure: str = "block_diagonal",
         strict: bool = False,
         engine: str = "auto",
+        statistics_fraction: float = 1.0,
     ) -> None:
         owner = type(self).__name__
+        if not 0.0 < statistics_fraction <= 1.0:
+            raise ValueError(
+                f"{owner}: statistics_fraction must lie in (0, 1], got {statistics_fraction}."
+            )
+        self.statistics_fraction = float(statistics_fraction)
         check_fisher_type(fisher_type, ("exact", "mc", "empirical"), owner)
         check_mc_samples(mc_samples, owner)
         tridiagonal = structure == "block_tridiagonal"
@@ -270,6 +279,7 @@ class KFAC(Curvature):
             kfac_approx=self.kfac_approx,
             mc_samples=self.mc_samples,
             keep_raw=self._keep_raw,
+            sample_fraction=self.statistics_fraction,
         )
 
     def _accumulate(self, result: BatchResult, weight: float) -> None:
