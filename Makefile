@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.training_step
 	$(BIN)/python -m benchmarks.tridiagonal_cost
 	$(BIN)/python -m benchmarks.distributed
+	$(BIN)/python -m benchmarks.autoencoder_race
 
 docs: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[docs]"
