@@ -423,3 +423,29 @@ def test_factored_inverses_are_cached_per_damping_without_eigendecompositions(mo
     assert calls["cholesky"] == 4 * len(kfc.layers)
     with pytest.raises(curvlab.linalg.LinAlgError, match=r"layer '3' \(Linear\) [GA] "):
         kfc.solve(v, 0.0)  # 5 samples, softmax outputs: the last layer's factors are singular
+
+
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+def test_separate_bias_equals_curvlinops_separate_weight_and_bias(kfac_approx) -> None:
+    from curvlinops import KFACLinearOperator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(7, 4, dtype=DTYPE), torch.randint(0, 3, (7,))
+    kfac = curvlab.KFAC(
+        model, loss_fn, fisher_type="exact", kfac_approx=kfac_approx, separate_bias=True
+    )
+    kfac.update(x, y)
+    op = KFACLinearOperator(
+        model, loss_fn, list(model.parameters()), [(x, y)], fisher_type="type-2",
+        kfac_approx=kfac_approx, separate_weight_and_bias=True, check_deterministic=False,
+    )  # fmt: skip
+    op.compute_kronecker_factors()
+    dense = op @ torch.eye(op.shape[1], dtype=DTYPE)
+    _close(kfac.to_dense(), torch.as_tensor(dense), rtol=1e-10)
+    # the exact damped inverse of the separate blocks
+    v = [torch.randn_like(p) for p in kfac.params]
+    flat = torch.cat([t.reshape(-1) for t in v])
+    expected = torch.linalg.solve(kfac.to_dense() + 0.1 * torch.eye(len(flat), dtype=DTYPE), flat)
+    _close(torch.cat([t.reshape(-1) for t in kfac.solve(v, 0.1)]), expected, rtol=1e-9)

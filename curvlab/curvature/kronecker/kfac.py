@@ -105,6 +105,10 @@ class KFAC(Curvature):
         strict: refuse (``ValueError`` naming the module and the reason) any trainable
             parameter without a Kronecker block instead of giving it a diagonal block.
         engine: ``"auto"``, ``"hooks"`` or ``"backpack"`` (see :class:`~curvlab.Curvature`).
+        separate_bias: weight and bias in separate blocks, ``G ⊗ A_w`` and ``G ⊗ [a]``
+            (curvlinops' ``separate_weight_and_bias``, what laplace-torch's ``Kron``
+            uses): the joint ``A`` with its weight–bias cross entries set to zero, so its
+            eigenvalues are ``A_w``'s and the homogeneous corner ``a``.
         statistics_fraction: Kronecker factors from this share of each batch (its first
             samples; ``G`` rescaled to the whole batch), as Martens & Grosse do to cut the
             cost of the statistics. The gradient still uses the whole batch.
@@ -126,8 +130,14 @@ class KFAC(Curvature):
         strict: bool = False,
         engine: str = "auto",
         statistics_fraction: float = 1.0,
+        separate_bias: bool = False,
     ) -> None:
         owner = type(self).__name__
+        if separate_bias and structure == "block_tridiagonal":
+            raise ValueError(
+                f"{owner}: separate_bias=True is defined for the block-diagonal structure only."
+            )
+        self.separate_bias = bool(separate_bias)
         if not 0.0 < statistics_fraction <= 1.0:
             raise ValueError(
                 f"{owner}: statistics_fraction must lie in (0, 1], got {statistics_fraction}."
@@ -355,9 +365,13 @@ class KFAC(Curvature):
 
     def _factor(self, k: int) -> KroneckerFactors:
         assert self._a_sum is not None and self._g_sum is not None
-        return KroneckerFactors(
-            A=self._a_sum[k] / self._a_count[k], G=self._g_sum[k] / self._normalizer
-        )
+        a = self._a_sum[k] / self._a_count[k]
+        if self.separate_bias and layer_rules.has_trainable_bias(self.layers[k].module):
+            cross = torch.ones_like(a, dtype=torch.bool)
+            cross[:-1, :-1] = False
+            cross[-1, -1] = False
+            a = a.masked_fill(cross, 0.0)  # separate blocks: no weight–bias cross terms
+        return KroneckerFactors(A=a, G=self._g_sum[k] / self._normalizer)
 
     def _layer_eigen(self, k: int) -> _LayerEigen:
         if self._eigen is None:
