@@ -165,16 +165,18 @@ def quality(
     named = _resolve(model, loss_fn, backends, backend_options or {})
 
     exact = ExactFisher(model, loss_fn)
-    reference = _measure(exact, batches, damping, _gradient(model, loss_fn, batches, exact))
+    k = min(top_k, exact.num_params)
+    gradient = _gradient(model, loss_fn, batches, exact)
+    reference = _measure(exact, batches, damping, gradient, k)
     F, u_star = reference.dense, reference.direction
     offsets = _offsets(exact.params)
-    k = min(top_k, len(F))
     eig_cache: dict[tuple[int, ...], Tensor] = {}  # F's top eigenvalues per covered subset
 
     def reference_top(index: Tensor) -> Tensor:
         key = tuple(index.tolist())
         if key not in eig_cache:
-            eig_cache[key] = _top_eigenvalues(F[index][:, index], k)
+            full = len(index) == len(F)
+            eig_cache[key] = reference.top if full else _top_eigenvalues(F[index][:, index], k)
         return eig_cache[key]
 
     rows = []
@@ -182,11 +184,11 @@ def quality(
         index = _index(curvature.params, offsets, label)
         # the same gradient, restricted to the parameters this backend covers
         grads = [reference.gradient[slice(*offsets[id(p)])].view_as(p) for p in curvature.params]
-        m = _measure(curvature, batches, damping, grads)
+        m = _measure(curvature, batches, damping, grads, k)
         # the optimizer's direction: natural gradient where covered, plain gradient elsewhere
         u = reference.gradient.clone()
         u[index] = m.direction
-        C_top = _top_eigenvalues(m.dense, k)
+        C_top = m.top
         rows.append(
             QualityRow(
                 backend=label,
@@ -217,6 +219,7 @@ def quality(
 @dataclass
 class _Measured:
     dense: Tensor  # [P_c, P_c]
+    top: Tensor  # [k], C's largest eigenvalues from its own operator (closed forms)
     gradient: Tensor  # [P_c], the flat gradient of the loss over the data
     direction: Tensor  # [P_c], (C + λI)⁻¹ g
     extract_seconds: float
@@ -224,7 +227,9 @@ class _Measured:
     peak_memory_bytes: int
 
 
-def _measure(c: Curvature, batches: list[Batch], damping: float, grads: list[Tensor]) -> _Measured:
+def _measure(
+    c: Curvature, batches: list[Batch], damping: float, grads: list[Tensor], k: int
+) -> _Measured:
     device = c.params[0].device
     extract, solve = Stopwatch(), Stopwatch()
     c.reset()
@@ -237,6 +242,9 @@ def _measure(c: Curvature, batches: list[Batch], damping: float, grads: list[Ten
     flat_direction = _flat(direction)
     _check_finite(flat_direction, c, "natural-gradient direction")
     dense = c.to_dense()
+    # the backend's own spectrum: factor eigenvalues for the Kronecker structures, block
+    # spectra for the dense ones, Lanczos on the operator otherwise — never a P×P eigh
+    top = c.eigenvalues(min(k, c.num_params)).detach()
     c.reset()
     c.refresh()
     with PeakTensorMemory() as memory:  # a second pass: the dispatch mode slows it down
@@ -245,6 +253,7 @@ def _measure(c: Curvature, batches: list[Batch], damping: float, grads: list[Ten
         c.solve(grads, damping)
     return _Measured(
         dense=dense,
+        top=top,
         gradient=_flat(grads),
         direction=flat_direction,
         extract_seconds=extract.seconds,

@@ -540,10 +540,7 @@ class Curvature(abc.ABC):
         return torch.linalg.slogdet(sym).logabsdet
 
     def _eigenvalues(self, k: int | None) -> Tensor:
-        dense = self._to_dense()
-        if k is not None and dense.shape[0] > max(4 * k, 256):
-            return _lanczos_top(self, k)
-        return torch.linalg.eigvalsh((dense + dense.T) / 2).flip(0)
+        return top_symmetric_eigenvalues(self._to_dense(), k)
 
     def to_dense(self) -> Tensor:
         """The approximation as a dense ``[P, P]`` matrix in ``params`` order (row-major)."""
@@ -842,10 +839,21 @@ def _scipy_operator(c: Curvature, apply: Callable[[Tensor], Any], dtype: Any) ->
     return LinearOperator(c.shape, matvec=matvec, rmatvec=matvec, matmat=matvec, dtype=target)
 
 
-def _lanczos_top(c: Curvature, k: int) -> Tensor:
-    """The ``k`` largest eigenvalues by Lanczos (scipy's ``eigsh``) on ``C`` matrix-free."""
+def top_symmetric_eigenvalues(matrix: Tensor, k: int | None) -> Tensor:
+    """Eigenvalues of a symmetric matrix, descending: all (``k=None``) or the ``k`` largest.
+
+    float64 throughout (float32 ``eigh`` can fail to converge); for a matrix much larger
+    than ``k``, Lanczos (scipy's ``eigsh``, reproducible start) instead of a full ``eigh``.
+    """
+    dense = matrix.detach().double()
+    dense = (dense + dense.T) / 2
+    n = len(dense)
+    if k is None or n <= max(4 * k, 256):
+        values = torch.linalg.eigvalsh(dense).flip(0)
+        return (values if k is None else values[:k]).to(matrix.dtype)
     import numpy as np
     from scipy.sparse.linalg import eigsh
 
-    values = eigsh(c.to_scipy(np.float64), k=k, which="LA", return_eigenvectors=False)
-    return torch.as_tensor(np.sort(values)[::-1].copy(), dtype=c.dtype, device=c.device)
+    start = np.random.default_rng(0).standard_normal(n)
+    top = eigsh(dense.cpu().numpy(), k=k, which="LA", v0=start, return_eigenvectors=False)
+    return torch.as_tensor(np.sort(top)[::-1].copy(), dtype=matrix.dtype, device=matrix.device)

@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import Curvature, DecompositionBlock, NamedTensor, Vector
+from curvlab.curvature.base import (
+    Curvature,
+    DecompositionBlock,
+    NamedTensor,
+    Vector,
+    top_symmetric_eigenvalues,
+)
 from curvlab.extraction import BatchResult, FactorRows, Request, check_fisher_type, check_mc_samples
 
 
@@ -217,7 +223,7 @@ class DenseCurvature(Curvature):
         return total
 
     def _eigenvalues(self, k: int | None) -> Tensor:
-        values = torch.cat([torch.linalg.eigvalsh((b + b.T) / 2) for b in self.blocks()])
+        values = torch.cat([top_symmetric_eigenvalues(b, k) for b in self.blocks()])
         return torch.sort(values, descending=True).values
 
     def _to_dense(self) -> Tensor:
