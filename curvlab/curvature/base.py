@@ -472,10 +472,12 @@ class Curvature(abc.ABC):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype (that of every vector and matrix of the operator)."""
         return self.params[0].dtype
 
     @property
     def device(self) -> torch.device:
+        """The parameters' device (where every product runs)."""
         return self.params[0].device
 
     def __matmul__(self, v: Tensor | Sequence[Tensor]) -> Tensor | Vector:

@@ -16,7 +16,7 @@ else the hooks engine. Both give the same numbers where both apply.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -33,15 +33,31 @@ from curvlab.extraction.requests import (
     check_mc_samples,
 )
 
-if TYPE_CHECKING:
-    from curvlab.curvature.base import Curvature
 
+class Consumer(Protocol):
+    """What extraction needs of a backend (every :class:`curvlab.Curvature` is one): its
+    model, loss and engine setting, its requests, the modules to record, and a way to
+    take a :class:`BatchResult`. Extraction never imports the backends."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    engine: str
+
+    def requests(self) -> list[Request]: ...
+
+    def recorded_modules(self) -> list[nn.Module]: ...
+
+    def _consume(self, result: BatchResult) -> None: ...
+
+
+#: Settings of ``engine=``: BackPACK where it applies and is faster, or one forced.
 ENGINES: tuple[str, ...] = ("auto", "hooks", "backpack")
 
 __all__ = [
     "ENGINES",
     "FISHER_TYPES",
     "BatchResult",
+    "Consumer",
     "FactorRows",
     "KroneckerBatch",
     "KroneckerStatistics",
@@ -56,6 +72,7 @@ __all__ = [
 
 
 def check_engine(engine: str, owner: str) -> None:
+    """Raise a ``ValueError`` naming ``owner`` unless ``engine`` is one of :data:`ENGINES`."""
     if engine not in ENGINES:
         raise ValueError(f"{owner}: unknown engine {engine!r}; choose one of {list(ENGINES)}.")
 
@@ -100,6 +117,14 @@ def choose_engine(
     return "hooks"
 
 
+def _engine_setting(curvatures: Sequence[Consumer], owner: str) -> str:
+    """The one engine setting the curvatures agree on (``"auto"`` unless one forces one)."""
+    settings = {c.engine for c in curvatures} - {"auto"}
+    if len(settings) > 1:
+        raise ValueError(f"{owner}: the curvatures force different engines {sorted(settings)}.")
+    return settings.pop() if settings else "auto"
+
+
 def _check_finite(loss: Tensor) -> None:
     if not bool(torch.isfinite(loss.detach()).all()):
         raise FloatingPointError(f"The loss is not finite ({loss.detach()}); no curvature taken.")
@@ -110,7 +135,7 @@ def extract(
     loss_fn: nn.Module,
     inputs: Any,
     targets: Tensor,
-    curvatures: Sequence[Curvature],
+    curvatures: Sequence[Consumer],
 ) -> Tensor:
     """One forward and one extraction feeding every curvature in ``curvatures``.
 
@@ -126,13 +151,13 @@ def extract(
                 f"extract: {type(c).__name__} was built for another model or loss function."
             )
     requests = [r for c in curvatures for r in c.requests()]
-    settings = {c.engine for c in curvatures} - {"auto"}
-    if len(settings) > 1:
-        raise ValueError(f"extract: the curvatures force different engines {sorted(settings)}.")
+    setting = _engine_setting(curvatures, "extract")
+    # the engine is chosen before the forward pass (BackPACK runs its own): one look at
+    # the targets for ignore_index, which BackPACK would count
     ignored = isinstance(loss_fn, nn.CrossEntropyLoss) and bool(
         (torch.as_tensor(targets) == loss_fn.ignore_index).any()
     )
-    engine = choose_engine(model, requests, settings.pop() if settings else "auto", ignored)
+    engine = choose_engine(model, requests, setting, ignored)
     if engine == "backpack":
         loss, result = backpack_engine.run(model, loss_fn, inputs, targets, requests)
     else:
@@ -163,7 +188,7 @@ def replayable(model: nn.Module) -> bool:
 
 
 def accumulate_recorded(
-    curvatures: Sequence[Curvature], recording: hooks.Recording, loss: Tensor
+    curvatures: Sequence[Consumer], recording: hooks.Recording, loss: Tensor
 ) -> None:
     """Feed ``curvatures`` the batch of ``loss``, recorded by ``recording``.
 
@@ -176,19 +201,17 @@ def accumulate_recorded(
     call, calls = recording.take(loss)
     model, loss_fn = curvatures[0].model, curvatures[0].loss_fn
     requests = [r for c in curvatures for r in c.requests()]
-    settings = {c.engine for c in curvatures} - {"auto"}
+    setting = _engine_setting(curvatures, "accumulate")
     inputs = recording.taken_inputs
-    ignored = isinstance(loss_fn, nn.CrossEntropyLoss) and bool(
-        (call.targets == loss_fn.ignore_index).any()
-    )
+    scale = batch_scale(loss_fn, call.outputs, call.targets)  # also counts ignored rows
     finite = bool(torch.isfinite(loss.detach()).all())
     engine = "hooks"
     if finite and inputs is not None and len(inputs) == 1 and replayable(model):
-        engine = choose_engine(model, requests, settings.pop() if settings else "auto", ignored)
+        engine = choose_engine(model, requests, setting, scale.valid is not None)
     if engine == "backpack" and inputs is not None:
         _, result = backpack_engine.run(model, loss_fn, inputs[0], call.targets, requests)
     else:
-        result = hooks.compute(loss_fn, call, calls, requests)
+        result = hooks.compute(loss_fn, call, calls, requests, scale=scale)
     for c in curvatures:
         c._consume(result)
 
