@@ -14,13 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from curvlab.ablation.measure import PeakTensorMemory, Stopwatch
 from curvlab.ablation.reports import dumps, markdown_table
-from curvlab.curvature.base import Curvature
+from curvlab.curvature.base import Curvature, top_symmetric_eigenvalues
 from curvlab.curvature.dense.exact import ExactFisher
 from curvlab.registry import make
 
@@ -176,7 +175,9 @@ def quality(
         key = tuple(index.tolist())
         if key not in eig_cache:
             full = len(index) == len(F)
-            eig_cache[key] = reference.top if full else _top_eigenvalues(F[index][:, index], k)
+            eig_cache[key] = (
+                reference.top if full else top_symmetric_eigenvalues(F[index][:, index], k)
+            )
         return eig_cache[key]
 
     rows = []
@@ -373,25 +374,6 @@ def _block_errors(
         ref = torch.cat([torch.arange(*offsets[id(p)]) for p in layer.params])
         errors[layer.name] = _relative(C[mine][:, mine], F[ref][:, ref])
     return errors
-
-
-def _top_eigenvalues(matrix: Tensor, k: int) -> Tensor:
-    """The ``k`` largest eigenvalues of a symmetric matrix, descending (float64 solver)."""
-    n = len(matrix)
-    if n <= max(4 * k, 64):
-        values = torch.linalg.eigvalsh(matrix.double()).flip(0)[:k]
-    else:
-        # Lanczos (ARPACK) for the top of the spectrum: a full eigvalsh of a rank-deficient
-        # Fisher of a few thousand parameters takes seconds on 2 cores
-        from scipy.sparse.linalg import eigsh
-
-        start = np.random.default_rng(0).standard_normal(n)  # reproducible
-        top = eigsh(
-            matrix.detach().double().cpu().numpy(), k=k, which="LA", v0=start,
-            return_eigenvectors=False,
-        )  # fmt: skip
-        values = torch.from_numpy(np.sort(top)[::-1].copy())
-    return values.to(matrix.dtype)
 
 
 def _relative(a: Tensor, b: Tensor) -> float:

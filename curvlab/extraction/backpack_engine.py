@@ -147,18 +147,13 @@ _KRON_DERIVATIVES = {
 }
 
 
-def _statistics_dtype(t: Tensor) -> Tensor:
-    """Half-precision activations (autocast) are promoted: statistics stay float32/64."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
 def _kron_statistics(
     module: nn.Module, grad: Tensor, ext: Any, from_gradient: bool = False
 ) -> dict[str, Any]:
     x = cast(Tensor, module.input0)
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-        x = _statistics_dtype(x.detach())
-        grad = _statistics_dtype(grad.detach())
+        x = layers.statistics_dtype(x.detach())
+        grad = layers.statistics_dtype(grad.detach())
         a_sum, count = layers.input_factor_sum(module, x, ext.kfac_approx)
         g = layers.output_factor(module, grad, ext.kfac_approx)
         stats: dict[str, Any] = {"A": a_sum, "count": count, "G": g, "gradient": from_gradient}
@@ -389,7 +384,7 @@ def _collect(model: nn.Module, requests: Sequence[Request], result: BatchResult)
                 raw = getattr(p, _SAVEFIELDS[r.fisher_type], None)
                 if raw is None:
                     continue
-                rows = _statistics_dtype(raw).reshape(-1, p.numel())
+                rows = layers.statistics_dtype(raw).reshape(-1, p.numel())
                 if r.fisher_type == "empirical":
                     rows = rows * sqrt(result.scale.inv_reduction)
                 store[id(p)] = rows

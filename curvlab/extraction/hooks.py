@@ -203,11 +203,6 @@ def _graph_nodes(t: Tensor) -> set[Any]:
     return seen
 
 
-def _statistics_dtype(t: Tensor) -> Tensor:
-    """Half-precision quantities (autocast) are promoted: statistics stay float32/64."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
 def _vjp(outputs: Tensor, inputs: Sequence[Tensor], columns: Tensor) -> list[Tensor | None]:
     """``[K, *input.shape]`` vector-Jacobian products of ``columns`` ``[K, *outputs.shape]``.
 
@@ -305,7 +300,7 @@ def compute(
         for p, maybe in zip(params, grads):
             # None: the loss does not depend on p, its rows are zero
             rows = per_row.new_zeros(per_row.shape[0], p.numel()) if maybe is None else maybe
-            rows_store[id(p)] = _statistics_dtype(rows.reshape(per_row.shape[0], p.numel()))
+            rows_store[id(p)] = layers.statistics_dtype(rows.reshape(per_row.shape[0], p.numel()))
     return result
 
 
@@ -315,7 +310,9 @@ def _add_diagonal(
     """Add one call's ``Σ_{k,n} g²`` of the per-sample gradients at ``module``."""
     rule = layers.DIAGONAL_RULES[type(module)]
     with torch.no_grad():
-        per_sample = rule(module, _statistics_dtype(call.input), _statistics_dtype(grad))
+        per_sample = rule(
+            module, layers.statistics_dtype(call.input), layers.statistics_dtype(grad)
+        )
         for param, g in per_sample.items():
             square = g.square().sum(dim=(0, 1))
             if id(param) in store:
@@ -333,8 +330,12 @@ def _kronecker_batch(
     patches, cols = [], []
     with torch.no_grad():
         for call, grad in calls:
-            x = call.input if not call.input.is_floating_point() else _statistics_dtype(call.input)
-            grad = _statistics_dtype(grad)
+            x = (
+                call.input
+                if not call.input.is_floating_point()
+                else layers.statistics_dtype(call.input)
+            )
+            grad = layers.statistics_dtype(grad)
             scale = 1.0
             if request.sample_fraction < 1.0 and x.dim() > 0 and x.shape[0] > 1:
                 n_all = x.shape[0]

@@ -194,6 +194,11 @@ def has_trainable_bias(module: nn.Module) -> bool:
 KFAC_APPROXES = ("expand", "reduce")
 
 
+def statistics_dtype(t: Tensor) -> Tensor:
+    """Half-precision quantities (autocast) are promoted: statistics stay float32/64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def homogeneous(patches: Tensor, module: nn.Module) -> Tensor:
     """Rows ``ā = [a, 1]`` (the 1 only with a trainable bias): ``[rows, D_in(+1)]``.
 
