@@ -18,7 +18,6 @@ count, as medians over seeds. Usage:
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import curvlab
-from benchmarks.common import machine
+from benchmarks.common import _mlp, machine
 
 TARGETS = (0.2, 0.15)
 
@@ -41,13 +40,7 @@ def mnist() -> Tensor:
 
 
 def deep_autoencoder() -> nn.Module:
-    sizes = (784, 500, 250, 30, 250, 500, 784)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers)
+    return _mlp(784, 500, 250, 30, 250, 500, 784, activation=nn.Tanh)()
 
 
 @dataclass

@@ -31,13 +31,15 @@ class Workload:
         return x.to(device), y.to(device)
 
 
-def _mlp(*sizes: int) -> Callable[[], nn.Module]:
+def _mlp(*sizes: int, activation: type[nn.Module] = nn.ReLU) -> Callable[[], nn.Module]:
+    """A builder of ``Linear`` layers of ``sizes`` with ``activation`` between them."""
+
     def build() -> nn.Module:
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
+                layers.append(activation())
         return nn.Sequential(*layers)
 
     return build

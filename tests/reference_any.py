@@ -28,13 +28,15 @@ Matrices
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, hessian, jacrev
+
+from tests.reference import flat_params
+from tests.reference import unhooked_copy as _unhooked
 
 __all__ = [
     "empirical_fisher",
@@ -59,36 +61,10 @@ KFAC_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 # --- model and loss plumbing -----------------------------------------------------------
 
 
-def flat_params(model: nn.Module) -> list[tuple[str, Tensor]]:
-    """Trainable ``(name, parameter)`` pairs in ``named_parameters()`` order (deduplicated)."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def _clear_hooks(module: nn.Module) -> None:
-    for sub in module.modules():
-        for hooks in (
-            sub._forward_hooks,
-            sub._forward_pre_hooks,
-            sub._backward_hooks,
-            sub._backward_pre_hooks,
-        ):
-            hooks.clear()
-
-
 def unhooked_copy(model: nn.Module) -> nn.Module:
-    """A float64 deep copy of ``model`` without module hooks; weight tying is preserved.
-
-    Non-leaf tensors cached on modules (e.g. by hooks of curvature libraries) cannot be
-    deep-copied; they become ``None`` in the copy.
-    """
-    memo: dict[int, object] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, Tensor) and not value.is_leaf:
-                memo[id(value)] = None
-    clone = copy.deepcopy(model, memo)
-    _clear_hooks(clone)
-    return clone.to(DTYPE)
+    """A float64 deep copy of ``model`` without module hooks; weight tying is preserved
+    (:func:`tests.reference.unhooked_copy`, in float64)."""
+    return _unhooked(model).to(DTYPE)
 
 
 def _unhooked_loss(loss_fn: nn.Module) -> nn.Module:
@@ -98,9 +74,7 @@ def _unhooked_loss(loss_fn: nn.Module) -> nn.Module:
         raise TypeError(f"reference_any: unsupported loss {type(loss_fn).__name__}")
     if loss_fn.reduction not in ("mean", "sum"):
         raise ValueError(f"reference_any: unsupported reduction {loss_fn.reduction!r}")
-    clone = copy.deepcopy(loss_fn)
-    _clear_hooks(clone)
-    return clone.to(DTYPE)
+    return _unhooked(loss_fn).to(DTYPE)
 
 
 def _double(t: Tensor) -> Tensor:

@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map_only
 
 from curvlab.curvature.base import Curvature, NamedTensor
 from curvlab.optim import distributed
@@ -531,7 +532,11 @@ class NaturalGradient:
                 f"{owner}: the checksum does not match the tensors; the checkpoint is corrupt."
             )
         p0 = self.curvature.params[0]
-        state = _to_like(state, p0.dtype, p0.device)
+        state = tree_map_only(  # floating tensors to the parameters' dtype, all to their device
+            Tensor,
+            lambda t: t.to(p0.device, p0.dtype if t.is_floating_point() else t.dtype),
+            state,
+        )
         backup = self.state_dict()
         try:
             self._load(state)
@@ -578,17 +583,6 @@ def _checksum(state: dict[str, Any]) -> int:
         data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         crc = zlib.crc32(data, crc)
     return crc
-
-
-def _to_like(tree: Any, dtype: torch.dtype, device: torch.device) -> Any:
-    """``tree`` with floating tensors in ``dtype`` on ``device`` (others moved only)."""
-    if isinstance(tree, dict):
-        return {k: _to_like(v, dtype, device) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_to_like(v, dtype, device) for v in tree]
-    if isinstance(tree, Tensor):
-        return tree.to(device=device, dtype=dtype if tree.is_floating_point() else tree.dtype)
-    return tree
 
 
 class _graph_used_once:

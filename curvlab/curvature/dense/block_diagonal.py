@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from curvlab.curvature.dense.base import DenseCurvature
 from curvlab.registry import register
 
@@ -16,18 +14,6 @@ class BlockDiagonal(DenseCurvature):
     ``fisher_type`` is ``"exact"``, ``"mc"`` (``mc_samples`` sampled labels per input)
     or ``"empirical"`` (observed labels, on the Fisher's scale).
     """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: nn.Module,
-        fisher_type: str = "exact",
-        mc_samples: int = 1,
-        engine: str = "auto",
-    ) -> None:
-        super().__init__(
-            model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples, engine=engine
-        )
 
     def _partition(self) -> list[tuple[int, int]]:
         ranges, start = [], 0
