@@ -154,8 +154,10 @@ def extract(
     setting = _engine_setting(curvatures, "extract")
     # the engine is chosen before the forward pass (BackPACK runs its own): one look at
     # the targets for ignore_index, which BackPACK would count
-    ignored = isinstance(loss_fn, nn.CrossEntropyLoss) and bool(
-        (torch.as_tensor(targets) == loss_fn.ignore_index).any()
+    ignored = (
+        setting != "hooks"
+        and isinstance(loss_fn, nn.CrossEntropyLoss)
+        and bool((torch.as_tensor(targets) == loss_fn.ignore_index).any())
     )
     engine = choose_engine(model, requests, setting, ignored)
     if engine == "backpack":
