@@ -278,17 +278,27 @@ def _module_map(ext: BackpropExtension) -> dict[type[nn.Module], object]:
 
 def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | None:
     """Why BackPACK cannot serve ``requests`` on ``model``, or ``None`` if it can."""
+    names = {id(m): name or "<model>" for name, m in model.named_modules()}
     for r in requests:
         if r.fisher_type not in FISHER_TYPES:
             return f"unknown fisher_type {r.fisher_type!r}"
         if not isinstance(r, (FactorRows, KroneckerStatistics)):
-            return f"{type(r).__name__} is served by the hooks engine only"
+            modules = getattr(r, "modules", ())
+            culprit = (
+                f"module '{names.get(id(modules[0]), '?')}' ({type(modules[0]).__name__}) needs "
+                if modules
+                else ""
+            )
+            return f"{culprit}{type(r).__name__}, served by the hooks engine only"
         if isinstance(r, KroneckerStatistics) and r.sample_fraction < 1.0:
             return "statistics on a subset of the batch are served by the hooks engine only"
         if isinstance(r, KroneckerStatistics):
             for m in r.modules:
                 if type(m) not in _KRON_DERIVATIVES:
-                    return f"BackPACK has no Kronecker statistics for {type(m).__name__}"
+                    return (
+                        f"BackPACK has no Kronecker statistics for module "
+                        f"'{names.get(id(m), '?')}' ({type(m).__name__})"
+                    )
     try:
         extensions = _extensions(requests)
     except ValueError as err:

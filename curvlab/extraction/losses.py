@@ -85,7 +85,8 @@ class BatchScale:
 def batch_scale(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> BatchScale:
     """Validate ``outputs``/``targets`` for ``loss_fn`` and return the batch's scale.
 
-    Outputs must be ``[N, C]``; ``CrossEntropyLoss`` takes class indices ``[N]`` (rows
+    Outputs must be ``[N, C]``; ``CrossEntropyLoss`` takes class indices ``[N]`` in
+    ``[0, C)`` (rows
     equal to its ``ignore_index`` are left out, which costs one host synchronisation when
     the targets may contain it), the other losses targets shaped like the outputs.
     """
@@ -107,7 +108,16 @@ def batch_scale(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> BatchSc
                 f"shape {tuple(targets.shape)} and dtype {targets.dtype}."
             )
         mask = targets != loss_fn.ignore_index
-        counted = int(mask.sum())  # one host synchronisation (curvature steps only)
+        outside = mask & ((targets < 0) | (targets >= c))
+        # one host synchronisation (curvature steps only) for both counts
+        counted, wrong = (int(v) for v in torch.stack([mask.sum(), outside.sum()]).tolist())
+        if wrong:
+            first = int(targets[outside][0])
+            raise ValueError(
+                f"{name}: targets must be class indices in [0, {c}) or "
+                f"ignore_index={loss_fn.ignore_index}; {wrong} target(s) are not, the first "
+                f"is {first}."
+            )
         if counted == 0:
             raise ValueError(
                 f"{name}: every target of the batch is ignore_index={loss_fn.ignore_index}; "

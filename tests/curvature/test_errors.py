@@ -189,3 +189,23 @@ def test_state_of_another_backend_is_rejected() -> None:
     c = curvlab.ExactFisher(other_model, loss_fn)
     with pytest.raises(ValueError, match="block shapes"):
         c.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("engine", ["hooks", "backpack"])
+@pytest.mark.parametrize("bad", [3, -3])
+def test_class_index_out_of_range_is_named(engine, bad) -> None:
+    # used to surface as PyTorch's IndexError from inside the loss (a device-side assert on CUDA)
+    model, loss_fn, x, _ = _mlp_ce()
+    c = curvlab.ExactFisher(model, loss_fn, engine=engine)
+    with pytest.raises(ValueError, match=rf"targets must be class indices in \[0, 3\).*is {bad}\."):
+        c.update(x, torch.tensor([0, 1, bad, 2]))
+    assert c.num_batches == 0
+    if engine == "hooks":  # ignored targets are not out of range (BackPACK refuses them)
+        c.update(x, torch.tensor([0, loss_fn.ignore_index, 2, 1]))
+        assert c.num_samples == 3
+
+
+def test_backpack_names_the_module_it_cannot_serve_for_kronecker_backends() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"engine='backpack'.*module '1' \(LayerNorm\) needs"):
+        curvlab.KFAC(model, nn.MSELoss(), engine="backpack")
