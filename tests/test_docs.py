@@ -10,7 +10,7 @@ import pytest
 import curvlab
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = [*sorted((DOCS / "concepts").glob("*.md")), DOCS / "ablate.md"]
+PAGES = [*sorted((DOCS / "concepts").glob("*.md")), DOCS / "ablate.md", DOCS / "index.md"]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
