@@ -1,8 +1,10 @@
 """The ``Curvature`` contract, checked for every registered backend.
 
-One row per backend configuration (``BACKENDS``); a backend registered without a row
-here fails ``test_every_backend_has_a_row``. Each property runs on a few cases from
-the case table so that every model family and loss is covered.
+One row per backend configuration (``BACKENDS`` of ``backend_info.py``: registry name,
+kwargs, capability flags); a backend registered without a row fails
+``test_every_backend_has_a_row``. Each property runs on a few cases from the case table so
+that every model family and loss is covered; ``test_error_inputs`` runs every row's error
+inputs (``error_inputs``).
 """
 
 from __future__ import annotations
@@ -14,53 +16,14 @@ import torch
 
 import curvlab
 from tests.cases import CASES, Case
-
-ALL_MODELS = None
-MLP_ONLY = {"mlp", "mlp_nobias"}
-
-# (registry name, constructor kwargs, deterministic?, model families or None for all)
-BACKENDS: list[tuple[str, dict[str, Any], bool, set[str] | None]] = [
-    ("exact_fisher", {}, True, ALL_MODELS),
-    ("exact_fisher", {"fisher_type": "mc", "mc_samples": 3}, False, ALL_MODELS),
-    ("empirical_fisher", {}, True, ALL_MODELS),
-    ("block_diagonal", {}, True, ALL_MODELS),
-    ("block_diagonal", {"fisher_type": "mc", "mc_samples": 2}, False, ALL_MODELS),
-    ("block_diagonal", {"fisher_type": "empirical"}, True, ALL_MODELS),
-    ("kfac", {"fisher_type": "exact"}, True, ALL_MODELS),  # convolutions: diagonal blocks
-    ("kfac", {"fisher_type": "mc", "mc_samples": 2}, False, MLP_ONLY),
-    ("diagonal", {}, True, ALL_MODELS),
-    ("diagonal", {"fisher_type": "mc", "mc_samples": 2}, False, ALL_MODELS),
-    ("diagonal", {"fisher_type": "empirical"}, True, ALL_MODELS),
-    ("kfc", {"fisher_type": "empirical"}, True, ALL_MODELS),
-    ("kfc", {"fisher_type": "exact", "kfac_approx": "reduce"}, True, ALL_MODELS),
-    ("kfc", {"fisher_type": "mc"}, False, ALL_MODELS),
-    ("block_tridiagonal", {}, True, ALL_MODELS),
-    ("block_tridiagonal", {"fisher_type": "empirical"}, True, ALL_MODELS),
-    ("kfac", {"fisher_type": "exact", "structure": "block_tridiagonal"}, True, MLP_ONLY),
-    ("kfc", {"fisher_type": "mc", "structure": "block_tridiagonal"}, False, ALL_MODELS),
-    ("ekfac", {"fisher_type": "exact"}, True, ALL_MODELS),
-    ("ekfac", {"fisher_type": "empirical", "kfac_approx": "reduce"}, True, ALL_MODELS),
-]
-# EKFAC fits its diagonal in the eigenbasis fixed by its first batch, so its statistics are
-# additive only for a fixed basis; test_ekfac.py checks the union in that basis instead.
-BASIS_DEPENDENT = {"ekfac"}
-# Backends whose solve is a documented damped inverse other than (C + λI)⁻¹: the
-# block-tridiagonal completions of the damped blocks (test_block_tridiagonal.py and
-# test_kfac_tridiagonal.py check them).
-OWN_DAMPED_INVERSE = {"block_tridiagonal"}
+from tests.curvature.backend_info import BACKENDS, BackendInfo, ErrorInput, error_inputs
 
 _PICK = {"mlp-ce-mean", "mlp_nobias-bce-mean", "conv1d-ce-sum", "conv2d-mse-sum", "conv2d-bce-sum"}
 CONTRACT_CASES = [c for c in CASES if c.id in _PICK]
 
 
-def _backend_id(row) -> str:
-    name, kw, _, _ = row
-    return name + "".join(f"-{v}" for v in kw.values())
-
-
-def _build(row, case: Case, seed: int = 0):
-    model, loss_fn = case.build(seed)
-    return curvlab.make(row[0], model, loss_fn, **row[1]), model, loss_fn
+def _build(info: BackendInfo, case: Case, seed: int = 0):  # type: ignore[no-untyped-def]
+    return info.build(case, seed)
 
 
 def _random_vector(c: curvlab.Curvature, seed: int) -> list[torch.Tensor]:
@@ -78,33 +41,26 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-9) -> 
 
 
 def test_every_backend_has_a_row() -> None:
-    assert {row[0] for row in BACKENDS} >= set(curvlab.available())
+    assert {info.name for info in BACKENDS} >= set(curvlab.available())
 
 
 PAIRS = [
-    pytest.param(row, case, id=f"{_backend_id(row)}-{case.id}")
-    for row in BACKENDS
+    pytest.param(info, case, id=f"{info.id}-{case.id}")
+    for info in BACKENDS
     for case in CONTRACT_CASES
-    if row[3] is None or case.model.name in row[3]
+    if info.supports_case(case)
 ]
 
 
-def over_backends_and_cases(test):  # type: ignore[no-untyped-def]
-    return pytest.mark.parametrize(("row", "case"), PAIRS)(test)
+def _over(flag: str | None = None):  # type: ignore[no-untyped-def]
+    """Parametrise over the (row, case) pairs, only the rows with ``flag`` set if given."""
+    pairs = [p for p in PAIRS if flag is None or getattr(p.values[0], flag)]
+    return pytest.mark.parametrize(("row", "case"), pairs)
 
 
-def _own_damped_inverse(row) -> bool:
-    return row[0] in OWN_DAMPED_INVERSE or row[1].get("structure") == "block_tridiagonal"
-
-
-def over_tikhonov_backends_and_cases(test):  # type: ignore[no-untyped-def]
-    pairs = [p for p in PAIRS if not _own_damped_inverse(p.values[0])]
-    return pytest.mark.parametrize(("row", "case"), pairs)(test)
-
-
-def over_additive_backends_and_cases(test):  # type: ignore[no-untyped-def]
-    pairs = [p for p in PAIRS if p.values[0][0] not in BASIS_DEPENDENT]
-    return pytest.mark.parametrize(("row", "case"), pairs)(test)
+over_backends_and_cases = _over()
+over_tikhonov_backends_and_cases = _over("tikhonov_solve")
+over_additive_backends_and_cases = _over("additive_statistics")
 
 
 @over_backends_and_cases
@@ -179,7 +135,7 @@ def test_two_half_batches_equal_one_full_batch(row, case: Case) -> None:
     assert split.num_samples == 7 and split.num_batches == 2
     # the accumulated statistics are additive: the union's state is the sum of the states
     _assert_tree_close(split.state_dict(), _tree_add(*singles))
-    if row[2]:  # deterministic: the union's curvature is the one of a single pass
+    if row.deterministic:  #: the union's curvature is the one of a single pass
         full, _, _ = _build(row, case)
         full.update(x, y)
         _close(split.to_dense(), full.to_dense())
@@ -272,3 +228,17 @@ def test_update_takes_a_whole_data_set() -> None:
         whole.update([x], progress=False)
     with pytest.raises(TypeError, match="pass targets"):
         whole.update(x)
+
+
+ERROR_CASES = [
+    pytest.param(info, error, id=f"{info.id}-{error.description}")
+    for info in BACKENDS
+    for error in error_inputs(info)
+]
+
+
+@pytest.mark.parametrize(("row", "error"), ERROR_CASES)
+def test_error_inputs(row: BackendInfo, error: ErrorInput) -> None:
+    """Bad input raises the documented error type, naming the argument, module or shape."""
+    with pytest.raises(error.error, match=error.match):
+        error.call()
