@@ -324,6 +324,24 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
         for ext in second_order + (first_order if owns else []):
             if type(module) not in _module_map(ext):
                 return f"{label} is not supported by BackPACK's {type(ext).__name__}"
+        if owns and isinstance(module, nn.Embedding):
+            reason = _embedding_reason(module)
+            if reason is not None:
+                return f"{label} {reason}"
+    return None
+
+
+def _embedding_reason(module: nn.Embedding) -> str | None:
+    """Why BackPACK's embedding derivatives cannot serve ``module``, or ``None``."""
+    if module.padding_idx is not None or module.max_norm is not None:
+        return "has padding_idx or max_norm, which BackPACK does not support"
+    default = torch.get_default_dtype()
+    if module.weight.dtype != default:
+        # its weight Jacobian builds the one-hot inputs in the default dtype
+        return (
+            f"is {module.weight.dtype}; BackPACK's embedding derivatives work in the "
+            f"default dtype ({default}) only"
+        )
     return None
 
 

@@ -1,0 +1,423 @@
+"""Fuzzing (hypothesis): random small models × losses × reductions × batch sizes × dtypes ×
+backends × Fisher types × engines.
+
+Every draw must end in one of two ways: the backend's curvature agrees with an
+independent float64 reference (``tests/reference_any.py``: dense ``torch.func`` Jacobians,
+K-FAC factors from their definition) and is finite, symmetric and PSD, with a finite
+``solve``; or curvlab raises one of its own errors (raised in curvlab's code, a
+``ValueError``/``TypeError``/``RuntimeError``/``FloatingPointError``) whose message names
+the culprit (backend, loss, module or argument). Anything else — a NaN, a mismatch, an
+exception from inside PyTorch — fails. Monte-Carlo types get the structural checks only.
+
+Reproducible: derandomized, no example database. ``CURVLAB_FUZZ_EXAMPLES=500`` runs a
+heavier search.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import curvlab
+from curvlab.extraction.layers import parameter_order
+from tests import reference_any as ref
+from tests.curvature.backend_info import BACKENDS
+
+MAX_EXAMPLES = int(os.environ.get("CURVLAB_FUZZ_EXAMPLES", "30"))
+CURVLAB_DIR = str(Path(curvlab.__file__).parent)
+NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+# a curvlab error names what is at fault
+CULPRIT = re.compile(
+    r"(KFAC|KFC|EKFAC|ExactFisher|EmpiricalFisher|BlockDiagonal|BlockTridiagonal|DiagonalFisher"
+    r"|CrossEntropyLoss|MSELoss|BCEWithLogitsLoss|module '|layer '|engine=|block )"
+)
+
+# --- models from building blocks ---------------------------------------------------------
+
+
+class Residual(nn.Module):
+    """``x + tanh(W x)``: not a ``Sequential`` (the hooks engine only)."""
+
+    def __init__(self, width: int, bias: bool) -> None:
+        super().__init__()
+        self.inner = nn.Linear(width, width, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + torch.tanh(self.inner(x))
+
+
+FAMILIES = ("mlp", "conv1d", "conv2d", "embedding")
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+BLOCKS = {
+    # the blocks each family can stack after its first layer
+    "mlp": ("tanh", "relu", "sigmoid", "gelu", "linear", "layernorm", "batchnorm", "residual"),
+    "conv1d": ("tanh", "relu", "conv", "batchnorm"),
+    "conv2d": ("sigmoid", "relu", "conv", "batchnorm"),
+    "embedding": ("tanh", "linear", "layernorm", "residual"),
+}
+VOCAB, TOKENS = 5, 3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    width: int
+    blocks: tuple[str, ...]
+    bias: bool
+    kernel: int  # convolutions
+    stride: int
+    padding: int
+    batchnorm_train: bool
+    num_outputs: int
+
+    def input(self, n: int, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+        if self.family == "embedding":
+            return torch.randint(0, VOCAB, (n, TOKENS), generator=gen)
+        shape = {"mlp": (3,), "conv1d": (2, 5), "conv2d": (2, 4, 4)}[self.family]
+        return torch.randn(n, *shape, generator=gen, dtype=dtype)
+
+    def build(self, dtype: torch.dtype, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        w, bias = self.width, self.bias
+        conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d}.get(self.family)
+        norm = {"conv2d": nn.BatchNorm2d}.get(self.family, nn.BatchNorm1d)
+        layers: list[nn.Module]
+        if self.family == "mlp":
+            layers = [nn.Linear(3, w, bias=bias)]
+        elif self.family == "embedding":
+            layers = [nn.Embedding(VOCAB, w)]
+        else:
+            assert conv is not None
+            layers = [conv(2, w, self.kernel, stride=self.stride, padding=self.padding, bias=bias)]
+        for block in self.blocks:
+            if block in ACTIVATIONS:
+                layers.append(ACTIVATIONS[block]())
+            elif block == "linear":
+                layers.append(nn.Linear(w, w, bias=bias))
+            elif block == "conv":
+                assert conv is not None
+                layers.append(conv(w, w, 1, bias=bias))
+            elif block == "layernorm":
+                layers.append(nn.LayerNorm(w))
+            elif block == "batchnorm":
+                layers.append(norm(w))
+            else:
+                layers.append(Residual(w, bias))
+        layers.append(nn.Flatten())
+        features = nn.Sequential(*layers).eval()
+        with torch.no_grad():
+            width = features(self.input(2, torch.float32, torch.Generator())).shape[1]
+        model = nn.Sequential(*layers, nn.Linear(width, self.num_outputs, bias=bias))
+        for m in model.modules():
+            if isinstance(m, NORM_LAYERS):  # not the identity at initialisation
+                with torch.no_grad():
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+        model = model.to(dtype).eval()
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.train(self.batchnorm_train)
+        return model
+
+    @property
+    def couples_samples(self) -> bool:
+        return self.batchnorm_train and "batchnorm" in self.blocks
+
+
+@st.composite
+def model_specs(draw: st.DrawFn, batch_size: int) -> ModelSpec:
+    family = draw(st.sampled_from(FAMILIES))
+    blocks = tuple(draw(st.lists(st.sampled_from(BLOCKS[family]), max_size=3)))
+    kernel = draw(st.integers(1, 3))
+    return ModelSpec(
+        family=family,
+        width=draw(st.integers(1, 3)),
+        blocks=blocks,
+        bias=draw(st.booleans()),
+        kernel=kernel,
+        stride=draw(st.integers(1, 2)),
+        padding=draw(st.integers(0, kernel - 1)),
+        # BatchNorm in train mode needs more than one value per channel
+        batchnorm_train=batch_size > 1 and draw(st.booleans()),
+        num_outputs=draw(st.integers(1, 3)),
+    )
+
+
+# --- backends ----------------------------------------------------------------------------
+
+FISHER_TYPES = {info.name: info.fisher_types for info in BACKENDS}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    kwargs: tuple[tuple[str, object], ...]
+
+    @property
+    def options(self) -> dict[str, object]:
+        return dict(self.kwargs)
+
+    @property
+    def fisher_type(self) -> str:
+        default = "empirical" if self.name == "empirical_fisher" else "exact"
+        return str(self.options.get("fisher_type", default))
+
+
+@st.composite
+def backend_specs(draw: st.DrawFn) -> BackendSpec:
+    name = draw(st.sampled_from(sorted(curvlab.available())))
+    kwargs: dict[str, object] = {"engine": draw(st.sampled_from(("auto", "hooks", "backpack")))}
+    if FISHER_TYPES[name]:
+        kwargs["fisher_type"] = draw(st.sampled_from(FISHER_TYPES[name]))
+        if kwargs["fisher_type"] == "mc":
+            kwargs["mc_samples"] = draw(st.integers(1, 3))
+    if name in ("kfac", "kfc", "ekfac"):
+        kwargs["kfac_approx"] = draw(st.sampled_from(("expand", "reduce")))
+    if name in ("kfac", "kfc"):
+        kwargs["structure"] = draw(st.sampled_from(("block_diagonal", "block_tridiagonal")))
+    return BackendSpec(name, tuple(kwargs.items()))
+
+
+# --- checks ------------------------------------------------------------------------------
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 1e-7 if dtype == torch.float64 else 2e-3
+
+
+def _close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    actual, expected = actual.double(), expected.double()
+    atol = tol * max(float(expected.abs().max()), 1e-12)
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _assert_curvlab_error(error: BaseException) -> None:
+    """``error`` was raised by curvlab's own code, of a documented type, naming the culprit."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = frames[-1].filename if frames else "?"
+    detail = f"{type(error).__name__} raised in {where}: {error}"
+    assert isinstance(error, (ValueError, TypeError, RuntimeError, FloatingPointError)), detail
+    assert where.startswith(CURVLAB_DIR), f"not a curvlab error: {detail}"
+    assert CULPRIT.search(str(error)), f"the message names no culprit: {detail}"
+
+
+def _in_order(matrix: Tensor, c: curvlab.Curvature, model: nn.Module) -> Tensor:
+    """``matrix`` (reference parameter order) in the order of ``c.params``."""
+    start, where = 0, {}
+    for _, p in ref.flat_params(model):
+        where[id(p)] = torch.arange(start, start + p.numel())
+        start += p.numel()
+    index = torch.cat([where[id(p)] for p in c.params])
+    return matrix[index.unsqueeze(1), index.unsqueeze(0)]
+
+
+def _mask(c: curvlab.Curvature, groups: list[list[nn.Parameter]]) -> Tensor:
+    position, start = {}, 0
+    for p in c.params:
+        position[id(p)] = torch.arange(start, start + p.numel())
+        start += p.numel()
+    mask = torch.zeros(c.num_params, c.num_params, dtype=torch.bool)
+    for group in groups:
+        index = torch.cat([position[id(p)] for p in group])
+        mask[index.unsqueeze(1), index.unsqueeze(0)] = True
+    return mask
+
+
+def _norm_params(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}
+
+
+def _check_against_reference(
+    c: curvlab.Curvature,
+    backend: BackendSpec,
+    spec: ModelSpec,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    dense: Tensor,
+    tol: float,
+) -> None:
+    fisher_type, name = backend.fisher_type, backend.name
+    full_fn = ref.ggn if fisher_type == "exact" else ref.empirical_fisher
+    full = _in_order(full_fn(model, loss_fn, x, y), c, model)
+    if name in ("exact_fisher", "empirical_fisher"):
+        _close(dense, full, tol, name)
+    elif name == "block_diagonal":
+        _close(dense, full * _mask(c, [list(layer.params) for layer in c.layers]), tol, name)
+    elif name == "diagonal":
+        _close(dense, torch.diag(torch.diagonal(full)), tol, name)
+    elif name == "block_tridiagonal":
+        # the completion agrees with F on the diagonal blocks and on the chained pairs
+        order = [c.layers[i] for i in getattr(c, "_order", range(len(c.layers)))]
+        groups = [list(layer.params) for layer in c.layers]
+        if hasattr(c, "_order"):
+            groups += [list(a.params) + list(b.params) for a, b in itertools.pairwise(order)]
+        mask = _mask(c, groups)
+        _close(dense * mask, full * mask, tol, name)
+    elif name in ("kfac", "kfc") and backend.options["structure"] == "block_diagonal":
+        approx = str(backend.options["kfac_approx"])
+        names = [layer.name for layer in c.layers]
+        factors = ref.kfac_reference(
+            model, loss_fn, x, y, names, fisher_type, approx, sqrt="curvlinops"
+        )
+        expected = _in_order(ref.kfac_dense(model, factors), c, model)
+        coverage = c.coverage()
+        diagonal = torch.cat([
+            torch.full((p.numel(),), coverage[n] == "diagonal")
+            for p, n in zip(c.params, c.param_names)
+        ])  # fmt: skip
+        expected[diagonal] = 0.0
+        expected[diagonal, diagonal] = torch.diagonal(full)[diagonal]
+        keep = torch.ones(c.num_params, dtype=torch.bool)
+        if spec.couples_samples:
+            # normalisation layers' diagonal blocks take per-sample gradients at the layer
+            # (samples treated as independent, as K-FAC does): exact only without coupling
+            norms = _norm_params(model)
+            at_layer = torch.cat([
+                torch.full((p.numel(),), id(p) in norms) for p in c.params
+            ])  # fmt: skip
+            keep &= ~at_layer
+        _close(dense[keep][:, keep], expected[keep][:, keep], tol, name)
+    elif name == "ekfac" and fisher_type == "exact" and backend.options["kfac_approx"] == "expand":
+        if spec.couples_samples:
+            return
+        start = 0
+        for layer, (q_g, q_a), s in zip(c.layers, c.eigenbasis(), c.scalings()):
+            inverse = torch.argsort(parameter_order(layer.module))
+            block = full[start : start + layer.numel, start : start + layer.numel]
+            block = block[inverse][:, inverse]  # parameter order -> row-major [W | b]
+            q = torch.kron(q_g.double(), q_a.double())
+            _close(s.reshape(-1), torch.diagonal(q.T @ block @ q), tol, f"EKFAC S* {layer.name}")
+            start += layer.numel
+
+
+def _targets(loss_fn: nn.Module, n: int, c: int, dtype: torch.dtype, gen: torch.Generator):
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return torch.randint(0, c, (n,), generator=gen)
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        return torch.randint(0, 2, (n, c), generator=gen).to(dtype)
+    return torch.randn(n, c, generator=gen, dtype=dtype)
+
+
+TIKHONOV = {info.name for info in BACKENDS if info.tikhonov_solve}
+LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn):  # type: ignore[no-untyped-def]
+    batch_size = draw(st.integers(1, 4))
+    return (
+        draw(model_specs(batch_size)),
+        draw(st.sampled_from(LOSSES)),
+        draw(st.sampled_from(("mean", "sum"))),
+        batch_size,
+        draw(st.sampled_from((torch.float32, torch.float64))),
+        draw(backend_specs()),
+        draw(st.integers(0, 3)),  # seed
+    )
+
+
+def run_scenario(
+    spec: ModelSpec,
+    loss_cls: type[nn.Module],
+    reduction: str,
+    n: int,
+    dtype: torch.dtype,
+    backend: BackendSpec,
+    seed: int,
+) -> None:
+    """One fuzz example (also what a regression test calls)."""
+    model = spec.build(dtype, seed)
+    loss_fn = loss_cls(reduction=reduction)
+    gen = torch.Generator().manual_seed(seed)
+    x = spec.input(n, dtype, gen)
+    y = _targets(loss_fn, n, spec.num_outputs, dtype, gen)
+    try:
+        c = curvlab.make(backend.name, model, loss_fn, **backend.options)
+        torch.manual_seed(seed)
+        c.update(x, y)
+        dense = c.to_dense()
+        v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in c.params]
+        mv = c.matvec(v)
+        solved = c.solve(v, 0.1)
+    except Exception as error:
+        _assert_curvlab_error(error)
+        return
+    tol = _tolerance(dtype)
+    what = f"{backend.name} {backend.options}"
+    assert dense.shape == (c.num_params, c.num_params) and dense.dtype == dtype, what
+    assert bool(torch.isfinite(dense).all()), f"{what}: non-finite curvature"
+    flat_v = torch.cat([t.reshape(-1) for t in v])
+    flat_solved = torch.cat([t.reshape(-1) for t in solved])
+    assert bool(torch.isfinite(flat_solved).all()), f"{what}: non-finite solve"
+    _close(dense, dense.T, tol, f"{what} symmetric")
+    d64 = dense.double()
+    eigs = torch.linalg.eigvalsh((d64 + d64.T) / 2)
+    assert float(eigs.min()) >= -tol * max(float(eigs.max()), 1.0), f"{what}: not PSD {eigs}"
+    _close(torch.cat([t.reshape(-1) for t in mv]), dense @ flat_v, tol, f"{what} matvec")
+    tridiagonal = backend.options.get("structure") == "block_tridiagonal"
+    if backend.name in TIKHONOV and not tridiagonal:
+        damped = d64 + 0.1 * torch.eye(c.num_params, dtype=torch.float64)
+        _close(damped @ flat_solved.double(), flat_v, 10 * tol, f"{what} solve")
+    if backend.fisher_type != "mc":
+        _check_against_reference(c, backend, spec, model, loss_fn, x, y, d64, tol)
+
+
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(scenarios())
+def test_every_backend_matches_its_reference_or_names_the_culprit(scenario) -> None:
+    run_scenario(*scenario)
+
+
+# --- regressions found by fuzzing ------------------------------------------------------------
+
+
+def _embedding_model(dtype: torch.dtype, padding_idx: int | None) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(VOCAB, 2, padding_idx=padding_idx), nn.Flatten(), nn.Linear(2 * TOKENS, 3)
+    )
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "padding_idx"), [(torch.float64, None), (torch.float32, 0)], ids=["float64", "pad"]
+)
+def test_auto_engine_leaves_embeddings_backpack_cannot_serve_to_the_hooks(
+    dtype: torch.dtype, padding_idx: int | None
+) -> None:
+    # engine="auto" took BackPACK, whose embedding derivatives build their one-hot inputs in
+    # the default dtype ("expected scalar type Float but found Double") and refuse padding_idx
+    model, loss_fn = _embedding_model(dtype, padding_idx), nn.CrossEntropyLoss()
+    x, y = torch.randint(0, VOCAB, (4, TOKENS)), torch.tensor([0, 1, 2, 0])
+    auto = curvlab.ExactFisher(model, loss_fn)
+    auto.update(x, y)
+    _close(auto.to_dense(), ref.ggn(model, loss_fn, x, y), _tolerance(dtype), "ExactFisher")
+    with pytest.raises(ValueError, match=r"engine='backpack'.*module '0' \(Embedding\)"):
+        curvlab.ExactFisher(model, loss_fn, engine="backpack")
+
+
+def test_minimal_float64_embedding_scenario() -> None:
+    spec = ModelSpec("embedding", 1, (), False, 1, 1, 0, False, 1)
+    backend = BackendSpec("block_diagonal", (("engine", "auto"), ("fisher_type", "exact")))
+    run_scenario(spec, nn.CrossEntropyLoss, "mean", 1, torch.float64, backend, 0)
