@@ -6,8 +6,14 @@ from curvlab.curvature.dense.block_tridiagonal import BlockTridiagonal
 from curvlab.curvature.dense.empirical import EmpiricalFisher
 from curvlab.curvature.dense.exact import ExactFisher
 from curvlab.curvature.diagonal import DiagonalFisher
-from curvlab.curvature.kronecker.ekfac import EKFAC
-from curvlab.curvature.kronecker.kfac import KFAC, KFC, KroneckerFactors
+from curvlab.curvature.kronecker import (
+    EKFAC,
+    KFAC,
+    KFC,
+    BlockTridiagonalKFAC,
+    KroneckerFactored,
+    KroneckerFactors,
+)
 
 __all__ = [
     "EKFAC",
@@ -15,11 +21,13 @@ __all__ = [
     "KFC",
     "BlockDiagonal",
     "BlockTridiagonal",
+    "BlockTridiagonalKFAC",
     "Curvature",
     "DecompositionBlock",
     "DiagonalFisher",
     "EmpiricalFisher",
     "ExactFisher",
+    "KroneckerFactored",
     "KroneckerFactors",
     "Layer",
     "NamedTensor",

@@ -561,7 +561,7 @@ class Curvature(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict()`` returned (for the same backend and model)."""
-        if state.get("backend") != type(self).__name__:
+        if not self._owns_state(state):
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: the state belongs to "
                 f"{state.get('backend')!r}."
@@ -571,6 +571,10 @@ class Curvature(abc.ABC):
         self.num_samples = int(state["num_samples"])
         self._weight_sum = float(state["weight_sum"])
         self._statistics_changed()
+
+    def _owns_state(self, state: dict[str, Any]) -> bool:
+        """Whether ``state`` (a ``state_dict()``) was written by this kind of backend."""
+        return bool(state.get("backend") == type(self).__name__)
 
     # --- distribution (curvlab.optim.distributed) ---------------------------------------------
 

@@ -1,8 +1,23 @@
-"""Kronecker-factored backends: ``KFAC`` (Linear, Embedding), ``KFC`` (+ convolutions),
-their block-tridiagonal structure (:mod:`~curvlab.curvature.kronecker.tridiagonal`) and
-``EKFAC``. The math is on the docs page ``concepts/kronecker.md``."""
+"""Kronecker-factored backends, on one base (:mod:`~curvlab.curvature.kronecker.factored`):
+``KFAC`` (Linear, Embedding) and ``KFC`` (+ convolutions) with independent layer blocks,
+``BlockTridiagonalKFAC`` with consecutive layers coupled, and ``EKFAC``. The math is on
+the docs page ``concepts/kronecker.md``."""
 
 from curvlab.curvature.kronecker.ekfac import EKFAC
-from curvlab.curvature.kronecker.kfac import KFAC, KFC, KroneckerFactors
+from curvlab.curvature.kronecker.factored import (
+    BlockDiagonalKronecker,
+    KroneckerFactored,
+    KroneckerFactors,
+)
+from curvlab.curvature.kronecker.kfac import KFAC, KFC
+from curvlab.curvature.kronecker.tridiagonal import BlockTridiagonalKFAC
 
-__all__ = ["EKFAC", "KFAC", "KFC", "KroneckerFactors"]
+__all__ = [
+    "EKFAC",
+    "KFAC",
+    "KFC",
+    "BlockDiagonalKronecker",
+    "BlockTridiagonalKFAC",
+    "KroneckerFactored",
+    "KroneckerFactors",
+]

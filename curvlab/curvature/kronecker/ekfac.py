@@ -31,9 +31,14 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import NamedTensor, Vector
-from curvlab.curvature.kronecker.kfac import KFAC, KroneckerFactors, LayerSpec, _as_matrix
-from curvlab.extraction import BatchResult, KroneckerBatch
+from curvlab.curvature.base import NamedTensor
+from curvlab.curvature.kronecker.factored import (
+    BlockDiagonalKronecker,
+    KroneckerFactors,
+    LayerSpec,
+    _as_matrix,
+)
+from curvlab.extraction import KroneckerBatch
 from curvlab.extraction import layers as layer_rules
 from curvlab.registry import register
 
@@ -42,7 +47,7 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 @register("ekfac")
-class EKFAC(KFAC):
+class EKFAC(BlockDiagonalKronecker):
     """Eigenvalue-corrected K-FAC. Arguments as for :class:`KFAC` (which layers: ``KFC``'s).
 
     ``solve`` applies ``Q [(Qᵀ v) ⊘ (S* + λ)]`` exactly (EKFAC's natural damping, as in
@@ -83,7 +88,6 @@ class EKFAC(KFAC):
             fisher_type=fisher_type,
             mc_samples=mc_samples,
             kfac_approx=kfac_approx,
-            damping_mode="exact",
             layers=layers,
             exclude=exclude,
             strict=strict,
@@ -98,14 +102,8 @@ class EKFAC(KFAC):
 
     _keep_raw = True
 
-    def _accumulate(self, result: BatchResult, weight: float) -> None:
-        if len(self._diag()):
-            self._diag().accumulate(result, weight)
-        if not self.layers:
-            self._s_sum = []
-            return
-        batches = self._layer_batches(result)
-        self._add_factors(batches, weight)
+    def _accumulate_layers(self, batches: list[KroneckerBatch], weight: float) -> None:
+        super()._accumulate_layers(batches, weight)
         if self._basis is None:
             self._basis = self._factor_eigenbases(across_processes=True)
             self._basis_id += 1
@@ -191,16 +189,10 @@ class EKFAC(KFAC):
     def scalings(self) -> list[Tensor]:
         """Per layer ``S*`` ``[D_out, D_in(+1)]``: the refitted eigenvalues, normalised."""
         self._check_ready("scalings")
-        assert self._s_sum is not None
-        return [s / self._normalizer for s in self._s_sum]
-
-    def _apply(self, v: Vector, transform: Any) -> Vector:
-        result: Vector = []
-        for k, (_, parts) in enumerate(self._per_layer(v)):
-            result.extend(self._apply_layer(k, parts, transform))
-        return result
+        return [s / self._normalizer for s in self._s_sum or []]
 
     def _apply_layer(self, k: int, parts: list[Tensor], transform: Any) -> list[Tensor]:
+        """``Q transform(Qᵀ V Q, S*) Qᵀ`` for layer ``k``'s part ``V`` of a vector."""
         assert self._basis is not None and self._s_sum is not None
         layer, (q_g, q_a) = self.layers[k], self._basis[k]
         s = self._s_sum[k] / self._normalizer
@@ -208,20 +200,19 @@ class EKFAC(KFAC):
         out = q_g @ transform(q_g.T @ mat @ q_a, s) @ q_a.T
         return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
 
-    def _matvec(self, v: Vector) -> Vector:
-        out = self._apply(v, lambda x, s: x * s)
-        if len(self._diag()):
-            out.extend(self._diag().matvec(self._tail(v), self._normalizer))
-        return out
+    def _matvec_layer(self, k: int, parts: list[Tensor]) -> list[Tensor]:
+        return self._apply_layer(k, parts, lambda x, s: x * s)
 
-    def _solve(self, v: Vector, damping: float) -> Vector:
+    def _solve_layer(self, k: int, parts: list[Tensor], damping: float) -> list[Tensor]:
         if damping == 0.0:
-            for k in range(len(self.layers)):
-                self._check_invertible_scaling(k)
-        out = self._apply(v, lambda x, s: x / (s + damping))
-        if len(self._diag()):
-            out.extend(self._diag().solve(self._tail(v), damping, self._normalizer))
-        return out
+            self._check_invertible_scaling(k)
+        return self._apply_layer(k, parts, lambda x, s: x / (s + damping))
+
+    def _dense_layer(self, k: int) -> Tensor:
+        (q_g, q_a), s = self.eigenbasis()[k], self.scalings()[k]
+        q = torch.kron(q_g, q_a)
+        perm = layer_rules.parameter_order(self.layers[k].module)
+        return (q @ torch.diag(s.reshape(-1)) @ q.T)[perm][:, perm]
 
     def _check_invertible_scaling(self, k: int) -> None:
         assert self._s_sum is not None
@@ -232,12 +223,13 @@ class EKFAC(KFAC):
                 "eigenvalues; use damping > 0."
             )
 
-    # --- distribution: the basis is fixed when the statistics are taken, so a block's
-    # "decomposition" is empty; a block's work is its projection (solve_block) --------------
+    # --- distribution: the basis is fixed when the statistics are taken, so a block has
+    # nothing to decompose (Curvature's default); its work is the projection in solve_block
 
     def _sums(self) -> list[NamedTensor]:
-        assert self._s_sum is not None
-        scalings = [NamedTensor(f"{self._layer_label(k)} S*", s) for k, s in enumerate(self._s_sum)]
+        scalings = [
+            NamedTensor(f"{self._layer_label(k)} S*", s) for k, s in enumerate(self._s_sum or [])
+        ]
         return [*scalings, *super()._sums()]
 
     def _load_sums(self, sums: list[Tensor]) -> None:
@@ -248,22 +240,6 @@ class EKFAC(KFAC):
     def _layer_cost(self, d_out: int, d_in: int) -> float:
         """The two-sided projection of one solve: ``O(d_out² d_in + d_out d_in²)``."""
         return float(d_out * d_out * d_in + d_out * d_in * d_in)
-
-    def _decompose(self, index: int, damping: float) -> None:
-        pass
-
-    def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
-        return []
-
-    def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
-        pass
-
-    def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
-        if self._is_diagonal_block(index):
-            return self._diag().solve(v, damping, self._normalizer)
-        if damping == 0.0:
-            self._check_invertible_scaling(index)
-        return self._apply_layer(index, v, lambda x, s: x / (s + damping))
 
     # --- closed forms in the eigenbasis: the spectrum is S* ------------------------------
 
@@ -286,17 +262,6 @@ class EKFAC(KFAC):
         squares = [s.square().sum() for s in self.scalings()]
         squares += [d.square().sum() for d in self._tail_diagonal()]
         return torch.stack(squares).sum().sqrt()
-
-    def _to_dense(self) -> Tensor:
-        blocks = []
-        for layer, (q_g, q_a), s in zip(self.layers, self.eigenbasis(), self.scalings()):
-            q = torch.kron(q_g, q_a)
-            block = q @ torch.diag(s.reshape(-1)) @ q.T
-            perm = layer_rules.parameter_order(layer.module)
-            blocks.append(block[perm][:, perm])
-        if len(self._diag()):
-            blocks.append(self._diag().to_dense(self._normalizer))
-        return torch.block_diag(*blocks)
 
     def _state(self) -> dict[str, Any]:
         return {

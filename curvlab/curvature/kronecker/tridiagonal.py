@@ -1,7 +1,9 @@
 """K-FAC's block-tridiagonal inverse (Martens & Grosse 2015 §4.3, App. B;
 concepts/block_tridiagonal.md#the-math).
 
-Used by ``KFAC(..., structure="block_tridiagonal")`` (and ``KFC``). Layers are chained in
+:class:`BlockTridiagonalKFAC` (also built by ``KFAC(..., structure="block_tridiagonal")`` and
+``KFC(...)``) holds the factors of every layer and a :class:`KroneckerChain` of the cross
+moments and the damped inverse. Layers are chained in
 forward-call order. Two consecutive layers are *coupled* when both see one position per
 sample (no weight sharing: ``T = 1``), so that their statistics share the sample axis;
 the cross moments are then accumulated from the same samples and columns, with the same
@@ -27,15 +29,20 @@ damped (concepts/block_tridiagonal.md#the-math). Per maximal coupled run ``1..m`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from curvlab import linalg
+from curvlab.curvature.base import DecompositionBlock, NamedTensor, Vector
+from curvlab.curvature.chain import ForwardOrder, chain_completion
+from curvlab.curvature.kronecker.factored import KroneckerFactored, LayerSpec, _as_matrix
 from curvlab.extraction import KroneckerBatch
+from curvlab.extraction import layers as layer_rules
 
 
 @dataclass
@@ -208,6 +215,249 @@ class KroneckerChain:
                 out[i] = u
         assert all(o is not None for o in out)
         return [o for o in out if o is not None]
+
+
+class BlockTridiagonalKFAC(KroneckerFactored):
+    """K-FAC with consecutive layers coupled: a block-tridiagonal inverse (Martens & Grosse
+    2015 §4.3; concepts/block_tridiagonal.md#the-math).
+
+    The factors are K-FAC's; the layers are chained in forward order and each coupled
+    boundary adds the cross moments ``Ā_{k,k+1}``, ``G_{k,k+1}`` (module docstring). The
+    damped inverse uses factored damping of the diagonal factors (the only damping defined
+    for it); ``matvec``/``to_dense`` and the spectral quantities use the dense completion
+    (small models). Every parameter must sit in a Kronecker block.
+
+    Args:
+        model, loss_fn, fisher_type, mc_samples, kfac_approx, layers, exclude, strict,
+        engine, statistics_fraction: as for :class:`~curvlab.KFAC`.
+        layer_types: the layer types that get Kronecker blocks (default: ``KFC``'s —
+            Linear, Embedding and convolutions; ``KFAC(structure="block_tridiagonal")``
+            passes ``KFAC``'s).
+    """
+
+    structure = "block_tridiagonal"
+    damping_mode = "factored"
+    _keep_raw = True  # cross moments need the per-sample patches and columns
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        fisher_type: str = "mc",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        layers: Sequence[LayerSpec] | None = None,
+        exclude: Sequence[LayerSpec] | None = None,
+        strict: bool = False,
+        engine: str = "auto",
+        statistics_fraction: float = 1.0,
+        layer_types: tuple[type[nn.Module], ...] | None = None,
+    ) -> None:
+        if layer_types is not None:
+            self.supported_layers = tuple(layer_types)
+        super().__init__(
+            model,
+            loss_fn,
+            fisher_type=fisher_type,
+            mc_samples=mc_samples,
+            kfac_approx=kfac_approx,
+            layers=layers,
+            exclude=exclude,
+            strict=strict,
+            engine=engine,
+            statistics_fraction=statistics_fraction,
+        )
+        owner = type(self).__name__
+        if len(self._diag()):
+            raise ValueError(
+                f"{owner}: the block-tridiagonal structure chains Kronecker blocks only; "
+                f"{self._diag().names} have no Kronecker rule. Exclude their modules."
+            )
+        self._forward = ForwardOrder(
+            self.model,
+            [layer.module for layer in self.layers],
+            [layer.name for layer in self.layers],
+            owner=owner,
+        )
+        self._chain = KroneckerChain(owner, len(self.layers))
+        self._chain_cache: tuple[float, Any, Any] | None = None
+
+    # --- statistics -------------------------------------------------------------------
+
+    def _accumulate_layers(self, batches: list[KroneckerBatch], weight: float) -> None:
+        super()._accumulate_layers(batches, weight)
+        self._chain.accumulate(batches, weight, self._forward.confirm())
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._chain.reset()
+
+    def _statistics(self) -> dict[str, Any]:
+        cross = self._chain.cross(self._normalizer)
+        return {
+            **super()._statistics(),
+            "A_cross": [None if c is None else c[0] for c in cross],
+            "G_cross": [None if c is None else c[1] for c in cross],
+        }
+
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        super()._load_statistics(stats)
+        state = self._chain.state()
+        state.update(a_cross=stats["A_cross"], g_cross=stats["G_cross"], a_cross_count=1)
+        self._chain.load(state, copy=False)
+
+    def _invalidate(self) -> None:
+        self._chain_cache = None
+
+    # --- products: the damped inverse is structured, the matrix itself is dense ----------
+
+    def _matvec(self, v: Vector) -> Vector:
+        x = self._flatten(v)  # F̂ has dense off-tridiagonal blocks: dense product
+        return self._unflatten(self._to_dense().to(x.dtype) @ x)
+
+    def _solve(self, v: Vector, damping: float) -> Vector:
+        _, links, inverses = self._factorisation(damping)
+        parts = self._per_layer(v)
+        mats = [_as_matrix(layer, p).to(inverses[0][0].dtype) for layer, p in parts]
+        result: Vector = []
+        for (layer, p), out in zip(parts, self._chain.solve(mats, links, inverses)):
+            result.extend(layer_rules.from_matrix(layer.module, out.to(p[0].dtype)))
+        return result
+
+    def _factorisation(self, damping: float) -> tuple[float, Any, Any]:
+        """``(damping, links, inverses)`` of the chain, cached per damping."""
+        if self._chain_cache is None or self._chain_cache[0] != damping:
+            _, links, inverses = self._chain.factorise(
+                self.factors(), self._chain.cross(self._normalizer), damping
+            )
+            self._chain_cache = (damping, links, inverses)
+            self.num_decompositions += 1
+        return self._chain_cache
+
+    def _to_dense(self) -> Tensor:
+        """The Gaussian-chain completion of each coupled run
+        (concepts/block_tridiagonal.md#the-math)."""
+        perms = [layer_rules.parameter_order(layer.module) for layer in self.layers]
+        blocks = [
+            linalg.kron_dense(f.G, f.A)[perm][:, perm] for perm, f in zip(perms, self.factors())
+        ]
+        assert self._chain.order is not None
+        cross = self._chain.cross(self._normalizer)
+        off_by_first = {
+            self._chain.order[k]: (self._chain.order[k + 1], pair)
+            for k, pair in enumerate(cross)
+            if pair is not None
+        }
+        offsets = [0]
+        for layer in self.layers:
+            offsets.append(offsets[-1] + layer.numel)
+        dense = blocks[0].new_zeros(offsets[-1], offsets[-1])
+        for run in self._chain.runs():
+            off = []
+            for i in run[:-1]:
+                j, (a_cross, g_cross) = off_by_first[i]
+                off.append(linalg.kron_dense(g_cross, a_cross)[perms[i]][:, perms[j]])
+            completed = chain_completion([blocks[i] for i in run], off)
+            index = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in run])
+            dense[index.unsqueeze(1), index.unsqueeze(0)] = completed
+        return dense
+
+    # trace, diagonal, norm, logdet and eigenvalues: Curvature's, from the dense completion
+
+    # --- distribution: the coupled layers are factorised together, as one block ----------
+
+    def _structure_sums(self) -> list[NamedTensor]:
+        sums = []
+        for k, (a_cross, g_cross) in enumerate(zip(self._chain.a_sum, self._chain.g_sum)):
+            if a_cross is not None and g_cross is not None:
+                sums.append(NamedTensor(f"cross-layer boundary {k} A", a_cross))
+                sums.append(NamedTensor(f"cross-layer boundary {k} G", g_cross))
+        return sums
+
+    def _load_structure_sums(self, sums: list[Tensor]) -> None:
+        cross = iter(sums)
+        for k, a in enumerate(self._chain.a_sum):
+            if a is not None:
+                self._chain.a_sum[k], self._chain.g_sum[k] = next(cross), next(cross)
+
+    def _counts(self) -> list[float]:
+        return [*super()._counts(), float(self._chain.a_count)]
+
+    def _load_counts(self, counts: list[float]) -> None:
+        super()._load_counts(counts)
+        self._chain.a_count = round(counts[len(self.layers)])
+
+    def _decomposition_blocks(self) -> list[DecompositionBlock]:
+        sizes = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
+        return [
+            DecompositionBlock(
+                index=0,
+                name=f"{type(self).__name__} block-tridiagonal chain (all layers)",
+                param_indices=tuple(range(len(self.params))),
+                cost=float(sum(d_out**3 + d_in**3 for d_out, d_in in sizes)),
+            )
+        ]
+
+    def _decompose(self, index: int, damping: float) -> None:
+        self._factorisation(damping)
+
+    def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
+        if self._chain_cache is None or self._chain_cache[0] != damping:
+            raise RuntimeError(f"{type(self).__name__}: the chain is not decomposed yet.")
+        _, links, inverses = self._chain_cache
+        out = []
+        for k, (inv_g, inv_a) in enumerate(inverses):
+            out.append(NamedTensor(f"layer {k} Ĝ⁻¹", inv_g, "symmetric"))
+            out.append(NamedTensor(f"layer {k} Â⁻¹", inv_a, "symmetric"))
+        for i in sorted(links):
+            link, name = links[i], f"link {i}"
+            sigma = link.sigma
+            out.extend(
+                NamedTensor(f"{name} {field}", t)
+                for field, t in (
+                    ("Ψ_G", link.psi_g),
+                    ("Ψ_A", link.psi_a),
+                    ("Σ U_row", sigma.U_row),
+                    ("Σ s_row", sigma.s_row),
+                    ("Σ U_col", sigma.U_col),
+                    ("Σ s_col", sigma.s_col),
+                    ("Σ denominator", sigma.denominator),
+                )
+            )
+        return out
+
+    def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
+        assert self._chain.order is not None
+        assert self._chain.coupled is not None
+        count = len(self.layers)
+        inverses = [(tensors[2 * k], tensors[2 * k + 1]) for k in range(count)]
+        rest = iter(tensors[2 * count :])
+        links = {}
+        coupled = [self._chain.order[k] for k, c in enumerate(self._chain.coupled) if c]
+        for i in sorted(coupled):
+            psi_g, psi_a, u_row, s_row, u_col, s_col, den = (next(rest) for _ in range(7))
+            sigma = linalg.KronSumInverse(u_row, s_row, u_col, s_col, den, sign=-1)
+            links[i] = _Link(psi_g=psi_g, psi_a=psi_a, sigma=sigma)
+        self._chain_cache = (damping, links, inverses)
+
+    def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
+        return self._solve(v, damping)
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {**super()._state(), "chain": self._chain.state()}
+
+    def _owns_state(self, state: dict[str, Any]) -> bool:
+        # before this class existed, KFAC/KFC(structure="block_tridiagonal") wrote the state
+        written_by = state.get("backend")
+        chained = isinstance(state.get("statistics"), dict) and "chain" in state["statistics"]
+        return super()._owns_state(state) or (written_by in ("KFAC", "KFC") and chained)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        self._chain.load(state["chain"], copy=True)
+        self._forward.order = self._chain.order
 
 
 def _shares_samples(first: KroneckerBatch, second: KroneckerBatch) -> bool:

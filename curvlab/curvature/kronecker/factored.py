@@ -1,0 +1,514 @@
+"""The shared base of the Kronecker-factored backends: ``KroneckerFactored``.
+
+Each covered layer's block is built from two factors on the row-major homogeneous weight
+matrix ``[W | b]`` (concepts/kronecker.md#notation-and-the-vec-convention;
+concepts/kronecker.md#k-fac-for-linear-layers), permuted into the ``[vec(W), b]`` parameter
+order:
+
+* ``A = Σ ā āᵀ / count``: layer inputs with the homogeneous 1; expand averages over
+  samples and weight-sharing positions (``count = N·T``), reduce over samples of the
+  position-averaged input (concepts/kronecker.md#weight-sharing-expand-and-reduce).
+  Independent of the loss's reduction.
+* ``G = Σ g gᵀ`` on the loss's scale: ``g`` are the loss-Hessian square-root columns
+  backpropagated to the layer output (``"exact"``), their Monte-Carlo version (``"mc"``)
+  or the observed-label output gradients (``"empirical"``); expand sums the outer
+  products over positions, reduce sums ``g`` over positions first. For convolutions,
+  expand is KFC.
+
+These are curvlinops' ``KFACLinearOperator`` factors with ``separate_weight_and_bias=False``.
+They come from a :class:`~curvlab.extraction.KroneckerStatistics` request; a layer's
+memory is two small matrices, never per-sample gradients.
+
+This base owns what every Kronecker structure shares — which layers get a Kronecker block
+(and the diagonal blocks of every other trainable parameter), the factor statistics, their
+sums for distribution, the state — and the closed forms of block-diagonal structures from
+each layer's spectrum. The structures are subclasses: :class:`~curvlab.KFAC` (eigen- or
+Cholesky-damped blocks), :class:`~curvlab.EKFAC` (K-FAC's eigenbasis with a refitted
+diagonal) and :class:`~curvlab.BlockTridiagonalKFAC` (consecutive layers coupled).
+
+**Coverage.** Every trainable parameter is covered by default: layers with a Kronecker
+rule (``Linear``, ``ConvNd``, ``Embedding`` — see ``supported_layers``) get a Kronecker
+block; every other parameter (normalisation layers, raw ``nn.Parameter``s, recurrent
+weights, transposed convolutions, parameters shared between modules, the projections of
+``nn.MultiheadAttention``, which it calls functionally) gets a diagonal block of the same
+Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`), placed after the
+Kronecker layers in ``params``. ``strict=True`` refuses such parameters instead;
+``coverage()`` tells which parameter sits in which kind of block.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from curvlab.curvature.base import (
+    Curvature,
+    DecompositionBlock,
+    Layer,
+    NamedTensor,
+    Vector,
+    find_layers,
+)
+from curvlab.curvature.diagonal import DiagonalBlocks
+from curvlab.extraction import (
+    BatchResult,
+    KroneckerBatch,
+    KroneckerStatistics,
+    Request,
+    check_fisher_type,
+    check_mc_samples,
+)
+from curvlab.extraction import layers as layer_rules
+
+LayerSpec = str | nn.Module
+
+
+class KroneckerFactors(NamedTuple):
+    """A layer's factors: the block is ``kron(G, A)`` on the row-major ``[W | b]`` matrix."""
+
+    A: Tensor  # [D_in(+1), D_in(+1)]
+    G: Tensor  # [D_out, D_out]
+
+
+class KroneckerFactored(Curvature):
+    """Base of the Kronecker-factored backends (not registered; see the module docstring).
+
+    Args:
+        model, loss_fn, engine: as for :class:`~curvlab.Curvature`.
+        fisher_type: ``"mc"``, ``"exact"`` or ``"empirical"``.
+        mc_samples: sampled labels per input for ``"mc"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` (weight sharing).
+        layers, exclude: which modules get blocks (objects or names).
+        strict: refuse parameters without a Kronecker block instead of a diagonal block.
+        statistics_fraction: factors from this share of each batch.
+        separate_bias: weight and bias in separate blocks (no weight–bias cross entries
+            in ``A``).
+
+    Subclasses implement the products and solves (``_matvec``, ``_solve``, ``_to_dense``)
+    and, for a block-diagonal structure, ``_layer_spectra``.
+    """
+
+    supported_layers: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding)
+    #: Whether the extraction also keeps per-sample patches and columns (EKFAC, and the
+    #: block-tridiagonal structure's cross moments).
+    _keep_raw: bool = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        fisher_type: str = "mc",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        layers: Sequence[LayerSpec] | None = None,
+        exclude: Sequence[LayerSpec] | None = None,
+        strict: bool = False,
+        engine: str = "auto",
+        statistics_fraction: float = 1.0,
+        separate_bias: bool = False,
+    ) -> None:
+        owner = type(self).__name__
+        if not 0.0 < statistics_fraction <= 1.0:
+            raise ValueError(
+                f"{owner}: statistics_fraction must lie in (0, 1], got {statistics_fraction}."
+            )
+        check_fisher_type(fisher_type, ("exact", "mc", "empirical"), owner)
+        check_mc_samples(mc_samples, owner)
+        if kfac_approx not in layer_rules.KFAC_APPROXES:
+            raise ValueError(
+                f"{owner}: unknown kfac_approx {kfac_approx!r}; choose one of "
+                f"{layer_rules.KFAC_APPROXES}."
+            )
+        self.separate_bias = bool(separate_bias)
+        self.statistics_fraction = float(statistics_fraction)
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        self.kfac_approx = kfac_approx
+        self._layer_choice = (layers, exclude)
+        self.strict = strict
+        self._diagonal_blocks: DiagonalBlocks | None = None
+        super().__init__(model, loss_fn, engine=engine)
+        self._a_sum: list[Tensor] | None = None
+        self._owned = False  # whether the sums may be updated in place (see _add_factors)
+        self._a_count = [0] * len(self.layers)
+        self._g_sum: list[Tensor] | None = None
+
+    # --- layer selection --------------------------------------------------------------
+
+    def _select_layers(self, model: nn.Module) -> list[Layer]:
+        owner = type(self).__name__
+        include, exclude = self._layer_choice
+        chosen = _resolve(model, include, "layers", owner) if include is not None else None
+        skipped = _resolve(model, exclude, "exclude", owner) if exclude is not None else set()
+        kronecker, diagonal = [], []
+        uses: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        self._tied = {key for key, count in uses.items() if count > 1}
+        for layer in find_layers(model):
+            key = id(layer.module)
+            if key in skipped or (chosen is not None and key not in chosen):
+                continue
+            reason = self._no_kronecker_reason(model, layer)
+            if reason is None:
+                kronecker.append(layer)
+            elif self.strict:
+                raise ValueError(
+                    f"{owner}: module '{layer.name}' ({type(layer.module).__name__}) has "
+                    f"trainable parameters without a Kronecker block: {reason}. Pass "
+                    f"exclude=['{layer.name}'] to leave it out, or strict=False to give it "
+                    "a diagonal block."
+                )
+            else:
+                diagonal.append(layer)
+        if not kronecker and not diagonal:
+            raise ValueError(f"{owner}: no layer selected (check layers=/exclude=).")
+        self._diagonal_blocks = DiagonalBlocks(
+            diagonal,
+            self.fisher_type,
+            self.mc_samples,
+            owner,
+            at_layers=True,
+            tied=frozenset(self._tied),
+        )
+        return kronecker
+
+    def _no_kronecker_reason(self, model: nn.Module, layer: Layer) -> str | None:
+        """Why ``layer`` gets no Kronecker block, or ``None`` when it gets one."""
+        module = layer.module
+        for name, parent in model.named_modules():
+            if isinstance(parent, nn.MultiheadAttention) and layer.name.startswith(name + "."):
+                return (
+                    "nn.MultiheadAttention calls its projections functionally, so their "
+                    "outputs' gradients cannot be observed"
+                )
+        rule = layer_rules.rule_for(module)
+        if rule is None or not isinstance(module, self.supported_layers):
+            supported = ", ".join(cls.__name__ for cls in self.supported_layers)
+            return f"{type(self).__name__} has Kronecker rules for {supported} only"
+        rule.check(module)
+        weight = getattr(module, "weight", None)
+        if weight is None or not any(p is weight for p in layer.params):
+            return "its weight is frozen or shared with another module (tied)"
+        if any(id(p) in self._tied for p in layer.params):
+            return "a parameter of it is shared with another module (tied weights)"
+        bias = getattr(module, "bias", None)
+        if layer_rules.has_trainable_bias(module) and not any(p is bias for p in layer.params):
+            return "its bias is shared with another module (tied)"
+        return None
+
+    def _diag(self) -> DiagonalBlocks:
+        assert self._diagonal_blocks is not None
+        return self._diagonal_blocks
+
+    def _other_layers(self) -> list[Layer]:
+        return self._diag().layers
+
+    def _block_kind(self, layer: Layer) -> str:
+        return "kronecker" if any(layer is k for k in self.layers) else "diagonal"
+
+    # --- statistics ---------------------------------------------------------------------
+
+    def _requests(self) -> list[Request]:
+        requests: list[Request] = []
+        if self.layers:
+            requests.append(self._kronecker_request())
+        if len(self._diag()):
+            requests.extend(self._diag().requests)
+        return requests
+
+    def _kronecker_request(self) -> KroneckerStatistics:
+        return KroneckerStatistics(
+            self.fisher_type,
+            tuple(layer.module for layer in self.layers),
+            kfac_approx=self.kfac_approx,
+            mc_samples=self.mc_samples,
+            keep_raw=self._keep_raw,
+            sample_fraction=self.statistics_fraction,
+        )
+
+    def _accumulate(self, result: BatchResult, weight: float) -> None:
+        if len(self._diag()):
+            self._diag().accumulate(result, weight)
+        if self.layers:
+            self._accumulate_layers(self._layer_batches(result), weight)
+
+    def _accumulate_layers(self, batches: list[KroneckerBatch], weight: float) -> None:
+        """Add one batch's per-layer statistics (subclasses add what their structure needs)."""
+        self._add_factors(batches, weight)
+
+    def _layer_batches(self, result: BatchResult) -> list[KroneckerBatch]:
+        request = self._kronecker_request()
+        return [result.kronecker_batch(request, layer.module, layer.name) for layer in self.layers]
+
+    def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
+        if self._a_sum is None or self._g_sum is None:
+            # Adopt the first batch's tensors without copying. A may be shared with other
+            # backends of the same extract() and loaded statistics belong to the caller, so
+            # nothing is modified in place until owned (copy-on-write); G is a fresh product.
+            self._a_sum = [b.a_sum for b in batches]
+            self._g_sum = [b.g * weight for b in batches]
+            self._a_count = [b.count for b in batches]
+            self._owned = False
+            return
+        for k, batch in enumerate(batches):
+            if self._owned:
+                self._a_sum[k].add_(batch.a_sum)
+                self._g_sum[k].add_(batch.g, alpha=weight)
+            else:
+                self._a_sum[k] = self._a_sum[k] + batch.a_sum
+                self._g_sum[k] = self._g_sum[k] + weight * batch.g
+            self._a_count[k] += batch.count
+        self._owned = True
+
+    def _reset(self) -> None:
+        self._a_sum = self._g_sum = None
+        self._a_count = [0] * len(self.layers)
+        self._diag().reset()
+
+    def _statistics(self) -> dict[str, Any]:
+        factors = self.factors()
+        stats: dict[str, Any] = {"A": [f.A for f in factors], "G": [f.G for f in factors]}
+        if len(self._diag()):
+            stats["diagonal"] = self._diag().diagonals(self._normalizer)
+        return stats
+
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        self._adopt(stats["A"], [1] * len(self.layers), stats["G"])
+        if len(self._diag()):
+            self._diag().adopt(list(stats["diagonal"]))
+
+    def factors(self) -> list[KroneckerFactors]:
+        """Per layer ``(A, G)``, normalised as described in the module docstring."""
+        self._check_ready("factors")
+        return [self._factor(k) for k in range(len(self.layers))]
+
+    def _factor(self, k: int) -> KroneckerFactors:
+        assert self._a_sum is not None and self._g_sum is not None
+        a = self._a_sum[k] / self._a_count[k]
+        if self.separate_bias and layer_rules.has_trainable_bias(self.layers[k].module):
+            cross = torch.ones_like(a, dtype=torch.bool)
+            cross[:-1, :-1] = False
+            cross[-1, -1] = False
+            a = a.masked_fill(cross, 0.0)  # separate blocks: no weight–bias cross terms
+        return KroneckerFactors(A=a, G=self._g_sum[k] / self._normalizer)
+
+    # --- products ----------------------------------------------------------------------
+
+    def _per_layer(self, v: Vector) -> list[tuple[Layer, list[Tensor]]]:
+        """The Kronecker layers' parts of ``v`` (the diagonal tail: :meth:`_tail`)."""
+        out, start = [], 0
+        for layer in self.layers:
+            stop = start + len(layer.params)
+            out.append((layer, v[start:stop]))
+            start = stop
+        return out
+
+    def _tail(self, v: Vector) -> Vector:
+        """The entries of ``v`` for the diagonal blocks (after the Kronecker layers)."""
+        return list(v[len(v) - len(self._diag()) :])
+
+    def _tail_diagonal(self) -> list[Tensor]:
+        if not len(self._diag()):
+            return []
+        return [d.reshape(-1) for d in self._diag().diagonals(self._normalizer)]
+
+    def _layer_label(self, k: int) -> str:
+        layer = self.layers[k]
+        return f"layer '{layer.name}' ({type(layer.module).__name__})"
+
+    # --- distribution ----------------------------------------------------------------------
+
+    def _sums(self) -> list[NamedTensor]:
+        sums = []
+        for k, (a, g) in enumerate(zip(self._a_sum or [], self._g_sum or [])):
+            label = self._layer_label(k)
+            sums.append(NamedTensor(f"{label} A", a, "symmetric"))
+            sums.append(NamedTensor(f"{label} G", g, "symmetric"))
+        sums.extend(self._structure_sums())
+        if len(self._diag()):
+            sums.extend(self._diag().named_sums())
+        return sums
+
+    def _structure_sums(self) -> list[NamedTensor]:
+        """Sums of the structure beyond the factors (after them in :meth:`_sums`)."""
+        return []
+
+    def _load_sums(self, sums: list[Tensor]) -> None:
+        if len(self._diag()):
+            self._diag().adopt(sums[len(sums) - len(self._diag()) :])
+            sums = sums[: len(sums) - len(self._diag())]
+        count = len(self.layers)
+        a_sum, g_sum = sums[0 : 2 * count : 2], sums[1 : 2 * count : 2]
+        self._adopt(a_sum, list(self._a_count), g_sum)
+        self._load_structure_sums(sums[2 * count :])
+
+    def _load_structure_sums(self, sums: list[Tensor]) -> None:
+        """Take the (reduced) values of :meth:`_structure_sums`."""
+
+    def _counts(self) -> list[float]:
+        return [float(c) for c in self._a_count]
+
+    def _load_counts(self, counts: list[float]) -> None:
+        self._a_count = [round(c) for c in counts[: len(self.layers)]]
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "a_sum": self._a_sum,
+            "a_count": list(self._a_count),
+            "g_sum": self._g_sum,
+        }
+        if len(self._diag()):
+            state["diagonal"] = self._diag().sums
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        a_sum, g_sum = state["a_sum"], state["g_sum"]
+        if a_sum is not None:
+            a_sum, g_sum = [t.clone() for t in a_sum], [t.clone() for t in g_sum]
+        self._adopt(a_sum, list(state["a_count"]), g_sum)
+        if len(self._diag()):
+            sums = state.get("diagonal")
+            self._diag().adopt(None if sums is None else [t.clone() for t in sums])
+
+    def _adopt(
+        self, a_sum: list[Tensor] | None, a_count: list[int], g_sum: list[Tensor] | None
+    ) -> None:
+        """Take the sums over (validated, not copied, never updated in place)."""
+        if a_sum is not None and g_sum is not None:
+            expected = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
+            got = [(g.shape[0], a.shape[0]) for a, g in zip(a_sum, g_sum)]
+            if got != expected:
+                raise ValueError(
+                    f"{type(self).__name__}: factor sizes {got} do not match this model's "
+                    f"layers {expected}."
+                )
+        self._a_sum, self._g_sum, self._a_count = a_sum, g_sum, a_count
+        self._owned = False
+
+
+class BlockDiagonalKronecker(KroneckerFactored):
+    """Kronecker-factored backends whose layers' blocks are independent (``KFAC``, ``EKFAC``).
+
+    A subclass says what one layer's block is — :meth:`_matvec_layer`, :meth:`_solve_layer`,
+    :meth:`_dense_layer` and :meth:`_layer_spectra` — and gets the whole operator: products
+    and solves block by block (the diagonal blocks last), one decomposition block per layer,
+    the dense matrix, ``logdet`` and the eigenvalues from the layers' spectra.
+    """
+
+    @abc.abstractmethod
+    def _matvec_layer(self, k: int, parts: list[Tensor]) -> list[Tensor]:
+        """Layer ``k``'s block times ``parts`` (its parameters' entries)."""
+
+    @abc.abstractmethod
+    def _solve_layer(self, k: int, parts: list[Tensor], damping: float) -> list[Tensor]:
+        """Layer ``k``'s damped block solved against ``parts``."""
+
+    @abc.abstractmethod
+    def _dense_layer(self, k: int) -> Tensor:
+        """Layer ``k``'s block as a matrix in the ``[vec(W), b]`` order (small models)."""
+
+    @abc.abstractmethod
+    def _layer_spectra(self) -> list[Tensor]:
+        """Per Kronecker layer, the block's eigenvalues ``[D_out, D_in]``."""
+
+    def _matvec(self, v: Vector) -> Vector:
+        result: Vector = []
+        for k, (_, parts) in enumerate(self._per_layer(v)):
+            result.extend(self._matvec_layer(k, parts))
+        if len(self._diag()):
+            result.extend(self._diag().matvec(self._tail(v), self._normalizer))
+        return result
+
+    def _solve(self, v: Vector, damping: float) -> Vector:
+        result: Vector = []
+        for k, (_, parts) in enumerate(self._per_layer(v)):
+            result.extend(self._solve_layer(k, parts, damping))
+        if len(self._diag()):
+            result.extend(self._diag().solve(self._tail(v), damping, self._normalizer))
+        return result
+
+    def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
+        if self._is_diagonal_block(index):
+            return self._diag().solve(v, damping, self._normalizer)
+        return self._solve_layer(index, v, damping)
+
+    def _to_dense(self) -> Tensor:
+        blocks = [self._dense_layer(k) for k in range(len(self.layers))]
+        if len(self._diag()):
+            blocks.append(self._diag().to_dense(self._normalizer))
+        return torch.block_diag(*blocks)
+
+    # closed forms from the layers' spectra (concepts/kronecker.md#kronecker-identities)
+
+    def _spectrum(self) -> Tensor:
+        return torch.cat([s.reshape(-1) for s in self._layer_spectra()] + self._tail_diagonal())
+
+    def _logdet(self, damping: float) -> Tensor:
+        return torch.log(self._spectrum().double() + damping).sum()
+
+    def _eigenvalues(self, k: int | None) -> Tensor:
+        return torch.sort(self._spectrum(), descending=True).values
+
+    def _decomposition_blocks(self) -> list[DecompositionBlock]:
+        """One block per Kronecker layer, then one for all diagonal blocks."""
+        sizes = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
+        blocks, start = [], 0
+        for k, (layer, (d_out, d_in)) in enumerate(zip(self.layers, sizes)):
+            stop = start + len(layer.params)
+            blocks.append(
+                DecompositionBlock(
+                    index=k,
+                    name=self._layer_label(k),
+                    param_indices=tuple(range(start, stop)),
+                    cost=self._layer_cost(d_out, d_in),
+                )
+            )
+            start = stop
+        if len(self._diag()):
+            blocks.append(
+                DecompositionBlock(
+                    index=len(blocks),
+                    name=f"{type(self).__name__} diagonal blocks",
+                    param_indices=tuple(range(start, len(self.params))),
+                    cost=float(sum(p.numel() for p in self._diag().params)),
+                )
+            )
+        return blocks
+
+    def _is_diagonal_block(self, index: int) -> bool:
+        return index == len(self.layers)
+
+    def _layer_cost(self, d_out: int, d_in: int) -> float:
+        """Eigen- or Cholesky decompositions of ``G`` and ``A``: ``O(d_out³ + d_in³)``."""
+        return float(d_out**3 + d_in**3)
+
+
+def _resolve(model: nn.Module, specs: Sequence[LayerSpec], arg: str, owner: str) -> set[int]:
+    by_name = dict(model.named_modules())
+    members = {id(m) for m in by_name.values()}
+    ids = set()
+    for spec in specs:
+        if isinstance(spec, str):
+            if spec not in by_name:
+                raise ValueError(
+                    f"{owner}: {arg} names unknown module {spec!r}; modules with parameters: "
+                    f"{[layer.name for layer in find_layers(model)]}."
+                )
+            ids.add(id(by_name[spec]))
+        elif isinstance(spec, nn.Module) and id(spec) in members:
+            ids.add(id(spec))
+        else:
+            raise ValueError(f"{owner}: {arg} entry {spec!r} is not a module of the model.")
+    return ids
+
+
+def _as_matrix(layer: Layer, parts: list[Tensor]) -> Tensor:
+    bias = parts[1] if len(parts) > 1 else None
+    return layer_rules.to_matrix(layer.module, parts[0], bias)
