@@ -46,6 +46,7 @@ from backpack.extensions.secondorder.sqrt_ggn.losses import SqrtGGNBaseLossModul
 from backpack.utils.module_classification import is_no_op
 from backpack.utils.subsampling import subsample
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.extraction import layers
 from curvlab.extraction.losses import FISHER_TYPES, batch_scale
@@ -324,6 +325,13 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
         for ext in second_order + (first_order if owns else []):
             if type(module) not in _module_map(ext):
                 return f"{label} is not supported by BackPACK's {type(ext).__name__}"
+        if isinstance(module, _BatchNorm) and module.training:
+            # BackPACK's per-sample quantities treat the samples as independent: it refuses
+            # second-order ones and gives wrong per-sample gradients (a warning) for first-order
+            return (
+                f"{label} is in training mode, which couples the samples; BackPACK treats "
+                "them as independent"
+            )
         if owns and isinstance(module, nn.Embedding):
             reason = _embedding_reason(module)
             if reason is not None:

@@ -421,3 +421,15 @@ def test_minimal_float64_embedding_scenario() -> None:
     spec = ModelSpec("embedding", 1, (), False, 1, 1, 0, False, 1)
     backend = BackendSpec("block_diagonal", (("engine", "auto"), ("fisher_type", "exact")))
     run_scenario(spec, nn.CrossEntropyLoss, "mean", 1, torch.float64, backend, 0)
+
+
+@pytest.mark.parametrize("backend", ["empirical_fisher", "exact_fisher"])
+def test_auto_engine_leaves_batchnorm_in_training_mode_to_the_hooks(backend: str) -> None:
+    # engine="auto" took BackPACK for a Sequential with BatchNorm in train mode: the empirical
+    # Fisher came out wrong (per-sample gradients that ignore the coupling, only a warning)
+    # and the exact one failed inside BackPACK
+    spec = ModelSpec("conv1d", 1, ("batchnorm",), False, 1, 1, 0, True, 1)
+    run_scenario(spec, nn.MSELoss, "mean", 2, torch.float64, BackendSpec(backend, ()), 0)
+    model, loss_fn = spec.build(torch.float64, 0), nn.MSELoss()
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm1d\) is in training mode"):
+        curvlab.make(backend, model, loss_fn, engine="backpack")
