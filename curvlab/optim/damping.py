@@ -1,10 +1,16 @@
-"""Levenberg–Marquardt adaptation of the damping (Martens & Grosse 2015 §6.5;
-concepts/natural_gradient.md#levenberg-marquardt-damping)."""
+"""The damping ``λ`` of a natural-gradient step: the :class:`Damping` policy (a constant, a
+schedule, or Levenberg–Marquardt adaptation — Martens & Grosse 2015 §6.5;
+concepts/natural_gradient.md#levenberg-marquardt-damping).
+
+How a backend applies ``λ`` to its blocks (exactly, or factored as ``A + πγI``,
+``G + γ/π I``) is linear algebra: :mod:`curvlab.linalg.damping`."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -67,3 +73,57 @@ class LevenbergMarquardt:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.value = float(state["value"])
+
+
+DampingSchedule = Callable[[int], float]
+
+
+class Damping:
+    """The damping ``λ`` of every step, from one of three policies.
+
+    * a float: constant;
+    * a callable ``step -> float``: a schedule (evaluated and checked each step);
+    * a :class:`LevenbergMarquardt`: adapted from the reduction ratio ``ρ`` measured on its
+      due steps (:meth:`adaptation_due`, :meth:`adapt`).
+    """
+
+    def __init__(self, policy: float | DampingSchedule | LevenbergMarquardt) -> None:
+        if not callable(policy) and not isinstance(policy, LevenbergMarquardt):
+            check_damping(policy)
+        self.policy = policy
+
+    def at(self, step: int) -> float:
+        """``λ`` at ``step``."""
+        if isinstance(self.policy, LevenbergMarquardt):
+            return self.policy.value
+        if callable(self.policy):
+            return check_damping(self.policy(step))
+        return float(self.policy)
+
+    def adaptation_due(self, step: int) -> bool:
+        """Whether ``ρ`` should be measured at ``step`` (Levenberg–Marquardt only)."""
+        return isinstance(self.policy, LevenbergMarquardt) and self.policy.due(step)
+
+    def adapt(self, rho: float) -> None:
+        """Adapt a Levenberg–Marquardt ``λ`` to the measured ``ρ``."""
+        assert isinstance(self.policy, LevenbergMarquardt)
+        self.policy.update(rho)
+
+    def state_dict(self) -> dict[str, float] | None:
+        """The adapted state (``None`` unless Levenberg–Marquardt)."""
+        if isinstance(self.policy, LevenbergMarquardt):
+            return self.policy.state_dict()
+        return None
+
+    def load_state_dict(self, state: dict[str, float] | None) -> None:
+        if isinstance(self.policy, LevenbergMarquardt) and state is not None:
+            self.policy.load_state_dict(state)
+
+
+def check_damping(value: Any) -> float:
+    """``value`` as a float if it is a finite, non-negative number (clear error otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"NaturalGradient: damping must be a float, got {type(value).__name__}.")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"NaturalGradient: damping must be finite and >= 0, got {value}.")
+    return float(value)

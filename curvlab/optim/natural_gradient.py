@@ -57,14 +57,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_map, tree_map_only
 
 from curvlab.curvature.base import Curvature, NamedTensor
 from curvlab.optim import distributed
-from curvlab.optim.damping import LevenbergMarquardt
+from curvlab.optim.components import InversionSchedule, KLClip, MovingAverage
+from curvlab.optim.damping import Damping, DampingSchedule, LevenbergMarquardt
 from curvlab.optim.quadratic import evaluate_capturing_inputs, ggn_gram
-
-DampingSchedule = Callable[[int], float]
 
 
 class NaturalGradient:
@@ -100,7 +99,16 @@ class NaturalGradient:
     steps, and use the same ``damping`` (a float, a schedule of the step, or a
     :class:`~curvlab.LevenbergMarquardt` — whose ``ρ`` terms are averaged over processes).
 
+    The preconditioner is composed of small pieces (:mod:`curvlab.optim.components`): a
+    :class:`~curvlab.optim.components.MovingAverage` of the statistics, an
+    :class:`~curvlab.optim.components.InversionSchedule`, a
+    :class:`~curvlab.optim.damping.Damping` policy and an optional
+    :class:`~curvlab.optim.components.KLClip`; distribution is
+    :mod:`curvlab.optim.distributed`'s.
+
     Attributes:
+        average, schedule, damping_policy, clip: the pieces (``clip`` is ``None`` without
+            ``kl_clip``).
         comm: the :class:`curvlab.optim.distributed.Communicator` (byte counters), or ``None``.
         blocks: the curvature's decomposition blocks.
         owners: per block, the rank that decomposes it (all 0 without distribution).
@@ -123,30 +131,20 @@ class NaturalGradient:
                 f"NaturalGradient: curvature must be a curvlab.Curvature, got "
                 f"{type(curvature).__name__}."
             )
-        for name, value in (("update_every", update_every), ("invert_every", invert_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"NaturalGradient: {name} must be a positive int, got {value!r}.")
+        self.schedule = InversionSchedule(update_every, invert_every)
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"NaturalGradient: ema_decay must lie in [0, 1), got {ema_decay}.")
-        if kl_clip is not None and not kl_clip > 0:
-            raise ValueError(f"NaturalGradient: kl_clip must be positive, got {kl_clip}.")
-        if not callable(damping) and not isinstance(damping, LevenbergMarquardt):
-            _check_damping(damping)
+        self.average = MovingAverage(ema_decay)
+        self.clip = None if kl_clip is None else KLClip(kl_clip, lr)
+        self.damping_policy = Damping(damping)
         if distribution not in distributed.DISTRIBUTIONS:
             raise ValueError(
                 f"NaturalGradient: unknown distribution {distribution!r}; choose one of "
                 f"{distributed.DISTRIBUTIONS}."
             )
         self.curvature = curvature
-        self.damping = damping
-        self.update_every = update_every
-        self.invert_every = invert_every
-        self.ema_decay = ema_decay
-        self.kl_clip = kl_clip
         self.lr = lr
         self.steps = 0  # completed step() calls
-        self.num_updates = 0  # curvature updates blended into the average
-        self._average: dict[str, Any] | None = None  # moving average of the statistics
         self._inverted: dict[str, Any] | None = None  # statistics of the last inversion
         self._gathering = False  # statistics of the current step are being accumulated
         curvature.hold_decompositions(True)
@@ -216,7 +214,33 @@ class NaturalGradient:
     @property
     def curvature_due(self) -> bool:
         """Whether the current step takes curvature statistics."""
-        return self.steps % self.update_every == 0
+        return self.schedule.statistics_due(self.steps)
+
+    @property
+    def damping(self) -> float | DampingSchedule | LevenbergMarquardt:
+        """The damping policy as given (a float, a schedule or Levenberg–Marquardt)."""
+        return self.damping_policy.policy
+
+    @property
+    def update_every(self) -> int:
+        return self.schedule.update_every
+
+    @property
+    def invert_every(self) -> int:
+        return self.schedule.invert_every
+
+    @property
+    def ema_decay(self) -> float:
+        return self.average.decay
+
+    @property
+    def kl_clip(self) -> float | None:
+        return None if self.clip is None else self.clip.bound
+
+    @property
+    def num_updates(self) -> int:
+        """Curvature updates blended into the moving average."""
+        return self.average.num_updates
 
     def backward(self, loss: Tensor) -> None:
         """``loss.backward()``, after accumulating its batch's curvature when due.
@@ -246,11 +270,7 @@ class NaturalGradient:
 
     def current_damping(self) -> float:
         """``λ`` of the current step (evaluates a schedule)."""
-        if isinstance(self.damping, LevenbergMarquardt):
-            return self.damping.value
-        if callable(self.damping):
-            return _check_damping(self.damping(self.steps))
-        return float(self.damping)
+        return self.damping_policy.at(self.steps)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> None:
@@ -259,7 +279,7 @@ class NaturalGradient:
         ``closure`` (re-evaluating the loss on the current batch, without ``backward``)
         is only used to adapt a :class:`~curvlab.LevenbergMarquardt` damping.
         """
-        if self._average is None and not self._gathering:
+        if self.average.value is None and not self._gathering:
             raise RuntimeError(
                 "NaturalGradient.step: no curvature yet; call precond.backward(loss) in the "
                 "first step (it gathers statistics when curvature_due)."
@@ -273,14 +293,13 @@ class NaturalGradient:
             self._gathering = False
             if self.comm is not None:
                 self._all_reduce_statistics(self.comm)
-            restarted = self._blend(self.curvature.statistics())
+            restarted = self.average.update(self.curvature.statistics())
         else:
             restarted = False
-        assert self._average is not None  # checked above
         # a restarted average (e.g. EKFAC refitted its basis) cannot be mixed with the held
         # statistics either: invert now
-        if restarted or self.steps % self.invert_every == 0 or self._inverted is None:
-            self._inverted = self._average
+        if restarted or self.schedule.inversion_due(self.steps) or self._inverted is None:
+            self._inverted = self.average.value
             self.curvature.load_statistics(self._inverted)
             self.curvature.refresh()
             self._decompositions_due = True
@@ -303,11 +322,10 @@ class NaturalGradient:
             natural = self._solve_by_owners(self.comm, grads, damping)
         else:
             natural = self.curvature.solve(grads, damping)
-        if self.kl_clip is not None:
-            natural = self._clip(natural, grads)
-        lm = self.damping
-        if isinstance(lm, LevenbergMarquardt) and closure is not None and lm.due(self.steps):
-            lm.update(self._reduction_ratio(closure, grads, natural))
+        if self.clip is not None:
+            natural = self.clip(natural, grads)
+        if closure is not None and self.damping_policy.adaptation_due(self.steps):
+            self.damping_policy.adapt(self._reduction_ratio(closure, grads, natural))
         for g, n in zip(grads, natural):
             g.copy_(n)
         self.steps += 1
@@ -465,25 +483,6 @@ class NaturalGradient:
         )
         return [n for n in natural if n is not None]
 
-    def _blend(self, batch: dict[str, Any]) -> bool:
-        """Mix ``batch`` into the moving average; ``True`` if the average restarted."""
-        self.num_updates += 1
-        eps = min(1.0 - 1.0 / self.num_updates, self.ema_decay)
-        if self._average is None or not _same_structure(self._average, batch):
-            restarted = self._average is not None
-            self._average = batch  # first update, or a backend's basis changed: restart
-            return restarted
-        self._average = _mix(self._average, batch, eps)
-        return False
-
-    def _clip(self, natural: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        # ν = min(1, sqrt(κ / |lr² Σ⟨ĝ, g⟩|)), as a tensor: no host synchronisation
-        inner = sum((n * g).sum() for n, g in zip(natural, grads))
-        assert isinstance(inner, Tensor) and self.kl_clip is not None
-        quad = (self.lr**2 * inner).abs().clamp(min=torch.finfo(inner.dtype).tiny)
-        nu = (self.kl_clip / quad).sqrt().clamp(max=1.0)
-        return [n * nu for n in natural]
-
     # --- checkpoints ---------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -495,13 +494,11 @@ class NaturalGradient:
         state = {
             "format": STATE_FORMAT,
             "steps": self.steps,
-            "num_updates": self.num_updates,
-            "average": self._average,
+            "num_updates": self.average.num_updates,
+            "average": self.average.value,
             "inverted": self._inverted,
             "curvature": self.curvature.state_dict() if self._inverted is not None else None,
-            "damping": self.damping.state_dict()
-            if isinstance(self.damping, LevenbergMarquardt)
-            else None,
+            "damping": self.damping_policy.state_dict(),
         }
         state["checksum"] = _checksum(state)
         return state
@@ -546,13 +543,12 @@ class NaturalGradient:
 
     def _load(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
-        self.num_updates = int(state["num_updates"])
-        self._average = _clone(state["average"])
+        self.average.num_updates = int(state["num_updates"])
+        self.average.value = _clone(state["average"])
         self._inverted = _clone(state["inverted"])
         self._gathering = False
         self._arm_recording()
-        if isinstance(self.damping, LevenbergMarquardt) and state.get("damping") is not None:
-            self.damping.load_state_dict(state["damping"])
+        self.damping_policy.load_state_dict(state.get("damping"))
         if state["curvature"] is not None:
             self.curvature.load_state_dict(state["curvature"])
         if self._inverted is not None:
@@ -605,48 +601,5 @@ def _backward(loss: Tensor) -> None:
         loss.backward()
 
 
-def _check_damping(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"NaturalGradient: damping must be a float, got {type(value).__name__}.")
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise ValueError(f"NaturalGradient: damping must be finite and >= 0, got {value}.")
-    return float(value)
-
-
-def _same_structure(a: Any, b: Any) -> bool:
-    if isinstance(a, dict):
-        return (
-            isinstance(b, dict)
-            and a.keys() == b.keys()
-            and all(_same_structure(a[k], b[k]) for k in a)
-        )
-    if isinstance(a, (list, tuple)):
-        return (
-            isinstance(b, (list, tuple))
-            and len(a) == len(b)
-            and all(_same_structure(x, y) for x, y in zip(a, b))
-        )
-    if isinstance(a, Tensor):
-        return isinstance(b, Tensor) and a.shape == b.shape
-    return bool(a == b)
-
-
-def _mix(a: Any, b: Any, eps: float) -> Any:
-    """``eps·a + (1 − eps)·b`` over the tensors of two statistics (new tensors)."""
-    if isinstance(a, dict):
-        return {k: _mix(a[k], b[k], eps) for k in a}
-    if isinstance(a, (list, tuple)):
-        return [_mix(x, y, eps) for x, y in zip(a, b)]
-    if isinstance(a, Tensor):
-        return torch.lerp(b, a, eps)
-    return a
-
-
 def _clone(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _clone(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_clone(v) for v in tree]
-    if isinstance(tree, Tensor):
-        return tree.clone()
-    return tree
+    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, tree)

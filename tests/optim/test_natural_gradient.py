@@ -11,7 +11,7 @@ from torch import nn
 import curvlab
 from curvlab import linalg
 from tests.cases import CASES, DTYPE
-from tests.curvature.test_contract import BACKENDS, _backend_id
+from tests.curvature.backend_info import BACKENDS
 
 MLP_CE = next(c for c in CASES if c.id == "mlp-ce-mean")
 
@@ -39,19 +39,19 @@ def test_exact_fisher_gives_the_damped_natural_gradient() -> None:
     torch.testing.assert_close(_flat(p.grad for p in model.parameters()), expected)
 
 
-@pytest.mark.parametrize("row", BACKENDS, ids=_backend_id)
+@pytest.mark.parametrize("row", BACKENDS, ids=lambda row: row.id)
 def test_every_backend_gives_its_own_solve(row) -> None:
-    case = next(c for c in CASES if c.id == "conv2d-ce-mean") if row[3] is None else MLP_CE
+    case = next(c for c in CASES if c.id == "conv2d-ce-mean") if row.supports is None else MLP_CE
     model, loss_fn = case.build()
     x, y = case.data(n=6)
-    backend = curvlab.make(row[0], model, loss_fn, **row[1])
+    backend = curvlab.make(row.name, model, loss_fn, **row.kwargs)
     precond = curvlab.NaturalGradient(backend, damping=0.1)
     torch.manual_seed(7)
     precond.backward(loss_fn(model(x), y))
     g = [p.grad.clone() for p in backend.params]
     precond.step()
     natural = [p.grad.clone() for p in backend.params]
-    reference = curvlab.make(row[0], model, loss_fn, **row[1])
+    reference = curvlab.make(row.name, model, loss_fn, **row.kwargs)
     torch.manual_seed(7)
     with reference.recording():
         loss = loss_fn(model(x), y)
@@ -127,7 +127,7 @@ def test_moving_average_and_amortised_inversions(monkeypatch) -> None:
     for u, c in enumerate(per_step_stats[1:], start=2):
         eps = min(1 - 1 / u, 0.9)
         expected = eps * expected + (1 - eps) * c.factors()[0].G
-    torch.testing.assert_close(precond._average["G"][0], expected)
+    torch.testing.assert_close(precond.average.value["G"][0], expected)
     # decompositions only at the inversion steps 0, 3, 6 (two factors per layer)
     assert len(calls) == 3 * 2 * len(backend.layers)
 
@@ -249,7 +249,9 @@ def test_runs_on_cuda_without_leaving_the_device() -> None:
         precond.backward(loss)
         precond.step()
     assert all(p.grad.is_cuda and torch.isfinite(p.grad).all() for p in model.parameters())
-    assert all(t.dtype == torch.float32 for t in precond._average["A"] + precond._average["G"])
+    assert all(
+        t.dtype == torch.float32 for t in precond.average.value["A"] + precond.average.value["G"]
+    )
 
 
 def test_kfac_reaches_the_target_loss_in_fewer_iterations_than_sgd_and_adam() -> None:
@@ -356,7 +358,7 @@ def test_statistics_stay_float32_under_bf16_autocast(backend) -> None:
         precond.backward(loss)
         precond.step()
         assert all(p.grad.dtype == torch.float32 for p in model.parameters())
-        stats.append(precond._average)
+        stats.append(precond.average.value)
     for key, reference in stats[0].items():
         if key == "basis_id":
             continue
@@ -474,4 +476,4 @@ def test_a_float64_checkpoint_loads_into_a_float32_model() -> None:
     precond32.load_state_dict(precond64.state_dict())
     precond32.backward(loss_fn(model32(x.float()), y))
     precond32.step()  # no dtype error in the blend
-    assert precond32._average["A"][0].dtype == torch.float32
+    assert precond32.average.value["A"][0].dtype == torch.float32

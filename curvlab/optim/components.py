@@ -1,0 +1,120 @@
+"""The pieces a :class:`~curvlab.NaturalGradient` is composed of, each with one job.
+
+* :class:`MovingAverage` — the exponential moving average of a backend's statistics
+  (concepts/natural_gradient.md#moving-averages-of-the-statistics);
+* :class:`InversionSchedule` — on which steps statistics are taken and decompositions
+  refreshed;
+* :class:`KLClip` — scales a preconditioned gradient so that the step's KL change stays
+  below a bound (concepts/natural_gradient.md#kl-clipping).
+
+The damping policy (a constant, a schedule or Levenberg–Marquardt adaptation) is
+:class:`curvlab.optim.damping.Damping`; the distribution over processes is
+:mod:`curvlab.optim.distributed`. Each piece is a small object with plain state, tested on
+its own; none knows the backend's type — statistics are pytrees of tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+
+class MovingAverage:
+    """``average ← ε·average + (1 − ε)·batch`` over the tensors of a statistics pytree.
+
+    ``ε = min(1 − 1/u, decay)`` with ``u`` the number of updates so far: a plain average
+    of the first updates, then an exponential one. A batch whose structure differs from
+    the average's (keys, lengths or shapes — e.g. EKFAC refitted its eigenbasis) restarts
+    the average.
+
+    Attributes:
+        value: the current average (``None`` before the first update).
+        num_updates: updates since construction (restarts included).
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"MovingAverage: decay must lie in [0, 1), got {decay}.")
+        self.decay = decay
+        self.value: Any = None
+        self.num_updates = 0
+
+    def update(self, batch: Any) -> bool:
+        """Blend ``batch`` in; ``True`` if the average restarted from it (a new structure)."""
+        self.num_updates += 1
+        if self.value is None or not same_structure(self.value, batch):
+            restarted = self.value is not None
+            self.value = batch
+            return restarted
+        eps = min(1.0 - 1.0 / self.num_updates, self.decay)
+        self.value = pytree.tree_map(lambda a, b: _mix(a, b, eps), self.value, batch)
+        return False
+
+
+def _mix(average: Any, batch: Any, eps: float) -> Any:
+    return torch.lerp(batch, average, eps) if isinstance(average, Tensor) else average
+
+
+def same_structure(a: Any, b: Any) -> bool:
+    """Whether two pytrees have the same structure, tensor shapes and non-tensor leaves."""
+    leaves_a, spec_a = pytree.tree_flatten(a)
+    leaves_b, spec_b = pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        if isinstance(x, Tensor) or isinstance(y, Tensor):
+            if not (isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class InversionSchedule:
+    """Statistics every ``update_every`` steps, new decompositions every ``invert_every``.
+
+    Steps are counted from 0 by completed ``step()`` calls.
+    """
+
+    update_every: int = 1
+    invert_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("update_every", "invert_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"NaturalGradient: {name} must be a positive int, got {value!r}.")
+
+    def statistics_due(self, step: int) -> bool:
+        """Whether step ``step`` takes curvature statistics."""
+        return step % self.update_every == 0
+
+    def inversion_due(self, step: int) -> bool:
+        """Whether step ``step`` refreshes the decompositions from the current average."""
+        return step % self.invert_every == 0
+
+
+@dataclass(frozen=True)
+class KLClip:
+    """Scale ``ĝ`` by ``ν = min(1, sqrt(bound / |lr² Σ⟨ĝ, g⟩|))`` (Ba et al. 2017).
+
+    Computed with tensor operations: no value is read back to the host.
+    """
+
+    bound: float
+    lr: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.bound > 0:
+            raise ValueError(f"NaturalGradient: kl_clip must be positive, got {self.bound}.")
+
+    def __call__(self, natural: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        inner = torch.stack([(n * g).sum() for n, g in zip(natural, grads)]).sum()
+        quad = (self.lr**2 * inner).abs().clamp(min=torch.finfo(inner.dtype).tiny)
+        nu = (self.bound / quad).sqrt().clamp(max=1.0)
+        return [n * nu for n in natural]
