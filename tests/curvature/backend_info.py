@@ -185,7 +185,9 @@ def _foreign_state(info: BackendInfo) -> dict[str, Any]:
 
 def error_inputs(info: BackendInfo) -> list[ErrorInput]:
     """Bad inputs for ``info``'s backend, each with its exception and message pattern."""
-    owner = info.cls.__name__
+    # messages name the registered class (option checks) or the class make() builds from
+    # it (e.g. KFAC(structure="block_tridiagonal") builds a BlockTridiagonalKFAC)
+    owner = f"(?:{info.cls.__name__}|{type(_fresh(info)).__name__})"
     x, y = MLP_CE.data(n=4)
     out: list[ErrorInput] = []
 
@@ -215,7 +217,8 @@ def error_inputs(info: BackendInfo) -> list[ErrorInput]:
                 f"{argument}='bogus'",
                 lambda argument=argument: _fresh(info, **{argument: "bogus"}),
                 ValueError,
-                rf"{owner}: unknown {argument} 'bogus'; choose one of",
+                rf"{owner}: (unknown {argument} 'bogus'; choose one of"
+                rf"|.*{argument}='bogus' is not)",
             )
     if info.kwargs.get("structure") == "block_tridiagonal":
         add(
