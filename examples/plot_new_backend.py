@@ -124,3 +124,29 @@ for _ in range(20):
 with torch.no_grad():
     end = float(loss_fn(model(X), y))
 print(f"loss {start:.3f} -> {end:.3f} after 20 preconditioned steps")
+
+# %%
+# Distributed training needs nothing else either. A distributed preconditioner reaches a
+# backend through :class:`~curvlab.curvature.distribution.DistributionInterface`, an
+# extension interface that is not on the backend's public face: statistic *sums* that
+# add over processes (default: the tensors of ``statistics()`` times the weight sum — exact
+# here, since the traces are normalised by it) and *decomposition blocks* (default: one
+# block, decomposed by ``solve`` itself). A backend with per-layer factorisations overrides
+# the hooks ``_sums``/``_load_sums``, ``_decomposition_blocks``, ``_decompose``,
+# ``_export_decomposition``/``_import_decomposition`` and ``_solve_block`` (the docs page
+# "Distributed K-FAC" lists them with their defaults). Here, the sums of two half batches,
+# added as an all-reduce would, give the curvature of the whole batch:
+from curvlab.curvature.distribution import DistributionInterface  # noqa: E402
+
+halves = []
+for part in (slice(0, 100), slice(100, 200)):
+    half = curvlab.make("scaled_identity_example", model, loss_fn)
+    half.update(X[part], y[part])
+    halves.append(DistributionInterface(half).statistic_sums())
+union = curvlab.make("scaled_identity_example", model, loss_fn)
+union.update(X[:100], y[:100])  # some state, replaced by the summed sums below
+DistributionInterface(union).load_statistic_sums([a.tensor + b.tensor for a, b in zip(*halves)])
+whole = curvlab.make("scaled_identity_example", model, loss_fn)
+whole.update(X, y)
+print("sums of the halves == whole batch:", torch.allclose(union.to_dense(), whole.to_dense()))
+assert torch.allclose(union.to_dense(), whole.to_dense(), rtol=1e-5, atol=1e-7)

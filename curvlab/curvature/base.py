@@ -9,13 +9,11 @@ enters with weight ``w_b = 1/R_b`` (its share of the union's reduction) and, for
 ``reduction="mean"``, the sum is divided by ``Σ_b w_b``; for ``"sum"`` the batch
 curvatures simply add (``w_b = 1``, no division).
 
-Distribution (:mod:`curvlab.optim.distributed`) uses two more groups of methods. Statistic
-sums (:meth:`Curvature.statistic_sums`) are the accumulated state as sums that add over
-batches, so that summing them over processes gives the union of every process's batches.
-Decomposition blocks (:meth:`Curvature.decomposition_blocks`) are the units of
-factorisation work — one per layer for the Kronecker backends and ``BlockDiagonal``, one
-for a full or chained matrix — that can be decomposed on one process, exported,
-imported on the others, or solved with on their own.
+Distribution is not on this public face: a backend takes part through the hooks
+``_sums``/``_load_sums``, ``_counts``/``_load_counts``, ``_decomposition_blocks``,
+``_decompose``, ``_export_decomposition``, ``_import_decomposition`` and ``_solve_block``
+(all with working defaults), which :class:`curvlab.curvature.distribution.DistributionInterface`
+validates and calls for a distributed preconditioner.
 """
 
 from __future__ import annotations
@@ -189,7 +187,8 @@ class Curvature(abc.ABC):
         self.num_samples = 0
         self._weight_sum = 0.0
         self._hold = False  # see hold_decompositions()
-        self._process_reducer: ProcessReducer | None = None  # see set_process_reducer()
+        # sums tensors over processes (DistributionInterface.set_process_reducer)
+        self._process_reducer: ProcessReducer | None = None
         #: Blocks decomposed by this object so far (in ``decompose`` or lazily in ``solve``).
         self.num_decompositions = 0
 
@@ -576,132 +575,6 @@ class Curvature(abc.ABC):
         """Whether ``state`` (a ``state_dict()``) was written by this kind of backend."""
         return bool(state.get("backend") == type(self).__name__)
 
-    # --- distribution (curvlab.optim.distributed) ---------------------------------------------
-
-    def statistic_sums(self) -> list[NamedTensor]:
-        """The accumulated state as sums that add over batches (new or shared tensors).
-
-        Accumulating batch sets ``X`` and ``Y`` separately and adding the results entry by
-        entry gives the accumulation of ``X ∪ Y`` (the union convention of the module
-        docstring); summing them over processes therefore gives the curvature of every
-        process's batches together. The last entry, ``"counts"``, is a float64 vector of the
-        counters (weight sum, samples, batches, then the backend's own). Tensors are on
-        the parameters' device; symmetric sums are marked so that only their upper
-        triangle needs sending.
-        """
-        self._check_ready("statistic_sums")
-        counters = [self._weight_sum, float(self.num_samples), float(self.num_batches)]
-        counts = torch.tensor(
-            counters + [float(c) for c in self._counts()],
-            dtype=torch.float64,
-            device=self.params[0].device,
-        )
-        return [*self._sums(), NamedTensor("counts", counts)]
-
-    def load_statistic_sums(self, sums: Sequence[Tensor]) -> None:
-        """Make ``sums`` — shaped like :meth:`statistic_sums`, e.g. summed over processes —
-        the accumulated state. Reads the counters back to the host (one synchronisation).
-        """
-        expected = self.statistic_sums()
-        owner = f"{type(self).__name__}.load_statistic_sums"
-        if len(sums) != len(expected):
-            raise ValueError(f"{owner}: expected {len(expected)} tensors, got {len(sums)}.")
-        for t, ref in zip(sums, expected):
-            if not isinstance(t, Tensor) or t.shape != ref.tensor.shape:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ValueError(
-                    f"{owner}: '{ref.name}' must have shape {tuple(ref.tensor.shape)}, got {shape}."
-                )
-        counts = [float(c) for c in sums[-1].tolist()]
-        self._weight_sum = counts[0]
-        self.num_samples = round(counts[1])
-        self.num_batches = round(counts[2])
-        self._load_counts(counts[3:])
-        self._load_sums(list(sums[:-1]))
-        self._statistics_changed()
-
-    def set_process_reducer(self, reduce: ProcessReducer | None) -> None:
-        """Let accumulation use ``reduce`` (tensors summed over processes, a collective that
-        every process calls at the same point); ``None``: a single process.
-
-        A distributed :class:`~curvlab.NaturalGradient` sets it. Backends whose
-        accumulation itself needs quantities of the union of all processes' batches use
-        it (``EKFAC`` fits its eigenbasis from the all-reduced factors); the others ignore it.
-        """
-        if reduce is not None and not callable(reduce):
-            raise TypeError(f"{type(self).__name__}.set_process_reducer: reduce must be callable.")
-        self._process_reducer = reduce
-
-    def decomposition_blocks(self) -> list[DecompositionBlock]:
-        """The units of decomposition work, each covering some parameters (a partition).
-
-        One per layer for the block-diagonal Kronecker backends and ``BlockDiagonal``; one
-        block for a full matrix (``ExactFisher``, ``EmpiricalFisher``) or a chained structure
-        (block-tridiagonal). Fixed at construction.
-        """
-        return self._decomposition_blocks()
-
-    def decompose(self, block: DecompositionBlock | int, damping: float) -> None:
-        """Compute and cache ``block``'s decomposition (eigenbases, Cholesky factors) that
-        ``solve(·, damping)`` needs; nothing happens if it is cached. Each computed block
-        adds 1 to ``num_decompositions`` (as do the ones ``solve`` computes lazily)."""
-        index = self._check_block(block, "decompose")
-        self._decompose(index, self._check_damping(damping, "decompose"))
-
-    def export_decomposition(
-        self, block: DecompositionBlock | int, damping: float
-    ) -> list[NamedTensor]:
-        """``block``'s cached decomposition for ``damping`` (after :meth:`decompose`) as
-        named tensors, to be sent to processes that call :meth:`import_decomposition`."""
-        index = self._check_block(block, "export_decomposition")
-        return self._export_decomposition(index, self._check_damping(damping, "export"))
-
-    def import_decomposition(
-        self, block: DecompositionBlock | int, damping: float, tensors: Sequence[Tensor]
-    ) -> None:
-        """Cache ``tensors`` — what :meth:`export_decomposition` returned on another process
-        with the same statistics — as ``block``'s decomposition for ``damping``."""
-        owner = f"{type(self).__name__}.import_decomposition"
-        index = self._check_block(block, "import_decomposition")
-        if isinstance(tensors, Tensor) or not all(isinstance(t, Tensor) for t in tensors):
-            raise TypeError(f"{owner}: tensors must be a list of tensors.")
-        self._import_decomposition(index, self._check_damping(damping, "import"), list(tensors))
-
-    def solve_block(
-        self, block: DecompositionBlock | int, v: Sequence[Tensor], damping: float
-    ) -> Vector:
-        """:meth:`solve` restricted to ``block``: ``v`` holds the entries of its parameters
-        (``params[i]`` for ``i in block.param_indices``), the result likewise."""
-        owner = f"{type(self).__name__}.solve_block"
-        index = self._check_block(block, "solve_block")
-        self._check_ready("solve_block")
-        indices = self.decomposition_blocks()[index].param_indices
-        if isinstance(v, Tensor) or not isinstance(v, (list, tuple)) or len(v) != len(indices):
-            raise ValueError(
-                f"{owner}: expected a list of {len(indices)} tensors (the block's parameters)."
-            )
-        for t, i in zip(v, indices):
-            if not isinstance(t, Tensor) or t.shape != self.params[i].shape:
-                raise ValueError(
-                    f"{owner}: entry for '{self.param_names[i]}' must have shape "
-                    f"{tuple(self.params[i].shape)}."
-                )
-        return self._solve_block(index, list(v), self._check_damping(damping, "solve_block"))
-
-    def _check_block(self, block: DecompositionBlock | int, op: str) -> int:
-        blocks = self.decomposition_blocks()
-        index = block.index if isinstance(block, DecompositionBlock) else block
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(blocks):
-            raise ValueError(
-                f"{type(self).__name__}.{op}: unknown block {block!r}; this backend has "
-                f"{len(blocks)} block(s)."
-            )
-        if isinstance(block, DecompositionBlock) and block != blocks[index]:
-            raise ValueError(
-                f"{type(self).__name__}.{op}: block {block.name!r} belongs to another backend."
-            )
-        return index
-
     def _check_damping(self, damping: float, op: str) -> float:
         if isinstance(damping, bool) or not isinstance(damping, (int, float)):
             raise TypeError(f"{type(self).__name__}.{op}: damping must be a float.")
@@ -754,6 +627,12 @@ class Curvature(abc.ABC):
             if t.device != p.device:
                 raise ValueError(
                     f"{owner}: entry for '{name}' is on {t.device}, parameters are on {p.device}."
+                )
+            if t.dtype != p.dtype:
+                raise TypeError(
+                    f"{owner}: entry for '{name}' is {t.dtype}, the parameter is {p.dtype}; "
+                    "pass vectors in the parameters' dtype (a flat tensor given to `@` is "
+                    "converted)."
                 )
         return list(v)
 
@@ -824,7 +703,7 @@ def _apply_flat(
     columns = v.unsqueeze(1) if v.dim() == 1 else v
     out = []
     for j in range(columns.shape[1]):
-        parts = c._unflatten(columns[:, j].to(device=c.device))
+        parts = c._unflatten(columns[:, j].to(device=c.device, dtype=c.dtype))
         out.append(c._flatten(apply(parts)))
     result = torch.stack(out, dim=1).to(v.dtype)
     return result.squeeze(1) if v.dim() == 1 else result

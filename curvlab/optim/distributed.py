@@ -4,17 +4,17 @@ KAISA-style data-parallel K-FAC (Pauloski et al. 2021; concepts/natural_gradient
 for any
 :class:`~curvlab.Curvature`:
 
-* **statistics**: on curvature steps every process all-reduces its
-  :meth:`~curvlab.Curvature.statistic_sums` (sums that add over batches, with the sample
-  counts), so every process holds the curvature of the union of all processes' batches —
-  weighted by batch size for ``reduction="mean"``, a plain sum for ``"sum"``. Symmetric
-  matrices travel as upper triangles; the tensors are packed into one flat buffer per
-  dtype (one collective each).
-* **decompositions**: the backend's :meth:`~curvlab.Curvature.decomposition_blocks` are
-  assigned to processes by estimated cost (:func:`assign_blocks`); on inversion steps
-  each process decomposes its own blocks. With ``"comm_opt"`` the owners broadcast the
-  decompositions and every process preconditions every layer; with ``"mem_opt"`` the
-  owner keeps them and broadcasts its blocks' preconditioned gradient every step.
+* **statistics**: on curvature steps every process all-reduces the backend's statistic
+  sums (:class:`~curvlab.curvature.distribution.DistributionInterface`: sums that add
+  over batches, with the sample counts), so every process holds the curvature of the
+  union of all processes' batches — weighted by batch size for ``reduction="mean"``, a
+  plain sum for ``"sum"``. Symmetric matrices travel as upper triangles; the tensors are
+  packed into one flat buffer per dtype (one collective each).
+* **decompositions**: the backend's decomposition blocks (same interface) are assigned to
+  processes by estimated cost (:func:`assign_blocks`); on inversion steps each process
+  decomposes its own blocks. With ``"comm_opt"`` the owners broadcast the decompositions
+  and every process preconditions every layer; with ``"mem_opt"`` the owner keeps them
+  and broadcasts its blocks' preconditioned gradient every step.
 
 Everything is sent from and received into tensors on the parameters' device (CPU with
 gloo, CUDA with NCCL). :class:`Communicator` counts the bytes it hands to collectives.

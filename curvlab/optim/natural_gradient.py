@@ -60,6 +60,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map, tree_map_only
 
 from curvlab.curvature.base import Curvature, NamedTensor
+from curvlab.curvature.distribution import DistributionInterface
 from curvlab.optim import distributed
 from curvlab.optim.components import InversionSchedule, KLClip, MovingAverage
 from curvlab.optim.damping import Damping, DampingSchedule, LevenbergMarquardt
@@ -148,7 +149,8 @@ class NaturalGradient:
         self._inverted: dict[str, Any] | None = None  # statistics of the last inversion
         self._gathering = False  # statistics of the current step are being accumulated
         curvature.hold_decompositions(True)
-        self.blocks = curvature.decomposition_blocks()
+        self._interface = DistributionInterface(curvature)
+        self.blocks = self._interface.decomposition_blocks()
         self.owners = [0] * len(self.blocks)
         self.comm: distributed.Communicator | None = None
         self.distribution = "local"
@@ -163,7 +165,7 @@ class NaturalGradient:
                 self._signature(), "NaturalGradient: the model differs across processes"
             )
             comm = self.comm
-            curvature.set_process_reducer(lambda e: comm.all_reduce_sum(e, "statistics"))
+            self._interface.set_process_reducer(lambda e: comm.all_reduce_sum(e, "statistics"))
         self._decompositions_due = True  # distributed: share decompositions at the next step
         self._bad_losses: Tensor | None = None  # distributed: non-finite losses, not yet read
         self._backward_done = False  # backward() ran since the last step()
@@ -380,7 +382,7 @@ class NaturalGradient:
         self._bad_losses = None
         if bad is None:
             bad = torch.zeros(1, dtype=torch.float64, device=device)
-        sums = self.curvature.statistic_sums()
+        sums = self._interface.statistic_sums()
         entries = [*sums, NamedTensor("non-finite losses", bad)]
         reduced = comm.all_reduce_sum(entries, "statistics")
         # one host read: finiteness of every entry and the number of non-finite losses
@@ -402,7 +404,7 @@ class NaturalGradient:
                 f"processes are not finite (NaN or Inf on at least one process) in: {shown}. "
                 "Every process raises this error."
             )
-        self.curvature.load_statistic_sums(reduced[:-1])
+        self._interface.load_statistic_sums(reduced[:-1])
 
     def _share_decompositions(self, comm: distributed.Communicator, damping: float) -> None:
         """Owners decompose their blocks; with ``"comm_opt"`` they broadcast the results."""
@@ -410,7 +412,7 @@ class NaturalGradient:
         try:
             for block, owner in zip(self.blocks, self.owners):
                 if owner == comm.rank:
-                    self.curvature.decompose(block, damping)
+                    self._interface.decompose(block, damping)
         except Exception as err:  # reported on every process below
             error = err
         rows = comm.gather_values([1.0 if error is not None else 0.0, damping])
@@ -429,10 +431,10 @@ class NaturalGradient:
                     continue
                 exported = None
                 if src == comm.rank:
-                    exported = [self.curvature.export_decomposition(b, damping) for b in owned]
+                    exported = [self._interface.export_decomposition(b, damping) for b in owned]
                 received = comm.broadcast_entries(exported, src, "decompositions")
                 for block, tensors in zip(owned, received):
-                    self.curvature.import_decomposition(block, damping, tensors)
+                    self._interface.import_decomposition(block, damping, tensors)
         self._decompositions_due = False
 
     def _solve_by_owners(
@@ -454,7 +456,7 @@ class NaturalGradient:
                     solved = [
                         t
                         for b in owned
-                        for t in self.curvature.solve_block(
+                        for t in self._interface.solve_block(
                             b, [grads[i] for i in b.param_indices], damping
                         )
                     ]

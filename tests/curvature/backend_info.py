@@ -384,6 +384,12 @@ def error_inputs(info: BackendInfo) -> list[ErrorInput]:
             rf"{owner}.{op}: expected a list of 4 tensors shaped like the parameters",
         )
         add(
+            f"{op} of a vector in another dtype than the parameters",
+            vector_op(op, lambda v: [t.float() for t in v]),
+            TypeError,
+            rf"{owner}.{op}: entry for '0.weight' is torch.float32, the parameter is torch.float64",
+        )
+        add(
             f"{op} of a list holding a non-tensor",
             vector_op(op, lambda v: [*v[:3], 0.0]),
             ValueError,
