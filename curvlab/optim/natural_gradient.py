@@ -232,6 +232,7 @@ class NaturalGradient:
             bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
             self._bad_losses = bad if self._bad_losses is None else self._bad_losses + bad
         elif not bool(torch.isfinite(loss)):  # curvature steps only: one host sync
+            self.curvature.check_batch(loss)  # e.g. an empty batch: its own error
             raise FloatingPointError(
                 f"NaturalGradient.backward: the loss is not finite ({float(loss.detach())}); no "
                 "curvature taken. Lower the learning rate or raise the damping."
