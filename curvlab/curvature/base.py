@@ -29,7 +29,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from curvlab import extraction
 from curvlab.extraction import hooks
-from curvlab.extraction.losses import check_loss
+from curvlab.extraction.losses import batch_scale, check_loss
 from curvlab.extraction.requests import (
     BatchResult,
     DiagonalStatistics,
@@ -396,8 +396,18 @@ class Curvature(abc.ABC):
                 "`with curvature.recording():` first."
             )
         if check_finite and not bool(torch.isfinite(loss.detach()).all()):
+            self.check_batch(loss)  # e.g. an empty batch (a mean over no rows): its own error
             raise FloatingPointError(f"{owner}: the loss is not finite; no curvature taken.")
         extraction.accumulate_recorded([self], self._recording, loss)
+
+    def check_batch(self, loss: Tensor) -> None:
+        """Raise the validation error of the recorded batch that produced ``loss`` (e.g.
+        ``the batch is empty``), if it has one; nothing otherwise, also when the batch is
+        not found. For a clearer error than a non-finite loss (the mean over an empty
+        batch is NaN)."""
+        for call in self._recording.losses if self._recording is not None else []:
+            if call.loss is loss:
+                batch_scale(self.loss_fn, call.outputs, call.targets)
 
     def _consume(self, result: BatchResult) -> None:
         scale = result.scale

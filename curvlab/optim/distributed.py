@@ -16,14 +16,25 @@ for any
   and every process preconditions every layer; with ``"mem_opt"`` the owner keeps them
   and broadcasts its blocks' preconditioned gradient every step.
 
+* **control**: every control message is one all-gather of :data:`CONTROL_WIDTH` float64
+  values headed by the phase (which exchange) and the step, so that processes that are out
+  of step are named instead of pairing the wrong collectives. Every ``step`` starts with
+  one (:meth:`Communicator.agree_on_step`): step counter, backward calls, kind of step,
+  errors kept from ``backward`` and the gradients' finiteness of every process.
+
 Everything is sent from and received into tensors on the parameters' device (CPU with
 gloo, CUDA with NCCL). :class:`Communicator` counts the bytes it hands to collectives.
+An error of ``torch.distributed`` inside a collective (a peer that died, a timeout) is
+re-raised as :class:`DistributedFailure` naming the collective and the step.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -48,6 +59,16 @@ _DTYPES = (
     torch.int64,
     torch.int32,
 )
+
+#: Float64 values of every control all-gather: the phase, the step, then the message. One
+#: width for all: gloo aborts the process when the sizes of paired all-gathers differ.
+CONTROL_WIDTH = 10
+
+#: The control exchanges (what the processes are doing), in the header as 1000 + index.
+PHASES = ("construction", "step", "decompositions", "levenberg_marquardt")
+_PHASE_BASE = 1000.0
+
+_T = TypeVar("_T")
 
 #: Errors a failing process reports and every process re-raises with the same type.
 _ERRORS: dict[str, type[Exception]] = {
@@ -98,7 +119,21 @@ def assign_blocks(costs: Sequence[float], world_size: int) -> list[int]:
 
 
 class DistributedFailure(RuntimeError):
-    """Raised on every process when the processes disagree (model structure, damping)."""
+    """Raised on every process when the processes disagree (model structure, damping, step),
+    and on the survivors when a collective fails (a process died or the timeout passed)."""
+
+
+def deferred(comm: Communicator | None) -> AbstractContextManager[None]:
+    """``comm.deferred()``, or nothing without distribution."""
+    return comm.deferred() if comm is not None else nullcontext()
+
+
+def _timeout_advice() -> str:
+    return (
+        "Collectives wait for the process group's timeout: set it with "
+        "torch.distributed.init_process_group(timeout=datetime.timedelta(seconds=...)) "
+        "(default 10 minutes for NCCL, 30 minutes for gloo)."
+    )
 
 
 class Communicator:
@@ -123,6 +158,8 @@ class Communicator:
         self.bytes = dict.fromkeys(CATEGORIES, 0)
         self.collectives = dict.fromkeys(CATEGORIES, 0)
         self._indices: dict[tuple[str, int, str], tuple[Tensor, Tensor]] = {}
+        self.step = -1  # of the last agree_on_step (-1: before the first step)
+        self.pending: Exception | None = None  # kept by deferred(), raised at the next step
 
     def reset_counters(self) -> None:
         """Zero :attr:`bytes` and :attr:`collectives`."""
@@ -186,7 +223,13 @@ class Communicator:
             packed = [self.pack(entries[i]) for i in indices]
             buffer = torch.cat(packed)
             self._count(category, buffer)
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
+            self._collective(
+                f"{category} all-reduce (step {self.step})",
+                dist.all_reduce,
+                buffer,
+                op=dist.ReduceOp.SUM,
+                group=self.group,
+            )
             for i, part in zip(indices, buffer.split([p.numel() for p in packed])):
                 e = entries[i]
                 out[i] = self.unpack(part, e.tensor.shape, e.structure)
@@ -255,24 +298,157 @@ class Communicator:
 
     def _broadcast(self, buffer: Tensor, src: int, category: str) -> None:
         self._count(category, buffer)
-        dist.broadcast(buffer, group=self.group, group_src=src)
+        what = f"{category} broadcast from process {src} (step {self.step})"
+        self._collective(what, dist.broadcast, buffer, group=self.group, group_src=src)
 
-    def gather_values(self, values: Sequence[float]) -> list[list[float]]:
-        """``values`` of every process (float64, one all-gather, read back to the host)."""
-        mine = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+    def gather_values(self, values: Sequence[float], phase: str) -> list[list[float]]:
+        """``values`` of every process (one control all-gather, read back to the host).
+
+        Every process must be in the same ``phase`` (one of :data:`PHASES`) of the same
+        step; otherwise every process raises :class:`DistributedFailure` naming them.
+        """
+        rows = self._gather_control(self._control_buffer(phase, values), phase)
+        return [row[2 : 2 + len(values)] for row in rows]
+
+    def _control_buffer(
+        self, phase: str, values: Sequence[float], tail: Tensor | None = None
+    ) -> Tensor:
+        """``[phase code, step, *values, *tail]``, zero-padded to :data:`CONTROL_WIDTH`."""
+        head = [_PHASE_BASE + PHASES.index(phase), float(self.step), *map(float, values)]
+        parts = [torch.tensor(head, dtype=torch.float64, device=self.device)]
+        if tail is not None:
+            parts.append(tail.to(torch.float64).reshape(-1))
+        size = sum(p.numel() for p in parts)
+        if size > CONTROL_WIDTH:
+            raise ValueError(f"a control message holds {CONTROL_WIDTH} values, not {size}.")
+        parts.append(torch.zeros(CONTROL_WIDTH - size, dtype=torch.float64, device=self.device))
+        return torch.cat(parts)
+
+    def _gather_control(self, mine: Tensor, phase: str) -> list[list[float]]:
+        """The control buffers of every process; raises if their headers differ."""
         gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
         self._count("control", mine)
-        dist.all_gather(gathered, mine, group=self.group)
-        return torch.stack(gathered).tolist()
+        what = f"control all-gather ({_describe([_PHASE_BASE + PHASES.index(phase), self.step])})"
+        self._collective(what, dist.all_gather, gathered, mine, group=self.group)
+        rows = torch.stack(gathered).tolist()
+        if any(row[:2] != rows[0][:2] for row in rows):
+            raise self._out_of_step(rows, [])
+        return rows
+
+    def _out_of_step(self, rows: list[list[float]], differing: Sequence[int]) -> DistributedFailure:
+        where = ", ".join(
+            f"process {rank} is {_describe(row, differing)}" for rank, row in enumerate(rows)
+        )
+        return DistributedFailure(
+            f"NaturalGradient: the processes are out of step: {where}. Every process must "
+            "call backward() and step() equally often and in the same order, and build and "
+            "load the same preconditioners (a process that skips one pairs the later "
+            "collectives with the wrong ones). Every process raises this error."
+        )
+
+    def _collective(self, what: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn(*args, **kwargs)``; an error of ``torch.distributed`` (a peer that died, a
+        timeout) becomes a :class:`DistributedFailure` naming the collective."""
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as err:  # gloo raises RuntimeError, NCCL DistBackendError
+            raise DistributedFailure(
+                f"NaturalGradient: the {what} failed on process {self.rank} of "
+                f"{self.world_size}: {err} Another process probably died (its output says "
+                "why) or diverged (it runs other collectives: out of step, or it left the "
+                f"training loop). {_timeout_advice()}"
+            ) from err
 
     def broadcast_message(self, message: str | None, src: int) -> str:
         """A string from ``src`` (pickled; for error reports only)."""
         box = [message]
         self.collectives["control"] += 1
-        dist.broadcast_object_list(box, group=self.group, group_src=src)
+        what = f"error report from process {src} (step {self.step})"
+        self._collective(what, dist.broadcast_object_list, box, group=self.group, group_src=src)
         return str(box[0])
 
     # --- agreement -----------------------------------------------------------------------
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Keep an error raised inside (e.g. by the curvature update in ``backward``) for the
+        next :meth:`agree_on_step`, which raises it on every process, instead of raising it
+        on this process alone while the others wait in a collective. A
+        :class:`DistributedFailure` (a collective failed) is raised at once."""
+        try:
+            yield
+        except DistributedFailure:
+            raise
+        except Exception as err:  # reported on every process at the next step
+            if self.pending is None:
+                self.pending = err
+
+    def agree_on_step(
+        self,
+        step: int,
+        *,
+        backward_calls: int,
+        statistics: bool,
+        ready: bool,
+        closure: bool,
+        grads: Sequence[Tensor | None],
+        names: Sequence[str],
+        bad_losses: Tensor | None = None,
+    ) -> None:
+        """The first collective of every step (one control all-gather, one host read).
+
+        Every process must be at the same ``step``, after as many ``backward_calls``, with
+        the same kind of step (curvature ``statistics`` to all-reduce, a curvature to
+        precondition with — ``ready`` —, a Levenberg-Marquardt ``closure`` to evaluate),
+        else every process raises :class:`DistributedFailure` naming what each process is
+        doing. Then an error kept by :meth:`deferred` on any process, and a missing or
+        non-finite gradient (checked here, on the device, with the same host read), are
+        raised on every process (:meth:`raise_reported`) — the latter unless a process
+        counted non-finite losses (``bad_losses``, a device tensor): the statistics
+        all-reduce that follows reports those on every process.
+        """
+        self.step = step
+        error, self.pending = self.pending, None
+        present = [(n, g) for n, g in zip(names, grads) if g is not None]
+        missing = [n for n, g in zip(names, grads) if g is None]
+        norms = None
+        finite = torch.ones(1, dtype=torch.float64, device=self.device)
+        if present:
+            norms = torch.stack(
+                [torch.linalg.vector_norm(g.detach()).to(torch.float64) for _, g in present]
+            )
+            finite = torch.isfinite(norms).all().reshape(1)
+        if bad_losses is not None:
+            finite = torch.cat([finite.double(), bad_losses.reshape(1).to(finite.device)])
+        values = [backward_calls, statistics, ready, closure, error is not None, len(missing)]
+        rows = self._gather_control(self._control_buffer("step", values, finite), "step")
+        differing = [i for i in range(2, 6) if any(row[i] != rows[0][i] for row in rows)]
+        if differing:
+            raise self._out_of_step(rows, differing)
+        self.raise_reported(
+            error, [r for r, row in enumerate(rows) if row[6]], "NaturalGradient.backward"
+        )
+        if not (backward_calls and ready):
+            return  # the same on every process: the preconditioner raises its own error
+        if any(row[9] for row in rows):
+            return  # non-finite losses: reported after the statistics all-reduce
+        failed = [r for r, row in enumerate(rows) if row[7] or not row[8]]
+        problem: Exception | None = None
+        if self.rank in failed:
+            if missing:
+                problem = RuntimeError(
+                    f"parameter '{missing[0]}' has no gradient; call precond.backward(loss) "
+                    "before step()."
+                )
+            else:
+                assert norms is not None
+                bad = [n for (n, _), v in zip(present, norms.tolist()) if not math.isfinite(v)]
+                problem = FloatingPointError(
+                    f"the gradient is not finite in {bad[:5]}{' …' if len(bad) > 5 else ''}; "
+                    "the parameters were not changed. Check the batch for NaN/Inf, lower the "
+                    "learning rate or raise the damping."
+                )
+        self.raise_reported(problem, failed, "NaturalGradient.step")
 
     def raise_reported(self, error: BaseException | None, failed: Sequence[int], what: str) -> None:
         """Raise on every process the error of the first process in ``failed`` (a list all
@@ -283,10 +459,13 @@ class Communicator:
         report = f"{type(error).__name__}\n{error}" if self.rank == src else None
         kind, _, message = self.broadcast_message(report, src).partition("\n")
         cls = _ERRORS.get(kind, RuntimeError)
-        full = (
-            f"{what} failed on process {src} of {self.world_size} (every process raises this "
-            f"error): {message}"
-        )
+        where = f"process {src} of {self.world_size}"
+        if len(failed) > 1:
+            where = (
+                f"processes {', '.join(map(str, failed))} of {self.world_size} (the error of "
+                f"process {src})"
+            )
+        full = f"{what} failed on {where} (every process raises this error): {message}"
         raise cls(full) from error
 
     def check_same(self, description: Sequence[str], what: str) -> None:
@@ -295,12 +474,13 @@ class Communicator:
         gathered to name the first difference)."""
         digest = hashlib.sha256("\n".join(description).encode()).digest()
         mine = int.from_bytes(digest[:6], "big")  # 48 bits: exact in float64
-        hashes = [int(h) for (h,) in self.gather_values([float(mine)])]
+        hashes = [int(h) for (h,) in self.gather_values([float(mine)], "construction")]
         if len(set(hashes)) == 1:
             return
         everyone: list[list[str] | None] = [None] * self.world_size
         self.collectives["control"] += 1
-        dist.all_gather_object(everyone, list(description), group=self.group)
+        name = "all-gather of the model descriptions (construction)"
+        self._collective(name, dist.all_gather_object, everyone, list(description), self.group)
         reference = everyone[0] or []
         for rank, other in enumerate(everyone):
             other = other or []
@@ -317,6 +497,34 @@ class Communicator:
                         "DistributedDataParallel or broadcast it — backend and options)."
                     )
         raise DistributedFailure(f"{what}: the processes differ.")  # pragma: no cover
+
+
+def _describe(row: Sequence[float], differing: Sequence[int] = ()) -> str:
+    """What a process is doing, from the header (and the step record) of its control
+    message; ``differing``: the fields of the step record to mention."""
+    index = round(row[0] - _PHASE_BASE)
+    if not (0 <= index < len(PHASES) and row[0] == _PHASE_BASE + index):
+        return f"in an unknown exchange (header {row[0]:g}, {row[1]:g})"
+    phase, step = PHASES[index], round(row[1])
+    if phase == "construction":
+        return "building a NaturalGradient"
+    if phase == "decompositions":
+        return f"sharing the decompositions of step {step}"
+    if phase == "levenberg_marquardt":
+        return f"averaging the Levenberg-Marquardt terms of step {step}"
+    text = f"starting step {step}"
+    if len(row) > 2:
+        calls = round(row[2])
+        text += f" after {calls} backward call{'' if calls == 1 else 's'}"
+    extras = {
+        3: ("with curvature statistics", "without curvature statistics"),
+        4: ("with a curvature", "without a curvature yet"),
+        5: ("with a Levenberg-Marquardt closure", "without a closure"),
+    }
+    for i in differing:
+        if i in extras:
+            text += " " + extras[i][0 if row[i] else 1]
+    return text
 
 
 def _packed_size(structure: str, shape: Sequence[int]) -> int:

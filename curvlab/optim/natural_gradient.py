@@ -169,6 +169,7 @@ class NaturalGradient:
         self._decompositions_due = True  # distributed: share decompositions at the next step
         self._bad_losses: Tensor | None = None  # distributed: non-finite losses, not yet read
         self._backward_done = False  # backward() ran since the last step()
+        self._backward_calls = 0  # since the last step(); compared across processes
         self._arm_recording()
 
     def _arm_recording(self) -> None:
@@ -250,6 +251,7 @@ class NaturalGradient:
         ``loss`` must come from the curvature's ``loss_fn`` applied to ``model``'s output.
         """
         self._backward_done = True
+        self._backward_calls += 1
         if not self.curvature_due:
             _backward(loss)
             return
@@ -258,6 +260,7 @@ class NaturalGradient:
             bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
             self._bad_losses = bad if self._bad_losses is None else self._bad_losses + bad
         elif not bool(torch.isfinite(loss)):  # curvature steps only: one host sync
+            self.curvature.check_batch(loss)  # e.g. an empty batch: its own error
             raise FloatingPointError(
                 f"NaturalGradient.backward: the loss is not finite ({float(loss.detach())}); no "
                 "curvature taken. Lower the learning rate or raise the damping."
@@ -266,7 +269,7 @@ class NaturalGradient:
             self.curvature.reset()
             self._gathering = True
         # distributed: every process must reach the all-reduce; step() reports the failure
-        with _graph_used_once():
+        with distributed.deferred(self.comm), _graph_used_once():
             self.curvature.accumulate(loss, check_finite=self.comm is None)
         _backward(loss)
 
@@ -281,6 +284,17 @@ class NaturalGradient:
         ``closure`` (re-evaluating the loss on the current batch, without ``backward``)
         is only used to adapt a :class:`~curvlab.LevenbergMarquardt` damping.
         """
+        if self.comm is not None:  # first collective of every step: all in step, no errors
+            self.comm.agree_on_step(
+                self.steps,
+                backward_calls=self._backward_calls,
+                statistics=self._gathering,
+                ready=self.average.value is not None or self._gathering,
+                closure=closure is not None and self.damping_policy.adaptation_due(self.steps),
+                grads=[p.grad for p in self.curvature.params],
+                names=self.curvature.param_names,
+                bad_losses=self._bad_losses,
+            )
         if self.average.value is None and not self._gathering:
             raise RuntimeError(
                 "NaturalGradient.step: no curvature yet; call precond.backward(loss) in the "
@@ -319,7 +333,8 @@ class NaturalGradient:
                     "precond.backward(loss) before step()."
                 )
             grads.append(p.grad)
-        self._check_finite_gradients(grads)
+        if self.comm is None:  # distributed: checked by agree_on_step
+            self._check_finite_gradients(grads)
         if self.comm is not None and self.distribution == "mem_opt":
             natural = self._solve_by_owners(self.comm, grads, damping)
         else:
@@ -332,6 +347,7 @@ class NaturalGradient:
             g.copy_(n)
         self.steps += 1
         self._backward_done = False
+        self._backward_calls = 0
         self._arm_recording()
 
     def _check_finite_gradients(self, grads: list[Tensor]) -> None:
@@ -369,7 +385,7 @@ class NaturalGradient:
         quad = ggn_gram(model, self.curvature.loss_fn, inputs, params, [delta])
         change = float(sum((g * d).sum() for g, d in zip(grads, delta)) + 0.5 * quad[0, 0])
         if self.comm is not None:  # ρ of the union of the processes' batches (equal weights)
-            rows = self.comm.gather_values([before, after, change])
+            rows = self.comm.gather_values([before, after, change], "levenberg_marquardt")
             before, after, change = (sum(col) / len(rows) for col in zip(*rows))
         return (after - before) / change if change < 0 else float("nan")
 
@@ -415,7 +431,7 @@ class NaturalGradient:
                     self._interface.decompose(block, damping)
         except Exception as err:  # reported on every process below
             error = err
-        rows = comm.gather_values([1.0 if error is not None else 0.0, damping])
+        rows = comm.gather_values([1.0 if error is not None else 0.0, damping], "decompositions")
         failed = [rank for rank, (flag, _) in enumerate(rows) if flag]
         comm.raise_reported(error, failed, "NaturalGradient.step: a decomposition")
         dampings = [d for _, d in rows]
@@ -559,6 +575,7 @@ class NaturalGradient:
         self._decompositions_due = True
         self._bad_losses = None
         self._backward_done = False
+        self._backward_calls = 0
 
 
 #: Version of the layout of :meth:`NaturalGradient.state_dict` (1: without format/checksum).

@@ -1,0 +1,271 @@
+"""Failures of a distributed ``NaturalGradient`` on 2 gloo processes (issue #15, items 4-5).
+
+One spawn runs every scenario, in order, on a process group with a short timeout
+(:data:`GROUP_TIMEOUT_S`): a regression that leaves a process waiting fails the time limit
+of its scenario instead of hanging the suite. Each scenario must end with the same error on
+both processes, quickly, with the processes still in step (the next scenario trains
+normally); the last one kills a process.
+
+* a process that skips ``step()`` (on a curvature or a non-curvature step), skips
+  ``backward()``, or resumes from another checkpoint: ``DistributedFailure`` naming which
+  process is at which step;
+* an empty batch, an error in the curvature update or a non-finite gradient on one process:
+  that process's error, raised on every process and naming it;
+* a process that dies: the survivor raises ``DistributedFailure`` naming the collective.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import curvlab
+from tests.cases import CASES
+
+WORLD = 2
+GROUP_TIMEOUT_S = 10  # what a process that waits for a dead or diverged one pays
+FAST_S = 5.0  # every scenario must fail within this (well below GROUP_TIMEOUT_S)
+ITERATIONS = 4
+N = 8  # samples per process and iteration
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    variant: str | None  # what rank 1 does differently (see _train)
+    distribution: str = "comm_opt"
+    update_every: int = 1
+    ddp: bool = False
+
+
+FAULTS = [
+    Fault("warm-up", None),  # lazy imports and first connections: not timed
+    Fault("skip-step", "skip_step"),
+    Fault("skip-non-curvature-step", "skip_step", update_every=2),
+    Fault("skip-backward", "skip_backward"),
+    Fault("other-checkpoint", "checkpoint"),
+    Fault("empty-batch", "empty_batch", ddp=True),
+    Fault("accumulate-fails", "accumulate_fails"),
+    Fault("nonfinite-gradient-comm_opt", "nan_gradient"),
+    Fault("nonfinite-gradient-mem_opt", "nan_gradient", "mem_opt"),
+    Fault("still-in-step", None),  # after every fault above, training works
+    Fault("dead-process", "exit"),  # last: rank 1 is gone afterwards
+]
+
+
+def _case():
+    return next(c for c in CASES if c.id == "mlp-ce-mean")
+
+
+def _train(sc: Fault, rank: int, die: Callable[[], None]) -> dict[str, Any]:
+    """A few natural-gradient steps; rank 1 misbehaves at iteration 1 as ``sc.variant`` says.
+    Gradients are not averaged (except with DDP): only the preconditioner communicates."""
+    model, loss_fn = _case().build(seed=0)
+    forward = DistributedDataParallel(model) if sc.ddp else model
+    backend = curvlab.make("kfac", model, loss_fn, fisher_type="exact")
+    precond = curvlab.NaturalGradient(
+        backend,
+        damping=0.1,
+        update_every=sc.update_every,
+        invert_every=3,
+        distribution=sc.distribution,
+    )
+    odd = rank == 1
+    if sc.variant == "accumulate_fails" and odd:
+        accumulate = backend.accumulate
+
+        def failing(loss, **kwargs):
+            if precond.steps == 1:
+                raise RuntimeError("injected failure in the curvature update")
+            accumulate(loss, **kwargs)
+
+        backend.accumulate = failing  # type: ignore[method-assign]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    states = []
+    for it in range(ITERATIONS):
+        if sc.variant == "checkpoint" and it == 2:  # rank 1 resumes from an older checkpoint
+            precond.load_state_dict(states[0] if odd else states[1])
+        x, y = _case().data(n=N, seed=100 * rank + it)
+        if sc.variant == "empty_batch" and odd and it == 1:
+            x, y = x[:0], y[:0]
+        opt.zero_grad()
+        if not (sc.variant == "skip_backward" and odd and it == 1):
+            precond.backward(loss_fn(forward(x), y))
+        if sc.variant == "exit" and odd and it == 1:
+            die()
+        if sc.variant == "nan_gradient" and odd and it == 1:
+            model[0].weight.grad[0, 0] = float("nan")
+        if not (sc.variant == "skip_step" and odd and it == 1):
+            precond.step()
+        opt.step()
+        states.append(copy.deepcopy(precond.state_dict()))
+    return {"steps": precond.steps}
+
+
+def _worker(rank: int, store_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group(
+        "gloo",
+        store=store,
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
+    )
+    results: dict[str, Any] = {}
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+
+    def die() -> None:  # a process that crashes: no error, no clean shutdown
+        torch.save(results, path)
+        os._exit(0)
+
+    try:
+        for sc in FAULTS:
+            dist.barrier()  # the clock starts when both processes do
+            start = time.perf_counter()
+            try:
+                results[sc.name] = _train(sc, rank, die)
+            except Exception as err:
+                results[sc.name] = {
+                    "error": type(err).__name__,
+                    "message": str(err),
+                    "traceback": traceback.format_exc(),
+                }
+            results[sc.name]["seconds"] = time.perf_counter() - start
+    finally:
+        torch.save(results, path)
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("faults")
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp)), daemon=True)
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    limit = 60 + GROUP_TIMEOUT_S * len(FAULTS)
+    for p in procs:
+        p.join(limit)
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"processes {hung} did not finish within {limit} s"
+    files = [tmp / f"rank{rank}.pt" for rank in range(WORLD)]
+    assert all(f.exists() for f in files), f"exit codes {[p.exitcode for p in procs]}"
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def _same_error(runs, name: str) -> tuple[str, str]:
+    results = [r.get(name, {"error": None, "message": "(no result)"}) for r in runs]
+    for rank, res in enumerate(results):
+        assert "error" in res, f"{name}: process {rank} did not raise"
+        assert res["seconds"] < FAST_S, f"{name}: process {rank} took {res['seconds']:.1f} s"
+    assert results[0]["error"] == results[1]["error"], [r["message"] for r in results]
+    assert results[0]["message"] == results[1]["message"]
+    return results[0]["error"], results[0]["message"]
+
+
+@pytest.mark.slow  # the spawn: about 20 s
+@pytest.mark.parametrize("name", ["skip-step", "skip-non-curvature-step"])
+def test_a_process_that_skips_a_step_is_named_on_every_process(runs, name) -> None:
+    kind, message = _same_error(runs, name)
+    assert kind == "DistributedFailure"
+    assert "the processes are out of step" in message
+    assert "process 0 is starting step 1 after 1 backward call," in message
+    assert "process 1 is starting step 1 after 2 backward calls" in message
+
+
+@pytest.mark.slow  # the spawn: about 20 s
+def test_a_process_that_skips_backward_is_named_on_every_process(runs) -> None:
+    kind, message = _same_error(runs, "skip-backward")
+    assert kind == "DistributedFailure"
+    assert "process 1 is starting step 1 after 0 backward calls" in message
+
+
+@pytest.mark.slow  # the spawn: about 20 s
+def test_processes_at_different_steps_are_named(runs) -> None:
+    kind, message = _same_error(runs, "other-checkpoint")
+    assert kind == "DistributedFailure"
+    assert "process 0 is starting step 2 after 1 backward call," in message
+    assert "process 1 is starting step 1 after 1 backward call" in message
+
+
+@pytest.mark.slow  # the spawn: about 20 s
+def test_an_empty_batch_on_one_process_raises_the_same_error_everywhere(runs) -> None:
+    kind, message = _same_error(runs, "empty-batch")
+    assert kind == "ValueError"
+    assert message.startswith("NaturalGradient.backward failed on process 1 of 2")
+    assert "the batch is empty (0 rows)" in message
+
+
+@pytest.mark.slow  # the spawn: about 20 s
+def test_an_error_in_one_process_curvature_update_raises_everywhere(runs) -> None:
+    kind, message = _same_error(runs, "accumulate-fails")
+    assert kind == "RuntimeError"
+    assert "failed on process 1 of 2" in message
+    assert "injected failure in the curvature update" in message
+
+
+@pytest.mark.slow  # the spawn: about 20 s
+@pytest.mark.parametrize("distribution", ["comm_opt", "mem_opt"])
+def test_a_nonfinite_gradient_on_one_process_raises_everywhere(runs, distribution) -> None:
+    kind, message = _same_error(runs, f"nonfinite-gradient-{distribution}")
+    assert kind == "FloatingPointError"
+    assert "NaturalGradient.step failed on process 1 of 2" in message
+    assert "the gradient is not finite in ['0.weight']" in message
+
+
+@pytest.mark.slow  # the spawn: about 20 s
+def test_the_processes_stay_in_step_after_reported_failures(runs) -> None:
+    for rank, r in enumerate(runs):
+        res = r["still-in-step"]
+        assert "error" not in res, f"process {rank}: {res.get('traceback')}"
+        assert res["steps"] == ITERATIONS
+
+
+@pytest.mark.slow  # the spawn: about 20 s
+def test_a_dead_process_is_reported_by_the_survivor(runs) -> None:
+    res = runs[0]["dead-process"]
+    assert res.get("error") == "DistributedFailure", res.get("traceback")
+    assert res["seconds"] < FAST_S
+    message = res["message"]
+    assert "control all-gather (starting step 1) failed on process 0 of 2" in message
+    assert "probably died" in message
+    assert "init_process_group(timeout=" in message
+    assert "dead-process" not in runs[1]  # it died before reporting
+
+
+def test_an_empty_batch_on_one_process_is_named() -> None:
+    """Without distribution: ``update``, ``accumulate`` and ``NaturalGradient`` name the
+    empty batch (a mean over no rows is NaN: not reported as a non-finite loss)."""
+    model, loss_fn = _case().build(seed=0)
+    x, y = _case().data(n=4, seed=0)
+    x, y = x[:0], y[:0]
+    backend = curvlab.make("kfac", model, loss_fn)
+    empty = r"CrossEntropyLoss: the batch is empty \(0 rows\); no curvature can be taken"
+    with pytest.raises(ValueError, match=empty):
+        backend.update(x, y)
+    with backend.recording():
+        loss = loss_fn(model(x), y)
+    with pytest.raises(ValueError, match=empty):
+        backend.accumulate(loss)
+    precond = curvlab.NaturalGradient(curvlab.make("kfac", model, loss_fn))
+    with pytest.raises(ValueError, match=empty):
+        precond.backward(loss_fn(model(x), y))
