@@ -182,9 +182,7 @@ def figure(table: dict[int, dict[str, dict]], budget: float, seeds: list[int], p
     import matplotlib.pyplot as plt
 
     panels = sorted(table)
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False, sharey=True
-    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
     for ax, threads in zip(axes[0], panels):
         names = list(table[threads])
         height = 0.8 / len(TARGETS)

@@ -50,7 +50,9 @@ def main() -> None:
             opt.step(lambda: loss_fn(model(x), x))
 
     def block() -> float:
-        batches = [data[torch.randint(0, len(data), (500,), generator=gen)] for _ in range(args.block)]
+        batches = [
+            data[torch.randint(0, len(data), (500,), generator=gen)] for _ in range(args.block)
+        ]
         start = time.perf_counter()
         for x in batches:
             step(x)

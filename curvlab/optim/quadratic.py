@@ -38,18 +38,21 @@ def ggn_gram(
     with suspended_hooks(model), torch.no_grad():
         if len(vectors) > 1 and _batchable(model):
             # one primal forward for all tangents: the JVPs run batched under vmap
-            tangents = tuple(torch.stack([v[i].detach() for v in vectors]) for i in range(len(keys)))
-            outputs, batched = torch.func.vmap(
-                lambda *t: torch.func.jvp(forward, primals, t),
-                out_dims=(None, 0),
+            tangents = tuple(
+                torch.stack([v[i].detach() for v in vectors]) for i in range(len(keys))
+            )
+            result = torch.func.vmap(
+                lambda *t: torch.func.jvp(forward, primals, t)[:2],
+                out_dims=(None, 0),  # type: ignore[arg-type]  # the primal is not batched
                 randomness="same",
             )(*tangents)
-            jvps = list(batched.unbind(0))
+            outputs, jvps = result[0], list(result[1].unbind(0))
         else:
             outputs, jvps = None, []
             for v in vectors:
-                outputs, jv = torch.func.jvp(forward, primals, tuple(t.detach() for t in v))
-                jvps.append(jv)
+                single = torch.func.jvp(forward, primals, tuple(t.detach() for t in v))
+                outputs = single[0]
+                jvps.append(single[1])
         assert outputs is not None
         h_jvps = [output_hessian_apply(loss_fn, outputs, jv) for jv in jvps]
         k = len(vectors)
