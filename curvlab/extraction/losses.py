@@ -155,7 +155,9 @@ def sample_targets(loss_fn: nn.Module, outputs: Tensor, num: int | None = None) 
         draws = torch.multinomial(probs, num_samples=num or 1, replacement=True)  # [N, M]
         return draws.T if num is not None else draws.squeeze(1)
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
-        return torch.bernoulli(f.sigmoid().expand(shape))
+        # a uniform draw compared with σ(f): Bernoulli(σ(f)) exactly, and on CPU several
+        # times faster than torch.bernoulli with a tensor of probabilities
+        return (torch.rand(shape, dtype=f.dtype, device=f.device) < f.sigmoid()).to(f.dtype)
     return f + torch.randn(shape, dtype=f.dtype, device=f.device) * 0.5**0.5
 
 

@@ -36,12 +36,23 @@ def ggn_gram(
 
     primals = tuple(p.detach() for p in params)
     with suspended_hooks(model), torch.no_grad():
-        outputs = None
-        jvps = []
-        for v in vectors:
-            result = torch.func.jvp(forward, primals, tuple(t.detach() for t in v))
-            outputs, jv = result[0], result[1]
-            jvps.append(jv)
+        if len(vectors) > 1 and _batchable(model):
+            # one primal forward for all tangents: the JVPs run batched under vmap
+            tangents = tuple(
+                torch.stack([v[i].detach() for v in vectors]) for i in range(len(keys))
+            )
+            result = torch.func.vmap(
+                lambda *t: torch.func.jvp(forward, primals, t)[:2],
+                out_dims=(None, 0),  # type: ignore[arg-type]  # the primal is not batched
+                randomness="same",
+            )(*tangents)
+            outputs, jvps = result[0], list(result[1].unbind(0))
+        else:
+            outputs, jvps = None, []
+            for v in vectors:
+                single = torch.func.jvp(forward, primals, tuple(t.detach() for t in v))
+                outputs = single[0]
+                jvps.append(single[1])
         assert outputs is not None
         h_jvps = [output_hessian_apply(loss_fn, outputs, jv) for jv in jvps]
         k = len(vectors)
@@ -50,6 +61,12 @@ def ggn_gram(
             for j in range(i, k):
                 gram[i, j] = gram[j, i] = (jvps[i] * h_jvps[j]).sum()
     return gram
+
+
+def _batchable(model: nn.Module) -> bool:
+    """Whether the tangents may be batched: no buffers (e.g. batch-norm running statistics,
+    updated in place during the forward, which vmap cannot batch)."""
+    return next(iter(model.buffers()), None) is None
 
 
 def evaluate_capturing_inputs(
