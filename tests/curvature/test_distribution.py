@@ -16,7 +16,7 @@ import curvlab
 from curvlab.curvature.base import NamedTensor
 from curvlab.curvature.distribution import DistributionInterface as ops
 from tests.cases import CASES, case_id
-from tests.curvature.backend_info import MLP_ONLY, BACKENDS, BackendInfo
+from tests.curvature.backend_info import BACKENDS, MLP_ONLY, BackendInfo
 from tests.curvature.test_contract import _build, _close, _flat, _random_vector
 
 DETERMINISTIC = [row for row in BACKENDS if row.deterministic] + [
@@ -94,7 +94,9 @@ def test_imported_decompositions_solve_like_the_exporter(row, case) -> None:
         assert all(isinstance(e, NamedTensor) for e in exported)
         ops(target).import_decomposition(b, damping, [e.tensor.clone() for e in exported])
     # EKFAC and the diagonal fix everything when the statistics are taken
-    expected_count = 0 if row.name in ("ekfac", "diagonal") else len(ops(source).decomposition_blocks())
+    expected_count = (
+        0 if row.name in ("ekfac", "diagonal") else len(ops(source).decomposition_blocks())
+    )
     assert source.num_decompositions == expected_count
     v = _random_vector(source, seed=5)
     assert torch.equal(_flat(target.solve(v, damping)), _flat(source.solve(v, damping)))
