@@ -364,7 +364,7 @@ def _summary(
         "each optimizer's best of a fixed grid (`--tune`; the search is listed below)"
         if s["tuned"]
         else "each optimizer's best of a fixed grid for the default task (`--tune` "
-        "re-runs that search), unless set with --lr/--damping"
+        "re-runs that search), unless set with `--lr`/`--damping`"
         if s["defaults_tuned"]
         else "as given (`--tune` gives every optimizer its best of a fixed grid)"
     )

@@ -35,6 +35,8 @@ SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
     nn.BCEWithLogitsLoss,
 )
 SUPPORTED_REDUCTIONS = ("mean", "sum")
+#: The Fisher types every backend understands: the loss Hessian's square root (``"exact"``),
+#: sampled labels (``"mc"``) and the observed labels (``"empirical"``).
 FISHER_TYPES: tuple[str, ...] = ("exact", "mc", "empirical")
 
 
