@@ -5,7 +5,9 @@ Per step (concepts/natural_gradient.md):
 1. gradient ``g`` of ``h(θ) = L(θ) + (η/2)‖θ‖²`` and, every ``update_every`` steps, K-FAC
    statistics (moving average, inverses refreshed every ``invert_every`` steps) — a
    :class:`~curvlab.NaturalGradient` over the curvature does this;
-2. proposal ``Δ = −F̆⁻¹ g`` with factored Tikhonov damping ``γ = √(λ + η)`` and π;
+2. proposal ``Δ = −F̆⁻¹ g`` with factored Tikhonov damping ``γ = √(λ + η)`` and π, ``λ``
+   read at the last inversion step: the damped inverses are computed once per
+   ``invert_every`` steps (Martens & Grosse's ``T3``), not again whenever ``λ`` adapts;
 3. step size and momentum from the exact-Fisher quadratic model with
    ``C = F + (λ+η)I``: ``[ΔᵀCΔ ΔᵀCδ₀; δ₀ᵀCΔ δ₀ᵀCδ₀][α; μ] = −[gᵀΔ; gᵀδ₀]`` (``F`` products
    by forward-mode JVPs, :mod:`curvlab.optim.quadratic`), ``δ = αΔ + μδ₀``;
@@ -95,14 +97,21 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.lm = LevenbergMarquardt(initial=damping, interval=damping_interval)
         self.precond = NaturalGradient(
             curvature,
-            damping=lambda step: self.lm.value + self.l2,
+            damping=self._inversion_damping,
             update_every=update_every,
             invert_every=invert_every,
             ema_decay=ema_decay,
             distribution="local",  # the quadratic model reads this process's batch only
         )
+        self._held_damping: float | None = None  # λ + η of the last inversion step
         self.steps = 0
         self.last: dict[str, float] = {}  # α, μ, ρ, λ of the last step (for logging)
+
+    def _inversion_damping(self, step: int) -> float:
+        """``λ + η`` for the factored inverses: read on inversion steps, held in between."""
+        if self._held_damping is None or self.precond.schedule.inversion_due(step):
+            self._held_damping = self.lm.value + self.l2
+        return self._held_damping
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -166,6 +175,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         state["kfac"] = {
             "steps": self.steps,
             "lm": self.lm.state_dict(),
+            "held_damping": self._held_damping,
             "precond": self.precond.state_dict(),
         }
         return state
@@ -175,6 +185,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
         self.steps = int(extra["steps"])
         self.lm.load_state_dict(extra["lm"])
+        self._held_damping = extra.get("held_damping")
         self.precond.load_state_dict(extra["precond"])
 
 

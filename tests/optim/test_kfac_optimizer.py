@@ -156,3 +156,20 @@ def test_fractions_outside_the_unit_interval_are_refused():
         curvlab.KFACOptimizer(model, loss_fn, quadratic_fraction=0.0)
     with pytest.raises(ValueError, match="statistics_fraction must lie in"):
         curvlab.KFAC(model, loss_fn, statistics_fraction=1.5)
+
+
+def test_the_damped_inverses_are_computed_once_per_inversion_period() -> None:
+    """λ adapts every ``damping_interval`` steps; the factored inverses use the λ of the last
+    inversion step, so they are recomputed every ``invert_every`` steps only (Martens &
+    Grosse's T3), and a step uses exactly that held λ."""
+    model, loss_fn = MLP_CE.build()
+    opt = curvlab.KFACOptimizer(model, loss_fn, damping=0.5, damping_interval=1, invert_every=4)
+    curvature = opt.precond.curvature
+    held = []
+    for s in range(8):
+        x, y = MLP_CE.data(n=8, seed=s)
+        opt.step(lambda x=x, y=y: loss_fn(model(x), y))
+        held.append(opt._held_damping)  # the λ + η this step preconditioned with
+    assert held[0] == held[3] and held[4] == held[7] and held[3] != held[4]
+    # two inversions (steps 0 and 4), each decomposing the two layers once
+    assert curvature.num_decompositions == 2 * len(curvature.layers)
