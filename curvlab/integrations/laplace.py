@@ -18,11 +18,15 @@ loss times ``factor``, ½ for regression):
   type: ``[diag(d)]`` for a vector, and for a matrix (laplace-torch wants two factors
   there) the Frobenius-closest ``diag(u) ⊗ diag(v)``;
 * ``diag``: :class:`~curvlab.DiagonalFisher`.
+
+Inputs may be tensors or dicts (passed to the model whole, as laplace-torch does); the
+curvature and loss come back in the parameters' dtype. Last-layer and subnetwork Laplace
+are refused (``NotImplementedError``). ``scripts/laplace_upstream_tests.py`` runs
+laplace-torch's own backend-parametrised tests with these backends added.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
 from typing import Any, cast
 
 import torch
@@ -58,12 +62,16 @@ class _CurvlabInterface(CurvatureInterface):
             )
 
     def _batch(self, x: Any) -> Any:
-        if isinstance(x, MutableMapping):
-            raise NotImplementedError(
-                f"{type(self).__name__}: dict inputs are passed to the model whole; give "
-                "the model a tensor input (or wrap it to take the dict)."
-            )
-        return x
+        """The model's input for curvlab: a dict whole (laplace-torch also calls the model
+        with it), a tensor detached (the curvature needs no gradient w.r.t. the input, and
+        BackPACK then sees every layer: ``enable_backprop`` inputs require grad)."""
+        return x.detach() if isinstance(x, Tensor) else x
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The parameters' dtype: laplace-torch's quantities are in it (curvlab accumulates
+        half and bfloat16 models' statistics in float32)."""
+        return self.params[0].dtype
 
     def _fit(self, curvature: Curvature, x: Any, y: Tensor) -> Tensor:
         """Accumulate the batch into ``curvature``; the loss at the batch, times ``factor``."""
@@ -74,7 +82,7 @@ class _CurvlabInterface(CurvatureInterface):
                 f"{type(self).__name__}: curvlab's parameter order differs from laplace-torch's "
                 "(tied or frozen parameters); use hessian_structure='diag' or another backend."
             )
-        return self.factor * loss
+        return (self.factor * loss).to(self._dtype)
 
     def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         if self.fisher_type == "empirical":
@@ -84,14 +92,14 @@ class _CurvlabInterface(CurvatureInterface):
                 self.model, self._loss, fisher_type=self.fisher_type, mc_samples=self.mc_samples
             )
         loss = self._fit(c, x, y)
-        return loss, self.factor * c.to_dense()
+        return loss, (self.factor * c.to_dense()).to(self._dtype)
 
     def diag(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         c = DiagonalFisher(
             self.model, self._loss, fisher_type=self.fisher_type, mc_samples=self.mc_samples
         )
         loss = self._fit(c, x, y)
-        return loss, self.factor * c.diagonal()
+        return loss, (self.factor * c.diagonal()).to(self._dtype)
 
     def kron(self, x: Any, y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         kfc = KFC(
@@ -102,7 +110,7 @@ class _CurvlabInterface(CurvatureInterface):
             kfac_approx=kwargs.get("kfac_approx", "expand"),
         )
         self._check_supported()
-        loss = self.factor * kfc.update(self._batch(x), y)
+        loss = (self.factor * kfc.update(self._batch(x), y)).to(self._dtype)
         blocks: dict[int, list[Tensor]] = {}
         for layer, f in zip(kfc.layers, kfc.factors()):
             module = layer.module
@@ -129,7 +137,8 @@ class _CurvlabInterface(CurvatureInterface):
             raise RuntimeError(
                 f"{type(self).__name__}: laplace-torch's parameters {missing} are not covered."
             )
-        kron = Kron([blocks[id(p)] for p in self.params])  # type: ignore[misc]
+        factors = [[f.to(self._dtype) for f in blocks[id(p)]] for p in self.params]
+        kron = Kron(factors)  # type: ignore[arg-type]
         return loss, kron * self.factor
 
 

@@ -95,3 +95,60 @@ def test_last_layer_laplace_is_refused_clearly():
                  hessian_structure="kron", backend=CurvlabGGN)  # fmt: skip
     with pytest.raises(NotImplementedError, match="last-layer and subnetwork"):
         la.fit(loader)
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", [CurvlabGGN, CurvlabEF])
+def test_low_precision_model_gets_curvature_in_its_dtype(backend, dtype, structure):
+    # laplace-torch keeps H in the model's dtype (its test_dtype); curvlab accumulates in
+    # float32 and hands the result back in the parameters' dtype
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3, dtype=dtype)
+    x, y = torch.randn(10, 3, dtype=dtype), torch.randn(10, 3, dtype=dtype)
+    curv = backend(model, "regression")
+    loss, h = curv.kron(x, y, N=10) if structure == "kron" else getattr(curv, structure)(x, y)
+    assert loss.dtype == dtype
+    factors = [f for block in h.kfacs for f in block] if structure == "kron" else [h]
+    assert all(f.dtype == dtype for f in factors)
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_inputs_that_require_grad_give_the_same_curvature(structure):
+    # enable_backprop: laplace-torch's inputs may require grad; every layer still counts
+    model, loader, _ = _classification()
+    x, y = loader.dataset.tensors
+    curv = CurvlabGGN(model, "classification")
+    fit = (lambda x: curv.kron(x, y, N=len(y))) if structure == "kron" else (
+        lambda x: getattr(curv, structure)(x, y))  # fmt: skip
+    (loss, h), (ref_loss, ref_h) = fit(x.clone().requires_grad_()), fit(x)
+    torch.testing.assert_close(loss, ref_loss)
+    if structure == "kron":
+        h, ref_h = h.to_matrix(), ref_h.to_matrix()
+    torch.testing.assert_close(h, ref_h)
+
+
+class _DictModel(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, data):
+        return self.net(data["features"])
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_dict_inputs_are_passed_to_the_model_whole(structure):
+    model, loader, _ = _classification()
+    x, y = loader.dataset.tensors
+    dict_loader = DataLoader([{"features": xi, "target": yi} for xi, yi in zip(x, y)], batch_size=8)
+    results = []
+    for m, data, keys in (
+        (_DictModel(model), dict_loader, {"dict_key_x": "features", "dict_key_y": "target"}),
+        (model, loader, {}),
+    ):
+        la = Laplace(m, "classification", subset_of_weights="all", hessian_structure=structure,
+                     backend=CurvlabGGN, **keys)  # fmt: skip
+        la.fit(data)
+        results.append(la.log_marginal_likelihood().detach())
+    torch.testing.assert_close(results[0], results[1])
