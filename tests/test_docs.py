@@ -13,7 +13,16 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 PAGES = [*sorted((DOCS / "concepts").glob("*.md")), DOCS / "ablate.md", DOCS / "index.md"]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "page",
+    [
+        # the block-tridiagonal page trains four optimizers (about 20 s): `make test-slow`
+        pytest.param(
+            p, id=p.stem, marks=[pytest.mark.slow] if p.stem == "block_tridiagonal" else []
+        )
+        for p in PAGES
+    ],
+)
 def test_page_code_runs(page: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     assert blocks, f"{page.name} has no executable example"

@@ -11,13 +11,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if "distributed" not in p.name)
+# over 15 s each on 2 cores: run by `make test-slow` (CI), and by `make docs`, which executes
+# every tutorial too
+SLOW = {
+    "plot_any_model.py",
+    "plot_ablation.py",
+    "plot_laplace.py",
+    "plot_spectrum.py",
+    "plot_natural_gradient_training.py",
+}
 
 
 def test_there_are_examples() -> None:
     assert len(EXAMPLES) >= 4
 
 
-@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param(p, id=p.name, marks=[pytest.mark.slow] if p.name in SLOW else [])
+        for p in EXAMPLES
+    ],
+)
 def test_example_runs(script: Path) -> None:
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(

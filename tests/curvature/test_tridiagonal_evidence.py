@@ -9,6 +9,7 @@ computed and printed in concepts/block_tridiagonal.md.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 import curvlab
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 def test_block_tridiagonal_is_closer_to_the_exact_natural_gradient() -> None:
     torch.manual_seed(0)
     data, _ = load_digits(return_X_y=True)
