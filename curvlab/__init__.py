@@ -26,7 +26,14 @@ from curvlab.curvature import (
     NamedTensor,
 )
 from curvlab.extraction import FISHER_TYPES, extract
-from curvlab.optim import KFACOptimizer, LevenbergMarquardt, NaturalGradient, distributed
+from curvlab.optim import (
+    KFACOptimizer,
+    LevenbergMarquardt,
+    NaturalGradient,
+    distributed,
+    load_checkpoint,
+    save_checkpoint,
+)
 from curvlab.registry import available, make, register
 
 if TYPE_CHECKING:
@@ -58,8 +65,10 @@ __all__ = [
     "distributed",
     "extract",
     "linalg",
+    "load_checkpoint",
     "make",
     "register",
+    "save_checkpoint",
 ]
 
 

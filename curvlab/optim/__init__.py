@@ -5,14 +5,23 @@
 * :class:`KFACOptimizer` — Martens & Grosse's full recipe (quadratic model, adaptive
   damping);
 * :class:`LevenbergMarquardt` — the damping rule both use;
-* :mod:`curvlab.optim.distributed` — data-parallel statistics and decompositions.
+* :mod:`curvlab.optim.distributed` — data-parallel statistics and decompositions;
+* :func:`save_checkpoint` / :func:`load_checkpoint` — atomic checkpoint files, clear errors.
 
 The math of each piece is on the docs page ``concepts/natural_gradient.md``.
 """
 
 from curvlab.optim import distributed
+from curvlab.optim.checkpoint import load_checkpoint, save_checkpoint
 from curvlab.optim.damping import LevenbergMarquardt
 from curvlab.optim.kfac_optimizer import KFACOptimizer
 from curvlab.optim.natural_gradient import NaturalGradient
 
-__all__ = ["KFACOptimizer", "LevenbergMarquardt", "NaturalGradient", "distributed"]
+__all__ = [
+    "KFACOptimizer",
+    "LevenbergMarquardt",
+    "NaturalGradient",
+    "distributed",
+    "load_checkpoint",
+    "save_checkpoint",
+]

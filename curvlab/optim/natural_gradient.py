@@ -507,7 +507,9 @@ class NaturalGradient:
         """Everything needed to continue bit-identically (tensors are not copied).
 
         Carries ``"format"`` (the version of this layout) and ``"checksum"`` (CRC32 of
-        every tensor's bytes), which :meth:`load_state_dict` checks.
+        every tensor's bytes), which :meth:`load_state_dict` checks. Write it to a file with
+        :func:`curvlab.save_checkpoint` (atomic) and read it with
+        :func:`curvlab.load_checkpoint` (clear errors for truncated or foreign files).
         """
         state = {
             "format": STATE_FORMAT,
