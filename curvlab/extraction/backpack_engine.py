@@ -381,7 +381,10 @@ def run(
         handles = [m.register_forward_hook(hook_store_io) for m in modules]
         handles += [m.register_full_backward_hook(hook_run_extensions) for m in modules]
         try:
-            outputs = model(inputs)
+            # detached: an input that requires grad (e.g. a laplace-torch fit with
+            # enable_backprop) would otherwise keep the first layer's full backward hook
+            # from firing, since only the parameters' gradients are asked for below
+            outputs = model(inputs.detach())
             scale = batch_scale(loss_fn, outputs, targets)  # clear errors before PyTorch's
             loss = loss_fn(outputs, targets)
             if not bool(torch.isfinite(loss).all()):

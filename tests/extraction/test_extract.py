@@ -132,3 +132,18 @@ def test_recorded_batches_replay_under_backpack_only_where_that_is_exact() -> No
         hooks.accumulate(loss)
         assert seen == [expected]
         torch.testing.assert_close(auto.to_dense(), hooks.to_dense(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("engine", ["hooks", "backpack"])
+def test_inputs_that_require_grad_give_the_same_curvature(engine: str) -> None:
+    """An input with requires_grad=True (laplace-torch's enable_backprop) once kept
+    BackPACK's hook on the first layer from firing, so its parameters got no rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    loss_fn = nn.MSELoss(reduction="sum")
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    plain = curvlab.ExactFisher(model, loss_fn, engine=engine)
+    plain.update(x, y)
+    tracked = curvlab.ExactFisher(model, loss_fn, engine=engine)
+    tracked.update(x.clone().requires_grad_(True), y)
+    torch.testing.assert_close(tracked.to_dense(), plain.to_dense())
