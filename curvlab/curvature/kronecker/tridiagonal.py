@@ -227,9 +227,10 @@ class BlockTridiagonalKFAC(KroneckerFactored):
     for it); ``matvec``/``to_dense`` and the spectral quantities use the dense completion
     (small models). Every parameter must sit in a Kronecker block.
 
+    The arguments are :class:`~curvlab.KFAC`'s (without ``damping_mode``, ``structure``
+    and ``separate_bias``), and:
+
     Args:
-        model, loss_fn, fisher_type, mc_samples, kfac_approx, layers, exclude, strict,
-        engine, statistics_fraction: as for :class:`~curvlab.KFAC`.
         layer_types: the layer types that get Kronecker blocks (default: ``KFC``'s —
             Linear, Embedding and convolutions; ``KFAC(structure="block_tridiagonal")``
             passes ``KFAC``'s).
