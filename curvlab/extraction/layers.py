@@ -144,7 +144,10 @@ class KroneckerRule:
     """How one layer type enters a Kronecker factorization (see the module docstring).
 
     ``input_sum`` optionally computes ``(Σ ā āᵀ, N·T)`` of the expand setting directly
-    (an embedding's is diagonal); ``transposed``: the weight is stored as ``[D_in, D_out]``.
+    (an embedding's is diagonal); ``transposed``: the weight is stored as ``[D_in, D_out]``;
+    ``channels_first``: the output gradient is laid out ``[K, N, D_out, *positions]``
+    (convolutions), so expand's ``G`` is formed per (column, sample) without a transposed
+    copy of the gradient.
     """
 
     patches: Callable[[nn.Module, Tensor], Tensor]
@@ -152,13 +155,14 @@ class KroneckerRule:
     check: Callable[[nn.Module], None]
     input_sum: Callable[[nn.Module, Tensor], tuple[Tensor, int]] | None = None
     transposed: bool = False
+    channels_first: bool = False
 
 
 KRONECKER_RULES: dict[type[nn.Module], KroneckerRule] = {
     nn.Linear: KroneckerRule(_linear_patches, _linear_columns, _check_linear),
-    nn.Conv1d: KroneckerRule(_conv_patches, _conv_columns, _check_conv),
-    nn.Conv2d: KroneckerRule(_conv_patches, _conv_columns, _check_conv),
-    nn.Conv3d: KroneckerRule(_conv_patches, _conv_columns, _check_conv),
+    nn.Conv1d: KroneckerRule(_conv_patches, _conv_columns, _check_conv, channels_first=True),
+    nn.Conv2d: KroneckerRule(_conv_patches, _conv_columns, _check_conv, channels_first=True),
+    nn.Conv3d: KroneckerRule(_conv_patches, _conv_columns, _check_conv, channels_first=True),
     nn.Embedding: KroneckerRule(
         _embedding_patches,
         _linear_columns,
@@ -250,6 +254,12 @@ def output_factor(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
     expand sums the outer products over positions; reduce sums ``g`` over positions
     before the outer product (concepts/kronecker.md#weight-sharing-expand-and-reduce).
     """
+    rule = KRONECKER_RULES[type(module)]
+    if kfac_approx == "expand" and rule.channels_first and grad.dim() > 3:
+        # [K, N, D_out, *positions] viewed as [K·N, D_out, T]: Σ_{k,n} g g ᵀ by one batched
+        # GEMM over (column, sample), reading the gradient in its own memory layout
+        flat = grad.reshape(-1, grad.shape[2], prod(grad.shape[3:]))
+        return torch.bmm(flat, flat.transpose(1, 2)).sum(dim=0)
     cols = layer_columns(module, grad)  # [K, N, T, D_out]
     if kfac_approx == "reduce":
         cols = cols.sum(dim=2)
