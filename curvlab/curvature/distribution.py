@@ -49,6 +49,7 @@ class DistributionInterface:
                 f"{type(curvature).__name__}."
             )
         self.curvature = curvature
+        self._blocks = curvature._decomposition_blocks()  # fixed at construction
 
     # --- statistic sums ------------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class DistributionInterface:
         block for a full matrix (``ExactFisher``, ``EmpiricalFisher``) or a chained structure
         (block-tridiagonal). Fixed at construction.
         """
-        return self.curvature._decomposition_blocks()
+        return list(self._blocks)
 
     def decompose(self, block: DecompositionBlock | int, damping: float) -> None:
         """Compute and cache ``block``'s decomposition (eigenbases, Cholesky factors) that
@@ -158,7 +159,7 @@ class DistributionInterface:
         owner = f"{type(c).__name__}.solve_block"
         index = self._check_block(block, "solve_block")
         c._check_ready("solve_block")
-        indices = self.decomposition_blocks()[index].param_indices
+        indices = self._blocks[index].param_indices
         if isinstance(v, Tensor) or not isinstance(v, (list, tuple)) or len(v) != len(indices):
             raise ValueError(
                 f"{owner}: expected a list of {len(indices)} tensors (the block's parameters)."
@@ -173,7 +174,7 @@ class DistributionInterface:
 
     def _check_block(self, block: DecompositionBlock | int, op: str) -> int:
         owner = f"{type(self.curvature).__name__}.{op}"
-        blocks = self.decomposition_blocks()
+        blocks = self._blocks
         index = block.index if isinstance(block, DecompositionBlock) else block
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(blocks):
             raise ValueError(

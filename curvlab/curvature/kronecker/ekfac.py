@@ -124,11 +124,7 @@ class EKFAC(BlockDiagonalKronecker):
         factors = self._unnormalised_factors()
         if across_processes and self._process_reducer is not None:
             # the union's factor sums: every process then fits the same basis
-            entries = []
-            for k, f in enumerate(factors):
-                entries.append(NamedTensor(f"{self._layer_label(k)} A", f.A, "symmetric"))
-                entries.append(NamedTensor(f"{self._layer_label(k)} G", f.G, "symmetric"))
-            summed = self._process_reducer(entries)
+            summed = self._process_reducer(self._factor_sums())
             factors = [KroneckerFactors(A=a, G=g) for a, g in zip(summed[::2], summed[1::2])]
         return [
             (

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from curvlab import linalg
 from curvlab.curvature.base import (
     Curvature,
     DecompositionBlock,
@@ -308,6 +309,12 @@ class KroneckerFactored(Curvature):
             start = stop
         return out
 
+    def _kronecker_block(self, k: int) -> Tensor:
+        """Layer ``k``'s ``kron(G, A)`` in the ``[vec(W), b]`` order (dense; small models)."""
+        f = self._factor(k)
+        perm = layer_rules.parameter_order(self.layers[k].module)
+        return linalg.kron_dense(f.G, f.A)[perm][:, perm]
+
     def _tail(self, v: Vector) -> Vector:
         """The entries of ``v`` for the diagonal blocks (after the Kronecker layers)."""
         return list(v[len(v) - len(self._diag()) :])
@@ -323,12 +330,17 @@ class KroneckerFactored(Curvature):
 
     # --- distribution ----------------------------------------------------------------------
 
-    def _sums(self) -> list[NamedTensor]:
+    def _factor_sums(self) -> list[NamedTensor]:
+        """Per layer the unnormalised sums ``Σ ā āᵀ`` and ``Σ g gᵀ`` (``A``, then ``G``)."""
         sums = []
         for k, (a, g) in enumerate(zip(self._a_sum or [], self._g_sum or [])):
             label = self._layer_label(k)
             sums.append(NamedTensor(f"{label} A", a, "symmetric"))
             sums.append(NamedTensor(f"{label} G", g, "symmetric"))
+        return sums
+
+    def _sums(self) -> list[NamedTensor]:
+        sums = self._factor_sums()
         sums.extend(self._structure_sums())
         if len(self._diag()):
             sums.extend(self._diag().named_sums())

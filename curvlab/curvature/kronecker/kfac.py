@@ -210,9 +210,7 @@ class KFAC(BlockDiagonalKronecker):
             )
 
     def _dense_layer(self, k: int) -> Tensor:
-        f = self._factor(k)
-        perm = layer_rules.parameter_order(self.layers[k].module)
-        return linalg.kron_dense(f.G, f.A)[perm][:, perm]
+        return self._kronecker_block(k)
 
     # --- closed forms (concepts/kronecker.md#kronecker-identities) --------------------------
 

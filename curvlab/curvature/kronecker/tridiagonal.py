@@ -339,9 +339,7 @@ class BlockTridiagonalKFAC(KroneckerFactored):
         """The Gaussian-chain completion of each coupled run
         (concepts/block_tridiagonal.md#the-math)."""
         perms = [layer_rules.parameter_order(layer.module) for layer in self.layers]
-        blocks = [
-            linalg.kron_dense(f.G, f.A)[perm][:, perm] for perm, f in zip(perms, self.factors())
-        ]
+        blocks = [self._kronecker_block(k) for k in range(len(self.layers))]
         assert self._chain.order is not None
         cross = self._chain.cross(self._normalizer)
         off_by_first = {
