@@ -5,7 +5,9 @@
 * :class:`InversionSchedule` — on which steps statistics are taken and decompositions
   refreshed;
 * :class:`KLClip` — scales a preconditioned gradient so that the step's KL change stays
-  below a bound (concepts/natural_gradient.md#kl-clipping).
+  below a bound (concepts/natural_gradient.md#kl-clipping);
+* :func:`missing_gradient` and :func:`non_finite_gradient` — what is wrong with a gradient
+  that cannot be preconditioned (one wording for one process and for several).
 
 The damping policy (a constant, a schedule or Levenberg–Marquardt adaptation) is
 :class:`curvlab.optim.damping.Damping`; the distribution over processes is
@@ -15,6 +17,7 @@ its own; none knows the backend's type — statistics are pytrees of tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,3 +121,17 @@ class KLClip:
         quad = (self.lr**2 * inner).abs().clamp(min=torch.finfo(inner.dtype).tiny)
         nu = (self.bound / quad).sqrt().clamp(max=1.0)
         return [n * nu for n in natural]
+
+
+def missing_gradient(name: str) -> str:
+    """The problem of a covered parameter without ``.grad``."""
+    return f"parameter '{name}' has no gradient; call precond.backward(loss) before step()."
+
+
+def non_finite_gradient(names: Sequence[str]) -> str:
+    """The problem of gradients with NaN/Inf in the parameters ``names`` (up to five named)."""
+    shown = f"{list(names[:5])}{' …' if len(names) > 5 else ''}"
+    return (
+        f"the gradient is not finite in {shown}; the parameters were not changed. Check the "
+        "batch for NaN/Inf, lower the learning rate or raise the damping."
+    )

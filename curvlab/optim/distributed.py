@@ -42,6 +42,7 @@ from torch import Tensor
 
 from curvlab import linalg
 from curvlab.curvature.base import TENSOR_STRUCTURES, NamedTensor
+from curvlab.optim.components import missing_gradient, non_finite_gradient
 
 #: How decompositions are shared (``NaturalGradient(distribution=...)``).
 DISTRIBUTIONS = ("comm_opt", "mem_opt", "local")
@@ -436,18 +437,11 @@ class Communicator:
         problem: Exception | None = None
         if self.rank in failed:
             if missing:
-                problem = RuntimeError(
-                    f"parameter '{missing[0]}' has no gradient; call precond.backward(loss) "
-                    "before step()."
-                )
+                problem = RuntimeError(missing_gradient(missing[0]))
             else:
                 assert norms is not None
                 bad = [n for (n, _), v in zip(present, norms.tolist()) if not math.isfinite(v)]
-                problem = FloatingPointError(
-                    f"the gradient is not finite in {bad[:5]}{' …' if len(bad) > 5 else ''}; "
-                    "the parameters were not changed. Check the batch for NaN/Inf, lower the "
-                    "learning rate or raise the damping."
-                )
+                problem = FloatingPointError(non_finite_gradient(bad))
         self.raise_reported(problem, failed, "NaturalGradient.step")
 
     def raise_reported(self, error: BaseException | None, failed: Sequence[int], what: str) -> None:

@@ -62,7 +62,13 @@ from torch.utils._pytree import tree_map, tree_map_only
 from curvlab.curvature.base import Curvature, NamedTensor
 from curvlab.curvature.distribution import DistributionInterface
 from curvlab.optim import distributed
-from curvlab.optim.components import InversionSchedule, KLClip, MovingAverage
+from curvlab.optim.components import (
+    InversionSchedule,
+    KLClip,
+    MovingAverage,
+    missing_gradient,
+    non_finite_gradient,
+)
 from curvlab.optim.damping import Damping, DampingSchedule, LevenbergMarquardt
 from curvlab.optim.quadratic import evaluate_capturing_inputs, ggn_gram
 
@@ -328,10 +334,7 @@ class NaturalGradient:
         grads = []
         for p, name in zip(params, self.curvature.param_names):
             if p.grad is None:
-                raise RuntimeError(
-                    f"NaturalGradient.step: parameter '{name}' has no gradient; call "
-                    "precond.backward(loss) before step()."
-                )
+                raise RuntimeError(f"NaturalGradient.step: {missing_gradient(name)}")
             grads.append(p.grad)
         if self.comm is None:  # distributed: checked by agree_on_step
             self._check_finite_gradients(grads)
@@ -359,11 +362,7 @@ class NaturalGradient:
                 for name, n in zip(self.curvature.param_names, norms.tolist())
                 if not math.isfinite(n)
             ]
-            raise FloatingPointError(
-                f"NaturalGradient.step: the gradient is not finite in {bad[:5]}"
-                f"{' …' if len(bad) > 5 else ''}; the parameters were not changed. Check the "
-                "batch for NaN/Inf, lower the learning rate or raise the damping."
-            )
+            raise FloatingPointError(f"NaturalGradient.step: {non_finite_gradient(bad)}")
 
     def _reduction_ratio(
         self, closure: Callable[[], Tensor], grads: list[Tensor], natural: list[Tensor]
