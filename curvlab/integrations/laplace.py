@@ -61,12 +61,6 @@ class _CurvlabInterface(CurvatureInterface):
                 "use the full network (every trainable parameter)."
             )
 
-    def _batch(self, x: Any) -> Any:
-        """The model's input for curvlab: a dict whole (laplace-torch also calls the model
-        with it), a tensor detached (the curvature needs no gradient w.r.t. the input, and
-        BackPACK then sees every layer: ``enable_backprop`` inputs require grad)."""
-        return x.detach() if isinstance(x, Tensor) else x
-
     @property
     def _dtype(self) -> torch.dtype:
         """The parameters' dtype: laplace-torch's quantities are in it (curvlab accumulates
@@ -76,7 +70,7 @@ class _CurvlabInterface(CurvatureInterface):
     def _fit(self, curvature: Curvature, x: Any, y: Tensor) -> Tensor:
         """Accumulate the batch into ``curvature``; the loss at the batch, times ``factor``."""
         self._check_supported()
-        loss = curvature.update(self._batch(x), y)
+        loss = curvature.update(x, y)
         if [id(p) for p in curvature.params] != [id(p) for p in self.params]:
             raise RuntimeError(
                 f"{type(self).__name__}: curvlab's parameter order differs from laplace-torch's "
@@ -110,7 +104,7 @@ class _CurvlabInterface(CurvatureInterface):
             kfac_approx=kwargs.get("kfac_approx", "expand"),
         )
         self._check_supported()
-        loss = (self.factor * kfc.update(self._batch(x), y)).to(self._dtype)
+        loss = (self.factor * kfc.update(x, y)).to(self._dtype)
         blocks: dict[int, list[Tensor]] = {}
         for layer, f in zip(kfc.layers, kfc.factors()):
             module = layer.module
