@@ -17,12 +17,10 @@ references computed here, in float64:
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import re
 import subprocess
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +28,13 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import curvlab
 from curvlab.optim.distributed import assign_blocks
 from tests.cases import CASES
+from tests.optim.spawn import error_record, init_gloo, result_path, spawn_and_collect
 
 WORLD = 2
 STEPS = 3
@@ -197,28 +195,16 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
 
 
 def _worker(rank: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo",
-        store=store,
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, store_path, WORLD, timeout_s=60)
     results: dict[str, Any] = {}
     try:
         for sc in SCENARIOS:
             try:
                 results[sc.name] = _train(sc, rank)
             except Exception as err:
-                results[sc.name] = {
-                    "error": type(err).__name__,
-                    "message": str(err),
-                    "traceback": traceback.format_exc(),
-                }
+                results[sc.name] = error_record(err)
     finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(results, result_path(out_dir, rank))
         dist.destroy_process_group()
 
 
@@ -229,24 +215,7 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
 def runs(tmp_path_factory) -> list[dict[str, Any]]:
     """Both processes' results, per scenario name."""
     tmp = tmp_path_factory.mktemp("distributed")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp)), daemon=True)
-        for rank in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"distributed workers {hung} did not finish within {TIMEOUT_S} s"
-    codes = [p.exitcode for p in procs]
-    files = [tmp / f"rank{rank}.pt" for rank in range(WORLD)]
-    assert all(f.exists() for f in files), f"workers exited with {codes} without results"
-    return [torch.load(f, weights_only=False) for f in files]
+    return spawn_and_collect(_worker, tmp, WORLD, TIMEOUT_S)
 
 
 def _ok(runs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

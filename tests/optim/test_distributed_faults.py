@@ -17,10 +17,8 @@ normally); the last one kills a process.
 from __future__ import annotations
 
 import copy
-import datetime
 import os
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +26,11 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import curvlab
 from tests.cases import CASES
+from tests.optim.spawn import error_record, init_gloo, result_path, spawn_and_collect
 
 WORLD = 2
 GROUP_TIMEOUT_S = 10  # what a process that waits for a dead or diverged one pays
@@ -115,17 +113,9 @@ def _train(sc: Fault, rank: int, die: Callable[[], None]) -> dict[str, Any]:
 
 
 def _worker(rank: int, store_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo",
-        store=store,
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
-    )
+    init_gloo(rank, store_path, WORLD, timeout_s=GROUP_TIMEOUT_S)
     results: dict[str, Any] = {}
-    path = os.path.join(out_dir, f"rank{rank}.pt")
+    path = result_path(out_dir, rank)
 
     def die() -> None:  # a process that crashes: no error, no clean shutdown
         torch.save(results, path)
@@ -138,11 +128,7 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
             try:
                 results[sc.name] = _train(sc, rank, die)
             except Exception as err:
-                results[sc.name] = {
-                    "error": type(err).__name__,
-                    "message": str(err),
-                    "traceback": traceback.format_exc(),
-                }
+                results[sc.name] = error_record(err)
             results[sc.name]["seconds"] = time.perf_counter() - start
     finally:
         torch.save(results, path)
@@ -152,24 +138,7 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> list[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("faults")
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, args=(rank, str(tmp / "store"), str(tmp)), daemon=True)
-        for rank in range(WORLD)
-    ]
-    for p in procs:
-        p.start()
-    limit = 60 + GROUP_TIMEOUT_S * len(FAULTS)
-    for p in procs:
-        p.join(limit)
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"processes {hung} did not finish within {limit} s"
-    files = [tmp / f"rank{rank}.pt" for rank in range(WORLD)]
-    assert all(f.exists() for f in files), f"exit codes {[p.exitcode for p in procs]}"
-    return [torch.load(f, weights_only=False) for f in files]
+    return spawn_and_collect(_worker, tmp, WORLD, 60 + GROUP_TIMEOUT_S * len(FAULTS))
 
 
 def _same_error(runs, name: str) -> tuple[str, str]:
