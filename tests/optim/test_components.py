@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from curvlab.optim.components import InversionSchedule, KLClip, MovingAverage, same_structure
+from curvlab.optim.components import (
+    InversionSchedule,
+    KLClip,
+    MovingAverage,
+    missing_gradient,
+    non_finite_gradient,
+    same_structure,
+)
 from curvlab.optim.damping import Damping, LevenbergMarquardt
 
 
@@ -84,3 +91,14 @@ def test_damping_policies() -> None:
     other = Damping(LevenbergMarquardt(initial=1.0, interval=2))
     other.load_state_dict(state)
     assert other.at(0) == lm.at(0) and Damping(0.1).state_dict() is None
+
+
+def test_gradient_problems_name_the_parameters() -> None:
+    assert missing_gradient("0.weight") == (
+        "parameter '0.weight' has no gradient; call precond.backward(loss) before step()."
+    )
+    names = [f"layer{i}.weight" for i in range(7)]
+    message = non_finite_gradient(names)
+    assert message.startswith(f"the gradient is not finite in {names[:5]} …;")
+    assert "layer5" not in message
+    assert "…" not in non_finite_gradient(names[:2])
