@@ -43,15 +43,21 @@ class KFACOptimizer(torch.optim.Optimizer):
         curvature: the approximation; default ``KFC(model, loss_fn, fisher_type="mc",
             damping_mode="factored", statistics_fraction=statistics_fraction)``. Any backend
             works; its ``solve`` gives ``Δ``.
-        damping: initial ``λ`` (Martens & Grosse use 150 for their autoencoders, whose
-            losses are summed over outputs; the right scale depends on the loss's).
+        damping: initial ``λ``. Levenberg–Marquardt adapts it by a factor of at most
+            ``(19/20)^T1 ≈ 0.77`` per ``T1`` steps, so a start far above the λ the problem
+            settles at costs tens of steps (Martens & Grosse start at 150 for losses summed
+            over the outputs; the default 0.01 suits ``reduction="mean"`` losses, see
+            docs/benchmarks.md, "Default settings across problems").
         l2: ``η``, the ℓ2 regularisation included in the objective (paper: 1e-5).
         damping_interval: ``T1``, steps between ``λ`` adaptations.
         update_every, invert_every, ema_decay: as for :class:`~curvlab.NaturalGradient`.
         momentum: use ``μ δ₀`` (otherwise ``μ = 0``).
-        quadratic_fraction: the share of the batch (its first samples) on which the exact
-            Fisher products of the quadratic model are computed — Martens & Grosse compute
-            them on a subset too (the estimate is rescaled to the whole batch).
+        quadratic_fraction, quadratic_min_samples: the exact Fisher products of the
+            quadratic model are computed on the batch's first
+            ``min(N, max(round(quadratic_fraction·N), quadratic_min_samples))`` samples (the
+            estimate is rescaled to the whole batch). A small subset underestimates the
+            curvature along the step on some batches and the step overshoots (with 32 or 64
+            samples of a classification batch, training diverged), hence the minimum.
         statistics_fraction: the share of the batch the default curvature takes its
             Kronecker statistics from (``KFC(statistics_fraction=...)``).
 
@@ -65,7 +71,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         model: nn.Module,
         loss_fn: nn.Module,
         curvature: Curvature | None = None,
-        damping: float = 1.0,
+        damping: float = 0.01,
         l2: float = 1e-5,
         damping_interval: int = 5,
         update_every: int = 1,
@@ -73,13 +79,22 @@ class KFACOptimizer(torch.optim.Optimizer):
         ema_decay: float = 0.95,
         momentum: bool = True,
         quadratic_fraction: float = 0.25,
+        quadratic_min_samples: int = 256,
         statistics_fraction: float = 0.25,
     ) -> None:
         if not 0.0 < quadratic_fraction <= 1.0:
             raise ValueError(
                 f"KFACOptimizer: quadratic_fraction must lie in (0, 1], got {quadratic_fraction}."
             )
+        if isinstance(quadratic_min_samples, bool) or not (
+            isinstance(quadratic_min_samples, int) and quadratic_min_samples >= 1
+        ):
+            raise ValueError(
+                "KFACOptimizer: quadratic_min_samples must be an int >= 1, got "
+                f"{quadratic_min_samples!r}."
+            )
         self.quadratic_fraction = quadratic_fraction
+        self.quadratic_min_samples = quadratic_min_samples
         if curvature is None:
             curvature = KFC(
                 model,
@@ -113,6 +128,11 @@ class KFACOptimizer(torch.optim.Optimizer):
             self._held_damping = self.lm.value + self.l2
         return self._held_damping
 
+    def _quadratic_samples(self, batch: int) -> int:
+        """How many of a batch of ``batch`` samples the quadratic model uses."""
+        wanted = max(round(self.quadratic_fraction * batch), self.quadratic_min_samples)
+        return max(1, min(batch, wanted))
+
     @property
     def params(self) -> list[nn.Parameter]:
         return self.precond.curvature.params
@@ -137,7 +157,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             previous = [self.state[p].get("delta") for p in params]
             use_momentum = self.momentum and previous[0] is not None
             vectors = [proposal, previous] if use_momentum else [proposal]
-            subset = inputs[: max(1, round(self.quadratic_fraction * len(inputs)))]
+            subset = inputs[: self._quadratic_samples(len(inputs))]
             gram = ggn_gram(self.model, self.loss_fn, subset, params, vectors)  # vᵢᵀ F vⱼ
             if self.loss_fn.reduction == "sum":  # a sum over fewer samples: rescale
                 gram = gram * (len(inputs) / len(subset))
