@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from curvlab.ablation import (
+    BASELINES,
     MODELS,
     Contender,
     QualityReport,
@@ -46,18 +47,22 @@ DEFAULT_BACKENDS = ("kfc", "ekfac", "block_diagonal", "block_tridiagonal")
 DEFAULT_LR = {"sgd": 0.1, "adam": 0.01, "natural": 0.1}
 #: The damping λ of every NaturalGradient without ``--damping``.
 DEFAULT_DAMPING = 1e-3
-#: The defaults of the default task (the ConvNet on digits): every optimizer's best
-#: learning rate (and λ) of the ``--tune`` grids at the default settings, from one run of
-#: ``curvlab ablate --tune`` (its search is in docs/ablate.md). Other tasks start from
-#: ``DEFAULT_LR`` and ``DEFAULT_DAMPING``; ``--lr`` and ``--damping`` override both.
-TUNED: dict[str, tuple[float, float | None]] = {
-    "SGD": (0.1, None),
-    "Adam": (0.03, None),
-    "exact NGD": (0.1, 0.1),
-    "kfc": (0.03, 0.1),
-    "ekfac": (0.03, 0.01),
-    "block_diagonal": (0.03, 0.1),
-    "block_tridiagonal": (0.1, 0.1),
+#: Per task ``(model, data)``: every optimizer's best learning rate (and λ) of the
+#: ``--tune`` grids at the default settings, from one run of ``curvlab ablate --tune`` on
+#: that task (the searches are in docs/ablate.md). Other tasks start from ``DEFAULT_LR`` and
+#: ``DEFAULT_DAMPING``; ``--lr`` and ``--damping`` override both. ``KFACOptimizer`` is never
+#: tuned: it runs with its defaults (its λ adapts, its step size comes from its quadratic
+#: model).
+TUNED: dict[tuple[str, str], dict[str, tuple[float, float | None]]] = {
+    ("convnet", "digits"): {
+        "SGD": (0.1, None),
+        "Adam": (0.03, None),
+        "exact NGD": (0.1, 0.1),
+        "kfc": (0.03, 0.1),
+        "ekfac": (0.03, 0.01),
+        "block_diagonal": (0.03, 0.1),
+        "block_tridiagonal": (0.1, 0.1),
+    },
 }
 #: The grids of ``--tune``: learning rates per group, and λ of the natural gradients.
 TUNING_LRS = {
@@ -192,12 +197,15 @@ def ablate(args: argparse.Namespace) -> int:
         target_loss=target_loss,
         device=device,
     )
-    tuned = TUNED if (args.model, str(args.data)) == ("convnet", "digits") else {}
+    tuned = TUNED.get((args.model, str(args.data)), {})
     contenders = _contenders(backends, lrs, args.damping, tuned)
     tuning: dict[str, dict[str, float]] = {}
     if args.tune:
         searched = []
         for c in contenders:
+            if c.optimizer == "kfac":  # its defaults are the point: not tuned
+                searched.append(c)
+                continue
             group = _lr_group(c)
             dampings = TUNING_DAMPINGS if c.curvature is not None else (None,)
             best, scores = tune(
@@ -314,7 +322,10 @@ def _contenders(
     """SGD, Adam, exact NGD and one natural gradient per backend, each with the learning
     rate (and λ) the user gave, else its tuned default, else the group's default."""
     out = []
-    for c in (contender(n, 1.0) for n in ("sgd", "adam", "ngd", *backends)):
+    for c in (contender(n, 1.0) for n in (*BASELINES, *backends)):
+        if c.optimizer == "kfac":  # KFACOptimizer: its own defaults, no lr
+            out.append(c)
+            continue
         group = _lr_group(c)
         tuned_lr, tuned_damping = tuned.get(c.name, (None, None))
         lr = lrs.get(group) or tuned_lr or DEFAULT_LR[group]
@@ -375,7 +386,9 @@ def _summary(
         f"Every natural gradient: statistics every "
         f"{s['update_every']} and inversions every {s['invert_every']} iterations, EMA "
         f"{s['ema_decay']:g}, KL clipping {s['kl_clip']:g}; SGD and every natural gradient "
-        f"use momentum 0.9. Learning rates and λ: {lr_note}. Wall-clock counts training steps "
+        f"use momentum 0.9. KFACOptimizer runs with its defaults (initial λ 0.01, adapted; "
+        f"step size and momentum from its quadratic model; not tuned). "
+        f"Learning rates and λ: {lr_note}. Wall-clock counts training steps "
         f"only. Total run: {seconds:.0f} s.",
         "",
         "**Findings.**",

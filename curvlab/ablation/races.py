@@ -19,15 +19,22 @@ from torch import Tensor, nn
 
 from curvlab.ablation.measure import Stopwatch
 from curvlab.ablation.reports import dumps, format_value, markdown_table
+from curvlab.optim.kfac_optimizer import KFACOptimizer
 from curvlab.optim.natural_gradient import NaturalGradient
 from curvlab.registry import available, make
 
 Data = tuple[Tensor, Tensor]
 
-#: The optimizers without curvature, and exact natural gradient; every registry name
-#: (``curvlab.available()``) is a contender too: SGD with momentum preconditioned by
-#: ``NaturalGradient`` over that backend.
-BASELINES = ("sgd", "adam", "ngd")
+#: The optimizers without curvature, exact natural gradient and Martens & Grosse's full
+#: K-FAC (``"kfac_optimizer"``: :class:`~curvlab.KFACOptimizer` with its defaults); every
+#: registry name (``curvlab.available()``) is a contender too: SGD with momentum
+#: preconditioned by ``NaturalGradient`` over that backend.
+BASELINES = ("sgd", "adam", "ngd", "kfac_optimizer")
+#: ``Contender.optimizer`` values: torch's SGD (with momentum) and Adam, and
+#: :class:`~curvlab.KFACOptimizer` (its own step size and momentum: ``lr`` is not used).
+OPTIMIZERS = ("sgd", "adam", "kfac")
+#: The registry name of the exact Fisher (exact NGD's preconditioner, the reference).
+EXACT = "exact_fisher"
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,10 @@ class Contender:
 
     Attributes:
         name: its label in tables and plots.
-        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
+        optimizer: ``"sgd"`` (with ``momentum``), ``"adam"`` or ``"kfac"``
+            (:class:`~curvlab.KFACOptimizer` with its default settings and ``damping`` as
+            its initial λ if given; it computes its own step size and momentum, so ``lr``
+            and ``momentum`` are not used and it takes no ``curvature``).
         lr: the learning rate.
         curvature: a registry name: the gradient is preconditioned by
             ``NaturalGradient(make(curvature, model, loss_fn, **curvature_options))``.
@@ -54,10 +64,15 @@ class Contender:
     damping: float | None = None
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adam"):
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(
-                f"Contender {self.name!r}: optimizer must be 'sgd' or 'adam', got "
+                f"Contender {self.name!r}: optimizer must be 'sgd', 'adam' or 'kfac', got "
                 f"{self.optimizer!r}."
+            )
+        if self.optimizer == "kfac" and self.curvature is not None:
+            raise ValueError(
+                f"Contender {self.name!r}: optimizer 'kfac' (KFACOptimizer) brings its own "
+                f"curvature; got curvature={self.curvature!r}."
             )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(
@@ -76,13 +91,17 @@ class Contender:
 
 def contender(name: str, lr: float) -> Contender:
     """``"sgd"`` (momentum 0.9), ``"adam"``, ``"ngd"`` (exact natural gradient: the exact
-    Fisher as the preconditioner of SGD with momentum) or a backend's registry name."""
+    Fisher as the preconditioner of SGD with momentum), ``"kfac_optimizer"``
+    (:class:`~curvlab.KFACOptimizer` with its defaults; ``lr`` is not used) or a backend's
+    registry name."""
     if name == "sgd":
         return Contender("SGD", "sgd", lr)
     if name == "adam":
         return Contender("Adam", "adam", lr)
     if name == "ngd":
         return Contender("exact NGD", "sgd", lr, curvature="exact_fisher")
+    if name == "kfac_optimizer":
+        return Contender("KFACOptimizer", "kfac", lr)
     if name in available():
         return Contender(name, "sgd", lr, curvature=name)
     raise ValueError(
@@ -150,7 +169,7 @@ class RaceResult:
             rows.append(
                 [
                     c.name,
-                    c.lr,
+                    None if c.optimizer == "kfac" else c.lr,
                     c.damping,
                     c.train_loss[-1],
                     c.val_loss[-1],
@@ -169,8 +188,11 @@ class RaceResult:
         """Plain statements, with numbers, on every approximate natural gradient against
         SGD, Adam and exact NGD (wall-clock to the target loss) and against exact NGD per
         iteration (ratio of training losses at the same logged steps)."""
-        exact = [c for c in self.curves if c.curvature == "exact_fisher"]
-        baselines = [c for c in self.curves if c.curvature in (None, "exact_fisher")]
+        exact = [c for c in self.curves if c.curvature == EXACT]
+        # SGD, Adam and exact NGD; every other contender is an approximation of the last
+        baselines = [
+            c for c in self.curves if c.optimizer != "kfac" and c.curvature in (None, EXACT)
+        ]
         approximations = [c for c in self.curves if c not in baselines]
         out = []
         target = self.target_loss
@@ -251,27 +273,22 @@ def race(
                 "race: model_fn gave different initial weights under the same seed; it must "
                 "build the model from torch's global RNG only."
             )
-        precond = (
-            NaturalGradient(
-                make(c.curvature, model, loss_fn, **dict(c.curvature_options)),
-                damping=damping if c.damping is None else c.damping,
-                update_every=update_every,
-                invert_every=invert_every,
-                ema_decay=ema_decay,
-                kl_clip=kl_clip,
-                lr=c.lr,
-            )
-            if c.curvature is not None
-            else None
+        natural = dict(
+            damping=damping if c.damping is None else c.damping,
+            update_every=update_every,
+            invert_every=invert_every,
+            ema_decay=ema_decay,
+            kl_clip=kl_clip,
         )
-        runs.append((c, model, precond))
+        stepper = _stepper(c, model, loss_fn, natural)
+        runs.append((c, model, stepper))
     order = _batch_order(len(train[0]), batch_size, steps, seed)
     curves = []
-    for c, model, precond in runs:
+    for c, model, stepper in runs:
         # the same random stream (Monte-Carlo labels) for every contender, wherever it is
         # in the list and whether it runs alone (tune) or in a race
         torch.manual_seed(seed)
-        curves.append(_run(c, model, loss_fn, precond, train, val, order, eval_every, progress))
+        curves.append(_run(c, model, loss_fn, stepper, train, val, order, eval_every, progress))
     settings = {
         "steps": steps,
         "seed": seed,
@@ -289,11 +306,62 @@ def race(
     return RaceResult(curves, target_loss, settings)
 
 
+@dataclass(frozen=True)
+class _Stepper:
+    """One contender's training step on a batch ``(x, y)`` (returns the loss) and its
+    damping ``λ`` now (``None`` without one)."""
+
+    step: Callable[[Tensor, Tensor], Tensor]
+    damping: Callable[[], float | None]
+
+
+def _stepper(
+    c: Contender, model: nn.Module, loss_fn: nn.Module, natural: dict[str, Any]
+) -> _Stepper:
+    """Build ``c``'s optimizer for ``model`` (``natural``: its NaturalGradient's settings)."""
+    if c.optimizer == "kfac":
+        kfac = (
+            KFACOptimizer(model, loss_fn)
+            if c.damping is None
+            else KFACOptimizer(model, loss_fn, damping=c.damping)
+        )
+
+        def kfac_step(x: Tensor, y: Tensor) -> Tensor:
+            return kfac.step(lambda: loss_fn(model(x), y))
+
+        return _Stepper(kfac_step, lambda: kfac.lm.value)
+    precond = (
+        NaturalGradient(
+            make(c.curvature, model, loss_fn, **dict(c.curvature_options)), lr=c.lr, **natural
+        )
+        if c.curvature is not None
+        else None
+    )
+    opt: torch.optim.Optimizer
+    if c.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=c.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum)
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        if precond is None:
+            loss.backward()
+        else:
+            precond.backward(loss)
+            precond.step()
+        opt.step()
+        return loss
+
+    return _Stepper(step, lambda: None if precond is None else precond.current_damping())
+
+
 def _run(
     c: Contender,
     model: nn.Module,
     loss_fn: nn.Module,
-    precond: NaturalGradient | None,
+    stepper: _Stepper,
     train: Data,
     val: Data,
     order: list[Tensor],
@@ -301,10 +369,6 @@ def _run(
     progress: bool,
 ) -> Curve:
     device = train[0].device
-    if c.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum)
     classify = train[1].dtype == torch.int64
     log: dict[str, list[Any]] = {k: [] for k in ("steps", "seconds", "tl", "vl", "ta", "va")}
     clock = Stopwatch()
@@ -325,14 +389,7 @@ def _run(
         x, y = train[0][index], train[1][index]
         try:
             with clock.running(device):
-                opt.zero_grad()
-                loss = loss_fn(model(x), y)
-                if precond is None:
-                    loss.backward()
-                else:
-                    precond.backward(loss)
-                    precond.step()
-                opt.step()
+                stepper.step(x, y)
         except FloatingPointError:  # NaturalGradient refuses a non-finite loss
             diverged_at = step
             break
@@ -348,7 +405,7 @@ def _run(
         optimizer=c.optimizer,
         curvature=c.curvature,
         lr=float(c.lr),
-        damping=None if precond is None else precond.current_damping(),
+        damping=stepper.damping(),
         steps=log["steps"],
         seconds=log["seconds"],
         train_loss=log["tl"],

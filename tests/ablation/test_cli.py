@@ -34,16 +34,19 @@ def test_ablate_writes_every_output_with_the_documented_schema(tmp_path, capsys)
     assert settings["model"] == "convnet" and settings["data"] == "digits"
     assert settings["steps"] == 4 and settings["backends"] == ["kfc", "block_diagonal"]
     names = [c["name"] for c in results["race"]["curves"]]
-    assert names == ["SGD", "Adam", "exact NGD", "kfc", "block_diagonal"]
+    assert names == ["SGD", "Adam", "exact NGD", "KFACOptimizer", "kfc", "block_diagonal"]
     for curve in results["race"]["curves"]:
         assert curve["steps"] == [0, 2, 4]
         for key in ("seconds", "train_loss", "val_loss", "train_accuracy", "val_accuracy"):
             assert len(curve[key]) == 3, key
     assert [r["backend"] for r in results["quality"]["rows"]] == ["kfc", "block_diagonal"]
     assert results["quality"]["num_samples"] == 24
-    assert len(results["findings"]) == 6  # wall-clock, per iteration, final; per approximation
+    # wall-clock, per iteration, final; per approximation (KFACOptimizer is one of them)
+    assert len(results["findings"]) == 9
+    assert any(f.startswith("Per iteration, KFACOptimizer's") for f in results["findings"])
     summary = (out / "summary.md").read_text()
     assert "**Findings.**" in summary and "| exact NGD |" in summary and "| kfc |" in summary
+    assert "| KFACOptimizer | — |" in summary  # no learning rate: its own step size
 
 
 def test_python_dash_m_runs_the_same_command(tmp_path) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from curvlab.ablation import Contender, Curve, RaceResult, contender, race, tune
+from curvlab.ablation.races import _batch_order
 
 
 def _task(n: int = 96, classes: int = 3, seed: int = 0):
@@ -144,10 +145,14 @@ def test_model_fn_must_be_deterministic_under_the_seed() -> None:
 
 def test_bad_contenders_fail_before_any_training() -> None:
     train, val = _task()
-    with pytest.raises(ValueError, match="Valid: sgd, adam, ngd, or a curvature backend"):
+    with pytest.raises(
+        ValueError, match="Valid: sgd, adam, ngd, kfac_optimizer, or a curvature backend"
+    ):
         contender("lbfgs", 0.1)
-    with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam'"):
+    with pytest.raises(ValueError, match="optimizer must be 'sgd', 'adam' or 'kfac'"):
         Contender("x", "rmsprop")
+    with pytest.raises(ValueError, match="brings its own curvature"):
+        Contender("x", "kfac", curvature="kfac")
     with pytest.raises(ValueError, match="lr must be a positive float"):
         Contender("x", "sgd", lr=-1.0)
     with pytest.raises(ValueError, match="distinct contenders"):
@@ -172,6 +177,28 @@ def test_tune_picks_the_lowest_late_training_loss_of_the_grid() -> None:
     late = [loss for step, loss in zip(curve.steps, curve.train_loss) if step >= 6]
     assert scores["lr=0.1, λ=0.01"] == pytest.approx(sum(late) / len(late))
     assert curve.damping == 1e-2
+
+
+def test_the_kfac_optimizer_contender_is_kfac_optimizer_with_its_defaults() -> None:
+    """The race's ``kfac_optimizer`` is exactly ``KFACOptimizer(model, loss_fn)`` stepped on
+    the race's batches; its λ column is the adapted λ at the end."""
+    import curvlab
+
+    train, val = _task()
+    options = dict(steps=6, seed=1, batch_size=16, eval_every=3)
+    (curve,) = race(_mlp, nn.CrossEntropyLoss(), train, val, ["kfac_optimizer"], **options).curves
+    torch.manual_seed(1)
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = curvlab.KFACOptimizer(model, loss_fn)
+    torch.manual_seed(1)
+    for index in _batch_order(len(train[0]), 16, 6, 1):
+        x, y = train[0][index], train[1][index]
+        opt.step(lambda x=x, y=y: loss_fn(model(x), y))
+    with torch.no_grad():
+        final = float(loss_fn(model(train[0]), train[1]))
+    assert curve.name == "KFACOptimizer" and curve.optimizer == "kfac"
+    assert curve.train_loss[-1] == pytest.approx(final, rel=1e-6)
+    assert curve.damping == opt.lm.value != 0.01  # adapted from its initial 0.01
 
 
 def test_a_contenders_run_does_not_depend_on_the_others() -> None:
