@@ -21,7 +21,7 @@ The 2×2 solve and ``ρ`` read scalars back to the host (a few per step, documen
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -172,13 +172,15 @@ class KFACOptimizer(torch.optim.Optimizer):
             # M(δ) − M(0) without the λ term: gᵀδ + ½ δᵀ(F + ηI)δ
             quad = coeffs @ (gram + self.l2 * inner) @ coeffs
             model_change = float(coeffs @ linear + 0.5 * quad)
-            h0 = float(loss.detach()) + 0.5 * self.l2 * float(sum(_dot([p], [p]) for p in params))
+            adapt = self.lm.due(self.steps)
+            # h(θ) = L(θ) + (η/2)‖θ‖², needed for ρ only
+            h0 = float(loss.detach()) + 0.5 * self.l2 * float(_dot(params, params)) if adapt else 0
             for p, d in zip(params, delta):
                 p.add_(d)
                 self.state[p]["delta"] = d
             rho = float("nan")
-            if self.lm.due(self.steps):
-                h1 = float(closure()) + 0.5 * self.l2 * float(sum(_dot([p], [p]) for p in params))
+            if adapt:
+                h1 = float(closure()) + 0.5 * self.l2 * float(_dot(params, params))
                 rho = (h1 - h0) / model_change if model_change < 0 else float("nan")
                 self.lm.update(rho)
         self.last = {
@@ -215,8 +217,9 @@ def _grad(p: Tensor) -> Tensor:
     return p.grad
 
 
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``Σᵢ ⟨aᵢ, bᵢ⟩`` without a temporary per pair."""
+    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
 
 
 def _solve_model(curvature: Tensor, linear: Tensor) -> Tensor:
