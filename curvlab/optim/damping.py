@@ -60,12 +60,18 @@ class LevenbergMarquardt:
 
     def update(self, rho: float) -> float:
         """Adapt ``λ`` to the measured ``ρ``; returns the new value."""
-        assert self.decay is not None
         if not math.isfinite(rho) or rho < self.lower:
-            self.value /= self.decay
-        elif rho > self.upper:
+            return self.grow()
+        if rho > self.upper:
+            assert self.decay is not None
             self.value *= self.decay
         self.value = min(max(self.value, self.minimum), self.maximum)
+        return self.value
+
+    def grow(self) -> float:
+        """``λ ← λ/decay`` (at most ``maximum``), as for a poor ``ρ``; returns the new value."""
+        assert self.decay is not None
+        self.value = min(max(self.value / self.decay, self.minimum), self.maximum)
         return self.value
 
     def state_dict(self) -> dict[str, float]:

@@ -128,6 +128,10 @@ class KFACOptimizer(torch.optim.Optimizer):
             self._held_damping = self.lm.value + self.l2
         return self._held_damping
 
+    def _objective(self, loss: Tensor, params: Sequence[Tensor]) -> float:
+        """``h(θ) = L(θ) + (η/2)‖θ‖²`` for the batch loss ``L(θ)``."""
+        return float(loss.detach()) + 0.5 * self.l2 * float(_dot(params, params))
+
     def _quadratic_samples(self, batch: int) -> int:
         """How many of a batch of ``batch`` samples the quadratic model uses."""
         wanted = max(round(self.quadratic_fraction * batch), self.quadratic_min_samples)
@@ -164,23 +168,33 @@ class KFACOptimizer(torch.optim.Optimizer):
             inner = torch.stack(
                 [torch.stack([_dot(a, b) for b in vectors]) for a in vectors]
             )  # vᵢᵀ vⱼ
-            lam = self.lm.value
-            curvature = gram + (lam + self.l2) * inner  # C = F + (λ+η)I on the span
             linear = torch.stack([_dot(grads, v) for v in vectors])
-            coeffs = _solve_model(curvature, linear)
+            lam = self.lm.value
+            coeffs, model_change = _model_minimum(gram, inner, linear, lam + self.l2, self.l2)
+            h0 = None
+            # The losses are ≥ 0, so h(θ + δ) ≥ 0: a model that predicts a decrease larger
+            # than h(θ) is wrong that far out (a saturated softmax: the Fisher vanishes along
+            # a direction the gradient does not). Raise λ until it does not
+            # (concepts/natural_gradient.md#defaults-and-why).
+            if -model_change > float(loss):  # h(θ) ≥ L(θ): the exact check only when close
+                h0 = self._objective(loss, params)
+                while -model_change > h0 and self.lm.value < self.lm.maximum:
+                    lam = self.lm.grow()
+                    coeffs, model_change = _model_minimum(
+                        gram, inner, linear, lam + self.l2, self.l2
+                    )
+            coeffs = coeffs.to(grads[0].dtype)
             delta = [sum(c * v[i] for c, v in zip(coeffs, vectors)) for i in range(len(params))]
-            # M(δ) − M(0) without the λ term: gᵀδ + ½ δᵀ(F + ηI)δ
-            quad = coeffs @ (gram + self.l2 * inner) @ coeffs
-            model_change = float(coeffs @ linear + 0.5 * quad)
             adapt = self.lm.due(self.steps)
-            # h(θ) = L(θ) + (η/2)‖θ‖², needed for ρ only
-            h0 = float(loss.detach()) + 0.5 * self.l2 * float(_dot(params, params)) if adapt else 0
+            if adapt and h0 is None:
+                h0 = self._objective(loss, params)
             for p, d in zip(params, delta):
                 p.add_(d)
                 self.state[p]["delta"] = d
             rho = float("nan")
             if adapt:
-                h1 = float(closure()) + 0.5 * self.l2 * float(_dot(params, params))
+                assert h0 is not None
+                h1 = self._objective(closure(), params)
                 rho = (h1 - h0) / model_change if model_change < 0 else float("nan")
                 self.lm.update(rho)
         self.last = {
@@ -188,6 +202,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             "mu": float(coeffs[1]) if len(coeffs) > 1 else 0.0,
             "rho": rho,
             "damping": self.lm.value,
+            "model_change": model_change,
         }
         self.steps += 1
         return loss.detach()
@@ -220,6 +235,18 @@ def _grad(p: Tensor) -> Tensor:
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """``Σᵢ ⟨aᵢ, bᵢ⟩`` without a temporary per pair."""
     return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+
+
+def _model_minimum(
+    gram: Tensor, inner: Tensor, linear: Tensor, damping: float, l2: float
+) -> tuple[Tensor, float]:
+    """The coefficients minimising the quadratic model with ``C = F + damping·I`` on the
+    span (``gram``: ``vᵢᵀFvⱼ``, ``inner``: ``vᵢᵀvⱼ``, ``linear``: ``gᵀvᵢ``), in float64, and
+    its change ``M(δ) − M(0) = gᵀδ + ½ δᵀ(F + ηI)δ`` without the λ term."""
+    gram, inner, linear = gram.double(), inner.double(), linear.double()
+    coeffs = _solve_model(gram + damping * inner, linear)
+    quad = coeffs @ (gram + l2 * inner) @ coeffs
+    return coeffs, float(coeffs @ linear + 0.5 * quad)
 
 
 def _solve_model(curvature: Tensor, linear: Tensor) -> Tensor:
