@@ -55,9 +55,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         quadratic_fraction, quadratic_min_samples: the exact Fisher products of the
             quadratic model are computed on the batch's first
             ``min(N, max(round(quadratic_fraction·N), quadratic_min_samples))`` samples (the
-            estimate is rescaled to the whole batch). A small subset underestimates the
-            curvature along the step on some batches and the step overshoots (with 32 or 64
-            samples of a classification batch, training diverged), hence the minimum.
+            estimate is rescaled to the whole batch). A small subset misjudges the
+            curvature along the step on some batches (with 32 of 128 samples the digits
+            classifiers of docs/benchmarks.md ended 2–4× higher), hence the minimum.
         statistics_fraction: the share of the batch the default curvature takes its
             Kronecker statistics from (``KFC(statistics_fraction=...)``).
 
