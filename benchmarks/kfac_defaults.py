@@ -32,7 +32,7 @@ from curvlab.linalg import LinAlgError
 
 #: (label, KFACOptimizer keyword arguments); the first is today's default.
 SETTINGS: list[tuple[str, dict]] = [
-    ("defaults (λ₀ = 0.01, quadratic subset ≥ 256)", {}),
+    ("defaults (λ₀ = 0.01, quadratic subset ≥ 128)", {}),
     ("λ₀ = 1", {"damping": 1.0}),
     ("λ₀ = 0.1", {"damping": 0.1}),
     ("λ₀ = 0.001", {"damping": 0.001}),

@@ -79,7 +79,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         ema_decay: float = 0.95,
         momentum: bool = True,
         quadratic_fraction: float = 0.25,
-        quadratic_min_samples: int = 256,
+        quadratic_min_samples: int = 128,
         statistics_fraction: float = 0.25,
     ) -> None:
         if not 0.0 < quadratic_fraction <= 1.0:
