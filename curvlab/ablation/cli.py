@@ -240,7 +240,7 @@ def ablate(args: argparse.Namespace) -> int:
         "backends": backends,
         "tuned": bool(args.tune),
         "defaults_tuned": bool(tuned) and not args.tune,
-        "learning_rates": {c.name: c.lr for c in contenders},
+        "learning_rates": {c.name: c.lr for c in contenders if c.optimizer != "kfac"},
         "dampings": {c.name: c.damping for c in contenders if c.curvature is not None},
         "quality_samples": count,
         "machine": _machine(device),

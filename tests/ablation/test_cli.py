@@ -47,6 +47,7 @@ def test_ablate_writes_every_output_with_the_documented_schema(tmp_path, capsys)
     summary = (out / "summary.md").read_text()
     assert "**Findings.**" in summary and "| exact NGD |" in summary and "| kfc |" in summary
     assert "| KFACOptimizer | — |" in summary  # no learning rate: its own step size
+    assert "KFACOptimizer" not in settings["learning_rates"]
 
 
 def test_python_dash_m_runs_the_same_command(tmp_path) -> None:
