@@ -240,7 +240,9 @@ def ablate(args: argparse.Namespace) -> int:
         "backends": backends,
         "tuned": bool(args.tune),
         "defaults_tuned": bool(tuned) and not args.tune,
-        "learning_rates": {c.name: c.lr for c in contenders if c.optimizer != "kfac"},
+        "learning_rates": {
+            c.name: c.learning_rate for c in contenders if c.learning_rate is not None
+        },
         "dampings": {c.name: c.damping for c in contenders if c.curvature is not None},
         "quality_samples": count,
         "machine": _machine(device),

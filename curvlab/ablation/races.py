@@ -88,6 +88,11 @@ class Contender:
                 f"Valid: {', '.join(available())}."
             )
 
+    @property
+    def learning_rate(self) -> float | None:
+        """``lr`` where the optimizer uses one; ``None`` for ``"kfac"`` (its own step size)."""
+        return None if self.optimizer == "kfac" else self.lr
+
 
 def contender(name: str, lr: float) -> Contender:
     """``"sgd"`` (momentum 0.9), ``"adam"``, ``"ngd"`` (exact natural gradient: the exact
@@ -117,8 +122,8 @@ class Curve:
     name: str
     optimizer: str
     curvature: str | None
-    lr: float
-    damping: float | None  # λ of its NaturalGradient; None without one
+    lr: float | None  # None for KFACOptimizer, which computes its own step size
+    damping: float | None  # λ of its NaturalGradient (KFACOptimizer's adapted λ); else None
     steps: list[int]
     seconds: list[float]  # training wall-clock up to each logged step
     train_loss: list[float]
@@ -169,7 +174,7 @@ class RaceResult:
             rows.append(
                 [
                     c.name,
-                    None if c.optimizer == "kfac" else c.lr,
+                    c.lr,
                     c.damping,
                     c.train_loss[-1],
                     c.val_loss[-1],
@@ -404,7 +409,7 @@ def _run(
         name=c.name,
         optimizer=c.optimizer,
         curvature=c.curvature,
-        lr=float(c.lr),
+        lr=c.learning_rate,
         damping=stepper.damping(),
         steps=log["steps"],
         seconds=log["seconds"],

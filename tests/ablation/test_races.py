@@ -197,6 +197,7 @@ def test_the_kfac_optimizer_contender_is_kfac_optimizer_with_its_defaults() -> N
     with torch.no_grad():
         final = float(loss_fn(model(train[0]), train[1]))
     assert curve.name == "KFACOptimizer" and curve.optimizer == "kfac"
+    assert curve.lr is None  # it uses no learning rate: the record says so
     assert curve.train_loss[-1] == pytest.approx(final, rel=1e-6)
     assert curve.damping == opt.lm.value != 0.01  # adapted from its initial 0.01
 
