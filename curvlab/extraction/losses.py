@@ -214,16 +214,44 @@ def output_columns(
     return cols
 
 
-def output_hessian_apply(loss_fn: nn.Module, outputs: Tensor, u: Tensor) -> Tensor:
+def loss_rows(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``outputs``/``targets`` as the ``[R, C]`` rows the loss treats independently.
+
+    ``CrossEntropyLoss`` takes classes on dimension 1 (``[N, C, d₁, …]``, targets
+    ``[N, d₁, …]``): every position is a row. ``MSELoss``/``BCEWithLogitsLoss`` treat
+    every element alike: the last dimension becomes the columns. ``[N, C]`` stays as is.
+    """
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if outputs.dim() > 2:
+            c = outputs.shape[1]
+            return outputs.movedim(1, -1).reshape(-1, c), targets.reshape(-1)
+        return outputs, targets
+    if outputs.dim() == 2:
+        return outputs, targets
+    width = outputs.shape[-1] if outputs.dim() > 0 else 1
+    rows = outputs.reshape(-1, width)
+    return rows, targets.reshape(rows.shape) if targets.shape == outputs.shape else targets
+
+
+def output_hessian_apply(
+    loss_fn: nn.Module, outputs: Tensor, u: Tensor, targets: Tensor | None = None
+) -> Tensor:
     """``∇²_f L · u`` row by row: ``[N, C]`` for ``u`` ``[N, C]``.
 
     The Hessian of the *reduced* loss w.r.t. each row's output (so it includes ``R``):
     CE ``R(diag(p) − ppᵀ)``, MSE ``2R·I``, BCE ``R·diag(σ(1−σ))``. It does not depend on
-    the targets, which is why it equals the Fisher's output matrix.
+    the targets, which is why it equals the Fisher's output matrix — except through the
+    rows they leave out: with ``targets``, rows equal to ``ignore_index`` are no part of
+    the loss (zero rows) and ``R`` counts the others.
     """
     f = outputs.detach()
     n, c = f.shape
-    if loss_fn.reduction == "sum":
+    valid = None
+    if targets is not None:
+        scale = batch_scale(loss_fn, f, targets)
+        r = 1.0 / scale.inv_reduction
+        valid = scale.valid
+    elif loss_fn.reduction == "sum":
         r = 1.0
     elif isinstance(loss_fn, nn.CrossEntropyLoss):
         r = 1.0 / n
@@ -231,8 +259,12 @@ def output_hessian_apply(loss_fn: nn.Module, outputs: Tensor, u: Tensor) -> Tens
         r = 1.0 / (n * c)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         p = f.softmax(dim=1)
-        return r * (p * u - p * (p * u).sum(dim=1, keepdim=True))
-    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        result = r * (p * u - p * (p * u).sum(dim=1, keepdim=True))
+    elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
         s = f.sigmoid()
-        return r * s * (1 - s) * u
-    return 2.0 * r * u
+        result = r * s * (1 - s) * u
+    else:
+        result = 2.0 * r * u
+    if valid is not None:
+        result = result * valid.to(result.dtype).unsqueeze(-1)
+    return result

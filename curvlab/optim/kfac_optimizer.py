@@ -10,7 +10,7 @@ Per step (concepts/natural_gradient.md):
    ``invert_every`` steps (Martens & Grosse's ``T3``), not again whenever ``λ`` adapts;
 3. step size and momentum from the exact-Fisher quadratic model with
    ``C = F + (λ+η)I``: ``[ΔᵀCΔ ΔᵀCδ₀; δ₀ᵀCΔ δ₀ᵀCδ₀][α; μ] = −[gᵀΔ; gᵀδ₀]`` (``F`` products
-   by forward-mode JVPs, :mod:`curvlab.optim.quadratic`), ``δ = αΔ + μδ₀``;
+   by reverse-over-reverse products, :mod:`curvlab.optim.quadratic`), ``δ = αΔ + μδ₀``;
 4. every ``damping_interval`` steps, ``λ`` adapts to ``ρ = (h(θ+δ) − h(θ)) / (M(δ) − M(0))``
    with ``M(δ) − M(0) = gᵀδ + ½δᵀ(F + ηI)δ`` (the λ term excluded, as the authors'
    implementations do).
@@ -31,7 +31,7 @@ from curvlab.curvature.base import Curvature
 from curvlab.curvature.kronecker.kfac import KFC
 from curvlab.optim.damping import LevenbergMarquardt
 from curvlab.optim.natural_gradient import NaturalGradient
-from curvlab.optim.quadratic import evaluate_capturing_inputs, ggn_gram
+from curvlab.optim.quadratic import evaluate_capturing, ggn_gram
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -147,7 +147,9 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise ValueError("KFACOptimizer.step needs a closure that returns the loss.")
         params = self.params
         with torch.enable_grad():
-            loss, inputs = evaluate_capturing_inputs(self.model, closure, "KFACOptimizer.step")
+            loss, call = evaluate_capturing(
+                self.model, self.loss_fn, closure, "KFACOptimizer.step"
+            )
         for p in params:
             p.grad = None
         self.precond.backward(loss)
@@ -161,10 +163,11 @@ class KFACOptimizer(torch.optim.Optimizer):
             previous = [self.state[p].get("delta") for p in params]
             use_momentum = self.momentum and previous[0] is not None
             vectors = [proposal, previous] if use_momentum else [proposal]
-            subset = inputs[: self._quadratic_samples(len(inputs))]
-            gram = ggn_gram(self.model, self.loss_fn, subset, params, vectors)  # vᵢᵀ F vⱼ
+            batch = call.batch_size
+            subset = self._quadratic_samples(batch)
+            gram = ggn_gram(self.model, self.loss_fn, call, params, vectors, subset)  # vᵢᵀFvⱼ
             if self.loss_fn.reduction == "sum":  # a sum over fewer samples: rescale
-                gram = gram * (len(inputs) / len(subset))
+                gram = gram * (batch / subset)
             inner = torch.stack(
                 [torch.stack([_dot(a, b) for b in vectors]) for a in vectors]
             )  # vᵢᵀ vⱼ

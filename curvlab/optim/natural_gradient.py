@@ -70,7 +70,7 @@ from curvlab.optim.components import (
     non_finite_gradient,
 )
 from curvlab.optim.damping import Damping, DampingSchedule, LevenbergMarquardt
-from curvlab.optim.quadratic import evaluate_capturing_inputs, ggn_gram
+from curvlab.optim.quadratic import evaluate_capturing, ggn_gram
 
 
 class NaturalGradient:
@@ -82,7 +82,7 @@ class NaturalGradient:
             :class:`~curvlab.LevenbergMarquardt`, adapted whenever ``step(closure)`` gets a
             closure on one of its due steps: ``ρ`` is measured for the plain step
             ``δ = −lr·ĝ`` on the closure's batch, against ``M(δ) − M(0) = gᵀδ + ½δᵀFδ``
-            with the exact Fisher (JVPs). This reads scalars back to the host on those
+            with the exact Fisher (:mod:`curvlab.optim.quadratic`). This reads scalars back to the host on those
             steps only.
         update_every: take curvature statistics every this many steps.
         invert_every: refresh the decompositions every this many steps.
@@ -370,7 +370,8 @@ class NaturalGradient:
         """``ρ`` of the plain step ``δ = −lr·ĝ`` on the closure's batch
         (concepts/natural_gradient.md#levenberg-marquardt-damping)."""
         model, params = self.curvature.model, self.curvature.params
-        loss, inputs = evaluate_capturing_inputs(model, closure, "NaturalGradient.step")
+        loss_fn = self.curvature.loss_fn
+        loss, call = evaluate_capturing(model, loss_fn, closure, "NaturalGradient.step")
         before = float(loss)
         delta = [-self.lr * n for n in natural]
         saved = [p.detach().clone() for p in params]
@@ -381,7 +382,7 @@ class NaturalGradient:
         finally:
             for p, s in zip(params, saved):
                 p.copy_(s)
-        quad = ggn_gram(model, self.curvature.loss_fn, inputs, params, [delta])
+        quad = ggn_gram(model, loss_fn, call, params, [delta])
         change = float(sum((g * d).sum() for g, d in zip(grads, delta)) + 0.5 * quad[0, 0])
         if self.comm is not None:  # ρ of the union of the processes' batches (equal weights)
             rows = self.comm.gather_values([before, after, change], "levenberg_marquardt")

@@ -1,87 +1,229 @@
 """Exact curvature products for the quadratic model of K-FAC's step
 (concepts/natural_gradient.md#step-size-and-momentum-from-the-quadratic-model, App. C).
 
-``ggn_gram(model, loss_fn, inputs, vectors)`` returns the ``[k, k]`` matrix of
+``ggn_gram(model, loss_fn, call, params, vectors)`` returns the ``[k, k]`` matrix of
 ``vᵢᵀ G vⱼ`` for parameter-space vectors ``v₁..v_k`` with ``G`` the exact GGN (= Fisher for
-the supported losses) of the loss on ``inputs``: one forward-mode JVP per vector gives
-``J vᵢ`` ``[N, C]``, the loss Hessians are applied in closed form. Model hooks are
-suspended meanwhile (``torch.func`` cannot run through BackPACK's).
+the supported losses) of the loss on the batch of ``call`` (a :class:`CapturedCall`, what
+:func:`evaluate_capturing` recorded while the closure ran).
+
+The products ``J vᵢ`` use reverse mode only (reverse-over-reverse, concepts page
+"Natural gradient", *Exact curvature products without forward-mode AD*): one backward
+pass with ``create_graph`` gives ``u ↦ Jᵀu`` as a graph that is linear in a dummy output
+cotangent ``u``; differentiating ``⟨Jᵀu, vᵢ⟩`` w.r.t. ``u`` gives ``J vᵢ``. So every model
+whose backward is differentiable works, whether or not its kernels have forward-mode AD
+(PyTorch's fused CPU attention, oneDNN RNNs). The re-evaluation:
+
+* replays the model call of the closure (positional and keyword arguments, dicts and
+  nested containers), on the first ``num_samples`` samples when asked (every tensor whose
+  leading dimension is the batch size is sliced; the loss targets are cut to the rows of
+  the re-evaluated output, i.e. flattened per-token or per-pixel targets must be
+  batch-major);
+* runs with the model's hooks suspended, under the random state the closure started
+  from (the same dropout masks on the whole batch; the global random stream is not
+  advanced), on copies of the buffers (BatchNorm's running statistics and its batch
+  counter are left as the closure left them);
+* runs scaled-dot-product attention with its composite (math) kernel, whose backward is
+  differentiable; the fused CPU/GPU attention kernels have no double backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten, tree_map
 
 from curvlab.extraction.hooks import suspended_hooks
-from curvlab.extraction.losses import output_hessian_apply
+from curvlab.extraction.losses import loss_rows, output_hessian_apply
+
+
+@dataclass(frozen=True)
+class CapturedCall:
+    """The last model call and loss call of one closure evaluation.
+
+    ``args``/``kwargs``: the model's inputs (detached); ``targets``: the loss's targets;
+    ``rng``: the random state the closure started from (CPU and the model's accelerator).
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    targets: Tensor
+    rng: tuple[Tensor, Tensor | None]
+
+    @property
+    def batch_size(self) -> int:
+        """The leading dimension of the first tensor among the model's inputs."""
+        leaves = [t for t in tree_flatten((self.args, self.kwargs))[0] if isinstance(t, Tensor)]
+        sized = [t for t in leaves if t.dim() > 0]
+        if not sized:
+            raise ValueError("the model call has no batched tensor input to take samples from.")
+        return int(sized[0].shape[0])
+
+    def subset(self, num_samples: int) -> CapturedCall:
+        """The call on the first ``num_samples`` samples (itself when that is all of them)."""
+        n = self.batch_size
+        if num_samples >= n:
+            return self
+
+        def cut(t: Any) -> Any:
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n:
+                return t[:num_samples]
+            return t
+
+        args, kwargs = tree_map(cut, (self.args, self.kwargs))
+        return replace(self, args=args, kwargs=kwargs)
+
+
+def evaluate_capturing(
+    model: nn.Module, loss_fn: nn.Module, closure: Callable[[], Tensor], owner: str
+) -> tuple[Tensor, CapturedCall]:
+    """Run ``closure()`` and return its loss with the model and loss calls it made.
+
+    The quadratic model's curvature products re-evaluate that batch. ``owner`` names the
+    caller in errors (a closure that does not call the model or ``loss_fn``).
+    """
+    rng = _rng_state(model)
+    model_calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    targets: list[Tensor] = []
+
+    def on_model(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        model_calls.append(_detached((args, kwargs)))
+
+    def on_loss(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if isinstance(target, Tensor):
+            targets.append(target.detach())
+
+    handles = [
+        model.register_forward_pre_hook(on_model, with_kwargs=True),
+        loss_fn.register_forward_hook(on_loss, with_kwargs=True),
+    ]
+    try:
+        loss = closure()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not model_calls:
+        raise RuntimeError(f"{owner}: the closure did not call the model.")
+    if not targets:
+        raise RuntimeError(
+            f"{owner}: the closure did not call the loss function it was built with "
+            f"({type(loss_fn).__name__}); the quadratic model needs its targets."
+        )
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise RuntimeError(f"{owner}: the closure must return the scalar loss tensor.")
+    args, kwargs = model_calls[-1]
+    return loss, CapturedCall(args, kwargs, targets[-1], rng)
 
 
 def ggn_gram(
     model: nn.Module,
     loss_fn: nn.Module,
-    inputs: Tensor,
+    call: CapturedCall,
     params: Sequence[nn.Parameter],
     vectors: Sequence[Sequence[Tensor]],
+    num_samples: int | None = None,
 ) -> Tensor:
-    """``[k, k]`` matrix ``(vᵢᵀ G vⱼ)`` of the exact GGN w.r.t. ``params`` on ``inputs``."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    keys = [names[id(p)] for p in params]
-    fixed = {n: p.detach() for n, p in model.named_parameters()}
+    """``[k, k]`` matrix ``(vᵢᵀ G vⱼ)`` of the exact GGN w.r.t. ``params`` on ``call``'s batch.
 
-    def forward(*values: Tensor) -> Tensor:
-        return torch.func.functional_call(model, {**fixed, **dict(zip(keys, values))}, (inputs,))
-
-    primals = tuple(p.detach() for p in params)
-    with suspended_hooks(model), torch.no_grad():
-        if len(vectors) > 1 and _batchable(model):
-            # one primal forward for all tangents: the JVPs run batched under vmap
-            tangents = tuple(
-                torch.stack([v[i].detach() for v in vectors]) for i in range(len(keys))
+    With ``num_samples``, the loss of the first ``num_samples`` samples (its own reduction).
+    """
+    if num_samples is not None:
+        call = call.subset(num_samples)
+    with torch.enable_grad(), _replayed(model, call.rng):
+        # on copies of the buffers: BatchNorm's in-place running statistics leave the
+        # model's own untouched (and the graph's saved copies stay valid)
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        outputs = torch.func.functional_call(model, buffers, call.args, call.kwargs)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(
+                "the quadratic model needs the model to return the loss's input tensor, got "
+                f"{type(outputs).__name__}."
             )
-            result = torch.func.vmap(
-                lambda *t: torch.func.jvp(forward, primals, t)[:2],
-                out_dims=(None, 0),  # type: ignore[arg-type]  # the primal is not batched
-                randomness="same",
-            )(*tangents)
-            outputs, jvps = result[0], list(result[1].unbind(0))
-        else:
-            outputs, jvps = None, []
-            for v in vectors:
-                single = torch.func.jvp(forward, primals, tuple(t.detach() for t in v))
-                outputs = single[0]
-                jvps.append(single[1])
-        assert outputs is not None
-        h_jvps = [output_hessian_apply(loss_fn, outputs, jv) for jv in jvps]
+        cotangent = torch.zeros_like(outputs, requires_grad=True)
+        transposed = torch.autograd.grad(
+            outputs, list(params), cotangent, create_graph=True, allow_unused=True
+        )
+    connected = [i for i, t in enumerate(transposed) if t is not None and t.requires_grad]
+    jvps = []
+    for k, v in enumerate(vectors):
+        (jv,) = torch.autograd.grad(
+            [transposed[i] for i in connected],
+            cotangent,
+            [v[i].detach().to(transposed[i].dtype) for i in connected],
+            retain_graph=k < len(vectors) - 1,
+            allow_unused=True,
+        )
+        jvps.append(torch.zeros_like(outputs) if jv is None else jv.detach())
+    with torch.no_grad():
+        rows, targets = loss_rows(loss_fn, outputs.detach(), call.targets)
+        row_jvps = [loss_rows(loss_fn, jv, call.targets)[0] for jv in jvps]
+        targets = _rows_of(targets, rows.shape[0])
+        h_jvps = [output_hessian_apply(loss_fn, rows, jv, targets) for jv in row_jvps]
         k = len(vectors)
-        gram = torch.empty(k, k, dtype=outputs.dtype, device=outputs.device)
+        gram = torch.empty(k, k, dtype=rows.dtype, device=rows.device)
         for i in range(k):
             for j in range(i, k):
-                gram[i, j] = gram[j, i] = (jvps[i] * h_jvps[j]).sum()
+                gram[i, j] = gram[j, i] = torch.vdot(row_jvps[i].reshape(-1), h_jvps[j].reshape(-1))
     return gram
 
 
-def _batchable(model: nn.Module) -> bool:
-    """Whether the tangents may be batched: no buffers (e.g. batch-norm running statistics,
-    updated in place during the forward, which vmap cannot batch)."""
-    return next(iter(model.buffers()), None) is None
+def _rows_of(targets: Tensor, rows: int) -> Tensor:
+    """The targets of the first ``rows`` output rows (a subset's output is batch-major)."""
+    if targets.shape[0] < rows:
+        raise ValueError(
+            f"the loss targets have {targets.shape[0]} rows, fewer than the {rows} output rows "
+            "of the model."
+        )
+    return targets[:rows]
 
 
-def evaluate_capturing_inputs(
-    model: nn.Module, closure: Callable[[], Tensor], owner: str
-) -> tuple[Tensor, Tensor]:
-    """Run ``closure()`` and return its loss with the inputs of ``model``'s last call.
+@contextlib.contextmanager
+def _replayed(model: nn.Module, rng: tuple[Tensor, Tensor | None]) -> Iterator[None]:
+    """A re-evaluation of ``model`` without side effects: hooks suspended, the closure's
+    random state replayed without advancing the global stream, and attention on its
+    twice-differentiable kernel."""
+    device = _accelerator(model)
+    devices = [device] if device is not None else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(suspended_hooks(model))
+        stack.enter_context(torch.random.fork_rng(devices=devices, device_type=_kind(device)))
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        torch.set_rng_state(rng[0])
+        if device is not None and rng[1] is not None:
+            _device_module(device).set_rng_state(rng[1], device)
+        yield
 
-    The quadratic model's curvature products need the batch the closure evaluates.
-    """
-    captured: list[Tensor] = []
-    handle = model.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    try:
-        loss = closure()
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"{owner}: the closure did not call the model.")
-    return loss, captured[-1].detach()
+
+def _accelerator(model: nn.Module) -> torch.device | None:
+    """The model's non-CPU device, if any."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device.type != "cpu":
+            return t.device
+    return None
+
+
+def _kind(device: torch.device | None) -> str:
+    return "cuda" if device is None else device.type
+
+
+def _device_module(device: torch.device) -> Any:
+    return getattr(torch, device.type)
+
+
+def _rng_state(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    device = _accelerator(model)
+    if device is None:
+        return torch.get_rng_state(), None
+    return torch.get_rng_state(), _device_module(device).get_rng_state(device)
+
+
+def _detached(tree: Any) -> Any:
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
