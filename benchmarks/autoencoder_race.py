@@ -88,10 +88,10 @@ def _kfac_optimizer(name: str = "KFACOptimizer (defaults)", **settings: Any) -> 
 
 def _natural_gradient() -> Contender:
     def make(model: nn.Module, loss_fn: nn.Module) -> Callable[[Tensor], Tensor]:
-        precond = curvlab.NaturalGradient(
-            curvlab.KFAC(model, loss_fn), damping=1e-2, invert_every=10, kl_clip=1e-3
-        )
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        precond = curvlab.NaturalGradient(
+            curvlab.KFAC(model, loss_fn), optimizer=opt, damping=1e-2, invert_every=10
+        )
 
         def step(x: Tensor) -> Tensor:
             opt.zero_grad()

@@ -57,6 +57,7 @@ def _measure(workload: int, rank: int, world: int, distribution: str, repeats: i
             update_every=NEVER,
             invert_every=invert_every,
             distribution=distribution,
+            kl_clip=None,  # cost only
         )
 
     def step(precond: curvlab.NaturalGradient) -> None:

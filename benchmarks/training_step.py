@@ -53,6 +53,7 @@ def _curvlab(w: Workload, device: str, steps: int, damping_mode: str) -> Callabl
         damping=DAMPING,
         update_every=UPDATE_EVERY,
         invert_every=INVERT_EVERY,
+        kl_clip=None,  # as ASDL's KfacGradientMaker: no clipping
     )
     x, y = w.data(device)
 

@@ -49,13 +49,14 @@ def main() -> None:
     ddp_model = DistributedDataParallel(model)
     loss_fn = nn.CrossEntropyLoss()
     # The curvature may be given the DDP wrapper or ddp_model.module: it covers the module.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     precond = curvlab.NaturalGradient(
         curvlab.KFAC(ddp_model, loss_fn, fisher_type="mc"),
+        optimizer=opt,  # its learning rate, read at every step, scales the KL clip
         damping=0.1,
         invert_every=5,
         distribution=DISTRIBUTION,
     )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     steps = 0
     for epoch in range(EPOCHS):

@@ -101,7 +101,7 @@ def train(build, method: str, steps: int = 30, lr: float = 0.05) -> list[float]:
     precond = None
     if method != "SGD":
         backend = curvlab.make(method, model, loss_fn)
-        precond = curvlab.NaturalGradient(backend, damping=0.1, invert_every=5, kl_clip=1e-3)
+        precond = curvlab.NaturalGradient(backend, optimizer=opt, invert_every=5)
     gen = torch.Generator().manual_seed(2)
     losses = []
     for _ in range(steps):

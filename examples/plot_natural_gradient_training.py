@@ -40,7 +40,7 @@ def train(kind: str, lr: float, steps: int = 120) -> list[float]:
         kfac_optimizer = curvlab.KFACOptimizer(model, loss_fn, damping=lr)
     if kind == "K-FAC + SGD":
         curvature = curvlab.KFAC(model, loss_fn, fisher_type="mc")
-        precond = curvlab.NaturalGradient(curvature, damping=1e-2, invert_every=5)
+        precond = curvlab.NaturalGradient(curvature, optimizer=opt, damping=1e-2, invert_every=5)
     order = torch.Generator().manual_seed(1)
     history = []
     while len(history) < steps:

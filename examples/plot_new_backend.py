@@ -110,10 +110,10 @@ for k, block in enumerate(exact.blocks()):
 # %%
 # The preconditioner needs nothing else: it averages ``statistics()`` over steps and
 # calls ``solve``.
-precond = curvlab.NaturalGradient(
-    curvlab.make("scaled_identity_example", model, loss_fn), damping=1.0
-)
 opt = torch.optim.SGD(model.parameters(), lr=0.5)
+precond = curvlab.NaturalGradient(
+    curvlab.make("scaled_identity_example", model, loss_fn), damping=1.0, optimizer=opt
+)
 with torch.no_grad():
     start = float(loss_fn(model(X), y))
 for _ in range(20):

@@ -138,6 +138,22 @@ def find_layers(model: nn.Module) -> list[Layer]:
     return layers
 
 
+def _refuse_compiled(model: nn.Module, owner: str) -> None:
+    """A ``torch.compile``d model (or submodule) gets a clear error: its compiled graph
+    hides the layer inputs and outputs that the curvature's hooks record, so its
+    statistics would be silently missing (concepts/models.md#compiled-models)."""
+    for name, module in model.named_modules():
+        if type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod"):
+            where = f"submodule {name!r}" if name else "the model"
+            raise TypeError(
+                f"{owner}: {where} is a torch.compile()d module (OptimizedModule). curvlab "
+                "records layer inputs and outputs with module hooks, which a compiled graph "
+                "does not run. Give curvlab the eager module (the one you passed to "
+                "torch.compile, also `compiled._orig_mod`) and run the forward passes that "
+                "take curvature through it; the compiled module may serve the others."
+            )
+
+
 class Curvature(abc.ABC):
     """A curvature approximation of a model's loss (Fisher, GGN or a structured surrogate).
 
@@ -165,6 +181,7 @@ class Curvature(abc.ABC):
             raise TypeError(
                 f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}."
             )
+        _refuse_compiled(model, owner)
         check_loss(loss_fn)
         extraction.check_engine(engine, owner)
         self.model = model

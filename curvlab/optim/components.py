@@ -4,6 +4,7 @@
   (concepts/natural_gradient.md#moving-averages-of-the-statistics);
 * :class:`InversionSchedule` — on which steps statistics are taken and decompositions
   refreshed;
+* :class:`LearningRate` — the rate the optimizer applies, read at every step;
 * :class:`KLClip` — scales a preconditioned gradient so that the step's KL change stays
   below a bound (concepts/natural_gradient.md#kl-clipping);
 * :func:`missing_gradient` and :func:`non_finite_gradient` — what is wrong with a gradient
@@ -17,7 +18,8 @@ its own; none knows the backend's type — statistics are pytrees of tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,24 +104,113 @@ class InversionSchedule:
         return step % self.invert_every == 0
 
 
-@dataclass(frozen=True)
-class KLClip:
-    """Scale ``ĝ`` by ``ν = min(1, sqrt(bound / |lr² Σ⟨ĝ, g⟩|))`` (Ba et al. 2017).
+Schedule = Callable[[int], float]
 
-    Computed with tensor operations: no value is read back to the host.
+
+def _positive(value: Any, what: str) -> float:
+    """``value`` as a float if it is a finite positive number (clear error otherwise)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"NaturalGradient: {what} must be a float, got {type(value).__name__}.")
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"NaturalGradient: {what} must be finite and > 0, got {value}.")
+    return float(value)
+
+
+class LearningRate:
+    """The learning rate the optimizer will apply to each preconditioned gradient.
+
+    From one of two sources, read at every step (so learning-rate schedulers work):
+
+    * ``optimizer``: a ``torch.optim.Optimizer``; each parameter's rate is its param
+      group's ``lr``, read when asked;
+    * ``lr``: a float or a callable ``step -> float``.
+
+    ``lr`` wins when both are given. Without either, the rate is unknown
+    (:attr:`known` is ``False``); asking for it then raises.
     """
 
-    bound: float
-    lr: float = 1.0
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        names: Sequence[str],
+        lr: float | Schedule | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if lr is not None and not callable(lr):
+            _positive(lr, "lr")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                "NaturalGradient: optimizer must be a torch.optim.Optimizer, got "
+                f"{type(optimizer).__name__}."
+            )
+        self.lr = lr
+        self.optimizer = optimizer
+        self._groups: list[int] = []
+        if optimizer is not None and lr is None:
+            group_of = {
+                id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]
+            }
+            missing = [n for p, n in zip(params, names) if id(p) not in group_of]
+            if missing:
+                raise ValueError(
+                    f"NaturalGradient: the optimizer does not update {missing[:5]}"
+                    f"{' …' if len(missing) > 5 else ''}, which the curvature covers; give it "
+                    "every covered parameter (or exclude those layers from the curvature)."
+                )
+            self._groups = [group_of[id(p)] for p in params]
+        self._count = len(params)
 
-    def __post_init__(self) -> None:
-        if not self.bound > 0:
-            raise ValueError(f"NaturalGradient: kl_clip must be positive, got {self.bound}.")
+    @property
+    def known(self) -> bool:
+        return self.lr is not None or self.optimizer is not None
 
-    def __call__(self, natural: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        inner = torch.stack([(n * g).sum() for n, g in zip(natural, grads)]).sum()
-        quad = (self.lr**2 * inner).abs().clamp(min=torch.finfo(inner.dtype).tiny)
-        nu = (self.bound / quad).sqrt().clamp(max=1.0)
+    def describe(self) -> str:
+        if self.lr is not None:
+            return f"lr={self.lr if not callable(self.lr) else 'schedule'}"
+        return "lr=optimizer" if self.optimizer is not None else "lr=None"
+
+    def per_parameter(self, step: int) -> list[float]:
+        """Each covered parameter's rate at ``step``."""
+        if self.lr is not None:
+            value = _positive(self.lr(step) if callable(self.lr) else self.lr, "lr")
+            return [value] * self._count
+        if self.optimizer is None:
+            raise RuntimeError("NaturalGradient: no learning rate known (pass optimizer= or lr=).")
+        rates = [
+            _positive(group["lr"], "the optimizer's lr") for group in self.optimizer.param_groups
+        ]
+        return [rates[g] for g in self._groups]
+
+
+class KLClip:
+    """Scale ``ĝ`` by ``ν = min(1, sqrt(bound / |Σᵢ lrᵢ² ⟨ĝᵢ, gᵢ⟩|))`` (Ba et al. 2017;
+    kfac-pytorch's default bound is 10⁻³), ``lrᵢ`` the rate applied to parameter ``i``.
+
+    ``bound`` is a float or a callable ``step -> float``. Computed with tensor
+    operations: no value is read back to the host.
+    """
+
+    def __init__(self, bound: float | Schedule) -> None:
+        if not callable(bound):
+            _positive(bound, "kl_clip")
+        self.bound = bound
+
+    def at(self, step: int) -> float:
+        return _positive(self.bound(step) if callable(self.bound) else self.bound, "kl_clip")
+
+    def __call__(
+        self, natural: list[Tensor], grads: list[Tensor], lrs: Sequence[float], step: int = 0
+    ) -> list[Tensor]:
+        inner = torch.stack(
+            [
+                lr**2 * torch.vdot(n.reshape(-1), g.reshape(-1))
+                for n, g, lr in zip(natural, grads, lrs)
+            ]
+        ).sum()
+        quad = inner.abs().clamp(min=torch.finfo(inner.dtype).tiny)
+        nu = (self.at(step) / quad).sqrt().clamp(max=1.0)
         return [n * nu for n in natural]
 
 

@@ -116,6 +116,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             update_every=update_every,
             invert_every=invert_every,
             ema_decay=ema_decay,
+            kl_clip=None,  # the quadratic model chooses the step size
             distribution="local",  # the quadratic model reads this process's batch only
         )
         self._held_damping: float | None = None  # λ + η of the last inversion step
@@ -147,9 +148,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise ValueError("KFACOptimizer.step needs a closure that returns the loss.")
         params = self.params
         with torch.enable_grad():
-            loss, call = evaluate_capturing(
-                self.model, self.loss_fn, closure, "KFACOptimizer.step"
-            )
+            loss, call = evaluate_capturing(self.model, self.loss_fn, closure, "KFACOptimizer.step")
         for p in params:
             p.grad = None
         self.precond.backward(loss)

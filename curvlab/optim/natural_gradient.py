@@ -2,8 +2,8 @@
 
 A training loop stays a training loop::
 
-    precond = curvlab.NaturalGradient(curvlab.KFC(model, loss_fn), damping=1e-3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    precond = curvlab.NaturalGradient(curvlab.KFC(model, loss_fn), optimizer=opt)
     for x, y in loader:
         opt.zero_grad()
         precond.backward(loss_fn(model(x), y))  # plain backward (+ curvature when due)
@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.amp.grad_scaler import OptState
 from torch.utils._pytree import tree_map, tree_map_only
 
 from curvlab.curvature.base import Curvature, NamedTensor
@@ -65,6 +66,7 @@ from curvlab.optim import distributed
 from curvlab.optim.components import (
     InversionSchedule,
     KLClip,
+    LearningRate,
     MovingAverage,
     missing_gradient,
     non_finite_gradient,
@@ -82,15 +84,30 @@ class NaturalGradient:
             :class:`~curvlab.LevenbergMarquardt`, adapted whenever ``step(closure)`` gets a
             closure on one of its due steps: ``ρ`` is measured for the plain step
             ``δ = −lr·ĝ`` on the closure's batch, against ``M(δ) − M(0) = gᵀδ + ½δᵀFδ``
-            with the exact Fisher (:mod:`curvlab.optim.quadratic`). This reads scalars back to the host on those
-            steps only.
+            with the exact Fisher (:mod:`curvlab.optim.quadratic`). This reads scalars back
+            to the host on those steps only. The default 0.1 is the smallest of
+            {10⁻³, 10⁻², 3·10⁻², 0.1} with which the documented loop (SGD, lr 0.1, momentum
+            0.9) trained every model of the test zoo
+            (concepts/natural_gradient.md#defaults-of-the-preconditioner-and-why).
         update_every: take curvature statistics every this many steps.
         invert_every: refresh the decompositions every this many steps.
         ema_decay: decay of the moving average of the statistics (0: the last step only).
-        kl_clip: if set, scale the preconditioned gradient by
-            ``ν = min(1, sqrt(kl_clip / |lr² Σ ⟨ĝ, g⟩|))`` (Ba et al. 2017;
-            concepts/natural_gradient.md#kl-clipping).
-        lr: the learning rate the optimizer applies, used by ``kl_clip`` only.
+        kl_clip: scale the preconditioned gradient by
+            ``ν = min(1, sqrt(kl_clip / |Σᵢ lrᵢ² ⟨ĝᵢ, gᵢ⟩|))`` (Ba et al. 2017;
+            concepts/natural_gradient.md#kl-clipping); a float, a callable ``step -> float``
+            or ``None`` (no clipping). On by default (10⁻³, as kfac-pytorch): an unclipped
+            natural gradient at a first-order learning rate diverges on most models.
+        optimizer: the optimizer that applies the preconditioned gradients; each
+            parameter's learning rate is read from its param group at every step, so
+            learning-rate schedulers work. Needed by ``kl_clip`` and by
+            Levenberg–Marquardt damping, unless ``lr`` is given.
+        lr: instead of ``optimizer``, the learning rate: a float or a callable
+            ``step -> float``.
+        grad_scaler: the ``torch.amp.GradScaler`` of a mixed-precision loop (needs
+            ``optimizer``). ``step`` then unscales the optimizer's gradients itself (unless
+            ``scaler.unscale_(optimizer)`` already ran) and, when they overflowed, skips the
+            step as ``scaler.step`` will: no preconditioning, and the step's curvature is
+            discarded (:attr:`skipped_steps` counts these).
         process_group: the ``torch.distributed`` group to work over; ``None``: the default
             group if ``torch.distributed`` is initialised. With one process (or none),
             everything is local and results are those of a single process.
@@ -124,12 +141,14 @@ class NaturalGradient:
     def __init__(
         self,
         curvature: Curvature,
-        damping: float | DampingSchedule | LevenbergMarquardt = 1e-3,
+        damping: float | DampingSchedule | LevenbergMarquardt = 0.1,
         update_every: int = 1,
         invert_every: int = 10,
         ema_decay: float = 0.95,
-        kl_clip: float | None = None,
-        lr: float = 1.0,
+        kl_clip: float | Callable[[int], float] | None = 1e-3,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr: float | Callable[[int], float] | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         distribution: str = "comm_opt",
     ) -> None:
@@ -142,15 +161,36 @@ class NaturalGradient:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"NaturalGradient: ema_decay must lie in [0, 1), got {ema_decay}.")
         self.average = MovingAverage(ema_decay)
-        self.clip = None if kl_clip is None else KLClip(kl_clip, lr)
+        self.clip = None if kl_clip is None else KLClip(kl_clip)
         self.damping_policy = Damping(damping)
+        self.learning_rate = LearningRate(curvature.params, curvature.param_names, lr, optimizer)
+        if not self.learning_rate.known:
+            needs = [
+                name
+                for name, used in (
+                    (f"kl_clip={kl_clip}", kl_clip is not None),
+                    ("Levenberg–Marquardt damping", isinstance(damping, LevenbergMarquardt)),
+                )
+                if used
+            ]
+            if needs:
+                raise ValueError(
+                    f"NaturalGradient: {' and '.join(needs)} need(s) the learning rate the "
+                    "optimizer applies: pass optimizer=opt (its rate is read at every step) or "
+                    "lr=...; or kl_clip=None to turn clipping off."
+                )
+        if grad_scaler is not None and optimizer is None:
+            raise ValueError(
+                "NaturalGradient: grad_scaler needs optimizer= (the gradients it unscales)."
+            )
+        self.grad_scaler = grad_scaler
+        self.skipped_steps = 0  # steps skipped because the scaled gradients overflowed
         if distribution not in distributed.DISTRIBUTIONS:
             raise ValueError(
                 f"NaturalGradient: unknown distribution {distribution!r}; choose one of "
                 f"{distributed.DISTRIBUTIONS}."
             )
         self.curvature = curvature
-        self.lr = lr
         self.steps = 0  # completed step() calls
         self._inverted: dict[str, Any] | None = None  # statistics of the last inversion
         self._gathering = False  # statistics of the current step are being accumulated
@@ -175,6 +215,7 @@ class NaturalGradient:
         self._decompositions_due = True  # distributed: share decompositions at the next step
         self._bad_losses: Tensor | None = None  # distributed: non-finite losses, not yet read
         self._backward_done = False  # backward() ran since the last step()
+        self._loss_overflowed = False  # grad_scaler: a non-finite loss since the last step()
         self._backward_calls = 0  # since the last step(); compared across processes
         self._arm_recording()
 
@@ -199,7 +240,7 @@ class NaturalGradient:
             f"backend {type(c).__name__} {options}",
             f"loss {type(loss).__name__} reduction={getattr(loss, 'reduction', None)}",
             f"update_every={self.update_every} invert_every={self.invert_every} "
-            f"ema_decay={self.ema_decay} kl_clip={self.kl_clip} lr={self.lr}",
+            f"ema_decay={self.ema_decay} kl_clip={self.kl_clip} {self.learning_rate.describe()}",
             f"distribution {self.distribution}",
         ]
         lines += [
@@ -243,8 +284,13 @@ class NaturalGradient:
         return self.average.decay
 
     @property
-    def kl_clip(self) -> float | None:
+    def kl_clip(self) -> float | Callable[[int], float] | None:
         return None if self.clip is None else self.clip.bound
+
+    @property
+    def lr(self) -> float | Callable[[int], float] | None:
+        """The learning rate as given (``None`` when it is read from the optimizer)."""
+        return self.learning_rate.lr
 
     @property
     def num_updates(self) -> int:
@@ -266,6 +312,10 @@ class NaturalGradient:
             bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
             self._bad_losses = bad if self._bad_losses is None else self._bad_losses + bad
         elif not bool(torch.isfinite(loss)):  # curvature steps only: one host sync
+            if self.grad_scaler is not None:  # an fp16 overflow: step() skips this step
+                self._loss_overflowed = True
+                _backward(loss)
+                return
             self.curvature.check_batch(loss)  # e.g. an empty batch: its own error
             raise FloatingPointError(
                 f"NaturalGradient.backward: the loss is not finite ({float(loss.detach())}); no "
@@ -290,6 +340,9 @@ class NaturalGradient:
         ``closure`` (re-evaluating the loss on the current batch, without ``backward``)
         is only used to adapt a :class:`~curvlab.LevenbergMarquardt` damping.
         """
+        if self.grad_scaler is not None and self._overflowed():
+            self._skip()  # every process alike: DDP gives them the same gradients
+            return
         if self.comm is not None:  # first collective of every step: all in step, no errors
             self.comm.agree_on_step(
                 self.steps,
@@ -338,19 +391,51 @@ class NaturalGradient:
             grads.append(p.grad)
         if self.comm is None:  # distributed: checked by agree_on_step
             self._check_finite_gradients(grads)
+        adapt = closure is not None and self.damping_policy.adaptation_due(self.steps)
         if self.comm is not None and self.distribution == "mem_opt":
             natural = self._solve_by_owners(self.comm, grads, damping)
         else:
             natural = self.curvature.solve(grads, damping)
+        if self.clip is not None or adapt:
+            lrs = self.learning_rate.per_parameter(self.steps)
         if self.clip is not None:
-            natural = self.clip(natural, grads)
-        if closure is not None and self.damping_policy.adaptation_due(self.steps):
-            self.damping_policy.adapt(self._reduction_ratio(closure, grads, natural))
+            natural = self.clip(natural, grads, lrs, self.steps)
+        if adapt:
+            assert closure is not None
+            self.damping_policy.adapt(self._reduction_ratio(closure, grads, natural, lrs))
         for g, n in zip(grads, natural):
             g.copy_(n)
         self.steps += 1
         self._backward_done = False
         self._backward_calls = 0
+        self._arm_recording()
+
+    def _overflowed(self) -> bool:
+        """Unscale the optimizer's gradients (once) and say whether they overflowed."""
+        scaler, optimizer = self.grad_scaler, self.learning_rate.optimizer
+        assert scaler is not None and optimizer is not None
+        if self._loss_overflowed:
+            return True
+        if not scaler.is_enabled():
+            return False
+        stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
+        if stage is not OptState.UNSCALED:
+            scaler.unscale_(optimizer)
+        grads = [p.grad for p in self.curvature.params if p.grad is not None]
+        if not grads:
+            return False
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+        return not bool(torch.isfinite(norms).all())  # one host read, as scaler.step's
+
+    def _skip(self) -> None:
+        """Leave an overflowing step to the scaler: no preconditioning, no curvature."""
+        self._gathering = False
+        self.curvature.reset()
+        self._loss_overflowed = False
+        self._bad_losses = None
+        self._backward_done = False
+        self._backward_calls = 0
+        self.skipped_steps += 1
         self._arm_recording()
 
     def _check_finite_gradients(self, grads: list[Tensor]) -> None:
@@ -365,7 +450,11 @@ class NaturalGradient:
             raise FloatingPointError(f"NaturalGradient.step: {non_finite_gradient(bad)}")
 
     def _reduction_ratio(
-        self, closure: Callable[[], Tensor], grads: list[Tensor], natural: list[Tensor]
+        self,
+        closure: Callable[[], Tensor],
+        grads: list[Tensor],
+        natural: list[Tensor],
+        lrs: list[float],
     ) -> float:
         """``ρ`` of the plain step ``δ = −lr·ĝ`` on the closure's batch
         (concepts/natural_gradient.md#levenberg-marquardt-damping)."""
@@ -373,7 +462,7 @@ class NaturalGradient:
         loss_fn = self.curvature.loss_fn
         loss, call = evaluate_capturing(model, loss_fn, closure, "NaturalGradient.step")
         before = float(loss)
-        delta = [-self.lr * n for n in natural]
+        delta = [-lr * n for lr, n in zip(lrs, natural)]
         saved = [p.detach().clone() for p in params]
         try:
             for p, d in zip(params, delta):
@@ -577,6 +666,7 @@ class NaturalGradient:
         self._decompositions_due = True
         self._bad_losses = None
         self._backward_done = False
+        self._loss_overflowed = False
         self._backward_calls = 0
 
 

@@ -166,8 +166,10 @@ def test_ekfac_diagonal_is_the_fisher_in_its_eigenbasis(case: ZooCase) -> None:
 @pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)
 def test_natural_gradient_lowers_the_loss(case: ZooCase) -> None:
     model, loss_fn, x, y = _setup(case)
-    precond = curvlab.NaturalGradient(curvlab.KFC(model, loss_fn), damping=0.1, kl_clip=1e-2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = curvlab.NaturalGradient(
+        curvlab.KFC(model, loss_fn), damping=0.1, kl_clip=1e-2, optimizer=opt
+    )
     with torch.no_grad():
         start = float(loss_fn(model(x), y))
     torch.manual_seed(0)

@@ -15,7 +15,9 @@ MLP_CE = next(c for c in CASES if c.id == "mlp-ce-mean")
 
 def _trained_state() -> dict:
     model, loss_fn = MLP_CE.build()
-    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn, fisher_type="exact"), 0.1)
+    precond = curvlab.NaturalGradient(
+        curvlab.KFAC(model, loss_fn, fisher_type="exact"), 0.1, kl_clip=None
+    )
     x, y = MLP_CE.data(n=8)
     precond.backward(loss_fn(model(x), y))
     precond.step()
@@ -68,6 +70,8 @@ def test_flipped_bytes_inside_a_tensor_are_caught_by_the_checksum(tmp_path: Path
     loaded = curvlab.load_checkpoint(path)
     loaded["precond"]["average"]["A"][0][0, 0] += 1.0  # what a flipped bit does to a value
     model, loss_fn = MLP_CE.build()
-    fresh = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn, fisher_type="exact"), 0.1)
+    fresh = curvlab.NaturalGradient(
+        curvlab.KFAC(model, loss_fn, fisher_type="exact"), 0.1, kl_clip=None
+    )
     with pytest.raises(ValueError, match="checksum does not match"):
         fresh.load_state_dict(loaded["precond"])

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from curvlab.optim.components import (
     InversionSchedule,
     KLClip,
+    LearningRate,
     MovingAverage,
     missing_gradient,
     non_finite_gradient,
@@ -68,12 +69,47 @@ def test_the_inversion_schedule() -> None:
 def test_kl_clipping_bounds_the_step_and_never_grows_it() -> None:
     natural = [torch.tensor([3.0, 4.0])]
     grads = [torch.tensor([3.0, 4.0])]  # ⟨ĝ, g⟩ = 25
-    clip = KLClip(bound=1.0, lr=0.1)  # lr²·25 = 0.25 < 1: unchanged
-    torch.testing.assert_close(clip(natural, grads)[0], natural[0])
-    tight = KLClip(bound=0.01, lr=0.1)  # ν = sqrt(0.01 / 0.25) = 0.2
-    torch.testing.assert_close(tight(natural, grads)[0], 0.2 * natural[0])
+    clip = KLClip(bound=1.0)  # lr²·25 = 0.25 < 1: unchanged
+    torch.testing.assert_close(clip(natural, grads, [0.1])[0], natural[0])
+    tight = KLClip(bound=0.01)  # ν = sqrt(0.01 / 0.25) = 0.2
+    torch.testing.assert_close(tight(natural, grads, [0.1])[0], 0.2 * natural[0])
+    scheduled = KLClip(bound=lambda step: 0.01 * (step + 1))  # a callable of the step
+    torch.testing.assert_close(
+        scheduled(natural, grads, [0.1], step=3)[0], (0.04 / 0.25) ** 0.5 * natural[0]
+    )
+    # per-parameter rates: Σ lrᵢ² ⟨ĝᵢ, gᵢ⟩ = 0.01·25 + 0.04·25 = 1.25
+    two = [natural[0], natural[0]]
+    torch.testing.assert_close(
+        KLClip(bound=0.05)(two, [grads[0], grads[0]], [0.1, 0.2])[1], 0.2 * natural[0]
+    )
+    for bad in (0.0, float("nan"), -1.0):
+        with pytest.raises(ValueError, match="kl_clip"):
+            KLClip(bound=bad)
     with pytest.raises(ValueError, match="kl_clip"):
-        KLClip(bound=0.0)
+        scheduled_bad = KLClip(bound=lambda step: 0.0)
+        scheduled_bad(natural, grads, [0.1])
+
+
+def test_learning_rate_is_read_from_the_optimizer_at_every_step() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.2}])
+    rate = LearningRate([a, b], ["a", "b"], optimizer=opt)
+    assert rate.known and rate.per_parameter(0) == [0.1, 0.2]
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step()
+    scheduler.step()
+    assert rate.per_parameter(1) == [0.05, 0.1]
+    assert LearningRate([a, b], ["a", "b"], lr=lambda k: 1.0 / (k + 1)).per_parameter(3) == [
+        0.25,
+        0.25,
+    ]
+    assert not LearningRate([a], ["a"]).known
+    with pytest.raises(ValueError, match=r"does not update \['b'\]"):
+        LearningRate([a, b], ["a", "b"], optimizer=torch.optim.SGD([a], lr=0.1))
+    with pytest.raises(ValueError, match="lr must be finite"):
+        LearningRate([a], ["a"], lr=float("inf"))
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
+        LearningRate([a], ["a"], optimizer="sgd")  # type: ignore[arg-type]
 
 
 def test_damping_policies() -> None:

@@ -146,6 +146,7 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
             invert_every=INVERT_EVERY,
             lr=LR,
             distribution=sc.distribution if rank is not None else "local",
+            kl_clip=None,
         )
 
     precond = build()
@@ -326,10 +327,14 @@ def test_ranks_that_start_from_different_weights_are_reported_at_construction(ru
 def test_without_a_process_group_nothing_is_distributed() -> None:
     case = _case("mlp-ce-mean")
     model, loss_fn = case.build()
-    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), distribution="mem_opt")
+    precond = curvlab.NaturalGradient(
+        curvlab.KFAC(model, loss_fn), distribution="mem_opt", kl_clip=None
+    )
     assert precond.comm is None and precond.distribution == "local"
     with pytest.raises(ValueError, match="unknown distribution 'everywhere'"):
-        curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), distribution="everywhere")
+        curvlab.NaturalGradient(
+            curvlab.KFAC(model, loss_fn), distribution="everywhere", kl_clip=None
+        )
 
 
 def test_assign_blocks_is_greedy_longest_processing_time() -> None:

@@ -28,7 +28,9 @@ def test_exact_fisher_gives_the_damped_natural_gradient() -> None:
     model, loss_fn = MLP_CE.build()
     x, y = MLP_CE.data(n=8)
     damping = 0.05
-    precond = curvlab.NaturalGradient(curvlab.ExactFisher(model, loss_fn), damping=damping)
+    precond = curvlab.NaturalGradient(
+        curvlab.ExactFisher(model, loss_fn), damping=damping, kl_clip=None
+    )
     g = _grads(model, loss_fn, x, y)
     precond.backward(loss_fn(model(x), y))
     precond.step()
@@ -45,7 +47,7 @@ def test_every_backend_gives_its_own_solve(row) -> None:
     model, loss_fn = case.build()
     x, y = case.data(n=6)
     backend = curvlab.make(row.name, model, loss_fn, **row.kwargs)
-    precond = curvlab.NaturalGradient(backend, damping=0.1)
+    precond = curvlab.NaturalGradient(backend, damping=0.1, kl_clip=None)
     torch.manual_seed(7)
     precond.backward(loss_fn(model(x), y))
     g = [p.grad.clone() for p in backend.params]
@@ -71,7 +73,7 @@ def test_kfac_on_one_linear_layer_with_one_sample_is_exact_natural_gradient() ->
         curvlab.ExactFisher(model, loss_fn),
     ):
         model.zero_grad()
-        precond = curvlab.NaturalGradient(backend, damping=1e-3)
+        precond = curvlab.NaturalGradient(backend, damping=1e-3, kl_clip=None)
         precond.backward(loss_fn(model(x), y))
         precond.step()
         results.append(_flat(p.grad for p in model.parameters()))
@@ -83,7 +85,9 @@ def test_uncovered_parameters_keep_their_plain_gradient() -> None:
     model, loss_fn = case.build()
     x, y = case.data(n=5)
     plain = _grads(model, loss_fn, x, y)
-    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn, exclude=["0"]), damping=0.1)
+    precond = curvlab.NaturalGradient(
+        curvlab.KFAC(model, loss_fn, exclude=["0"]), damping=0.1, kl_clip=None
+    )
     precond.backward(loss_fn(model(x), y))
     precond.step()
     conv_weight, conv_bias = model[0].weight, model[0].bias
@@ -95,7 +99,9 @@ def test_uncovered_parameters_keep_their_plain_gradient() -> None:
 def test_gradient_accumulation_gives_the_union_curvature() -> None:
     model, loss_fn = MLP_CE.build()
     x, y = MLP_CE.data(n=8)
-    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn, fisher_type="exact"))
+    precond = curvlab.NaturalGradient(
+        curvlab.KFAC(model, loss_fn, fisher_type="exact"), kl_clip=None
+    )
     for xb, yb in ((x[:3], y[:3]), (x[3:], y[3:])):
         precond.backward(loss_fn(model(xb), yb) * len(xb) / len(x))
     precond.step()
@@ -109,7 +115,9 @@ def test_gradient_accumulation_gives_the_union_curvature() -> None:
 def test_moving_average_and_amortised_inversions(monkeypatch) -> None:
     model, loss_fn = MLP_CE.build()
     backend = curvlab.KFAC(model, loss_fn, fisher_type="exact")
-    precond = curvlab.NaturalGradient(backend, update_every=2, invert_every=3, ema_decay=0.9)
+    precond = curvlab.NaturalGradient(
+        backend, update_every=2, invert_every=3, ema_decay=0.9, kl_clip=None
+    )
     calls = []
     original = linalg.symeig
     monkeypatch.setattr(linalg, "symeig", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -135,7 +143,9 @@ def test_moving_average_and_amortised_inversions(monkeypatch) -> None:
 def test_kl_clipping_bounds_the_step() -> None:
     model, loss_fn = MLP_CE.build()
     x, y = MLP_CE.data(n=8)
-    free = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn, fisher_type="exact"), damping=1e-3)
+    free = curvlab.NaturalGradient(
+        curvlab.KFAC(model, loss_fn, fisher_type="exact"), damping=1e-3, kl_clip=None
+    )
     free.backward(loss_fn(model(x), y))
     g = [p.grad.clone() for p in model.parameters()]
     free.step()
@@ -175,14 +185,15 @@ def test_resuming_from_a_checkpoint_is_bit_identical(backend) -> None:
     def fresh():
         model, loss_fn = MLP_CE.build()
         kwargs = RESUME_OPTIONS[backend]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         precond = curvlab.NaturalGradient(
             curvlab.make(backend, model, loss_fn, **kwargs),
             damping=lambda step: 0.1 / (1 + step),
             update_every=2,
             invert_every=3,
             ema_decay=0.8,
+            optimizer=opt,  # the default KL clip reads its learning rate
         )
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         return model, loss_fn, precond, opt
 
     torch.manual_seed(0)
@@ -215,7 +226,7 @@ def test_bad_arguments_and_order() -> None:
     model, loss_fn = MLP_CE.build()
     backend = curvlab.KFAC(model, loss_fn)
     with pytest.raises(TypeError, match=r"curvlab\.Curvature"):
-        curvlab.NaturalGradient(model)
+        curvlab.NaturalGradient(model, kl_clip=None)
     for kwargs, match in [
         ({"update_every": 0}, "update_every"),
         ({"invert_every": 1.5}, "invert_every"),
@@ -225,10 +236,10 @@ def test_bad_arguments_and_order() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             curvlab.NaturalGradient(backend, **kwargs)
-    precond = curvlab.NaturalGradient(backend)
+    precond = curvlab.NaturalGradient(backend, kl_clip=None)
     with pytest.raises(RuntimeError, match="no curvature yet"):
         precond.step()
-    bad_schedule = curvlab.NaturalGradient(backend, damping=lambda step: float("nan"))
+    bad_schedule = curvlab.NaturalGradient(backend, damping=lambda step: float("nan"), kl_clip=None)
     x, y = MLP_CE.data()
     bad_schedule.backward(loss_fn(model(x), y))
     with pytest.raises(ValueError, match="finite"):
@@ -241,7 +252,7 @@ def test_runs_on_cuda_without_leaving_the_device() -> None:
     model = model.float().cuda()
     x, y = MLP_CE.data(n=16)
     x, y = x.float().cuda(), y.cuda()
-    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), damping=1e-2)
+    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), damping=1e-2, kl_clip=None)
     for _ in range(3):
         model.zero_grad()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -278,7 +289,7 @@ def test_kfac_reaches_the_target_loss_in_fewer_iterations_than_sgd_and_adam() ->
         precond = None
         if kind == "kfac":
             kfac = curvlab.KFAC(model, loss_fn, fisher_type="mc")
-            precond = curvlab.NaturalGradient(kfac, damping=1e-2, invert_every=5)
+            precond = curvlab.NaturalGradient(kfac, damping=1e-2, invert_every=5, kl_clip=None)
         order = torch.Generator().manual_seed(1)
         step = 0
         while step < limit:
@@ -321,7 +332,9 @@ def test_levenberg_marquardt_damping_adapts_from_the_closure() -> None:
     loss_fn = nn.MSELoss()
     x, y = torch.randn(20, 5, dtype=DTYPE), torch.randn(20, 3, dtype=DTYPE)
     lm = curvlab.LevenbergMarquardt(initial=1.0, interval=2)
-    precond = curvlab.NaturalGradient(curvlab.ExactFisher(model, loss_fn), damping=lm, lr=0.5)
+    precond = curvlab.NaturalGradient(
+        curvlab.ExactFisher(model, loss_fn), damping=lm, lr=0.5, kl_clip=None
+    )
     values = []
     for step in range(5):
         model.zero_grad()
@@ -335,7 +348,7 @@ def test_levenberg_marquardt_damping_adapts_from_the_closure() -> None:
 
 def test_non_finite_loss_on_a_curvature_step_is_reported() -> None:
     model, loss_fn = MLP_CE.build()
-    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn))
+    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), kl_clip=None)
     x, y = MLP_CE.data()
     x[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="loss is not finite"):
@@ -351,7 +364,9 @@ def test_statistics_stay_float32_under_bf16_autocast(backend) -> None:
     kwargs = {} if backend == "block_diagonal" else {"fisher_type": "exact"}
     stats = []
     for amp in (False, True):
-        precond = curvlab.NaturalGradient(curvlab.make(backend, model, loss_fn, **kwargs))
+        precond = curvlab.NaturalGradient(
+            curvlab.make(backend, model, loss_fn, **kwargs), kl_clip=None
+        )
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(model(x), y)
@@ -372,7 +387,7 @@ def test_composes_with_adamw_param_groups_and_weight_decay() -> None:
     model, loss_fn = MLP_CE.build()
     x, y = MLP_CE.data(n=8)
     precond = curvlab.NaturalGradient(
-        curvlab.KFAC(model, loss_fn, fisher_type="exact"), damping=0.1
+        curvlab.KFAC(model, loss_fn, fisher_type="exact"), damping=0.1, kl_clip=None
     )
     opt = torch.optim.AdamW(
         [
@@ -397,7 +412,9 @@ def test_composes_with_adamw_param_groups_and_weight_decay() -> None:
 def _ready(backend: str = "kfac", **kw):
     model, loss_fn = MLP_CE.build()
     x, y = MLP_CE.data(n=8)
-    precond = curvlab.NaturalGradient(curvlab.make(backend, model, loss_fn, **kw), damping=0.1)
+    precond = curvlab.NaturalGradient(
+        curvlab.make(backend, model, loss_fn, **kw), damping=0.1, kl_clip=None
+    )
     return model, loss_fn, x, y, precond
 
 
@@ -414,7 +431,7 @@ def test_step_twice_after_one_backward_is_refused() -> None:
 
 def test_a_loss_backpropagated_twice_is_named() -> None:
     model, loss_fn, x, y, precond = _ready()
-    other = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), damping=0.1)
+    other = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), damping=0.1, kl_clip=None)
     loss = loss_fn(model(x), y)
     precond.backward(loss)
     with pytest.raises(RuntimeError, match="already backpropagated"):
@@ -423,7 +440,9 @@ def test_a_loss_backpropagated_twice_is_named() -> None:
 
 def test_a_non_finite_gradient_on_a_step_without_curvature_is_refused() -> None:
     model, loss_fn, x, y, _ = _ready()
-    precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), damping=0.1, update_every=2)
+    precond = curvlab.NaturalGradient(
+        curvlab.KFAC(model, loss_fn), damping=0.1, update_every=2, kl_clip=None
+    )
     precond.backward(loss_fn(model(x), y))
     precond.step()
     bad = x.clone()
@@ -439,7 +458,9 @@ def test_a_failing_load_changes_nothing() -> None:
     for _ in range(2):
         kfac.backward(loss_fn(model(x), y))
         kfac.step()
-    ekfac = curvlab.NaturalGradient(curvlab.EKFAC(model, loss_fn, fisher_type="exact"), damping=0.1)
+    ekfac = curvlab.NaturalGradient(
+        curvlab.EKFAC(model, loss_fn, fisher_type="exact"), damping=0.1, kl_clip=None
+    )
     for _ in range(7):
         ekfac.backward(loss_fn(model(x), y))
         ekfac.step()
@@ -472,7 +493,9 @@ def test_a_float64_checkpoint_loads_into_a_float32_model() -> None:
     precond64.backward(loss_fn(model64(x), y))
     precond64.step()
     model32 = copy.deepcopy(model64).float()
-    precond32 = curvlab.NaturalGradient(curvlab.KFAC(model32, loss_fn, fisher_type="exact"), 0.1)
+    precond32 = curvlab.NaturalGradient(
+        curvlab.KFAC(model32, loss_fn, fisher_type="exact"), 0.1, kl_clip=None
+    )
     precond32.load_state_dict(precond64.state_dict())
     precond32.backward(loss_fn(model32(x.float()), y))
     precond32.step()  # no dtype error in the blend

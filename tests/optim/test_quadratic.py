@@ -101,7 +101,9 @@ def test_kwargs_and_dict_batches_are_captured_whole() -> None:
         H = torch.block_diag(*[torch.diag(r) - torch.outer(r, r) for r in p]) / len(targets)
         return J.T @ H @ J
 
-    _assert_gram(ggn_gram(model, loss_fn, call, params, vectors), _expected(dense(batch, y), vectors))
+    _assert_gram(
+        ggn_gram(model, loss_fn, call, params, vectors), _expected(dense(batch, y), vectors)
+    )
     first = {k: v[:4] for k, v in batch.items()}
     _assert_gram(
         ggn_gram(model, loss_fn, call, params, vectors, num_samples=4),
@@ -121,9 +123,7 @@ def test_ignored_rows_are_not_counted() -> None:
     params = list(model.parameters())
     vectors = _vectors(params, 2)
     _, full = evaluate_capturing(model, loss_fn, lambda: loss_fn(model(x), y), "test")
-    _, kept = evaluate_capturing(
-        model, loss_fn, lambda: loss_fn(model(x[keep]), y[keep]), "test"
-    )
+    _, kept = evaluate_capturing(model, loss_fn, lambda: loss_fn(model(x[keep]), y[keep]), "test")
     _assert_gram(
         ggn_gram(model, loss_fn, full, params, vectors),
         ggn_gram(model, loss_fn, kept, params, vectors),
