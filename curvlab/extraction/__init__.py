@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.extraction import backpack_engine, hooks
-from curvlab.extraction.losses import FISHER_TYPES, batch_scale
+from curvlab.extraction.losses import FISHER_TYPES, batch_scale, has_extra_axes, loss_rows
 from curvlab.extraction.requests import (
     BatchResult,
     FactorRows,
@@ -95,19 +95,26 @@ def _backpack_is_faster(requests: Sequence[Request]) -> bool:
 
 
 def choose_engine(
-    model: nn.Module, requests: Sequence[Request], engine: str, ignored_rows: bool = False
+    model: nn.Module,
+    requests: Sequence[Request],
+    engine: str,
+    ignored_rows: bool = False,
+    extra_axes: bool = False,
 ) -> str:
     """``"hooks"`` or ``"backpack"`` for ``requests`` on ``model`` under setting ``engine``.
 
     ``ignored_rows``: the batch has targets equal to the loss's ``ignore_index``, which
-    BackPACK would count. ``engine="backpack"`` raises a ``ValueError`` saying why
-    BackPACK cannot serve them.
+    BackPACK would count; ``extra_axes``: the model output has axes beyond ``[N, C]``
+    (tokens, pixels). ``engine="backpack"`` raises a ``ValueError`` saying why BackPACK
+    cannot serve them.
     """
     if engine == "hooks":
         return "hooks"
     reason = backpack_engine.unsupported_reason(model, requests)
     if reason is None and ignored_rows:
         reason = "BackPACK counts targets equal to ignore_index as part of the loss"
+    if reason is None and extra_axes:
+        reason = "curvlab's BackPACK engine takes [N, C] outputs only, not extra axes"
     if engine == "backpack":
         if reason is not None:
             raise ValueError(f"engine='backpack' cannot serve this model: {reason}.")
@@ -159,14 +166,15 @@ def extract(
         and isinstance(loss_fn, nn.CrossEntropyLoss)
         and bool((torch.as_tensor(targets) == loss_fn.ignore_index).any())
     )
-    engine = choose_engine(model, requests, setting, ignored)
+    engine = choose_engine(model, requests, setting, ignored, has_extra_axes(loss_fn, targets))
     if engine == "backpack":
         loss, result = backpack_engine.run(model, loss_fn, inputs, targets, requests)
     else:
         modules = list({id(m): m for c in curvatures for m in c.recorded_modules()}.values())
         with hooks.Recording(loss_fn, modules, owner="extract") as recording:
             outputs = model(inputs)
-            scale = batch_scale(loss_fn, outputs, targets)  # clear errors before PyTorch's
+            # clear errors before PyTorch's
+            scale = batch_scale(loss_fn, *loss_rows(loss_fn, outputs, targets))
             graph_loss = loss_fn(outputs, targets)
         _check_finite(graph_loss)
         call, calls = recording.take(graph_loss)
@@ -209,7 +217,8 @@ def accumulate_recorded(
     finite = bool(torch.isfinite(loss.detach()).all())
     engine = "hooks"
     if finite and inputs is not None and len(inputs) == 1 and replayable(model):
-        engine = choose_engine(model, requests, setting, scale.valid is not None)
+        extra = call.raw_outputs.dim() != 2
+        engine = choose_engine(model, requests, setting, scale.valid is not None, extra)
     if engine == "backpack" and inputs is not None:
         _, result = backpack_engine.run(model, loss_fn, inputs[0], call.targets, requests)
     else:

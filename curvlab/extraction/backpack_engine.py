@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.extraction import layers
-from curvlab.extraction.losses import FISHER_TYPES, batch_scale
+from curvlab.extraction.losses import FISHER_TYPES, batch_scale, loss_rows
 from curvlab.extraction.requests import (
     BatchResult,
     FactorRows,
@@ -385,7 +385,9 @@ def run(
             # enable_backprop) would otherwise keep the first layer's full backward hook
             # from firing, since only the parameters' gradients are asked for below
             outputs = model(inputs.detach())
-            scale = batch_scale(loss_fn, outputs, targets)  # clear errors before PyTorch's
+            # clear errors before PyTorch's (also for outputs with extra axes, which the
+            # engine choice keeps from BackPACK when the targets show them)
+            scale = batch_scale(loss_fn, *loss_rows(loss_fn, outputs, targets))
             loss = loss_fn(outputs, targets)
             if not bool(torch.isfinite(loss).all()):
                 raise FloatingPointError(

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.extraction import layers
-from curvlab.extraction.losses import BatchScale, batch_scale, output_columns
+from curvlab.extraction.losses import BatchScale, batch_scale, loss_rows, output_columns
 from curvlab.extraction.requests import (
     BatchResult,
     DiagonalStatistics,
@@ -67,11 +67,18 @@ class ModelCall:
 
 @dataclass(eq=False)
 class LossCall:
-    """One call of the loss module: the model output it received and the loss it gave."""
+    """One call of the loss module: the model output it received and the loss it gave.
+
+    ``outputs``/``targets`` are the ``[R, C]`` rows the loss treats independently (a view
+    of the model output: per-token and per-pixel positions become rows,
+    :func:`~curvlab.extraction.losses.loss_rows`); ``raw_outputs`` is the tensor the loss
+    received.
+    """
 
     outputs: Tensor
     targets: Tensor
     loss: Tensor
+    raw_outputs: Tensor
 
 
 class Recording:
@@ -149,8 +156,13 @@ class Recording:
         if not torch.is_grad_enabled() or not isinstance(loss, Tensor) or not loss.requires_grad:
             return
         values = list(args) + [kwargs[k] for k in ("input", "target") if k in kwargs]
-        if len(values) >= 2 and all(isinstance(v, Tensor) for v in values[:2]):
-            self.losses.append(LossCall(values[0], values[1].detach(), loss))
+        if (
+            len(values) >= 2
+            and all(isinstance(v, Tensor) for v in values[:2])
+            and values[0].dim() > 0
+        ):
+            rows, targets = loss_rows(self.loss_fn, values[0], values[1].detach())
+            self.losses.append(LossCall(rows, targets, loss, values[0]))
 
     def take(self, loss: Tensor) -> tuple[LossCall, list[LayerCall]]:
         """The loss call that produced ``loss`` and the layer calls of its forward pass.
@@ -185,8 +197,8 @@ class Recording:
         mine = [c for c in self.calls if c.output.grad_fn in nodes]
         taken = {id(c) for c in mine}
         self.calls = [c for c in self.calls if id(c) not in taken]
-        self.taken_inputs = self.model_inputs(call.outputs)
-        self.model_calls = [c for c in self.model_calls if c.output is not call.outputs]
+        self.taken_inputs = self.model_inputs(call.raw_outputs)
+        self.model_calls = [c for c in self.model_calls if c.output is not call.raw_outputs]
         return call, mine
 
 

@@ -96,8 +96,8 @@ def batch_scale(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> BatchSc
     if not isinstance(outputs, Tensor) or outputs.dim() != 2:
         shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
         raise ValueError(
-            f"{name}: the model output must have shape [N, C], got {shape}. Flatten extra "
-            "dimensions (e.g. tokens) into the rows inside the model."
+            f"{name}: the loss rows must have shape [N, C], got {shape} (outputs with extra "
+            "axes are turned into rows by loss_rows: [N, C, d1, ...] for CrossEntropyLoss)."
         )
     n, c = outputs.shape
     if n == 0:
@@ -221,16 +221,32 @@ def loss_rows(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> tuple[Ten
     ``[N, d₁, …]``): every position is a row. ``MSELoss``/``BCEWithLogitsLoss`` treat
     every element alike: the last dimension becomes the columns. ``[N, C]`` stays as is.
     """
+    name = type(loss_fn).__name__
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if outputs.dim() > 2:
-            c = outputs.shape[1]
-            return outputs.movedim(1, -1).reshape(-1, c), targets.reshape(-1)
-        return outputs, targets
+        if outputs.dim() <= 2:
+            return outputs, targets
+        expected = (outputs.shape[0], *outputs.shape[2:])
+        if tuple(targets.shape) != expected:
+            raise ValueError(
+                f"{name}: an output of shape {tuple(outputs.shape)} (classes on dimension 1, "
+                f"one row per position) needs class-index targets of shape {expected}, got "
+                f"{tuple(targets.shape)}."
+            )
+        return outputs.movedim(1, -1).reshape(-1, outputs.shape[1]), targets.reshape(-1)
     if outputs.dim() == 2:
         return outputs, targets
-    width = outputs.shape[-1] if outputs.dim() > 0 else 1
-    rows = outputs.reshape(-1, width)
-    return rows, targets.reshape(rows.shape) if targets.shape == outputs.shape else targets
+    if targets.shape != outputs.shape:
+        raise ValueError(
+            f"{name}: targets must have the output's shape {tuple(outputs.shape)}, got "
+            f"{tuple(targets.shape)}."
+        )
+    width = outputs.shape[-1] if outputs.dim() > 1 else 1
+    return outputs.reshape(-1, width), targets.reshape(-1, width)
+
+
+def has_extra_axes(loss_fn: nn.Module, targets: Tensor) -> bool:
+    """Whether a batch with these ``targets`` has outputs beyond ``[N, C]``."""
+    return torch.as_tensor(targets).dim() > (1 if isinstance(loss_fn, nn.CrossEntropyLoss) else 2)
 
 
 def output_hessian_apply(

@@ -297,12 +297,13 @@ def error_inputs(info: BackendInfo) -> list[ErrorInput]:
         r"MSELoss: targets must have the output's shape \(4, 3\), got \(4, 2\)",
     )
     add(
-        "a model output that is not [N, C]",
-        lambda: _make(info, nn.Linear(5, 3).double(), nn.MSELoss()).update(
-            torch.randn(4, 2, 5, dtype=torch.float64), torch.randn(4, 2, 3, dtype=torch.float64)
+        "targets that do not match an output with extra axes",
+        lambda: _make(info, nn.Linear(5, 3).double(), nn.CrossEntropyLoss()).update(
+            torch.randn(4, 3, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
         ),
         ValueError,
-        r"MSELoss: the model output must have shape \[N, C\], got \(4, 2, 3\)",
+        r"CrossEntropyLoss: an output of shape \(4, 3, 3\) \(classes on dimension 1, one row "
+        r"per position\) needs class-index targets of shape \(4, 3\), got \(4,\)",
     )
     add(
         "an empty batch",
