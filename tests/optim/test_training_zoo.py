@@ -80,3 +80,46 @@ def test_levenberg_marquardt_closure_trains_every_zoo_model(case: ZooCase) -> No
         opt.step()
     assert lm.value != 0.1  # ρ was measured and λ adapted
     _assert_trained(model, loss_fn, x, y, start)
+
+
+class _KeywordModel(nn.Module):
+    """Called as ``model(**batch, scale=...)``, as Hugging Face-style loops do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(2, 4), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, z: Tensor, scale: float = 1.0) -> Tensor:
+        return self.out(torch.tanh(self.a(x) + self.b(z) * scale))
+
+
+@pytest.mark.parametrize("name", curvlab.available())
+def test_keyword_and_dict_batches_train(name: str) -> None:
+    torch.manual_seed(0)
+    model, loss_fn = _KeywordModel(), nn.CrossEntropyLoss()
+    batch = {"x": torch.randn(16, 3), "z": torch.randn(16, 2)}
+    y = torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    precond = curvlab.NaturalGradient(curvlab.make(name, model, loss_fn), optimizer=opt)
+    with torch.no_grad():
+        start = float(loss_fn(model(**batch, scale=0.5), y))
+    for _ in range(STEPS):
+        opt.zero_grad()
+        precond.backward(loss_fn(model(**batch, scale=0.5), y))
+        precond.step()
+        opt.step()
+    with torch.no_grad():
+        assert float(loss_fn(model(**batch, scale=0.5), y)) < start
+
+
+def test_kfac_optimizer_takes_keyword_batches() -> None:
+    torch.manual_seed(0)
+    model, loss_fn = _KeywordModel(), nn.CrossEntropyLoss()
+    batch = {"x": torch.randn(16, 3), "z": torch.randn(16, 2)}
+    y = torch.randint(0, 3, (16,))
+    opt = curvlab.KFACOptimizer(model, loss_fn)
+    first = float(opt.step(lambda: loss_fn(model(**batch, scale=0.5), y)))
+    for _ in range(STEPS - 1):
+        opt.step(lambda: loss_fn(model(**batch, scale=0.5), y))
+    with torch.no_grad():
+        assert float(loss_fn(model(**batch, scale=0.5), y)) < first
