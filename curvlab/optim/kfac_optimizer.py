@@ -52,6 +52,15 @@ class KFACOptimizer(torch.optim.Optimizer):
         damping_interval: ``T1``, steps between ``λ`` adaptations.
         update_every, invert_every, ema_decay: as for :class:`~curvlab.NaturalGradient`.
         momentum: use ``μ δ₀`` (otherwise ``μ = 0``).
+        step_sizes: ``"layer"`` (default): the quadratic model chooses one ``(α_l, μ_l)``
+            per layer, ``δ = Σ_l α_l Δ_l + μ_l δ₀_l`` (``Δ_l``: ``Δ`` restricted to layer
+            ``l``'s parameters), a per-layer trust region that corrects the block-diagonal
+            approximation's relative scale between layers; ``"global"``: one ``(α, μ)``
+            for the whole network, as Martens & Grosse. Layers are the modules that own
+            parameters; beyond ``max_step_groups`` of them, consecutive layers share a
+            coefficient pair (concepts/natural_gradient.md#per-layer-step-sizes).
+        max_step_groups: the most coefficient pairs of ``step_sizes="layer"`` (each costs
+            two Jacobian-vector products per step in the quadratic model).
         quadratic_fraction, quadratic_min_samples: the exact Fisher products of the
             quadratic model are computed on the batch's first
             ``min(N, max(round(quadratic_fraction·N), quadratic_min_samples))`` samples (the
@@ -78,6 +87,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         invert_every: int = 20,
         ema_decay: float = 0.95,
         momentum: bool = True,
+        step_sizes: str = "layer",
+        max_step_groups: int = 16,
         quadratic_fraction: float = 0.25,
         quadratic_min_samples: int = 128,
         statistics_fraction: float = 0.25,
@@ -95,6 +106,17 @@ class KFACOptimizer(torch.optim.Optimizer):
             )
         self.quadratic_fraction = quadratic_fraction
         self.quadratic_min_samples = quadratic_min_samples
+        if step_sizes not in STEP_SIZES:
+            raise ValueError(
+                f"KFACOptimizer: unknown step_sizes {step_sizes!r}; choose one of {STEP_SIZES}."
+            )
+        if isinstance(max_step_groups, bool) or not (
+            isinstance(max_step_groups, int) and max_step_groups >= 1
+        ):
+            raise ValueError(
+                f"KFACOptimizer: max_step_groups must be an int >= 1, got {max_step_groups!r}."
+            )
+        self.step_sizes = step_sizes
         if curvature is None:
             curvature = KFC(
                 model,
@@ -119,6 +141,12 @@ class KFACOptimizer(torch.optim.Optimizer):
             kl_clip=None,  # the quadratic model chooses the step size
             distribution="local",  # the quadratic model reads this process's batch only
         )
+        names = curvature.param_names
+        self._groups = (
+            step_groups(names, max_step_groups)
+            if step_sizes == "layer"
+            else [list(range(len(names)))]
+        )
         self._held_damping: float | None = None  # λ + η of the last inversion step
         self.steps = 0
         self.last: dict[str, float] = {}  # α, μ, ρ, λ of the last step (for logging)
@@ -137,6 +165,33 @@ class KFACOptimizer(torch.optim.Optimizer):
         """How many of a batch of ``batch`` samples the quadratic model uses."""
         wanted = max(round(self.quadratic_fraction * batch), self.quadratic_min_samples)
         return max(1, min(batch, wanted))
+
+    def _inner_products(
+        self, directions: list[list[Tensor]], grads: list[Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """``vᵢᵀvⱼ`` and ``gᵀvᵢ`` of the pieces ``v`` of ``directions`` (per step group,
+        direction-major); pieces of different groups are orthogonal."""
+        groups, k = self._groups, len(self._groups)
+        inner = grads[0].new_zeros(k * len(directions), k * len(directions))
+        linear = grads[0].new_zeros(k * len(directions))
+        for g, group in enumerate(groups):
+            for a, da in enumerate(directions):
+                mine = [da[i] for i in group]
+                linear[a * k + g] = _dot([grads[i] for i in group], mine)
+                for b, db in enumerate(directions[a:], start=a):
+                    value = _dot(mine, [db[i] for i in group])
+                    inner[a * k + g, b * k + g] = inner[b * k + g, a * k + g] = value
+        return inner, linear
+
+    def _split(self, vector: list[Tensor]) -> list[list[Tensor | None]]:
+        """``vector`` restricted to each step group (``None``: zero elsewhere)."""
+        if len(self._groups) == 1:
+            return [list(vector)]
+        pieces: list[list[Tensor | None]] = []
+        for group in self._groups:
+            members = set(group)
+            pieces.append([v if i in members else None for i, v in enumerate(vector)])
+        return pieces
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -161,16 +216,14 @@ class KFACOptimizer(torch.optim.Optimizer):
             proposal = [-_grad(p) for p in params]
             previous = [self.state[p].get("delta") for p in params]
             use_momentum = self.momentum and previous[0] is not None
-            vectors = [proposal, previous] if use_momentum else [proposal]
+            directions = [proposal, previous] if use_momentum else [proposal]
+            vectors = [piece for d in directions for piece in self._split(d)]
             batch = call.batch_size
             subset = self._quadratic_samples(batch)
             gram = ggn_gram(self.model, self.loss_fn, call, params, vectors, subset)  # vᵢᵀFvⱼ
             if self.loss_fn.reduction == "sum":  # a sum over fewer samples: rescale
                 gram = gram * (batch / subset)
-            inner = torch.stack(
-                [torch.stack([_dot(a, b) for b in vectors]) for a in vectors]
-            )  # vᵢᵀ vⱼ
-            linear = torch.stack([_dot(grads, v) for v in vectors])
+            inner, linear = self._inner_products(directions, grads)  # vᵢᵀvⱼ, gᵀvᵢ
             lam = self.lm.value
             coeffs, model_change = _model_minimum(gram, inner, linear, lam + self.l2, self.l2)
             h0 = None
@@ -186,7 +239,10 @@ class KFACOptimizer(torch.optim.Optimizer):
                         gram, inner, linear, lam + self.l2, self.l2
                     )
             coeffs = coeffs.to(grads[0].dtype)
-            delta = [sum(c * v[i] for c, v in zip(coeffs, vectors)) for i in range(len(params))]
+            delta = [
+                sum(c * v[i] for c, v in zip(coeffs, vectors) if v[i] is not None)
+                for i in range(len(params))
+            ]
             adapt = self.lm.due(self.steps)
             if adapt and h0 is None:
                 h0 = self._objective(loss, params)
@@ -200,14 +256,29 @@ class KFACOptimizer(torch.optim.Optimizer):
                 rho = (h1 - h0) / model_change if model_change < 0 else float("nan")
                 self.lm.update(rho)
         self.last = {
-            "alpha": float(coeffs[0]),
-            "mu": float(coeffs[1]) if len(coeffs) > 1 else 0.0,
+            "alpha": float(coeffs[: len(self._groups)].mean()),
+            "mu": float(coeffs[len(self._groups) :].mean())
+            if len(coeffs) > len(self._groups)
+            else 0.0,
             "rho": rho,
             "damping": self.lm.value,
             "model_change": model_change,
         }
         self.steps += 1
         return loss.detach()
+
+    def close(self) -> None:
+        """Remove every hook and recording on the model and the loss: closes the
+        preconditioner and its curvature (idempotent; see :meth:`NaturalGradient.close`).
+        Later steps raise a ``RuntimeError``. ``with KFACOptimizer(...) as opt:`` closes on
+        exit; without ``close`` the hooks go when the optimizer is garbage collected."""
+        self.precond.close()
+
+    def __enter__(self) -> KFACOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -226,6 +297,26 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.lm.load_state_dict(extra["lm"])
         self._held_damping = extra.get("held_damping")
         self.precond.load_state_dict(extra["precond"])
+
+
+#: How the quadratic model's step sizes are shared: per layer, or one for the network.
+STEP_SIZES = ("layer", "global")
+
+
+def step_groups(names: Sequence[str], limit: int) -> list[list[int]]:
+    """Indices of ``names`` grouped by the module that owns each parameter (its dotted
+    path without the last part), in order; more than ``limit`` groups are merged into
+    ``limit`` runs of consecutive groups with about equal parameter counts."""
+    owners: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        owners.setdefault(name.rpartition(".")[0], []).append(i)
+    groups = list(owners.values())
+    if len(groups) <= limit:
+        return groups
+    merged: list[list[int]] = [[] for _ in range(limit)]
+    for k, group in enumerate(groups):
+        merged[k * limit // len(groups)].extend(group)
+    return merged
 
 
 def _grad(p: Tensor) -> Tensor:
@@ -259,5 +350,6 @@ def _solve_model(curvature: Tensor, linear: Tensor) -> Tensor:
         return -linear / curvature[0, 0]
     try:
         return -torch.linalg.solve(curvature, linear)
-    except torch.linalg.LinAlgError:  # δ₀ ∥ Δ: fall back to the step-size-only model
-        return torch.stack([-linear[0] / curvature[0, 0], torch.zeros_like(linear[0])])
+    except torch.linalg.LinAlgError:  # e.g. δ₀ ∥ Δ, or a layer without gradient: the
+        # minimum-norm minimiser (zero coefficients on the degenerate directions)
+        return -torch.linalg.pinv(curvature, hermitian=True) @ linear

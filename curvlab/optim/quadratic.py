@@ -128,12 +128,14 @@ def ggn_gram(
     loss_fn: nn.Module,
     call: CapturedCall,
     params: Sequence[nn.Parameter],
-    vectors: Sequence[Sequence[Tensor]],
+    vectors: Sequence[Sequence[Tensor | None]],
     num_samples: int | None = None,
 ) -> Tensor:
     """``[k, k]`` matrix ``(vᵢᵀ G vⱼ)`` of the exact GGN w.r.t. ``params`` on ``call``'s batch.
 
-    With ``num_samples``, the loss of the first ``num_samples`` samples (its own reduction).
+    A ``None`` entry of a vector is zero: the products of vectors that live on a few
+    parameters (one layer's) only traverse the graph that reaches them. With
+    ``num_samples``, the loss of the first ``num_samples`` samples (its own reduction).
     """
     if num_samples is not None:
         call = call.subset(num_samples)
@@ -151,28 +153,79 @@ def ggn_gram(
         transposed = torch.autograd.grad(
             outputs, list(params), cotangent, create_graph=True, allow_unused=True
         )
-    connected = [i for i, t in enumerate(transposed) if t is not None and t.requires_grad]
-    jvps = []
+    connected = {i for i, t in enumerate(transposed) if t is not None and t.requires_grad}
+    # vectors with the same support share their passes
+    supports: dict[tuple[int, ...], list[int]] = {}
     for k, v in enumerate(vectors):
-        (jv,) = torch.autograd.grad(
-            [transposed[i] for i in connected],
+        support = tuple(i for i, t in enumerate(v) if t is not None and i in connected)
+        supports.setdefault(support, []).append(k)
+    jvps: list[Tensor] = [outputs] * len(vectors)
+    for support, members in supports.items():
+        products = _jacobian_products(
+            outputs,
             cotangent,
-            [v[i].detach().to(transposed[i].dtype) for i in connected],
-            retain_graph=k < len(vectors) - 1,
+            [transposed[i] for i in support],  # type: ignore[misc]
+            [[vectors[k][i] for i in support] for k in members],  # type: ignore[misc]
+        )
+        for k, product in zip(members, products):
+            jvps[k] = product
+    with torch.no_grad():
+        rows, targets = loss_rows(loss_fn, outputs.detach(), call.targets)
+        targets = _rows_of(targets, rows.shape[0])
+        row_jvps = torch.stack([loss_rows(loss_fn, jv, call.targets)[0] for jv in jvps])
+        h_jvps = torch.stack([output_hessian_apply(loss_fn, rows, jv, targets) for jv in row_jvps])
+        gram = row_jvps.flatten(1) @ h_jvps.flatten(1).T
+        gram = 0.5 * (gram + gram.T)  # symmetric up to rounding
+    return gram
+
+
+#: More vectors than this go through one batched double-backward pass (``vmap``).
+_BATCH_ABOVE = 2
+
+
+def _jacobian_products(
+    outputs: Tensor,
+    cotangent: Tensor,
+    transposed: list[Tensor],
+    tangents: list[list[Tensor]],
+) -> list[Tensor]:
+    """``J v`` for every ``v`` in ``tangents``: ``∂⟨Jᵀu, v⟩/∂u`` through the graph of
+    ``transposed = Jᵀu``. Many vectors share one batched pass where the backward supports
+    ``vmap``; otherwise (and for one or two vectors, where the loop is as fast) one pass
+    each, with the same result."""
+    if not transposed:
+        return [torch.zeros_like(outputs) for _ in tangents]
+    if len(tangents) > _BATCH_ABOVE:
+        stacked = [
+            torch.stack([v[i].detach().to(t.dtype) for v in tangents])
+            for i, t in enumerate(transposed)
+        ]
+        try:
+            (batched,) = torch.autograd.grad(
+                transposed,
+                cotangent,
+                stacked,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        except RuntimeError:  # no batching rule for some op of this backward
+            pass
+        else:
+            if batched is None:
+                return [torch.zeros_like(outputs) for _ in tangents]
+            return list(batched.detach().unbind(0))
+    jvps = []
+    for v in tangents:
+        (jv,) = torch.autograd.grad(
+            transposed,
+            cotangent,
+            [x.detach().to(t.dtype) for x, t in zip(v, transposed)],
+            retain_graph=True,  # other supports may follow
             allow_unused=True,
         )
         jvps.append(torch.zeros_like(outputs) if jv is None else jv.detach())
-    with torch.no_grad():
-        rows, targets = loss_rows(loss_fn, outputs.detach(), call.targets)
-        row_jvps = [loss_rows(loss_fn, jv, call.targets)[0] for jv in jvps]
-        targets = _rows_of(targets, rows.shape[0])
-        h_jvps = [output_hessian_apply(loss_fn, rows, jv, targets) for jv in row_jvps]
-        k = len(vectors)
-        gram = torch.empty(k, k, dtype=rows.dtype, device=rows.device)
-        for i in range(k):
-            for j in range(i, k):
-                gram[i, j] = gram[j, i] = torch.vdot(row_jvps[i].reshape(-1), h_jvps[j].reshape(-1))
-    return gram
+    return jvps
 
 
 def _rows_of(targets: Tensor, rows: int) -> Tensor:

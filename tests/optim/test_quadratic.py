@@ -42,10 +42,12 @@ def test_ggn_gram_matches_the_dense_exact_fisher(case) -> None:
     _assert_gram(gram, _expected(exact.to_dense(), vectors))
 
 
+@pytest.mark.parametrize("k", [2, 5], ids=["one-pass-each", "batched"])
 @pytest.mark.parametrize("case", ZOO, ids=lambda c: c.name)
-def test_zoo_quadratic_model_equals_exact_fisher(case: ZooCase) -> None:
+def test_zoo_quadratic_model_equals_exact_fisher(case: ZooCase, k: int) -> None:
     """``vᵀFv`` of the quadratic model is ``ExactFisher``'s on every zoo model (float64),
-    including fused attention, RNNs, train-mode BatchNorm and ignored rows."""
+    including fused attention, RNNs, train-mode BatchNorm and ignored rows; with a pass
+    per vector and with one batched pass for many (a per-layer model's vectors)."""
     model, loss_fn = case.make_model(), case.loss_fn()
     x, y = case.make_batch(torch.Generator().manual_seed(0))
     buffers = [b.clone() for b in model.buffers()]
@@ -53,7 +55,7 @@ def test_zoo_quadratic_model_equals_exact_fisher(case: ZooCase) -> None:
     exact.update(x, y)
     for b, saved in zip(model.buffers(), buffers):  # the reference's forward is undone
         b.copy_(saved)
-    vectors = _vectors(exact.params, 2)
+    vectors = _vectors(exact.params, k)
     _, call = evaluate_capturing(model, loss_fn, lambda: loss_fn(model(x), y), "test")
     before = [b.clone() for b in model.buffers()]
     gram = ggn_gram(model, loss_fn, call, exact.params, vectors)
