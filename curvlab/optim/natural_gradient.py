@@ -130,6 +130,11 @@ class NaturalGradient:
     :class:`~curvlab.optim.components.KLClip`; distribution is
     :mod:`curvlab.optim.distributed`'s.
 
+    Between steps that take curvature the curvature's recording is armed (hooks on the
+    model and the loss); ``step`` drops what it recorded. :meth:`close` (or leaving
+    ``with NaturalGradient(...) as precond:``) removes the hooks and closes the curvature;
+    dropping the last reference to the preconditioner and its curvature removes them too.
+
     Attributes:
         average, schedule, damping_policy, clip: the pieces (``clip`` is ``None`` without
             ``kl_clip``).
@@ -302,6 +307,7 @@ class NaturalGradient:
 
         ``loss`` must come from the curvature's ``loss_fn`` applied to ``model``'s output.
         """
+        self._check_open("backward")
         self._backward_done = True
         self._backward_calls += 1
         if not self.curvature_due:
@@ -340,6 +346,7 @@ class NaturalGradient:
         ``closure`` (re-evaluating the loss on the current batch, without ``backward``)
         is only used to adapt a :class:`~curvlab.LevenbergMarquardt` damping.
         """
+        self._check_open("step")
         if self.grad_scaler is not None and self._overflowed():
             self._skip()  # every process alike: DDP gives them the same gradients
             return
@@ -589,6 +596,40 @@ class NaturalGradient:
             error, [s for s, f in zip(srcs, flags) if f], "NaturalGradient.step: preconditioning"
         )
         return [n for n in natural if n is not None]
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` (or the curvature's ``close``) was called."""
+        return self.curvature.closed
+
+    def close(self) -> None:
+        """Remove every hook and recording on the model and the loss (idempotent).
+
+        Closes the curvature too: the preconditioner armed its recording, and a
+        preconditioner without it could not take statistics. Afterwards ``backward`` and
+        ``step`` raise a ``RuntimeError`` (so do the curvature's ``recording``,
+        ``accumulate`` and ``update``); ``state_dict`` and the curvature's accumulated
+        statistics stay usable. ``with NaturalGradient(...) as precond:`` closes on exit.
+        Without ``close``, the hooks go when the preconditioner and its curvature are
+        garbage collected (concepts/models.md#lifecycle-hooks-recordings-copies).
+        """
+        self.curvature.close()
+
+    def __enter__(self) -> NaturalGradient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self, op: str) -> None:
+        if self.curvature.closed:
+            raise RuntimeError(
+                f"NaturalGradient.{op}: the preconditioner is closed (close() removed its "
+                "curvature's hooks from the model); build a new one to continue, e.g. from "
+                "a new curvature and this one's state_dict()."
+            )
 
     # --- checkpoints ---------------------------------------------------------------------
 

@@ -164,8 +164,8 @@ def ggn_gram(
         products = _jacobian_products(
             outputs,
             cotangent,
-            [transposed[i] for i in support],  # type: ignore[misc]
-            [[vectors[k][i] for i in support] for k in members],  # type: ignore[misc]
+            [t for i in support if (t := transposed[i]) is not None],
+            [[t for i in support if (t := vectors[k][i]) is not None] for k in members],
         )
         for k, product in zip(members, products):
             jvps[k] = product

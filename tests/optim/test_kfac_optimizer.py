@@ -59,7 +59,7 @@ def test_per_layer_steps_minimise_the_model_in_every_layer() -> None:
         g = _flat(torch.autograd.grad(loss_fn(model(x), y), list(model.parameters())))
         g = g + l2 * _flat(before)
         torch.manual_seed(0)  # the same Monte-Carlo statistics in both modes
-        opt.step(lambda: loss_fn(model(x), y))
+        opt.step(lambda model=model, loss_fn=loss_fn, x=x, y=y: loss_fn(model(x), y))
         changes[mode] = opt.last["model_change"]
         step = _flat(p.detach() for p in model.parameters()) - _flat(before)
         with torch.no_grad():
