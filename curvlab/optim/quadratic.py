@@ -165,7 +165,7 @@ def ggn_gram(
             outputs,
             cotangent,
             [t for i in support if (t := transposed[i]) is not None],
-            [[t for i in support if (t := vectors[k][i]) is not None] for k in members],
+            [[x for i in support if (x := vectors[k][i]) is not None] for k in members],
         )
         for k, product in zip(members, products):
             jvps[k] = product
