@@ -8,7 +8,8 @@ Per step (concepts/natural_gradient.md):
 2. proposal ``Δ = −F̆⁻¹ g`` with factored Tikhonov damping ``γ = √(λ + η)`` and π, ``λ``
    read at the last inversion step: the damped inverses are computed once per
    ``invert_every`` steps (Martens & Grosse's ``T3``), not again whenever ``λ`` adapts;
-3. step size and momentum from the exact-Fisher quadratic model with
+3. step sizes and momenta (one pair per layer by default, ``step_sizes``) from the
+   exact-Fisher quadratic model with
    ``C = F + (λ+η)I``: ``[ΔᵀCΔ ΔᵀCδ₀; δ₀ᵀCΔ δ₀ᵀCδ₀][α; μ] = −[gᵀΔ; gᵀδ₀]`` (``F`` products
    by reverse-over-reverse products, :mod:`curvlab.optim.quadratic`), ``δ = αΔ + μδ₀``;
 4. every ``damping_interval`` steps, ``λ`` adapts to ``ρ = (h(θ+δ) − h(θ)) / (M(δ) − M(0))``
@@ -149,7 +150,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         )
         self._held_damping: float | None = None  # λ + η of the last inversion step
         self.steps = 0
-        self.last: dict[str, float] = {}  # α, μ, ρ, λ of the last step (for logging)
+        # α, μ (per-layer means with step_sizes="layer"), ρ, λ of the last step, for logging
+        self.last: dict[str, float] = {}
 
     def _inversion_damping(self, step: int) -> float:
         """``λ + η`` for the factored inverses: read on inversion steps, held in between."""
