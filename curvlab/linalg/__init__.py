@@ -31,6 +31,7 @@ from .kron import (
     kron_trace,
 )
 from .kron_sum import KronSumInverse, kron_sum_solve
+from .polar import orthogonalize
 
 __all__ = [
     "GeneralizedEigen",
@@ -52,6 +53,7 @@ __all__ = [
     "kron_matvec",
     "kron_sum_solve",
     "kron_trace",
+    "orthogonalize",
     "pi_correction",
     "symeig",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab import linalg
 from curvlab.curvature.base import Curvature
 from curvlab.curvature.kronecker.kfac import KFC
 from curvlab.optim.damping import LevenbergMarquardt
@@ -62,6 +63,11 @@ class KFACOptimizer(torch.optim.Optimizer):
             coefficient pair (concepts/natural_gradient.md#per-layer-step-sizes).
         max_step_groups: the most coefficient pairs of ``step_sizes="layer"`` (each costs
             two Jacobian-vector products per step in the quadratic model).
+        orthogonalize: replace each weight matrix's proposal ``Δ_l`` (convolutions as
+            ``[out, in·k…]``; not embeddings) by its approximate polar factor
+            (:func:`curvlab.linalg.orthogonalize`: the same singular vectors, a flat
+            spectrum), as Muon does to the gradient; the quadratic model then chooses its
+            length per layer (concepts/natural_gradient.md#orthogonalised-directions).
         quadratic_fraction, quadratic_min_samples: the exact Fisher products of the
             quadratic model are computed on the batch's first
             ``min(N, max(round(quadratic_fraction·N), quadratic_min_samples))`` samples (the
@@ -90,6 +96,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         momentum: bool = True,
         step_sizes: str = "layer",
         max_step_groups: int = 16,
+        orthogonalize: bool = False,
         quadratic_fraction: float = 0.25,
         quadratic_min_samples: int = 128,
         statistics_fraction: float = 0.25,
@@ -118,6 +125,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                 f"KFACOptimizer: max_step_groups must be an int >= 1, got {max_step_groups!r}."
             )
         self.step_sizes = step_sizes
+        self.orthogonalize = orthogonalize
         if curvature is None:
             curvature = KFC(
                 model,
@@ -148,6 +156,10 @@ class KFACOptimizer(torch.optim.Optimizer):
             if step_sizes == "layer"
             else [list(range(len(names)))]
         )
+        self._matrices = [
+            p.dim() >= 2 and not isinstance(_owner(curvature.model, n), nn.Embedding)
+            for n, p in zip(names, curvature.params)
+        ]  # the proposals orthogonalize=True replaces by polar factors
         self._held_damping: float | None = None  # λ + η of the last inversion step
         self.steps = 0
         # α, μ (per-layer means with step_sizes="layer"), ρ, λ of the last step, for logging
@@ -216,6 +228,11 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.precond.step()  # p.grad <- F̆⁻¹ g
         with torch.no_grad():
             proposal = [-_grad(p) for p in params]
+            if self.orthogonalize:
+                proposal = [
+                    linalg.orthogonalize(d) if matrix else d
+                    for d, matrix in zip(proposal, self._matrices)
+                ]
             previous = [self.state[p].get("delta") for p in params]
             use_momentum = self.momentum and previous[0] is not None
             directions = [proposal, previous] if use_momentum else [proposal]
@@ -319,6 +336,14 @@ def step_groups(names: Sequence[str], limit: int) -> list[list[int]]:
     for k, group in enumerate(groups):
         merged[k * limit // len(groups)].extend(group)
     return merged
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module | None:
+    """The module that owns the parameter called ``name`` (``None`` if not found)."""
+    try:
+        return model.get_submodule(name.rpartition(".")[0])
+    except AttributeError:
+        return None
 
 
 def _grad(p: Tensor) -> Tensor:

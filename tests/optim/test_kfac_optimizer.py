@@ -43,7 +43,8 @@ def test_first_step_size_is_the_quadratic_model_minimiser() -> None:
     assert opt.last["alpha"] == pytest.approx(float(alpha), rel=1e-8)
 
 
-def test_per_layer_steps_minimise_the_model_in_every_layer() -> None:
+@pytest.mark.parametrize("orthogonalize", [False, True])
+def test_per_layer_steps_minimise_the_model_in_every_layer(orthogonalize: bool) -> None:
     """``step_sizes="layer"``: the step ``δ = Σ α_l Δ_l`` is stationary for the quadratic
     model in each layer's direction, ``δ_lᵀ(∇h + (F + (λ+η)I)δ) = 0``, with the exact
     Fisher; and its predicted decrease is at least the global model's."""
@@ -53,7 +54,13 @@ def test_per_layer_steps_minimise_the_model_in_every_layer() -> None:
         model, loss_fn = MLP_CE.build()
         x, y = MLP_CE.data(n=8)
         opt = curvlab.KFACOptimizer(
-            model, loss_fn, damping=lam, l2=l2, quadratic_fraction=1.0, step_sizes=mode
+            model,
+            loss_fn,
+            damping=lam,
+            l2=l2,
+            quadratic_fraction=1.0,
+            step_sizes=mode,
+            orthogonalize=orthogonalize,
         )
         before = [p.detach().clone() for p in model.parameters()]
         g = _flat(torch.autograd.grad(loss_fn(model(x), y), list(model.parameters())))
@@ -79,6 +86,28 @@ def test_per_layer_steps_minimise_the_model_in_every_layer() -> None:
                 )
                 start += size
     assert changes["layer"] <= changes["global"] + 1e-12
+
+
+def test_orthogonalized_steps_have_a_flat_spectrum() -> None:
+    """``orthogonalize=True``: each weight's step is α_l times an approximate polar factor
+    (singular values within [0.7, 1.2] of each other's scale); biases are not changed
+    by it."""
+    model, loss_fn = MLP_CE.build()
+    x, y = MLP_CE.data(n=8)
+    opt = curvlab.KFACOptimizer(model, loss_fn, orthogonalize=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(lambda: loss_fn(model(x), y))
+    # the hidden layer's step has full rank; the softmax layer's Fisher (and so its step)
+    # has a null direction (all-ones in the outputs), whose singular value stays small
+    step = dict(model.named_parameters())["0.weight"].detach() - before[0]
+    values = torch.linalg.svdvals(step)
+    assert float(values.max() / values.min()) < 1.25 / 0.6
+    other, other_loss = MLP_CE.build()  # the same step without orthogonalisation
+    plain = curvlab.KFACOptimizer(other, other_loss, orthogonalize=False)
+    start = other[0].weight.detach().clone()
+    plain.step(lambda: other_loss(other(x), y))
+    raw = torch.linalg.svdvals(other[0].weight.detach() - start)
+    assert float(raw.max() / raw.min()) > float(values.max() / values.min())
 
 
 def test_step_groups_follow_the_modules_and_merge_beyond_the_limit() -> None:
