@@ -1,10 +1,12 @@
 """Research ablations: approximation quality against the exact Fisher and optimizer races.
 
 * :func:`quality` — every backend against :class:`~curvlab.ExactFisher` on the same data.
-* :func:`race` — SGD, Adam, exact natural gradient and one ``NaturalGradient`` per
-  backend from one initialisation, by iteration and by wall-clock.
+* :func:`race` — SGD, Adam, AdamW, NAdamW, any torch.optim-style class, exact natural
+  gradient, ``KFACOptimizer`` and one ``NaturalGradient`` per backend from one
+  initialisation, by iteration and by wall-clock.
 * :func:`plot_race`, :func:`plot_loss`, :func:`plot_quality` — the figures.
-* :func:`load_dataset`, :func:`build_model` — the data and networks of ``curvlab ablate``.
+* :func:`load_dataset`, :func:`build_model` — the data and networks of ``curvlab ablate``
+  (which also takes a user's ``.npz`` and ``module:factory`` model).
 """
 
 from curvlab.ablation.data import (

