@@ -45,6 +45,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.tridiagonal_cost
 	$(BIN)/python -m benchmarks.distributed
 	$(BIN)/python -m benchmarks.autoencoder_race
+	$(BIN)/python -m benchmarks.optimizer_race --out runs/optimizer_race.json \
+		--figure runs/optimizer_race.png
 
 docs: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[docs]"

@@ -63,11 +63,13 @@ class KFACOptimizer(torch.optim.Optimizer):
             coefficient pair (concepts/natural_gradient.md#per-layer-step-sizes).
         max_step_groups: the most coefficient pairs of ``step_sizes="layer"`` (each costs
             two Jacobian-vector products per step in the quadratic model).
-        orthogonalize: replace each weight matrix's proposal ``Δ_l`` (convolutions as
-            ``[out, in·k…]``; not embeddings) by its approximate polar factor
-            (:func:`curvlab.linalg.orthogonalize`: the same singular vectors, a flat
-            spectrum), as Muon does to the gradient; the quadratic model then chooses its
-            length per layer (concepts/natural_gradient.md#orthogonalised-directions).
+        orthogonalize: ``True``: replace each weight matrix's proposal ``Δ_l``
+            (convolutions as ``[out, in·k…]``; not embeddings) by its approximate polar
+            factor (:func:`curvlab.linalg.orthogonalize`: the same singular vectors, a flat
+            spectrum), as Muon does to the gradient, the quadratic model choosing its length
+            per layer; ``"mix"``: give the quadratic model both ``Δ_l`` and its polar factor
+            (three coefficients per layer); ``False`` (default): ``Δ`` as it is
+            (concepts/natural_gradient.md#orthogonalised-directions).
         quadratic_fraction, quadratic_min_samples: the exact Fisher products of the
             quadratic model are computed on the batch's first
             ``min(N, max(round(quadratic_fraction·N), quadratic_min_samples))`` samples (the
@@ -96,7 +98,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         momentum: bool = True,
         step_sizes: str = "layer",
         max_step_groups: int = 16,
-        orthogonalize: bool = False,
+        orthogonalize: bool | str = False,
         quadratic_fraction: float = 0.25,
         quadratic_min_samples: int = 128,
         statistics_fraction: float = 0.25,
@@ -123,6 +125,10 @@ class KFACOptimizer(torch.optim.Optimizer):
         ):
             raise ValueError(
                 f"KFACOptimizer: max_step_groups must be an int >= 1, got {max_step_groups!r}."
+            )
+        if orthogonalize not in (False, True, "mix"):
+            raise ValueError(
+                f"KFACOptimizer: orthogonalize must be False, True or 'mix', got {orthogonalize!r}."
             )
         self.step_sizes = step_sizes
         self.orthogonalize = orthogonalize
@@ -228,14 +234,17 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.precond.step()  # p.grad <- F̆⁻¹ g
         with torch.no_grad():
             proposal = [-_grad(p) for p in params]
+            directions = [proposal]
             if self.orthogonalize:
-                proposal = [
+                polar = [
                     linalg.orthogonalize(d) if matrix else d
                     for d, matrix in zip(proposal, self._matrices)
                 ]
+                directions = [proposal, polar] if self.orthogonalize == "mix" else [polar]
             previous = [self.state[p].get("delta") for p in params]
             use_momentum = self.momentum and previous[0] is not None
-            directions = [proposal, previous] if use_momentum else [proposal]
+            if use_momentum:
+                directions.append(previous)
             vectors = [piece for d in directions for piece in self._split(d)]
             batch = call.batch_size
             subset = self._quadratic_samples(batch)
@@ -276,9 +285,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                 self.lm.update(rho)
         self.last = {
             "alpha": float(coeffs[: len(self._groups)].mean()),
-            "mu": float(coeffs[len(self._groups) :].mean())
-            if len(coeffs) > len(self._groups)
-            else 0.0,
+            "mu": float(coeffs[-len(self._groups) :].mean()) if use_momentum else 0.0,
             "rho": rho,
             "damping": self.lm.value,
             "model_change": model_change,

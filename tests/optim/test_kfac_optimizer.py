@@ -43,8 +43,8 @@ def test_first_step_size_is_the_quadratic_model_minimiser() -> None:
     assert opt.last["alpha"] == pytest.approx(float(alpha), rel=1e-8)
 
 
-@pytest.mark.parametrize("orthogonalize", [False, True])
-def test_per_layer_steps_minimise_the_model_in_every_layer(orthogonalize: bool) -> None:
+@pytest.mark.parametrize("orthogonalize", [False, True, "mix"])
+def test_per_layer_steps_minimise_the_model_in_every_layer(orthogonalize: bool | str) -> None:
     """``step_sizes="layer"``: the step ``δ = Σ α_l Δ_l`` is stationary for the quadratic
     model in each layer's direction, ``δ_lᵀ(∇h + (F + (λ+η)I)δ) = 0``, with the exact
     Fisher; and its predicted decrease is at least the global model's."""
@@ -122,6 +122,8 @@ def test_step_groups_follow_the_modules_and_merge_beyond_the_limit() -> None:
         curvlab.KFACOptimizer(model, loss_fn, step_sizes="block")
     with pytest.raises(ValueError, match="max_step_groups must be an int >= 1"):
         curvlab.KFACOptimizer(model, loss_fn, max_step_groups=0)
+    with pytest.raises(ValueError, match="orthogonalize must be False, True or 'mix'"):
+        curvlab.KFACOptimizer(model, loss_fn, orthogonalize="yes")
 
 
 def test_rho_is_one_when_the_quadratic_model_is_exact() -> None:
