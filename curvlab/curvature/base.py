@@ -19,6 +19,7 @@ validates and calls for a distributed preconditioner.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -168,6 +169,16 @@ class Curvature(abc.ABC):
     Attributes:
         params: the covered parameters, in the order of every parameter-space vector.
         layers: the blocks (module + its parameters), in the same order.
+
+    **Lifecycle** (concepts/models.md#lifecycle-hooks-recordings-copies): the hooks a
+    curvature puts on the model and the loss (its :meth:`recording`, the call-order hooks
+    of the block-tridiagonal backends) hold it through weak references, so dropping the
+    last reference to the curvature removes them; :meth:`close` (or leaving
+    ``with curvlab.KFAC(model, loss_fn) as c:``) removes them at once. A closed curvature
+    refuses new batches (:meth:`recording`, :meth:`accumulate`, :meth:`update` raise a
+    ``RuntimeError``); what it accumulated stays usable (``solve``, ``matvec``,
+    ``statistics``, ``state_dict``, ...). ``copy.deepcopy(model)`` works at any time and
+    the copy carries none of these hooks.
     """
 
     #: Name under which the backend is registered (``curvlab.make(name, ...)``).
@@ -200,6 +211,7 @@ class Curvature(abc.ABC):
         if engine == "backpack":
             extraction.choose_engine(model, self._request_list, engine)  # says why not, now
         self._recording: hooks.Recording | None = None
+        self._closed = False  # see close()
         self.num_batches = 0
         self.num_samples = 0
         self._weight_sum = 0.0
@@ -351,6 +363,11 @@ class Curvature(abc.ABC):
         ``p.grad`` of the model's parameters is left untouched. ``progress``: a tqdm bar
         over the batches of a data set.
         """
+        self._check_open("update")
+        with self._not_recording():
+            return self._update(inputs, targets, progress)
+
+    def _update(self, inputs: Any, targets: Tensor | None, progress: bool) -> Tensor:
         if targets is not None:
             return extraction.extract(self.model, self.loss_fn, inputs, targets, [self])
         if isinstance(inputs, Tensor):
@@ -384,8 +401,11 @@ class Curvature(abc.ABC):
             loss.backward()
 
         Only forward passes with gradients enabled are recorded; :meth:`accumulate` uses
-        the one that produced its loss.
+        the one that produced its loss and drops the passes recorded before it; at most
+        ``hooks.Recording.max_forwards`` passes whose loss is not accumulated are kept
+        (concepts/models.md#lifecycle-hooks-recordings-copies).
         """
+        self._check_open("recording")
         if self._recording is None:
             self._recording = hooks.Recording(
                 self.loss_fn, self.recorded_modules(), type(self).__name__, self.model
@@ -400,8 +420,12 @@ class Curvature(abc.ABC):
         kept for the caller's own ``loss.backward()``). ``check_finite=False`` skips the
         loss check (a distributed preconditioner reports non-finite statistics on every
         process instead of raising on one).
+
+        The recorded calls of that forward pass, and every pass recorded before it, are
+        dropped (the recording holds no graph of a used batch).
         """
         owner = f"{type(self).__name__}.accumulate"
+        self._check_open("accumulate")
         if loss is None:
             raise TypeError(
                 f"{owner}: pass the loss, e.g. `with c.recording(): loss = loss_fn(model(x), "
@@ -415,7 +439,12 @@ class Curvature(abc.ABC):
         if check_finite and not bool(torch.isfinite(loss.detach()).all()):
             self.check_batch(loss)  # e.g. an empty batch (a mean over no rows): its own error
             raise FloatingPointError(f"{owner}: the loss is not finite; no curvature taken.")
-        extraction.accumulate_recorded([self], self._recording, loss)
+        recording = self._recording
+        try:
+            with recording.paused():  # an engine's replay of the batch is not a new pass
+                extraction.accumulate_recorded([self], recording, loss)
+        finally:
+            recording.taken_inputs = None
 
     def check_batch(self, loss: Tensor) -> None:
         """Raise the validation error of the recorded batch that produced ``loss`` (e.g.
@@ -425,6 +454,53 @@ class Curvature(abc.ABC):
         for call in self._recording.losses if self._recording is not None else []:
             if call.loss is loss:
                 batch_scale(self.loss_fn, call.outputs, call.targets)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Remove every hook this curvature put on the model and the loss, and drop its
+        recorded calls (idempotent).
+
+        Afterwards :meth:`recording`, :meth:`accumulate` and :meth:`update` raise a
+        ``RuntimeError``; the accumulated curvature stays usable. Without ``close`` the
+        hooks go when the curvature is garbage collected.
+        """
+        self._closed = True
+        self._close()
+
+    def _close(self) -> None:
+        """Release what the backend put on the model. Default: close every
+        :class:`~curvlab.extraction.hooks.HookOwner` among the attributes (the recording,
+        a call-order tracker); backends holding other hooks extend this."""
+        for value in list(vars(self).values()):
+            if isinstance(value, hooks.HookOwner):
+                value.close()
+        self._recording = None
+
+    def __enter__(self) -> Curvature:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self, op: str) -> None:
+        if self._closed:
+            raise RuntimeError(
+                f"{type(self).__name__}.{op}: the curvature is closed (close() removed its "
+                "hooks from the model); build a new one to take more batches. What it "
+                "accumulated (solve, matvec, statistics, state_dict, ...) is still usable."
+            )
+
+    def _not_recording(self) -> Any:
+        """Context manager: the recording (if any) records nothing inside."""
+        if self._recording is None:
+            return contextlib.nullcontext()
+        return self._recording.paused()
 
     def _consume(self, result: BatchResult) -> None:
         scale = result.scale

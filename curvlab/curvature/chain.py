@@ -14,14 +14,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from curvlab.extraction.hooks import HookOwner, HookSet
 
-class ForwardOrder:
+
+class ForwardOrder(HookOwner):
     """Forward pre-hooks recording the call order of ``modules`` in each forward pass.
 
     ``strict``: every module must be called exactly once per forward. Otherwise a module
     is placed at its first call, and one never called through its own ``forward`` (e.g.
     ``out_proj`` inside ``nn.MultiheadAttention``, which calls it functionally) right after
     its nearest called ancestor (or at the end).
+
+    The hooks hold this object through weak references (a :class:`HookSet`): they are
+    removed by :meth:`close` (the curvature holding it closes it) or when it is garbage.
     """
 
     def __init__(
@@ -37,9 +42,16 @@ class ForwardOrder:
         self.strict = strict
         self.calls: list[int] = []
         self.order: list[int] | None = None
-        model.register_forward_pre_hook(lambda module, args: self.calls.clear())
+        self._hooks = HookSet(self)
+        self._hooks.forward_pre(model, "_begin")
         for index, module in enumerate(modules):
-            module.register_forward_pre_hook(lambda m, args, index=index: self._record(index))
+            self._hooks.forward_pre(module, "_called", index)
+
+    def _begin(self, module: nn.Module, args: tuple[object, ...]) -> None:
+        self.calls.clear()
+
+    def _called(self, index: int, module: nn.Module, args: tuple[object, ...]) -> None:
+        self._record(index)
 
     def _record(self, index: int) -> None:
         if index in self.calls and not self.strict:

@@ -6,11 +6,14 @@ output column, MC sample or observed label; concepts/models.md#extraction-engine
 backends cover the parameters that have no Kronecker rule (normalisation layers, raw
 ``nn.Parameter``s, recurrent weights, transposed convolutions, tied weights) with it.
 Its damped inverse is exact: ``(d + λ)⁻¹``. With ``at_layers=True`` (the Kronecker
-backends) normalisation layers take their per-sample gradients at the layer instead
+backends) normalisation layers take their per-row gradients at the layer instead
 (:class:`~curvlab.extraction.requests.DiagonalStatistics`: unit-wise, from the columns
-already backpropagated for the Kronecker layers, and as exact as K-FAC's own statistics:
-samples at the layer are treated as independent), which is far cheaper than one backward
-pass per loss row.
+already backpropagated for the Kronecker layers where each loss row is one sample of the
+layer, else from each row's columns backpropagated to the layer on their own), which is
+far cheaper than one backward pass per loss row to the parameters and as exact
+(concepts/models.md#rows-samples-and-exactness). With ``coupled=False`` (``KFAC``,
+``KFC``) samples coupled by a train-mode BatchNorm keep per-sample gradients, an
+approximation the backend's ``coverage()`` reports.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class DiagonalBlocks:
         owner: str,
         at_layers: bool = False,
         tied: frozenset[int] = frozenset(),
+        coupled: bool = True,
     ) -> None:
         self.layers = layers
         self.owner = owner
@@ -55,7 +59,7 @@ class DiagonalBlocks:
         self.requests: list[Request] = []
         self._rows = FactorRows(fisher_type, rest, mc_samples)
         self._stats = DiagonalStatistics(
-            fisher_type, tuple(layer.module for layer in local), mc_samples
+            fisher_type, tuple(layer.module for layer in local), mc_samples, coupled=coupled
         )
         if rest:
             self.requests.append(self._rows)

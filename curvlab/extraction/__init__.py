@@ -6,8 +6,9 @@ answers them with plain result objects:
 * ``"hooks"`` (:mod:`curvlab.extraction.hooks`): plain torch autograd on any
   ``nn.Module`` — custom ``forward``, residual adds, concatenations, attention,
   weight sharing, tied weights;
-* ``"backpack"`` (:mod:`curvlab.extraction.backpack_engine`): BackPACK, for
-  ``nn.Sequential`` models of supported layers, where its single backward pass is fastest.
+* ``"backpack"`` (:mod:`curvlab.extraction.backpack_engine`): BackPACK, for plain
+  ``nn.Sequential`` models of supported layers (not subclasses with their own
+  ``forward``), where its single backward pass is fastest.
 
 ``engine="auto"`` takes BackPACK where it applies and is faster (see :func:`choose_engine`),
 else the hooks engine. Both give the same numbers where both apply.
@@ -178,7 +179,9 @@ def extract(
             graph_loss = loss_fn(outputs, targets)
         _check_finite(graph_loss)
         call, calls = recording.take(graph_loss)
-        result = hooks.compute(loss_fn, call, calls, requests, scale=scale)
+        result = hooks.compute(
+            loss_fn, call, calls, requests, scale=scale, batch_size=_batch_size((inputs,))
+        )
         loss = graph_loss.detach()
     for c in curvatures:
         c._consume(result)
@@ -222,9 +225,18 @@ def accumulate_recorded(
     if engine == "backpack" and inputs is not None:
         _, result = backpack_engine.run(model, loss_fn, inputs[0], call.targets, requests)
     else:
-        result = hooks.compute(loss_fn, call, calls, requests, scale=scale)
+        result = hooks.compute(
+            loss_fn, call, calls, requests, scale=scale, batch_size=_batch_size(inputs)
+        )
     for c in curvatures:
         c._consume(result)
+
+
+def _batch_size(inputs: tuple[Any, ...] | None) -> int | None:
+    """The leading size of a model call's first positional input, if it is a tensor."""
+    if not inputs or not isinstance(inputs[0], Tensor) or inputs[0].dim() == 0:
+        return None
+    return int(inputs[0].shape[0])
 
 
 suspended_hooks = hooks.suspended_hooks

@@ -318,6 +318,12 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
                 return f"{label} holds parameters and children"
             if not is_no_op(module):
                 return f"{label} is a custom container (BackPACK needs nn.Sequential)"
+            if (
+                isinstance(module, nn.Sequential)
+                and type(module).forward is not nn.Sequential.forward
+            ):
+                # BackPACK runs the children in order and never sees what forward does
+                return f"{label} subclasses nn.Sequential with its own forward"
             continue
         # second-order quantities travel through every module; first-order ones are
         # computed on the modules that own trainable parameters

@@ -6,7 +6,10 @@ module while it is active. Each call of a layer is recorded with its input and i
 Given the loss that will be backpropagated, :meth:`Recording.take` picks the loss call
 that produced it and the layer calls of *that* forward (the ones in the loss's graph), so
 a validation forward run in between, or another call of the loss function, cannot leak
-into the statistics.
+into the statistics. The hooks hold the recording through weak references
+(:class:`HookSet`): they go when it is closed or garbage, hold no graph past the pass that is
+taken, and copies of the model carry none of them
+(concepts/models.md#lifecycle-hooks-recordings-copies).
 
 :func:`compute` then backpropagates the loss's output-space columns (see
 :mod:`curvlab.extraction.losses`):
@@ -25,13 +28,18 @@ weights) are served by factor rows: gradients w.r.t. the one shared tensor, summ
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsIndex
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from curvlab.extraction import layers
 from curvlab.extraction.losses import BatchScale, batch_scale, loss_rows, output_columns
@@ -55,6 +63,7 @@ class LayerCall:
     module: nn.Module
     input: Tensor
     output: Tensor
+    seq: int = 0  # when it was recorded (the recording's counter)
 
 
 @dataclass(eq=False)
@@ -63,6 +72,7 @@ class ModelCall:
 
     inputs: tuple[Any, ...]
     output: Any
+    seq: int = 0
 
 
 @dataclass(eq=False)
@@ -79,15 +89,231 @@ class LossCall:
     targets: Tensor
     loss: Tensor
     raw_outputs: Tensor
+    seq: int = 0
 
 
-class Recording:
-    """Forward hooks on ``modules`` and ``loss_fn`` that record calls while active.
+# --- hooks owned by an object ------------------------------------------------------------
 
-    Use as a context manager (hooks are installed on enter and removed on exit; the
-    records stay until :meth:`take` consumes them or :meth:`clear`). Calls made with
-    gradients disabled are not recorded.
+#: The hook dicts of a module (with their side dicts) that curvlab's hooks live in.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+#: Key of the :class:`_CopyCleanup` in a ``copy.deepcopy`` memo (whose other keys are ints).
+_COPY_CLEANUP = "curvlab.extraction.hooks._CopyCleanup"
+
+
+class _OwnedHook:
+    """A module hook calling ``owner.<method>(*bound, *hook_args)`` through a weak
+    reference (see :class:`HookSet`). Copies of the module leave it out: ``copy.deepcopy``
+    drops it from the copy (:class:`_CopyCleanup`), pickling stores a :class:`_DroppedHook`."""
+
+    __slots__ = ("bound", "handle", "method", "owner")
+
+    def __init__(self, owner: object, method: str, bound: tuple[Any, ...]) -> None:
+        self.owner = weakref.ref(owner)
+        self.method = method
+        self.bound = bound
+        self.handle: RemovableHandle | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        owner = self.owner()
+        if owner is None:  # the owner's finalizer normally removed the hook already
+            if self.handle is not None:
+                self.handle.remove()
+            return None
+        return getattr(owner, self.method)(*self.bound, *args)
+
+    def __deepcopy__(self, memo: dict[Any, Any]) -> _DroppedHook:
+        handle = self.handle
+        main = None if handle is None else handle.hooks_dict_ref()
+        if handle is not None and main is not None and id(main) in memo:
+            # a copy of the module: its copy of the hook dict is being filled (deepcopy puts
+            # it in the memo first); the stand-in returned here is taken out of it, and of
+            # the side dicts, when the whole copy is done (_CopyCleanup)
+            cleanup = _copy_cleanup(memo)
+            cleanup.entries.append((memo[id(main)], handle.id))
+            for ref in handle.extra_dict_ref:
+                side = ref()
+                if side is not None and handle.id in side:  # bools: copied here, found later
+                    cleanup.entries.append((copy.deepcopy(side, memo), handle.id))
+        return _DroppedHook()
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        return (_DroppedHook, ())
+
+
+class _DroppedHook:
+    """Stands in for a curvlab hook in a copy of a module: does nothing and, if still there
+    when called (an unpickled module), removes itself from the module."""
+
+    def __call__(self, module: nn.Module, *args: Any) -> None:
+        for name in ("_forward_hooks", "_forward_pre_hooks"):
+            hooks = getattr(module, name, None) or {}
+            for key in [k for k, v in hooks.items() if v is self]:
+                for side in _HOOK_DICTS:
+                    getattr(module, side, {}).pop(key, None)
+
+
+class _CopyCleanup:
+    """Kept in a ``copy.deepcopy`` memo; when the copy is done (its memo is dropped), it
+    removes the stand-ins of curvlab's hooks from the copied hook dicts and gives the
+    copied hook owners their hooks on the copied modules (:meth:`HookSet.__deepcopy__`)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[dict[Any, Any], int]] = []
+        self.later: list[Callable[[], None]] = []
+
+    def __del__(self) -> None:
+        for hooks, key in self.entries:
+            hooks.pop(key, None)
+        for action in self.later:
+            try:
+                action()
+            except Exception:  # a copy that failed half-way: nothing to hook
+                pass
+
+
+def _copy_cleanup(memo: dict[Any, Any]) -> _CopyCleanup:
+    cleanup = memo.get(_COPY_CLEANUP)
+    if cleanup is None:
+        cleanup = memo[_COPY_CLEANUP] = _CopyCleanup()
+    return cleanup
+
+
+@dataclass(eq=False)
+class _HookSpec:
+    """One hook of a :class:`HookSet`: where it is, what it calls, and its finalizer."""
+
+    module: nn.Module
+    method: str
+    bound: tuple[Any, ...]
+    pre: bool
+    with_kwargs: bool
+    finalizer: Any  # weakref.finalize(owner, handle.remove)
+
+
+class HookSet:
+    """Module hooks owned by ``owner``: each calls one of its methods through a weak
+    reference, so the hooks never keep their owner alive.
+
+    They are removed by :meth:`remove`, or when the owner is garbage collected (a
+    ``weakref.finalize`` per hook). Copies of a module (``copy.deepcopy``, pickling) carry
+    none of them; a deep copy of the *owner* (with the modules) gets the same hooks on the
+    copied modules, calling the copied owner
+    (concepts/models.md#lifecycle-hooks-recordings-copies).
     """
+
+    def __init__(self, owner: object) -> None:
+        self._owner: Callable[[], object | None] = weakref.ref(owner)
+        self._hooks: list[_HookSpec] = []
+
+    def __len__(self) -> int:
+        return len(self._hooks)
+
+    def forward(
+        self, module: nn.Module, method: str, *bound: Any, with_kwargs: bool = False
+    ) -> None:
+        """A forward hook on ``module`` calling ``owner.<method>(*bound, module, args,
+        [kwargs,] output)``."""
+        self._add(module, method, bound, pre=False, with_kwargs=with_kwargs)
+
+    def forward_pre(self, module: nn.Module, method: str, *bound: Any) -> None:
+        """A forward pre-hook on ``module`` calling ``owner.<method>(*bound, module, args)``."""
+        self._add(module, method, bound, pre=True, with_kwargs=False)
+
+    def remove(self) -> None:
+        """Remove every hook of the set (idempotent)."""
+        hooks, self._hooks = self._hooks, []
+        for spec in hooks:
+            spec.finalizer()  # handle.remove(), once; the finalizer is then dead
+
+    def _add(
+        self, module: nn.Module, method: str, bound: tuple[Any, ...], pre: bool, with_kwargs: bool
+    ) -> None:
+        owner = self._owner()
+        if owner is None:
+            raise RuntimeError("HookSet: the owner of the hooks is gone.")
+        hook = _OwnedHook(owner, method, bound)
+        if pre:
+            hook.handle = module.register_forward_pre_hook(hook)
+        else:
+            hook.handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
+        finalizer = weakref.finalize(owner, hook.handle.remove)
+        finalizer.atexit = False
+        self._hooks.append(_HookSpec(module, method, bound, pre, with_kwargs, finalizer))
+
+    def __deepcopy__(self, memo: dict[Any, Any]) -> HookSet:
+        owner = self._owner()
+        twin = None if owner is None else memo.get(id(owner))
+        copied = HookSet.__new__(HookSet)
+        copied._owner = self._owner if twin is None else weakref.ref(twin)
+        copied._hooks = []
+        if twin is not None:  # copied with its owner: the same hooks on the copied modules,
+            # added when the whole copy is done (the modules may still be half-copied now)
+            later = _copy_cleanup(memo).later
+            for spec in self._hooks:
+                module = copy.deepcopy(spec.module, memo)
+                bound = copy.deepcopy(spec.bound, memo)
+                later.append(
+                    functools.partial(
+                        copied._add, module, spec.method, bound, spec.pre, spec.with_kwargs
+                    )
+                )
+        return copied
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        # pickled: an empty set of the same owner (the owner re-arms what it needs)
+        return (_unpickled_hook_set, (self._owner(),))
+
+
+def _unpickled_hook_set(owner: object) -> HookSet:
+    hooks = HookSet.__new__(HookSet)
+    hooks._owner = weakref.ref(owner) if owner is not None else lambda: None
+    hooks._hooks = []
+    return hooks
+
+
+class HookOwner:
+    """Base of the objects that put hooks on modules (a :class:`Recording`, the call-order
+    hooks of the block-tridiagonal curvatures): the hooks are a :class:`HookSet` in
+    ``self._hooks``; :meth:`close` removes them. A curvature closes every ``HookOwner``
+    among its attributes when it is closed."""
+
+    _hooks: HookSet
+
+    def close(self) -> None:
+        """Remove the hooks (idempotent)."""
+        self._hooks.remove()
+
+
+class Recording(HookOwner):
+    """Forward hooks on ``modules``, ``loss_fn`` and ``model`` that record calls while active.
+
+    Use as a context manager: the hooks are installed on enter and removed on exit, by
+    :meth:`close` or when the recording is garbage collected (they hold it through weak
+    references, :class:`HookSet`). The records stay after exit until dropped by these rules
+    (concepts/models.md#lifecycle-hooks-recordings-copies):
+
+    * only calls made with gradients enabled are recorded (a validation pass under
+      ``torch.no_grad()`` records nothing), and nothing inside :meth:`paused`;
+    * :meth:`take` consumes the loss call it returns with its layer calls, and drops every
+      record older than that forward pass (take the losses of several pending passes in
+      the order the passes ran);
+    * at most :attr:`max_forwards` forward passes are kept: a pass begins with a call of
+      ``model``, and when one more begins the oldest pass's records are dropped, so a
+      grad-enabled forward that is never backpropagated does not pile up (without
+      ``model`` there is no such bound);
+    * a loss call whose graph uses a dropped or taken layer call is dropped too (it could
+      not be taken complete);
+    * :meth:`clear` and :meth:`close` drop everything.
+    """
+
+    #: At most this many forward passes (calls of ``model``) are kept, the latest ones.
+    max_forwards = 4
 
     def __init__(
         self,
@@ -105,36 +331,91 @@ class Recording:
         self.model_calls: list[ModelCall] = []
         #: inputs of the model call that produced the last loss :meth:`take` returned
         self.taken_inputs: tuple[Any, ...] | None = None
-        self._handles: list[Any] = []
+        self._hooks = HookSet(self)
+        self._seq = 0  # the seq of the next record
+        self._starts: list[int] = []  # seq at which each kept forward pass began
+        self._paused = False
+        self._window_dropped = False  # layer calls left the window of max_forwards passes
 
     @property
     def active(self) -> bool:
-        return bool(self._handles)
+        return bool(self._hooks)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) starts with no records: they hold this model's graph
+        state = dict(vars(self))
+        state.update(calls=[], losses=[], model_calls=[], taken_inputs=None, _starts=[])
+        state["_window_dropped"] = False
+        return state
 
     def __enter__(self) -> Recording:
-        if not self._handles:
-            self._handles.append(
-                self.loss_fn.register_forward_hook(self._record_loss, with_kwargs=True)
-            )
+        if not self._hooks:
+            self._hooks.forward(self.loss_fn, "_record_loss", with_kwargs=True)
             for module in self.modules:
-                self._handles.append(module.register_forward_hook(self._record_layer))
+                self._hooks.forward(module, "_record_layer")
             if self.model is not None:
-                self._handles.append(self.model.register_forward_hook(self._record_model))
+                self._hooks.forward_pre(self.model, "_begin_forward")
+                self._hooks.forward(self.model, "_record_model")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._hooks.remove()
+
+    def close(self) -> None:
+        """Remove the hooks and drop every record (idempotent; it may be entered again)."""
+        self._hooks.remove()
+        self.clear()
 
     def clear(self) -> None:
         self.calls = []
         self.losses = []
         self.model_calls = []
+        self.taken_inputs = None
+        self._starts = []
+        self._window_dropped = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing inside (e.g. the forward pass another engine replays)."""
+        before, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = before
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq - 1
+
+    def _recording_now(self) -> bool:
+        return not self._paused and torch.is_grad_enabled()
+
+    def _begin_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not self._recording_now():
+            return
+        self._starts.append(self._next_seq())
+        if len(self._starts) > self.max_forwards:
+            before = self._starts[-self.max_forwards]
+            self._window_dropped |= any(c.seq < before for c in self.calls)
+            self._drop(before=before)
+
+    def _drop(self, before: int, taken: Sequence[LayerCall] = ()) -> None:
+        """Drop the records made before ``before`` and the later loss calls whose graph
+        uses one of the dropped (or ``taken``) layer calls."""
+        gone = {c.output.grad_fn for c in self.calls if c.seq < before}
+        gone.update(c.output.grad_fn for c in taken)
+        gone.discard(None)
+        self.calls = [c for c in self.calls if c.seq >= before]
+        self.model_calls = [c for c in self.model_calls if c.seq >= before]
+        self._starts = [s for s in self._starts if s >= before]
+        losses = [c for c in self.losses if c.seq >= before]
+        if gone and losses:
+            losses = [c for c in losses if not gone & _graph_nodes(c.loss)]
+        self.losses = losses
 
     def _record_model(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad:
-            self.model_calls.append(ModelCall(args, output))
+        if self._recording_now() and isinstance(output, Tensor) and output.requires_grad:
+            self.model_calls.append(ModelCall(args, output, self._next_seq()))
 
     def model_inputs(self, outputs: Tensor) -> tuple[Any, ...] | None:
         """The inputs of the recorded model call whose output is ``outputs``, if any."""
@@ -144,16 +425,16 @@ class Recording:
         return None
 
     def _record_layer(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+        if not self._recording_now() or not isinstance(output, Tensor):
             return
         if not output.requires_grad or not args or not isinstance(args[0], Tensor):
             return
-        self.calls.append(LayerCall(module, args[0].detach(), output))
+        self.calls.append(LayerCall(module, args[0].detach(), output, self._next_seq()))
 
     def _record_loss(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], loss: Any
     ) -> None:
-        if not torch.is_grad_enabled() or not isinstance(loss, Tensor) or not loss.requires_grad:
+        if not self._recording_now() or not isinstance(loss, Tensor) or not loss.requires_grad:
             return
         values = list(args) + [kwargs[k] for k in ("input", "target") if k in kwargs]
         if (
@@ -162,13 +443,14 @@ class Recording:
             and values[0].dim() > 0
         ):
             rows, targets = loss_rows(self.loss_fn, values[0], values[1].detach())
-            self.losses.append(LossCall(rows, targets, loss, values[0]))
+            self.losses.append(LossCall(rows, targets, loss, values[0], self._next_seq()))
 
     def take(self, loss: Tensor) -> tuple[LossCall, list[LayerCall]]:
         """The loss call that produced ``loss`` and the layer calls of its forward pass.
 
-        Both are removed from the records. Raises a ``RuntimeError`` naming ``owner`` when
-        ``loss`` does not come from a recorded call of the loss module.
+        Both are removed from the records, with every record older than that forward pass
+        (see the class docstring). Raises a ``RuntimeError`` naming ``owner`` when ``loss``
+        does not come from a recorded call of the loss module.
         """
         if not isinstance(loss, Tensor) or loss.grad_fn is None:
             raise RuntimeError(
@@ -184,7 +466,10 @@ class Recording:
                 f"{self.owner}: the loss does not come from a call of its loss_fn recorded "
                 "for this curvature. Run the forward pass and the loss inside "
                 "`with curvature.recording():` (a NaturalGradient records for you between "
-                "its steps), and pass the loss_fn's output (or an expression of it)."
+                "its steps), and pass the loss_fn's output (or an expression of it). A "
+                f"recording keeps the last {self.max_forwards} forward passes, and drops "
+                "those older than a pass whose loss was accumulated: accumulate losses in "
+                "the order of their forward passes."
             )
         if len(match) > 1:
             raise RuntimeError(
@@ -192,13 +477,21 @@ class Recording:
                 "curvature is defined for one call (one batch) per backward."
             )
         call = match[0]
-        self.losses = [c for c in self.losses if c is not call]
         nodes = _graph_nodes(call.loss)
         mine = [c for c in self.calls if c.output.grad_fn in nodes]
+        if self.modules and not mine and self._window_dropped:
+            raise RuntimeError(
+                f"{self.owner}: the layer calls of this loss's forward pass were dropped: a "
+                f"recording keeps the last {self.max_forwards} forward passes (calls of the "
+                "model), and more began between this forward pass and its loss. Compute the "
+                "loss right after its forward pass."
+            )
         taken = {id(c) for c in mine}
         self.calls = [c for c in self.calls if id(c) not in taken]
+        self.losses = [c for c in self.losses if c is not call]
         self.taken_inputs = self.model_inputs(call.raw_outputs)
         self.model_calls = [c for c in self.model_calls if c.output is not call.raw_outputs]
+        self._drop(before=min([c.seq for c in mine] + [call.seq]), taken=mine)
         return call, mine
 
 
@@ -266,10 +559,12 @@ def compute(
     layer_calls: Sequence[LayerCall],
     requests: Sequence[Request],
     scale: BatchScale | None = None,
+    batch_size: int | None = None,
 ) -> BatchResult:
     """Answer ``requests`` for the batch of ``call`` (see the module docstring).
 
-    ``scale``: the batch's :class:`BatchScale` if already computed.
+    ``scale``: the batch's :class:`BatchScale` if already computed; ``batch_size``: the
+    number of samples of the model call (its first input's leading size), if known.
     """
     if scale is None:
         scale = batch_scale(loss_fn, call.outputs, call.targets)
@@ -283,26 +578,47 @@ def compute(
             )
         return columns[key]
 
+    structure = _RowStructure(call, batch_size)
     local = [r for r in requests if isinstance(r, (KroneckerStatistics, DiagonalStatistics))]
     for key in dict.fromkeys(r.columns_key for r in local):
         group = [r for r in local if r.columns_key == key]
-        wanted = {id(m) for r in group for m in r.modules}
-        calls = [c for c in layer_calls if id(c.module) in wanted]
-        grads = _vjp(call.outputs, [c.output for c in calls], columns_for(key))
-        used = [(c, g) for c, g in zip(calls, grads) if g is not None]
+        # (request, module, its calls, per row?) once per result key and module
+        jobs: dict[Any, _Job] = {}
         for request in group:
+            for module in request.modules:
+                mine = [c for c in layer_calls if c.module is module]
+                if mine and (request.key, id(module)) not in jobs:
+                    needed = structure.needed(request, mine)
+                    jobs[(request.key, id(module))] = (request, module, mine, needed)
+        # the columns of all rows together: every Kronecker layer (G), and the layers
+        # whose diagonal comes from per-sample gradients
+        together = {
+            id(c): c
+            for request, _, mine, needed in jobs.values()
+            if isinstance(request, KroneckerStatistics) or not needed
+            for c in mine
+        }
+        calls = list(together.values())
+        grads = _vjp(call.outputs, [c.output for c in calls], columns_for(key))
+        found = {id(c): g for c, g in zip(calls, grads) if g is not None}
+        # each row's columns on their own, where the per-sample quantities are not per-row
+        row_jobs = {job_key: job for job_key, job in jobs.items() if job[3]}
+        coupled = any(structure.coupled(job[2]) for job in row_jobs.values())
+        row_results = _per_row_statistics(call, row_jobs, columns_for(key), scale.valid, coupled)
+        for job_key, (request, module, mine, needed) in jobs.items():
+            used = [(c, found[id(c)]) for c in mine if id(c) in found]
             if isinstance(request, DiagonalStatistics):
                 diag_store = result.diagonals.setdefault(request.key, {})
-                for module in request.modules:
-                    for c, g in used:
-                        if c.module is module:
-                            _add_diagonal(diag_store, module, c, g)
-                continue
-            store = result.kronecker.setdefault(request.key, {})
-            for module in request.modules:
-                mine = [(c, g) for c, g in used if c.module is module]
-                if mine:
-                    store[id(module)] = _kronecker_batch(module, mine, request)
+                if needed:
+                    diag_store.update(row_results[job_key])
+                else:
+                    diag_store.update(_per_sample_diagonal(module, used))
+            elif used:
+                store = result.kronecker.setdefault(request.key, {})
+                row_grads = row_results[job_key] if needed else None
+                store[id(module)] = _kronecker_batch(
+                    module, used, request, scale.valid, row_grads=row_grads
+                )
     dense = [r for r in requests if isinstance(r, FactorRows)]
     for key in dict.fromkeys(r.key for r in dense):
         params = list({id(p): p for r in dense if r.key == key for p in r.params}.values())
@@ -316,30 +632,319 @@ def compute(
     return result
 
 
-def _add_diagonal(
-    store: dict[int, Tensor], module: nn.Module, call: LayerCall, grad: Tensor
-) -> None:
-    """Add one call's ``Σ_{k,n} g²`` of the per-sample gradients at ``module``."""
-    rule = layers.DIAGONAL_RULES[type(module)]
-    with torch.no_grad():
-        per_sample = rule(
-            module, layers.statistics_dtype(call.input), layers.statistics_dtype(grad)
+#: one layer's share of a request: (request, layer, its calls, per-row columns needed?)
+_Job = tuple[KroneckerStatistics | DiagonalStatistics, nn.Module, list[LayerCall], bool]
+
+
+class _RowStructure:
+    """Whether a layer's per-sample quantities are its per-row ones (see
+    concepts/models.md#rows-samples-and-exactness).
+
+    They are when every call of the layer has one sample per loss row (its leading size is
+    the number of rows ``R``, and so is the model's batch when known) and no operation
+    after the layer couples the samples (batch normalisation with batch statistics). For
+    ``"mc"`` the draws of different rows are independent with zero mean, so without
+    coupling the per-sample squares are unbiased estimates of the per-row ones.
+    """
+
+    def __init__(self, call: LossCall, batch_size: int | None) -> None:
+        self.call = call
+        self.num_rows = call.outputs.shape[0]
+        self.batch_size = batch_size
+        self._coupled: set[Any] | None = None
+
+    def coupled(self, calls: Sequence[LayerCall]) -> bool:
+        if self._coupled is None:
+            self._coupled = _coupled_nodes(self.call.loss)
+        return any(c.output.grad_fn in self._coupled for c in calls)
+
+    def one_per_sample(self, calls: Sequence[LayerCall]) -> bool:
+        if self.batch_size is not None and self.batch_size != self.num_rows:
+            return False
+        return all(c.input.dim() > 0 and c.input.shape[0] == self.num_rows for c in calls)
+
+    def needed(
+        self, request: KroneckerStatistics | DiagonalStatistics, calls: Sequence[LayerCall]
+    ) -> bool:
+        """Whether ``request`` needs each row's columns backpropagated on their own for the
+        layer of ``calls``. Where samples are coupled, only if the request asks for
+        exactness there (``per_row``, ``DiagonalStatistics.coupled``)."""
+        if isinstance(request, KroneckerStatistics):
+            if not request.per_row:
+                return False
+            exact_coupled = True
+        else:
+            exact_coupled = request.coupled
+            if len({c.input.shape[0] if c.input.dim() else 0 for c in calls}) > 1:
+                return True  # per-sample gradients of the calls cannot be added
+        if request.fisher_type == "mc" or self.one_per_sample(calls):
+            # per-sample quantities are per-row (unbiased for "mc") unless samples are coupled
+            return exact_coupled and self.coupled(calls)
+        return exact_coupled or not self.coupled(calls)
+
+
+def _coupled_nodes(loss: Tensor) -> set[Any]:
+    """The autograd nodes of ``loss``'s graph whose gradient mixes the samples: every node
+    feeding an operation that couples them (batch normalisation with batch statistics)."""
+    couplers = [node for node in _graph_nodes(loss) if _couples_samples(node)]
+    seen: set[Any] = set()
+    stack = [nxt for node in couplers for nxt, _ in node.next_functions]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return seen
+
+
+def _couples_samples(node: Any) -> bool:
+    """Batch normalisation with batch statistics: a ``*BatchNorm*`` node whose saved
+    ``training`` flag is set, or unknown (the safe side, which costs time, never
+    exactness)."""
+    if "BatchNorm" not in type(node).__name__:
+        return False
+    return bool(getattr(node, "_saved_training", True))
+
+
+def _row_chunks(
+    outputs: Tensor,
+    inputs: Sequence[Tensor],
+    columns: Tensor,
+    valid: Tensor | None,
+    group: int | None = None,
+) -> Iterator[tuple[int, list[Tensor | None]]]:
+    """Each counted loss row's columns backpropagated on their own, to ``inputs``.
+
+    Yields ``(c, grads)``: chunks ``[c, *input.shape]`` of the vector-Jacobian products of
+    the ``K·R'`` columns ``(k, r)`` (column ``k`` restricted to row ``r``), ``k``-major,
+    ``None`` for inputs the outputs do not depend on. The graph is kept.
+
+    ``group``: the rows ``n·group + j`` of the layer samples ``n`` stay in their sample
+    (:func:`_rows_stay_in_their_samples`), so the rows with the same ``j`` go together:
+    ``K·group`` columns ``(k, j)``, whose gradients at sample ``n`` are row
+    ``n·group + j``'s alone.
+    """
+    k, r, c = columns.shape
+    columns = columns.to(outputs.dtype)
+    counted = torch.arange(r, device=columns.device) if valid is None else valid.nonzero()[:, 0]
+    m = counted.numel() if group is None else group
+    per_column = outputs.numel() + sum(t.numel() for t in inputs)
+    step = max(1, _CHUNK_ELEMENTS // max(per_column, 1))
+    if group is not None:
+        position = torch.arange(r, device=columns.device) % group
+        if valid is not None:
+            position = position.masked_fill(~valid, -1)
+    for start in range(0, k * m, step):
+        index = torch.arange(start, min(start + step, k * m), device=columns.device)
+        which = index // m
+        if group is None:
+            row = counted[index % m]
+            chunk = columns.new_zeros(index.numel(), r, c)
+            chunk[torch.arange(index.numel(), device=columns.device), row] = columns[which, row]
+        else:
+            mask = position.unsqueeze(0) == (index % m).unsqueeze(1)  # [c, R]
+            chunk = columns[which] * mask.unsqueeze(-1).to(columns.dtype)
+        yield (
+            index.numel(),
+            list(
+                torch.autograd.grad(
+                    outputs,
+                    list(inputs),
+                    chunk,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            ),
         )
-        for param, g in per_sample.items():
-            square = g.square().sum(dim=(0, 1))
-            if id(param) in store:
-                square = square + store[id(param)]
-            store[id(param)] = square
+
+
+def _rows_stay_in_their_samples(
+    outputs: Tensor, calls: Sequence[LayerCall], valid: Tensor | None
+) -> int | None:
+    """``m`` when every counted loss row ``r`` reaches the layer calls at sample
+    ``r // m`` only (``R = m·N`` rows, ``N`` the calls' one leading size: rows flattened
+    sample-major, nothing mixing samples), else ``None``.
+
+    Checked exactly, in one batched product of ``2·⌈log₂ N⌉`` probe columns: probe
+    ``(b, v)`` carries random values on the rows whose sample has bit ``b`` equal to
+    ``v``; its gradient must vanish at every sample whose bit ``b`` differs. Rows of
+    different samples differ in some bit, so any row reaching another sample shows up
+    (random values cancel with probability zero); the gradients of unrelated samples are
+    exact zeros.
+    """
+    sizes = {c.input.shape[0] if c.input.dim() else 0 for c in calls}
+    r, c = outputs.shape
+    if len(sizes) != 1 or (n := sizes.pop()) < 1 or r % n:
+        return None
+    m, bits = r // n, (n - 1).bit_length()
+    if not bits:
+        return m
+    device = outputs.device
+    sample = torch.arange(r, device=device) // m
+    generator = torch.Generator(device=device).manual_seed(0)
+    noise = torch.randn(r, c, generator=generator, dtype=outputs.dtype, device=device)
+    if valid is not None:
+        noise = noise * valid.unsqueeze(1).to(noise.dtype)
+    probes, silent = [], []
+    for b in range(bits):
+        for v in (0, 1):
+            probes.append(noise * (((sample >> b) & 1) == v).unsqueeze(1).to(noise.dtype))
+            silent.append(((torch.arange(n, device=device) >> b) & 1) != v)
+    grads = torch.autograd.grad(
+        outputs,
+        [call.output for call in calls],
+        torch.stack(probes),
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+    for g in grads:
+        if g is None:
+            continue
+        for probe, samples in zip(g, silent):
+            if bool((probe[samples] != 0).any()):
+                return None
+    return m
+
+
+def _per_row_statistics(
+    call: LossCall,
+    jobs: dict[Any, _Job],
+    columns: Tensor,
+    valid: Tensor | None,
+    coupled: bool,
+) -> dict[Any, Any]:
+    """Per job, from each row's columns backpropagated on their own: a Kronecker layer's
+    per-row weight gradients ``[K·R', D_out, D_in]``, or a diagonal request's
+    ``{id(param): Σ_{k,r} g²}`` (the per-row gradients of its calls added first).
+
+    Without coupling (``coupled=False``), rows that stay in their samples share columns
+    (:func:`_row_chunks`' ``group``): ``K·m`` backpropagated columns instead of ``K·m·N``,
+    and the per-sample gradients of those columns are the per-row ones.
+    """
+    if not jobs:
+        return {}
+    targets = list({id(c): c for _, _, mine, _ in jobs.values() for c in mine}.values())
+    slot = {id(c): i for i, c in enumerate(targets)}
+    with torch.no_grad():
+        inputs = {
+            id(c): c.input if not c.input.is_floating_point() else layers.statistics_dtype(c.input)
+            for c in targets
+        }
+        patches = {
+            id(c): layers.layer_patches(c.module, inputs[id(c)])
+            for request, module, mine, _ in jobs.values()
+            if isinstance(request, KroneckerStatistics)
+            for c in mine
+        }
+    group = None if coupled else _rows_stay_in_their_samples(call.outputs, targets, valid)
+    parts: dict[Any, list[Tensor]] = {job_key: [] for job_key in jobs}
+    squares: dict[Any, dict[int, Tensor]] = {job_key: {} for job_key in jobs}
+    outputs = [c.output for c in targets]
+    for size, grads in _row_chunks(call.outputs, outputs, columns, valid, group):
+        with torch.no_grad():
+            for i, (request, module, mine, _) in jobs.items():
+                pairs = [
+                    (c, layers.statistics_dtype(g))
+                    for c in mine
+                    if (g := grads[slot[id(c)]]) is not None
+                ]
+                if isinstance(request, KroneckerStatistics):
+                    total = None
+                    for c, g in pairs:
+                        cols = layers.layer_columns(module, g)  # [c, N, T, D_out]
+                        if group is None:  # a row's gradient: summed over the samples
+                            dw = torch.einsum("knto,nti->koi", cols, patches[id(c)])
+                        else:  # one row per (column, sample)
+                            dw = torch.einsum("knto,nti->knoi", cols, patches[id(c)])
+                            dw = dw.reshape(-1, *dw.shape[2:])
+                        total = dw if total is None else total + dw
+                    if total is None:  # the loss does not depend on the layer's output
+                        d_out, d_in = layers.weight_matrix_shape(module)
+                        rows = size if group is None else size * (columns.shape[1] // group)
+                        total = columns.new_zeros(rows, d_out, d_in)
+                    parts[i].append(total)
+                else:
+                    row_grads: dict[int, Tensor] = {}
+                    for c, g in pairs:
+                        rule = layers.DIAGONAL_RULES[type(module)]
+                        for param, per_sample in rule(module, inputs[id(c)], g).items():
+                            if group is None:  # a row's gradient: summed over the samples
+                                per_row = per_sample.sum(dim=1)
+                            else:  # one row per (column, sample)
+                                per_row = per_sample.reshape(-1, *per_sample.shape[2:])
+                            key = id(param)
+                            row_grads[key] = (
+                                per_row + row_grads[key] if key in row_grads else per_row
+                            )
+                    for key, g in row_grads.items():
+                        square = g.square().sum(dim=0)
+                        squares[i][key] = square + squares[i][key] if key in squares[i] else square
+    out: dict[Any, Any] = {}
+    for i, (request, module, _, _) in jobs.items():
+        if isinstance(request, KroneckerStatistics):
+            out[i] = layers.statistics_dtype(torch.cat(parts[i]))
+        else:
+            for param in _diagonal_params(module):
+                if id(param) not in squares[i]:  # the loss does not depend on it
+                    squares[i][id(param)] = layers.statistics_dtype(torch.zeros_like(param))
+            out[i] = squares[i]
+    return out
+
+
+def _diagonal_params(module: nn.Module) -> list[Tensor]:
+    """The trainable parameters a diagonal rule serves (a normalisation layer's affine ones)."""
+    found = []
+    for name in ("weight", "bias"):
+        p = getattr(module, name, None)
+        if isinstance(p, Tensor) and p.requires_grad:
+            found.append(p)
+    return found
+
+
+def _per_sample_diagonal(
+    module: nn.Module, calls: list[tuple[LayerCall, Tensor]]
+) -> dict[int, Tensor]:
+    """``{id(param): Σ_{k,n} g²}`` of the per-sample gradients at ``module`` (its calls'
+    gradients of a sample added before squaring; one sample size)."""
+    rule = layers.DIAGONAL_RULES[type(module)]
+    totals: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for call, grad in calls:
+            per_sample = rule(
+                module, layers.statistics_dtype(call.input), layers.statistics_dtype(grad)
+            )
+            for param, g in per_sample.items():
+                key = id(param)
+                totals[key] = g + totals[key] if key in totals else g
+    squares = {key: g.square().sum(dim=(0, 1)) for key, g in totals.items()}
+    for param in _diagonal_params(module):
+        if id(param) not in squares:  # the loss does not depend on the layer's output
+            squares[id(param)] = layers.statistics_dtype(torch.zeros_like(param))
+    return squares
 
 
 def _kronecker_batch(
-    module: nn.Module, calls: list[tuple[LayerCall, Tensor]], request: KroneckerStatistics
+    module: nn.Module,
+    calls: list[tuple[LayerCall, Tensor]],
+    request: KroneckerStatistics,
+    valid: Tensor | None = None,
+    row_grads: Tensor | None = None,
 ) -> KroneckerBatch:
-    """The statistics of ``module`` over its calls (weight sharing: summed)."""
+    """The statistics of ``module`` over its calls (weight sharing: summed).
+
+    ``valid``: the loss rows that count, whose patches alone enter ``A`` where rows map
+    to patches (:func:`~curvlab.extraction.layers.kept_patches`); ``row_grads``: the
+    per-row weight gradients, if computed (then no per-sample patches and columns are kept).
+    """
     a_sum: Tensor | None = None
     g_sum: Tensor | None = None
     count = 0
-    patches, cols = [], []
+    patches, cols, kept = [], [], []
+    any_kept = False
+    keep_raw = request.keep_raw and row_grads is None
     with torch.no_grad():
         for call, grad in calls:
             x = (
@@ -348,24 +953,36 @@ def _kronecker_batch(
                 else layers.statistics_dtype(call.input)
             )
             grad = layers.statistics_dtype(grad)
+            n_all = x.shape[0] if x.dim() > 0 else 1
+            keep = None
+            if valid is not None:
+                t = layers.num_positions(module, call.output.detach())
+                keep = layers.kept_patches(valid, n_all, t)
             scale = 1.0
             if request.sample_fraction < 1.0 and x.dim() > 0 and x.shape[0] > 1:
-                n_all = x.shape[0]
                 m = max(1, math.ceil(request.sample_fraction * n_all))
                 x, grad, scale = x[:m], grad[:, :m], n_all / m
-            a, n = layers.input_factor_sum(module, x, request.kfac_approx)
+                keep = None if keep is None else keep[:m]
+            a, n = layers.input_factor_sum(module, x, request.kfac_approx, keep)
             g = layers.output_factor(module, grad, request.kfac_approx)
             if scale != 1.0:
                 g = g * scale
             a_sum = a if a_sum is None else a_sum + a
             g_sum = g if g_sum is None else g_sum + g
             count += n
-            if request.keep_raw:
+            if keep_raw:
                 patches.append(layers.layer_patches(module, x))
                 cols.append(layers.layer_columns(module, grad))
+                if valid is not None:  # which patches entered A
+                    any_kept = any_kept or keep is not None
+                    kept.append(
+                        torch.ones(patches[-1].shape[:2], dtype=torch.bool, device=x.device)
+                        if keep is None
+                        else keep
+                    )
     assert a_sum is not None and g_sum is not None
-    raw_patches = raw_cols = None
-    if request.keep_raw:
+    raw_patches = raw_cols = raw_kept = None
+    if keep_raw:
         if len({p.shape[0] for p in patches}) != 1:
             raise RuntimeError(
                 f"layer {type(module).__name__} was called on batches of different sizes in one "
@@ -373,8 +990,16 @@ def _kronecker_batch(
             )
         raw_patches = torch.cat(patches, dim=1)
         raw_cols = torch.cat(cols, dim=2)
+        raw_kept = torch.cat(kept, dim=1) if any_kept else None
     return KroneckerBatch(
-        a_sum=a_sum, count=count, g=g_sum, patches=raw_patches, columns=raw_cols, column_scale=1.0
+        a_sum=a_sum,
+        count=count,
+        g=g_sum,
+        patches=raw_patches,
+        columns=raw_cols,
+        column_scale=1.0,
+        kept=raw_kept,
+        row_grads=None if row_grads is None else layers.statistics_dtype(row_grads),
     )
 
 
@@ -404,4 +1029,13 @@ class suspended_hooks:
         self.saved = []
 
 
-__all__ = ["LayerCall", "LossCall", "ModelCall", "Recording", "compute", "suspended_hooks"]
+__all__ = [
+    "HookOwner",
+    "HookSet",
+    "LayerCall",
+    "LossCall",
+    "ModelCall",
+    "Recording",
+    "compute",
+    "suspended_hooks",
+]

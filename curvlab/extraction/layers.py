@@ -231,21 +231,64 @@ def layer_columns(module: nn.Module, grad: Tensor) -> Tensor:
     return KRONECKER_RULES[type(module)].columns(module, grad)
 
 
-def input_factor_sum(module: nn.Module, x: Tensor, kfac_approx: str) -> tuple[Tensor, int]:
+def input_factor_sum(
+    module: nn.Module, x: Tensor, kfac_approx: str, keep: Tensor | None = None
+) -> tuple[Tensor, int]:
     """``(Σ ā āᵀ, count)`` of one batch; ``A = Σ ā āᵀ / count``
     (concepts/kronecker.md#weight-sharing-expand-and-reduce).
 
     expand: the sum over samples and positions, ``count = N·T``; reduce: patches are
     averaged over positions first, ``count = N`` (the homogeneous 1 stays 1).
+
+    ``keep`` ``[N, T]`` (bool): only these patches count (:func:`kept_patches`: the rows
+    the loss ignores are left out); reduce averages each sample's kept positions and
+    leaves out samples without any.
     """
     rule = KRONECKER_RULES[type(module)]
     if kfac_approx == "expand" and rule.input_sum is not None:
-        return rule.input_sum(module, x)
+        if keep is None:
+            return rule.input_sum(module, x)
+        if x.numel() == keep.numel():  # one input element per position (token ids)
+            return rule.input_sum(module, x.reshape(keep.shape)[keep].reshape(1, -1))
     patches = rule.patches(module, x)  # [N, T, D]
-    if kfac_approx == "reduce":
+    if keep is not None:
+        weights = keep.to(patches.dtype).unsqueeze(-1)
+        if kfac_approx == "reduce":
+            counts = weights.sum(dim=1)  # [N, 1]
+            some = counts[:, 0] > 0
+            patches = ((patches * weights).sum(dim=1) / counts.clamp(min=1))[some]
+            patches = patches.unsqueeze(1)
+        else:
+            patches = patches[keep].unsqueeze(1)
+    elif kfac_approx == "reduce":
         patches = patches.mean(dim=1, keepdim=True)
     a = homogeneous(patches, module)
     return a.T @ a, a.shape[0]
+
+
+def num_positions(module: nn.Module, output: Tensor) -> int:
+    """``T``: the positions that share the weight in a call whose output is ``output``."""
+    return int(KRONECKER_RULES[type(module)].columns(module, output.unsqueeze(0)).shape[2])
+
+
+def kept_patches(valid: Tensor | None, n: int, t: int) -> Tensor | None:
+    """``[N, T]`` (bool): the patches of a call (``N`` samples, ``T`` positions) that belong
+    to loss rows the loss counts, given ``valid`` ``[R]`` (the loss rows that count, or
+    ``None`` for all).
+
+    Rows map to patches where their numbers match (concepts/models.md#rows-the-loss-ignores):
+    one row per sample (``N = R``: every position of an ignored row's sample is left out)
+    or one row per position, flattened sample-major like the layer's input
+    (``N·T = R``: per-token layers of a language model whose padding targets are
+    ``ignore_index``). Elsewhere the mapping is unknown and every patch counts (``None``).
+    """
+    if valid is None:
+        return None
+    if n == valid.shape[0]:
+        return valid.reshape(n, 1).expand(n, t)
+    if n * t == valid.shape[0]:
+        return valid.reshape(n, t)
+    return None
 
 
 def output_factor(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:

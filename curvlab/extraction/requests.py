@@ -72,6 +72,10 @@ class KroneckerStatistics:
     #: statistics from the first ``⌈fraction·N⌉`` samples of the batch (Martens & Grosse
     #: estimate the factors on a subset); ``G`` is rescaled by ``N/m`` to the whole batch
     sample_fraction: float = 1.0
+    #: also the per-row weight gradients (:attr:`KroneckerBatch.row_grads`) of the layers
+    #: whose per-sample patches and columns cannot give them (see there), exact also where
+    #: samples are coupled; on the whole batch, whatever ``sample_fraction``
+    per_row: bool = False
 
     @property
     def columns_key(self) -> tuple[str, int]:
@@ -79,31 +83,47 @@ class KroneckerStatistics:
         return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
 
     @property
-    def key(self) -> tuple[str, int, str, bool, float]:
-        return (*self.columns_key, self.kfac_approx, self.keep_raw, self.sample_fraction)
+    def key(self) -> tuple[str, int, str, bool, float, bool]:
+        return (
+            *self.columns_key,
+            self.kfac_approx,
+            self.keep_raw,
+            self.sample_fraction,
+            self.per_row,
+        )
 
 
 @dataclass(frozen=True, eq=False)
 class DiagonalStatistics:
-    """Per parameter of ``modules``, ``Σ_{k,n} (∂ℓ/∂θ)_{k,n}²``: the diagonal of the Fisher
-    from per-sample gradients formed *at the layer* (its recorded input and output
-    gradients, one per column and sample), for layers with a diagonal rule
-    (:data:`curvlab.extraction.layers.DIAGONAL_RULES`: normalisation layers). Cheap: it
-    reuses the columns backpropagated for the Kronecker layers. Like K-FAC's own
-    statistics it treats the samples at the layer as independent (exact unless samples
-    are coupled, e.g. BatchNorm in train mode)."""
+    """Per parameter of ``modules``, ``Σ_{k,r} (∂ℓ/∂θ)_{k,r}²``: the diagonal of the Fisher
+    from per-row gradients formed *at the layer* (its recorded input and the output
+    gradients of each loss row's columns), for layers with a diagonal rule
+    (:data:`curvlab.extraction.layers.DIAGONAL_RULES`: normalisation layers).
+
+    Where each loss row is one sample of the layer and nothing couples the samples after
+    it, the per-sample gradients of the columns backpropagated for the Kronecker layers
+    are the per-row gradients (cheap). Elsewhere — several loss rows per sample (token or
+    pixel losses), or samples coupled after the layer (BatchNorm in train mode) — each
+    row's columns are backpropagated to the layer on their own, which is exact
+    (concepts/models.md#rows-samples-and-exactness). With ``coupled=False`` coupled samples
+    keep the cheap per-sample gradients (an approximation the backend reports). For
+    ``"mc"`` the draws of different rows are independent with zero mean, so without
+    coupling the per-sample squares are an unbiased estimate and are kept.
+    """
 
     fisher_type: str
     modules: tuple[nn.Module, ...]
     mc_samples: int = 1
+    #: exact per-row gradients also where the samples are coupled after the layer
+    coupled: bool = True
 
     @property
     def columns_key(self) -> tuple[str, int]:
         return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
 
     @property
-    def key(self) -> tuple[str, int]:
-        return self.columns_key
+    def key(self) -> tuple[str, int, bool]:
+        return (*self.columns_key, self.coupled)
 
 
 Request = FactorRows | KroneckerStatistics | DiagonalStatistics
@@ -115,6 +135,17 @@ class KroneckerBatch:
 
     ``patches`` ``[N, T, D_in]`` and ``columns`` ``[K, N, T, D_out]`` are set when the
     request kept them; ``column_scale`` brings ``Σ columns²`` onto the loss's scale.
+    ``kept`` ``[N, T]`` (bool) marks the patches that entered ``a_sum`` when rows the loss
+    ignores were left out (``None``: all did; concepts/models.md#rows-the-loss-ignores).
+
+    ``row_grads`` ``[K', D_out, D_in]``: the per-row gradients of the homogeneous weight
+    matrix, one per loss row and column (``column_scale`` applies to their squares), set
+    for a ``per_row`` request where the per-sample ones are not per-row: several loss rows
+    per layer sample, or samples coupled after the layer (then ``patches`` and
+    ``columns`` are not kept; concepts/models.md#rows-samples-and-exactness). Where it is
+    ``None`` the per-sample gradients ``Σ_t g_{k,n,t} ā_{n,t}ᵀ`` of ``patches`` and
+    ``columns`` are the per-row ones (one loss row per sample; for ``"mc"`` an unbiased
+    estimate of them when several rows share a sample).
     """
 
     a_sum: Tensor
@@ -123,6 +154,8 @@ class KroneckerBatch:
     patches: Tensor | None = None
     columns: Tensor | None = None
     column_scale: float = 1.0
+    kept: Tensor | None = None
+    row_grads: Tensor | None = None
 
 
 @dataclass

@@ -113,8 +113,12 @@ def test_kronecker_backends_equal_their_definition(
     coverage = kfc.coverage()
     assert set(coverage) == {n for n, _ in ref.flat_params(model)}  # 100 % covered
     names = [layer.name for layer in kfc.layers]
+    # rows the loss ignores are no part of the batch, A included (independent samples):
+    # the reference of the batch without them (concepts/models.md#rows-the-loss-ignores)
+    keep = ref.valid_rows(loss_fn, y, len(y))
+    rx, ry = (x, y) if bool(keep.all()) else (x[keep], y[keep])
     factors = ref.kfac_reference(
-        model, loss_fn, x, y, names, fisher_type, kfac_approx, sqrt="curvlinops"
+        model, loss_fn, rx, ry, names, fisher_type, kfac_approx, sqrt="curvlinops"
     )
     for layer, f in zip(kfc.layers, kfc.factors()):
         a, g = factors[layer.name]

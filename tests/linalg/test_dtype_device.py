@@ -76,6 +76,7 @@ def test_all_is_complete() -> None:
         "eigen",
         "kron",
         "kron_sum",
+        "polar",
         "annotations",
     }
     assert public == set(cl.__all__)

@@ -1,7 +1,9 @@
 """``BlockTridiagonal``: the Fisher's tridiagonal layer blocks, completed so its inverse is
 block-tridiagonal (Martens & Grosse 2015 §4.3; concepts/block_tridiagonal.md#the-math).
 
-Layers are ordered as the forward pass calls them (recorded by forward pre-hooks); the
+Layers are ordered as the forward pass calls them (recorded by forward pre-hooks, which
+hold the curvature weakly: ``close()`` or dropping the curvature removes them, and copies
+of the model carry none, concepts/models.md#lifecycle-hooks-recordings-copies); the
 blocks ``F_{i,i}`` and ``F_{i,i+1}`` are accumulated densely from the factor rows.
 The approximation ``F̂`` agrees with ``F`` on those blocks and is the maximum-entropy
 completion — a Gaussian chain ``w_1 — w_2 — … — w_ℓ`` over the layers' gradients:

@@ -2,19 +2,29 @@
 concepts/kronecker.md#ekfac).
 
 Per layer, the Kronecker-factored eigenbasis ``Q = Q_G ⊗ Q_A`` comes from the K-FAC
-factors; the diagonal is replaced by the second moments of the per-sample gradients
-projected onto it, ``S*_{ij} = Σ_{n,c} (Q_Gᵀ DW_{n,c} Q_A)_{ij}²`` on the loss's scale
-(``DW_{n,c} = Σ_t g_{n,t,c} ā_{n,t}ᵀ``; ``c`` runs over loss-Hessian columns, MC samples or
-the observed label). For a fixed basis this is the Frobenius-optimal diagonal,
-``S* = diag(Qᵀ F Q)`` with ``F`` the layer's Fisher block, so EKFAC is never farther from
-``F`` than K-FAC (whose diagonal in the same basis is ``d_G d_Aᵀ``).
+factors; the diagonal is replaced by the second moments of the per-row gradients
+projected onto it, ``S*_{ij} = Σ_{r,c} (Q_Gᵀ DW_{r,c} Q_A)_{ij}²`` on the loss's scale
+(``DW_{r,c}`` the weight gradient of loss row ``r``'s column ``c`` alone; ``c`` runs over
+loss-Hessian columns, MC samples or the observed label). For a fixed basis this is the
+Frobenius-optimal diagonal, ``S* = diag(Qᵀ F Q)`` with ``F`` the layer's Fisher block, so
+EKFAC is never farther from ``F`` than K-FAC (whose diagonal in the same basis is
+``d_G d_Aᵀ``), and ``Σ S* = tr(F)``.
+
+Where each loss row is one sample of the layer and nothing couples the samples after
+it, the per-row gradients are the per-sample ones ``Σ_t g_{n,t,c} ā_{n,t}ᵀ`` of the
+columns backpropagated for the factors (no extra backward pass). With several loss rows
+per layer sample (token or pixel losses) or coupled samples (BatchNorm in train mode),
+the extraction backpropagates each row's columns on their own and delivers the per-row
+gradients (``KroneckerStatistics.per_row``;
+concepts/models.md#rows-samples-and-exactness). The diagonal blocks of normalisation
+layers come from per-row gradients too, also where samples are coupled.
 
 The basis is computed from the factors at the first batch after construction, ``reset()``
 or :meth:`EKFAC.refresh_basis`, and stays fixed while further batches add to the factors
 and to ``S*`` — George et al.'s amortisation (rare eigendecompositions, cheap diagonal
-updates). Without weight sharing (``T = 1``) ``S*`` is formed from the projected inputs and
-output columns without materialising per-sample gradients; with sharing the per-sample
-gradients are formed in chunks of samples.
+updates). Without weight sharing (``T = 1``) and one row per sample ``S*`` is formed from
+the projected inputs and output columns without materialising per-sample gradients; with
+sharing the per-sample gradients are formed in chunks of samples.
 
 With a process reducer (:meth:`~curvlab.Curvature.set_process_reducer`, set by a
 distributed preconditioner) the basis fitted at a batch comes from that batch's factors
@@ -101,6 +111,7 @@ class EKFAC(BlockDiagonalKronecker):
         self._resets_held = 0  # resets under hold_decompositions, for refit_every
 
     _keep_raw = True
+    _per_row = True
 
     def _accumulate_layers(self, batches: list[KroneckerBatch], weight: float) -> None:
         super()._accumulate_layers(batches, weight)
@@ -279,7 +290,17 @@ class EKFAC(BlockDiagonalKronecker):
 
 
 def _projected_second_moment(batch: KroneckerBatch, q_g: Tensor, q_a: Tensor) -> Tensor:
-    """``Σ_{n,c} (Q_Gᵀ DW_{n,c} Q_A)²`` of one batch, on the loss's scale ``[D_out, D_in]``."""
+    """``Σ_{r,c} (Q_Gᵀ DW_{r,c} Q_A)²`` of one batch over the per-row gradients, on the
+    loss's scale ``[D_out, D_in]``: the extraction's ``row_grads`` where it formed them
+    (several loss rows per sample, or coupled samples), else the per-sample gradients of
+    the patches and columns, which are then the per-row ones."""
+    if batch.row_grads is not None:
+        moment = q_g.new_zeros(q_g.shape[0], q_a.shape[0])
+        step = max(1, _CHUNK_ELEMENTS // max(1, q_g.shape[0] * q_a.shape[0]))
+        for start in range(0, batch.row_grads.shape[0], step):
+            grads = batch.row_grads[start : start + step].to(q_g.dtype)
+            moment += ((q_g.T @ grads @ q_a) ** 2).sum(dim=0)
+        return moment * batch.column_scale
     assert batch.patches is not None and batch.columns is not None
     cols = batch.columns @ q_g  # [K, N, T, D_out]: (Q_Gᵀ g) per column, sample, position
     acts = batch.patches @ q_a  # [N, T, D_in]:     (Q_Aᵀ ā)

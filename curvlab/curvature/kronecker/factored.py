@@ -31,9 +31,18 @@ rule (``Linear``, ``ConvNd``, ``Embedding`` — see ``supported_layers``) get a 
 block; every other parameter (normalisation layers, raw ``nn.Parameter``s, recurrent
 weights, transposed convolutions, parameters shared between modules, the projections of
 ``nn.MultiheadAttention``, which it calls functionally) gets a diagonal block of the same
-Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`), placed after the
-Kronecker layers in ``params``. ``strict=True`` refuses such parameters instead;
-``coverage()`` tells which parameter sits in which kind of block.
+Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`: the Fisher's diagonal),
+placed after the Kronecker layers in ``params``. ``strict=True`` refuses such parameters
+instead; ``coverage()`` tells which parameter sits in which kind of block. The one
+approximation: ``KFAC``/``KFC`` take normalisation layers' diagonal from per-sample
+gradients where a BatchNorm in train mode couples the samples (``coverage()`` kind
+:data:`APPROXIMATE_DIAGONAL`; concepts/models.md#rows-samples-and-exactness). A module
+registered twice (the same layer twice in an ``nn.Sequential``) is one layer called
+twice, not a tied parameter.
+
+**Ignored rows.** The inputs of loss rows equal to ``ignore_index`` do not enter ``A``
+where rows map to the layer's samples or positions
+(concepts/models.md#rows-the-loss-ignores).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab import linalg
 from curvlab.curvature.base import (
@@ -66,6 +76,10 @@ from curvlab.extraction import (
 from curvlab.extraction import layers as layer_rules
 
 LayerSpec = str | nn.Module
+
+#: ``coverage()``'s kind of a diagonal block taken from per-sample gradients of samples
+#: that a BatchNorm in train mode couples (concepts/models.md#rows-samples-and-exactness).
+APPROXIMATE_DIAGONAL = "diagonal (approximate: per-sample, BatchNorm couples the samples)"
 
 
 class KroneckerFactors(NamedTuple):
@@ -97,6 +111,9 @@ class KroneckerFactored(Curvature):
     #: Whether the extraction also keeps per-sample patches and columns (EKFAC, and the
     #: block-tridiagonal structure's cross moments).
     _keep_raw: bool = False
+    #: Whether it also delivers per-row weight gradients where the per-sample ones are not
+    #: per-row (EKFAC's exact correction; concepts/models.md#rows-samples-and-exactness).
+    _per_row: bool = False
 
     def __init__(
         self,
@@ -146,9 +163,12 @@ class KroneckerFactored(Curvature):
         chosen = _resolve(model, include, "layers", owner) if include is not None else None
         skipped = _resolve(model, exclude, "exclude", owner) if exclude is not None else set()
         kronecker, diagonal = [], []
+        # a parameter is tied when several modules own it; a module registered twice (the
+        # same layer used twice in an nn.Sequential) is one layer called twice
         uses: dict[int, int] = {}
-        for _, p in model.named_parameters(remove_duplicate=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                uses[id(p)] = uses.get(id(p), 0) + 1
         self._tied = {key for key, count in uses.items() if count > 1}
         for layer in find_layers(model):
             key = id(layer.module)
@@ -175,6 +195,7 @@ class KroneckerFactored(Curvature):
             owner,
             at_layers=True,
             tied=frozenset(self._tied),
+            coupled=self._per_row,
         )
         return kronecker
 
@@ -210,7 +231,24 @@ class KroneckerFactored(Curvature):
         return self._diag().layers
 
     def _block_kind(self, layer: Layer) -> str:
-        return "kronecker" if any(layer is k for k in self.layers) else "diagonal"
+        if any(layer is k for k in self.layers):
+            return "kronecker"
+        if self._per_sample_diagonal(layer):
+            return APPROXIMATE_DIAGONAL
+        return "diagonal"
+
+    def _per_sample_diagonal(self, layer: Layer) -> bool:
+        """Whether ``layer``'s diagonal block may come from per-sample gradients of coupled
+        samples (an approximation, concepts/models.md#rows-samples-and-exactness): a
+        normalisation layer served at the layer by a backend that does not backpropagate
+        each row on its own where samples are coupled, in a model with a BatchNorm that
+        normalises with batch statistics (in train mode, or without running statistics)."""
+        if self._per_row or not any(id(p) in self._diag()._local for p in layer.params):
+            return False
+        return any(
+            isinstance(m, _BatchNorm) and (m.training or not m.track_running_stats)
+            for m in self.model.modules()
+        )
 
     # --- statistics ---------------------------------------------------------------------
 
@@ -230,6 +268,7 @@ class KroneckerFactored(Curvature):
             mc_samples=self.mc_samples,
             keep_raw=self._keep_raw,
             sample_fraction=self.statistics_fraction,
+            per_row=self._per_row,
         )
 
     def _accumulate(self, result: BatchResult, weight: float) -> None:

@@ -80,20 +80,27 @@ class KroneckerChain:
                 f"{self.owner}: the chain of layers changed between batches (order {order}, "
                 f"coupled boundaries {coupled}); it must stay fixed."
             )
+        count = None
         for k, (i, j) in enumerate(pairwise(order)):
             if not coupled[k]:
                 continue
             first, second = batches[i], batches[j]
             assert first.patches is not None and second.patches is not None
             assert first.columns is not None and second.columns is not None
-            a = first.patches[:, 0].T @ second.patches[:, 0]
+            # the samples whose inputs entered the diagonal factors (rows the loss ignores
+            # do not; concepts/models.md#rows-the-loss-ignores)
+            kept = _kept_samples(first) & _kept_samples(second)
+            a = first.patches[kept, 0].T @ second.patches[kept, 0]
             cols_i = first.columns.reshape(-1, first.columns.shape[-1])
             cols_j = second.columns.reshape(-1, second.columns.shape[-1])
             g = (cols_i.T @ cols_j) * (first.column_scale * weight)
             old_a, old_g = self.a_sum[k], self.g_sum[k]
             self.a_sum[k] = a if old_a is None else old_a + a
             self.g_sum[k] = g if old_g is None else old_g + g
-        self.a_count += batches[order[0]].patches.shape[0]  # type: ignore[union-attr]
+            count = int(kept.sum()) if count is None else count
+        if count is None:
+            count = batches[order[0]].patches.shape[0]  # type: ignore[union-attr]
+        self.a_count += count
 
     def reset(self) -> None:
         self.a_sum = [None] * len(self.a_sum)
@@ -457,6 +464,14 @@ class BlockTridiagonalKFAC(KroneckerFactored):
         super()._load_state(state)
         self._chain.load(state["chain"], copy=True)
         self._forward.order = self._chain.order
+
+
+def _kept_samples(batch: KroneckerBatch) -> Tensor:
+    """``[N]`` (bool): the samples of a one-position layer whose inputs entered ``A``."""
+    assert batch.patches is not None
+    if batch.kept is None:
+        return torch.ones(batch.patches.shape[0], dtype=torch.bool, device=batch.patches.device)
+    return batch.kept[:, 0]
 
 
 def _shares_samples(first: KroneckerBatch, second: KroneckerBatch) -> bool:
