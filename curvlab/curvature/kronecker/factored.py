@@ -102,6 +102,9 @@ class KroneckerFactored(Curvature):
         statistics_fraction: factors from this share of each batch.
         separate_bias: weight and bias in separate blocks (no weight–bias cross entries
             in ``A``).
+        factor_dtype: the dtype ``A`` and ``G`` are accumulated and kept in (``None``: the
+            statistics' own, float32 or float64; e.g. ``torch.float64`` for precision with a
+            float32 model, or ``torch.bfloat16`` to halve their memory).
 
     Subclasses implement the products and solves (``_matvec``, ``_solve``, ``_to_dense``)
     and, for a block-diagonal structure, ``_layer_spectra``.
@@ -128,8 +131,10 @@ class KroneckerFactored(Curvature):
         engine: str = "auto",
         statistics_fraction: float = 1.0,
         separate_bias: bool = False,
+        factor_dtype: torch.dtype | None = None,
     ) -> None:
         owner = type(self).__name__
+        self.factor_dtype = check_dtype(factor_dtype, "factor_dtype", owner)
         if not 0.0 < statistics_fraction <= 1.0:
             raise ValueError(
                 f"{owner}: statistics_fraction must lie in (0, 1], got {statistics_fraction}."
@@ -290,20 +295,24 @@ class KroneckerFactored(Curvature):
             # Adopt the first batch's tensors without copying. A may be shared with other
             # backends of the same extract() and loaded statistics belong to the caller, so
             # nothing is modified in place until owned (copy-on-write); G is a fresh product.
-            self._a_sum = [b.a_sum for b in batches]
-            self._g_sum = [b.g * weight for b in batches]
+            self._a_sum = [self._in_factor_dtype(b.a_sum) for b in batches]
+            self._g_sum = [self._in_factor_dtype(b.g) * weight for b in batches]
             self._a_count = [b.count for b in batches]
             self._owned = False
             return
         for k, batch in enumerate(batches):
+            a, g = self._in_factor_dtype(batch.a_sum), self._in_factor_dtype(batch.g)
             if self._owned:
-                self._a_sum[k].add_(batch.a_sum)
-                self._g_sum[k].add_(batch.g, alpha=weight)
+                self._a_sum[k].add_(a)
+                self._g_sum[k].add_(g, alpha=weight)
             else:
-                self._a_sum[k] = self._a_sum[k] + batch.a_sum
-                self._g_sum[k] = self._g_sum[k] + weight * batch.g
+                self._a_sum[k] = self._a_sum[k] + a
+                self._g_sum[k] = self._g_sum[k] + weight * g
             self._a_count[k] += batch.count
         self._owned = True
+
+    def _in_factor_dtype(self, t: Tensor) -> Tensor:
+        return t if self.factor_dtype is None else t.to(self.factor_dtype)
 
     def _reset(self) -> None:
         self._a_sum = self._g_sum = None
@@ -539,6 +548,20 @@ class BlockDiagonalKronecker(KroneckerFactored):
     def _layer_cost(self, d_out: int, d_in: int) -> float:
         """Eigen- or Cholesky decompositions of ``G`` and ``A``: ``O(d_out³ + d_in³)``."""
         return float(d_out**3 + d_in**3)
+
+
+#: Dtypes a factor or a decomposition may be kept in.
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_dtype(dtype: torch.dtype | None, arg: str, owner: str) -> torch.dtype | None:
+    """``dtype`` if it is ``None`` or a floating dtype (clear error otherwise)."""
+    if dtype is not None and dtype not in FLOATING_DTYPES:
+        raise ValueError(
+            f"{owner}: {arg} must be one of {[str(d) for d in FLOATING_DTYPES]} or None, "
+            f"got {dtype!r}."
+        )
+    return dtype
 
 
 def _resolve(model: nn.Module, specs: Sequence[LayerSpec], arg: str, owner: str) -> set[int]:

@@ -25,6 +25,7 @@ from curvlab.curvature.kronecker.factored import (
     KroneckerFactors,
     LayerSpec,
     _as_matrix,
+    check_dtype,
 )
 from curvlab.curvature.kronecker.tridiagonal import BlockTridiagonalKFAC
 from curvlab.extraction import layers as layer_rules
@@ -71,6 +72,12 @@ class KFAC(BlockDiagonalKronecker):
         statistics_fraction: Kronecker factors from this share of each batch (its first
             samples; ``G`` rescaled to the whole batch), as Martens & Grosse do to cut the
             cost of the statistics. The gradient still uses the whole batch.
+        factor_dtype: the dtype ``A`` and ``G`` are accumulated and kept in (``None``: the
+            statistics' own, float32 or float64 — float32 also under bf16 autocast).
+        inverse_dtype: the dtype of the eigendecompositions / damped inverses and of the
+            solves with them (``None``: the factors'); ``torch.float64`` steadies
+            ill-conditioned factors of a float32 model. Gradients are cast to it and the
+            results back to the parameters' dtype.
         separate_bias: weight and bias in separate blocks, ``G ⊗ A_w`` and ``G ⊗ [a]``
             (curvlinops' ``separate_weight_and_bias``, what laplace-torch's ``Kron``
             uses): the joint ``A`` with its weight–bias cross entries set to zero, so its
@@ -96,6 +103,11 @@ class KFAC(BlockDiagonalKronecker):
                 f"{cls.__name__}: separate_bias=True is defined for the block-diagonal "
                 "structure only."
             )
+        for arg in ("factor_dtype", "inverse_dtype"):
+            if options.pop(arg, None) is not None:
+                raise ValueError(
+                    f"{cls.__name__}: {arg} is defined for the block-diagonal structure only."
+                )
         return BlockTridiagonalKFAC(**options, layer_types=cls.supported_layers)
 
     def __init__(
@@ -113,8 +125,11 @@ class KFAC(BlockDiagonalKronecker):
         engine: str = "auto",
         statistics_fraction: float = 1.0,
         separate_bias: bool = False,
+        factor_dtype: torch.dtype | None = None,
+        inverse_dtype: torch.dtype | None = None,
     ) -> None:
         owner = type(self).__name__
+        self.inverse_dtype = check_dtype(inverse_dtype, "inverse_dtype", owner)
         damping_mode = "exact" if damping_mode is None else damping_mode
         for value, allowed, arg in (
             (damping_mode, DAMPING_MODES, "damping_mode"),
@@ -136,9 +151,13 @@ class KFAC(BlockDiagonalKronecker):
             engine=engine,
             statistics_fraction=statistics_fraction,
             separate_bias=separate_bias,
+            factor_dtype=factor_dtype,
         )
         self._eigen: list[_LayerEigen | None] | None = None  # per layer, computed lazily
         self._inverses: tuple[float, list[tuple[Tensor, Tensor] | None]] | None = None
+
+    def _in_inverse_dtype(self, t: Tensor) -> Tensor:
+        return t if self.inverse_dtype is None else t.to(self.inverse_dtype)
 
     def _invalidate(self) -> None:
         self._eigen = None
@@ -151,8 +170,8 @@ class KFAC(BlockDiagonalKronecker):
         if eig is None:
             f = self._factor(k)
             eig = _LayerEigen(
-                G=_psd_eig(f.G, f"{self._layer_label(k)} G"),
-                A=_psd_eig(f.A, f"{self._layer_label(k)} A"),
+                G=_psd_eig(self._in_inverse_dtype(f.G), f"{self._layer_label(k)} G"),
+                A=_psd_eig(self._in_inverse_dtype(f.A), f"{self._layer_label(k)} A"),
             )
             self._eigen[k] = eig
             self.num_decompositions += 1
@@ -187,7 +206,9 @@ class KFAC(BlockDiagonalKronecker):
         cached = self._inverses[1][k]
         if cached is None:
             f = self._factor(k)
-            damped_g, damped_a = linalg.factored_damping(f.G, f.A, damping)
+            damped_g, damped_a = linalg.factored_damping(
+                self._in_inverse_dtype(f.G), self._in_inverse_dtype(f.A), damping
+            )
             label = self._layer_label(k)
             cached = (
                 _spd_inverse(damped_g, f"{label} G + γ/π I"),
