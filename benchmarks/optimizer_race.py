@@ -503,11 +503,23 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{place}"
 
 
+#: Where models and batches live (``--device``); the clock synchronises with it.
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def evaluate(model: nn.Module, workload: Workload) -> float:
     model.eval()
     try:
         with torch.no_grad():
-            losses = [float(workload.loss_fn(model(x), y)) for x, y in workload.evaluation]
+            losses = [
+                float(workload.loss_fn(model(x.to(DEVICE)), y.to(DEVICE)))
+                for x, y in workload.evaluation
+            ]
     finally:
         model.train()
     loss = sum(losses) / len(losses)
@@ -527,7 +539,7 @@ def race(
     every ``budget / evals`` seconds of training (outside the clock). ``curve`` holds
     ``(training seconds, steps, loss)``."""
     torch.manual_seed(seed)
-    model = workload.build()
+    model = workload.build().to(DEVICE)
     result: dict[str, Any] = {"seed": seed, "error": None, "diverged_at": None, "steps": 0}
     curve = [(0.0, 0, evaluate(model, workload))]
     per_step: list[float] = []
@@ -540,9 +552,12 @@ def race(
         interval, clock, steps, due = budget / evals, 0.0, 0, budget / evals
         while clock < budget:
             x, y = workload.batch(order)
+            x, y = x.to(DEVICE), y.to(DEVICE)
+            _sync()
             start = time.perf_counter()
             try:
                 loss = step(x, y)
+                _sync()
             except Exception as exc:
                 result["error"] = f"at step {steps + 1}: {_error(exc)}"
                 break
@@ -895,11 +910,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="", help="write the JSON results here")
     parser.add_argument("--figure", default="", help="write the performance profile here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu or cuda (the GPU variant: --device cuda --workloads lm --settings first)",
+    )
     args = parser.parse_args(argv)
     if args.settings not in ("all", "first") and not (
         args.settings.isdigit() and int(args.settings) >= 1
     ):
         parser.error("--settings: 'all', 'first' or a positive integer")
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     keys = list(dict.fromkeys(args.contenders))
     if REFERENCE not in keys:
         keys.insert(0, REFERENCE)  # it sets the targets
