@@ -19,22 +19,26 @@ from torch import Tensor
 QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: Tensor, steps: int = 5) -> Tensor:
+def orthogonalize(matrix: Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> Tensor:
     """``≈ U Vᵀ`` for ``matrix = U Σ Vᵀ``: same shape, dtype and device.
 
     Tensors with more than two dimensions (convolution weights ``[out, in, k, …]``) are
-    treated as ``[out, in·k·…]``. The iteration runs in float32 at least. A zero matrix
-    stays zero.
+    treated as ``[out, in·k·…]``. The iteration runs in ``dtype`` (default: the matrix's
+    own, float32 at least; ``torch.bfloat16`` halves the cost, as Muon runs it, at about
+    1 % error in the singular values). A zero matrix stays zero.
     """
     if matrix.dim() < 2:
         raise ValueError(f"orthogonalize: needs a matrix, got shape {tuple(matrix.shape)}.")
     a, b, c = QUINTIC
     x = matrix.reshape(matrix.shape[0], -1)
-    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    if dtype is not None:
+        x = x.to(dtype)
+    elif x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
     wide = x.shape[0] <= x.shape[1]
     if not wide:
         x = x.T  # iterate on the smaller Gram matrix
-    x = x / x.norm().clamp(min=torch.finfo(x.dtype).tiny)
+    x = x / x.float().norm().clamp(min=torch.finfo(torch.float32).tiny).to(x.dtype)
     for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x

@@ -236,8 +236,9 @@ class KFACOptimizer(torch.optim.Optimizer):
             proposal = [-_grad(p) for p in params]
             directions = [proposal]
             if self.orthogonalize:
+                # bf16 iterations, as Muon: only a direction, measured by the exact model
                 polar = [
-                    linalg.orthogonalize(d) if matrix else d
+                    linalg.orthogonalize(d, dtype=torch.bfloat16) if matrix else d
                     for d, matrix in zip(proposal, self._matrices)
                 ]
                 directions = [proposal, polar] if self.orthogonalize == "mix" else [polar]

@@ -39,6 +39,14 @@ def test_singular_vectors_kept_and_values_flattened(rows, cols, log_condition, s
     assert out.shape == g.shape and out.dtype == g.dtype
 
 
+def test_a_bfloat16_iteration_is_close() -> None:
+    g = _matrix(40, 60, 1.0, seed=3).float()
+    exact = orthogonalize(g)
+    cheap = orthogonalize(g, dtype=torch.bfloat16)
+    assert cheap.dtype == torch.float32
+    assert float((cheap - exact).norm() / exact.norm()) < 0.05
+
+
 def test_shapes_dtypes_and_zero() -> None:
     conv = torch.randn(4, 3, 3, 3)
     out = orthogonalize(conv)
