@@ -379,12 +379,11 @@ def _model_minimum(
 
 def _solve_model(curvature: Tensor, linear: Tensor) -> Tensor:
     """Minimiser of ``½ cᵀ C c + linearᵀ c``
-    (concepts/natural_gradient.md#step-size-and-momentum-from-the-quadratic-model): ``c = −C⁻¹
-    linear``."""
+    (concepts/natural_gradient.md#step-size-and-momentum-from-the-quadratic-model): ``c = −C⁺
+    linear``, the minimum-norm one. ``C`` (float64, PSD) is singular when two directions
+    coincide (``δ₀ ∥ Δ``; a layer without gradient; with ``orthogonalize="mix"``, a layer
+    without a matrix, whose polar direction is its proposal): the pseudo-inverse splits
+    the coefficient between them instead of blowing up."""
     if curvature.shape[0] == 1:
         return -linear / curvature[0, 0]
-    try:
-        return -torch.linalg.solve(curvature, linear)
-    except torch.linalg.LinAlgError:  # e.g. δ₀ ∥ Δ, or a layer without gradient: the
-        # minimum-norm minimiser (zero coefficients on the degenerate directions)
-        return -torch.linalg.pinv(curvature, hermitian=True) @ linear
+    return -torch.linalg.pinv(curvature, hermitian=True, rtol=1e-12) @ linear

@@ -123,3 +123,18 @@ def test_kfac_optimizer_takes_keyword_batches() -> None:
         opt.step(lambda: loss_fn(model(**batch, scale=0.5), y))
     with torch.no_grad():
         assert float(loss_fn(model(**batch, scale=0.5), y)) < first
+
+
+@pytest.mark.parametrize("orthogonalize", [True, "mix"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet_bn_train", "gpt_char", "lstm"])
+def test_kfac_optimizer_with_orthogonalized_directions_trains(name: str, orthogonalize) -> None:
+    """Polar directions, alone or beside the proposals (``"mix"``: a BatchNorm layer's
+    polar direction is its proposal, a singular model the pseudo-inverse handles)."""
+    from tests.zoo import case
+
+    model, loss_fn, x, y = _setup(case(name))
+    opt = curvlab.KFACOptimizer(model, loss_fn, orthogonalize=orthogonalize)
+    start = float(opt.step(lambda: loss_fn(model(x), y)))
+    for _ in range(STEPS - 1):
+        opt.step(lambda: loss_fn(model(x), y))
+    _assert_trained(model, loss_fn, x, y, start)
