@@ -157,15 +157,15 @@ class KFACOptimizer(torch.optim.Optimizer):
             distribution="local",  # the quadratic model reads this process's batch only
         )
         names = curvature.param_names
-        self._groups = (
-            step_groups(names, max_step_groups)
-            if step_sizes == "layer"
-            else [list(range(len(names)))]
-        )
         self._matrices = [
             p.dim() >= 2 and not isinstance(_owner(curvature.model, n), nn.Embedding)
             for n, p in zip(names, curvature.params)
         ]  # the proposals orthogonalize=True replaces by polar factors
+        self._groups = (
+            step_groups(names, max_step_groups, [p.dim() >= 2 for p in curvature.params])
+            if step_sizes == "layer"
+            else [list(range(len(names)))]
+        )
         self._held_damping: float | None = None  # λ + η of the last inversion step
         self.steps = 0
         # α, μ (per-layer means with step_sizes="layer"), ρ, λ of the last step, for logging
@@ -330,14 +330,24 @@ class KFACOptimizer(torch.optim.Optimizer):
 STEP_SIZES = ("layer", "global")
 
 
-def step_groups(names: Sequence[str], limit: int) -> list[list[int]]:
+def step_groups(
+    names: Sequence[str], limit: int, matrices: Sequence[bool] | None = None
+) -> list[list[int]]:
     """Indices of ``names`` grouped by the module that owns each parameter (its dotted
-    path without the last part), in order; more than ``limit`` groups are merged into
-    ``limit`` runs of consecutive groups with about equal parameter counts."""
+    path without the last part), in order. With ``matrices`` (whether each parameter is a
+    weight matrix), a module without one (a normalisation layer, a lone bias) joins the
+    group before it: its few parameters do not need a step size of their own, and each
+    group costs two double-backward passes. More than ``limit`` groups are merged into
+    ``limit`` runs of consecutive groups."""
     owners: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         owners.setdefault(name.rpartition(".")[0], []).append(i)
-    groups = list(owners.values())
+    groups: list[list[int]] = []
+    for members in owners.values():
+        if groups and matrices is not None and not any(matrices[i] for i in members):
+            groups[-1].extend(members)
+        else:
+            groups.append(list(members))
     if len(groups) <= limit:
         return groups
     merged: list[list[int]] = [[] for _ in range(limit)]

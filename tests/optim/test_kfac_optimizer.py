@@ -117,6 +117,12 @@ def test_step_groups_follow_the_modules_and_merge_beyond_the_limit() -> None:
     assert step_groups(names, 16) == [[0, 1], [2, 3], [4], [5]]
     assert step_groups(names, 2) == [[0, 1, 2, 3], [4, 5]]
     assert step_groups(names, 1) == [[0, 1, 2, 3, 4, 5]]
+    # a module without a weight matrix (a norm layer, a raw scale) joins the one before it
+    norm = ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"]
+    assert step_groups(norm, 16, [True, False, False, False, True, False]) == [
+        [0, 1, 2, 3],
+        [4, 5],
+    ]
     model, loss_fn = MLP_CE.build()
     with pytest.raises(ValueError, match="unknown step_sizes 'block'"):
         curvlab.KFACOptimizer(model, loss_fn, step_sizes="block")
