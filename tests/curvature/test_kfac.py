@@ -297,20 +297,57 @@ def test_decompositions_are_cached_until_the_factors_change(monkeypatch) -> None
 # --- layer selection -------------------------------------------------------------------------
 
 
+class _OwnLinear(nn.Linear):
+    """A user's layer type: no rule until one is registered."""
+
+
+@pytest.mark.parametrize("name", ["kfac", "kfc", "ekfac", "block_tridiagonal_kfac"])
+def test_a_registered_rule_gives_kronecker_blocks_in_every_kronecker_backend(name) -> None:
+    from curvlab.extraction import layers as layer_rules
+
+    def build(layer_type: type[nn.Linear]) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(layer_type(4, 5), nn.Tanh(), layer_type(5, 3)).to(DTYPE)
+
+    def make(model: nn.Module):
+        if name == "block_tridiagonal_kfac":
+            return curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact")
+        return curvlab.make(name, model, loss_fn, fisher_type="exact")
+
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.randn(8, 4, dtype=DTYPE)
+    y = torch.randint(0, 3, (8,))
+    if name == "block_tridiagonal_kfac":  # it chains Kronecker blocks only
+        with pytest.raises(ValueError, match="have no Kronecker rule"):
+            make(build(_OwnLinear))
+    else:
+        assert set(make(build(_OwnLinear)).coverage().values()) != {"kronecker"}
+    layer_rules.register_kronecker_rule(_OwnLinear, layer_rules.KRONECKER_RULES[nn.Linear])
+    try:
+        own = make(build(_OwnLinear))
+        assert set(own.coverage().values()) == {"kronecker"}
+        own.update(x, y)
+        plain = make(build(nn.Linear))
+        plain.update(x, y)
+        torch.testing.assert_close(own.to_dense(), plain.to_dense())
+    finally:
+        del layer_rules.KRONECKER_RULES[_OwnLinear]
+
+
 def test_unsupported_layer_is_named_and_can_be_excluded() -> None:
     case = next(c for c in CASES if c.id == "conv2d-ce-mean")
     model, loss_fn = case.build()
-    with pytest.raises(ValueError, match=r"module '0' \(Conv2d\).*Linear, Embedding only.*exclude"):
-        curvlab.KFAC(model, loss_fn, strict=True)
-    covered = curvlab.KFAC(model, loss_fn)  # the convolution gets a diagonal block
-    assert covered.coverage() == {
-        "3.weight": "kronecker",
-        "3.bias": "kronecker",
-        "0.weight": "diagonal",
-        "0.bias": "diagonal",
-    }
+    # KFAC covers convolutions (the rule table decides; KFC is the same backend)
+    assert set(curvlab.KFAC(model, loss_fn).coverage().values()) == {"kronecker"}
+    torch.manual_seed(0)
+    normed = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).to(DTYPE)
+    with pytest.raises(ValueError, match=r"module '1' \(LayerNorm\).*Linear.*Conv2d.*exclude"):
+        curvlab.KFAC(normed, nn.CrossEntropyLoss(), strict=True)
+    covered = curvlab.KFAC(normed, nn.CrossEntropyLoss())  # the norm gets a diagonal block
+    assert covered.coverage()["1.weight"].startswith("diagonal")
+    assert covered.coverage()["0.weight"] == "kronecker"
     kfac = curvlab.KFAC(model, loss_fn, fisher_type="exact", exclude=["0"])
-    assert [layer.name for layer in kfac.layers] == ["3"]
+    assert [layer.name for layer in kfac.layers] == ["3"]  # excluded: not even diagonal
     assert kfac.params == list(model[3].parameters())
     kfac.update(*case.data())
     # the excluded conv's BackPACK quantities do not linger on its parameters

@@ -1,5 +1,5 @@
 """Kronecker-factored backends, on one base (:mod:`~curvlab.curvature.kronecker.factored`):
-``KFAC`` (Linear, Embedding) and ``KFC`` (+ convolutions) with independent layer blocks,
+``KFAC`` (its other name ``KFC``; every layer of the rule table) with independent blocks,
 ``BlockTridiagonalKFAC`` with consecutive layers coupled, and ``EKFAC``. The math is on
 the docs page ``concepts/kronecker.md``."""
 

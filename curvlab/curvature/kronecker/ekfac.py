@@ -71,8 +71,6 @@ class EKFAC(BlockDiagonalKronecker):
             keep it. ``S*`` restarts in the new basis.
     """
 
-    supported_layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
     def __init__(
         self,
         model: nn.Module,

@@ -110,7 +110,10 @@ class KroneckerFactored(Curvature):
     and, for a block-diagonal structure, ``_layer_spectra``.
     """
 
-    supported_layers: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding)
+    #: Restrict Kronecker blocks to these layer types; ``None`` (every shipped backend):
+    #: the rule table alone decides (``layers.KRONECKER_RULES``: ``Linear``, ``ConvNd``,
+    #: ``Embedding`` and every type registered with ``register_kronecker_rule``).
+    supported_layers: tuple[type[nn.Module], ...] | None = None
     #: Whether the extraction also keeps per-sample patches and columns (EKFAC, and the
     #: block-tridiagonal structure's cross moments).
     _keep_raw: bool = False
@@ -214,8 +217,10 @@ class KroneckerFactored(Curvature):
                     "outputs' gradients cannot be observed"
                 )
         rule = layer_rules.rule_for(module)
-        if rule is None or not isinstance(module, self.supported_layers):
-            supported = ", ".join(cls.__name__ for cls in self.supported_layers)
+        allowed = self.supported_layers
+        if rule is None or (allowed is not None and not isinstance(module, allowed)):
+            types = allowed if allowed is not None else tuple(layer_rules.KRONECKER_RULES)
+            supported = ", ".join(cls.__name__ for cls in types)
             return f"{type(self).__name__} has Kronecker rules for {supported} only"
         rule.check(module)
         weight = getattr(module, "weight", None)

@@ -1,5 +1,5 @@
-"""``KFAC`` (Linear and Embedding layers; Martens & Grosse 2015) and ``KFC`` (+ convolutions;
-Grosse & Martens 2016): one independent block ``kron(G, A)`` per layer.
+"""``KFAC`` (Martens & Grosse 2015; convolutions as in Grosse & Martens 2016) and its other
+name ``KFC``: one independent block ``kron(G, A)`` per layer of the rule table.
 
 The factors, the layer selection and the diagonal blocks of every other parameter are
 :class:`~curvlab.curvature.kronecker.factored.KroneckerFactored`'s; this module adds how a
@@ -47,8 +47,10 @@ class KFAC(BlockDiagonalKronecker):
     """Kronecker-factored approximate curvature, one ``kron(G, A)`` block per layer.
 
     Args:
-        model: the network; ``nn.Linear`` and ``nn.Embedding`` layers get Kronecker blocks
-            (``KFC`` adds convolutions), every other trainable parameter a diagonal block.
+        model: the network; every layer type of the rule table gets Kronecker blocks
+            (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` and the types registered
+            with :func:`curvlab.extraction.layers.register_kronecker_rule`), every other
+            trainable parameter a diagonal block.
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` (mean or sum).
         fisher_type: ``"mc"`` (default, Martens & Grosse's sampled labels), ``"exact"``
             (the loss Hessian's square root: K-FAC of the exact Fisher/GGN) or
@@ -314,7 +316,8 @@ class KFAC(BlockDiagonalKronecker):
 
 @register("kfc")
 class KFC(KFAC):
-    """K-FAC with convolutions (Grosse & Martens 2016): ``nn.Linear`` and ``nn.Conv1d/2d/3d``.
+    """K-FAC with convolutions (Grosse & Martens 2016): the same backend as :class:`KFAC`,
+    which covers convolutions too; kept as the name of the convolutional recipe.
 
     For a convolution, ``kfac_approx="expand"`` is KFC: ``A = Ω/|T|`` from the unfolded input
     patches and ``G = |T|·Γ`` from the per-location output gradients
@@ -322,8 +325,6 @@ class KFC(KFAC):
     padding (zeros) and dilation are supported; grouped convolutions raise a clear error.
     Arguments as for :class:`KFAC`.
     """
-
-    supported_layers = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _psd_eig(M: Tensor, name: str) -> linalg.SymmetricEigen:
