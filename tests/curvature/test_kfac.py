@@ -334,6 +334,22 @@ def test_a_registered_rule_gives_kronecker_blocks_in_every_kronecker_backend(nam
         del layer_rules.KRONECKER_RULES[_OwnLinear]
 
 
+def test_exclude_and_layers_take_glob_patterns() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 5), nn.LayerNorm(5), nn.Linear(5, 3)
+    ).to(DTYPE)
+    loss_fn = nn.CrossEntropyLoss()
+    by_pattern = curvlab.KFAC(model, loss_fn, exclude=["[13]"])  # both LayerNorms
+    by_name = curvlab.KFAC(model, loss_fn, exclude=["1", "3"])
+    assert by_pattern.param_names == by_name.param_names
+    assert not any(n.startswith(("1.", "3.")) for n in by_pattern.param_names)
+    only_first = curvlab.KFAC(model, loss_fn, layers=["0*"])
+    assert only_first.param_names == ["0.weight", "0.bias"]
+    with pytest.raises(ValueError, match=r"exclude pattern '\*attn\*' matches no module"):
+        curvlab.KFAC(model, loss_fn, exclude=["*attn*"])
+
+
 def test_unsupported_layer_is_named_and_can_be_excluded() -> None:
     case = next(c for c in CASES if c.id == "conv2d-ce-mean")
     model, loss_fn = case.build()

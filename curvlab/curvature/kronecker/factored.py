@@ -48,6 +48,7 @@ where rows map to the layer's samples or positions
 from __future__ import annotations
 
 import abc
+import fnmatch
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -97,7 +98,8 @@ class KroneckerFactored(Curvature):
         fisher_type: ``"mc"``, ``"exact"`` or ``"empirical"``.
         mc_samples: sampled labels per input for ``"mc"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` (weight sharing).
-        layers, exclude: which modules get blocks (objects or names).
+        layers, exclude: which modules get blocks (objects, names, or glob patterns over
+            names such as ``"blocks.*.attn*"``; a pattern must match a module).
         strict: refuse parameters without a Kronecker block instead of a diagonal block.
         statistics_fraction: factors from this share of each batch.
         separate_bias: weight and bias in separate blocks (no weight–bias cross entries
@@ -572,9 +574,18 @@ def check_dtype(dtype: torch.dtype | None, arg: str, owner: str) -> torch.dtype 
 def _resolve(model: nn.Module, specs: Sequence[LayerSpec], arg: str, owner: str) -> set[int]:
     by_name = dict(model.named_modules())
     members = {id(m) for m in by_name.values()}
-    ids = set()
+    ids: set[int] = set()
     for spec in specs:
-        if isinstance(spec, str):
+        if isinstance(spec, str) and spec not in by_name and any(c in spec for c in "*?["):
+            # a glob over module names ("blocks.*.attn", "*norm*"); it must match something
+            matched = [m for name, m in by_name.items() if name and fnmatch.fnmatchcase(name, spec)]
+            if not matched:
+                raise ValueError(
+                    f"{owner}: {arg} pattern {spec!r} matches no module; modules with "
+                    f"parameters: {[layer.name for layer in find_layers(model)]}."
+                )
+            ids.update(id(m) for m in matched)
+        elif isinstance(spec, str):
             if spec not in by_name:
                 raise ValueError(
                     f"{owner}: {arg} names unknown module {spec!r}; modules with parameters: "

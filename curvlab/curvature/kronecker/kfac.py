@@ -67,7 +67,8 @@ class KFAC(BlockDiagonalKronecker):
             :class:`~curvlab.BlockTridiagonalKFAC` with the same layer types instead
             (kept so that ``curvlab.make("kfac", ..., structure=...)`` selects it).
         layers: only these modules (objects or names from ``model.named_modules()``).
-        exclude: modules to leave out; their parameters are not in ``params``.
+        exclude: modules to leave out (objects, names or glob patterns over names, e.g.
+            ``["*norm*", "head"]``); their parameters are not in ``params``.
         strict: refuse (``ValueError`` naming the module and the reason) any trainable
             parameter without a Kronecker block instead of giving it a diagonal block.
         engine: ``"auto"``, ``"hooks"`` or ``"backpack"`` (see :class:`~curvlab.Curvature`).
