@@ -197,8 +197,10 @@ class BatchResult:
             raise RuntimeError(
                 f"No Kronecker statistics for layer '{name}' ({type(module).__name__}) in this "
                 "batch: the layer was not called (through its forward) in the forward pass "
-                "that produced the loss. Layers called functionally (e.g. the projections "
-                "inside nn.MultiheadAttention) cannot get Kronecker blocks."
+                "that produced the loss. A module the forward does not use (e.g. an "
+                f"auxiliary head) can be left out with exclude=['{name}']; layers called "
+                "functionally (e.g. the projections inside nn.MultiheadAttention) cannot get "
+                "Kronecker blocks."
             )
         return found
 

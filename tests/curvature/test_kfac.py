@@ -502,3 +502,25 @@ def test_separate_bias_equals_curvlinops_separate_weight_and_bias(kfac_approx) -
     flat = torch.cat([t.reshape(-1) for t in v])
     expected = torch.linalg.solve(kfac.to_dense() + 0.1 * torch.eye(len(flat), dtype=DTYPE), flat)
     _close(torch.cat([t.reshape(-1) for t in kfac.solve(v, 0.1)]), expected, rtol=1e-9)
+
+
+def test_an_unused_module_is_named_with_how_to_leave_it_out() -> None:
+    """A module the forward never calls (an auxiliary head): the error names it and the
+    ``exclude=`` that leaves it out; with it excluded, the curvature works."""
+
+    class WithAuxHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(torch.tanh(self.body(x)))
+
+    torch.manual_seed(0)
+    model, loss_fn = WithAuxHead(), nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(RuntimeError, match=r"layer 'aux'.*exclude=\['aux'\]"):
+        curvlab.KFAC(model, loss_fn).update(x, y)
+    kfac = curvlab.KFAC(model, loss_fn, exclude=["aux"])
+    kfac.update(x, y)
+    assert "aux.weight" not in kfac.param_names
