@@ -497,8 +497,13 @@ class Recording(HookOwner):
 
 def _graph_nodes(t: Tensor) -> set[Any]:
     """Every autograd node ``t`` depends on."""
+    return _reachable([t.grad_fn])
+
+
+def _reachable(starts: list[Any]) -> set[Any]:
+    """The autograd nodes ``starts`` and everything they depend on."""
     seen: set[Any] = set()
-    stack = [t.grad_fn]
+    stack = list(starts)
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -687,15 +692,7 @@ def _coupled_nodes(loss: Tensor) -> set[Any]:
     """The autograd nodes of ``loss``'s graph whose gradient mixes the samples: every node
     feeding an operation that couples them (batch normalisation with batch statistics)."""
     couplers = [node for node in _graph_nodes(loss) if _couples_samples(node)]
-    seen: set[Any] = set()
-    stack = [nxt for node in couplers for nxt, _ in node.next_functions]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return seen
+    return _reachable([nxt for node in couplers for nxt, _ in node.next_functions])
 
 
 def _couples_samples(node: Any) -> bool:
