@@ -444,7 +444,7 @@ class Curvature(abc.ABC):
             with recording.paused():  # an engine's replay of the batch is not a new pass
                 extraction.accumulate_recorded([self], recording, loss)
         finally:
-            recording.taken_inputs = None
+            recording.taken_inputs = recording.taken_call = None
 
     def check_batch(self, loss: Tensor) -> None:
         """Raise the validation error of the recorded batch that produced ``loss`` (e.g.

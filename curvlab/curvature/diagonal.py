@@ -1,8 +1,11 @@
 """``DiagonalFisher``: the diagonal of the Fisher (BackPACK's ``DiagGGN`` analogue).
 
 :class:`DiagonalBlocks` is the shared piece: the diagonal ``d = Σ_b w_b Σ_k V_{b,k}²`` of a
-set of parameters' curvature, accumulated from factor rows (one row per loss row and
-output column, MC sample or observed label; concepts/models.md#extraction-engines). The Kronecker
+set of parameters' curvature, the squares of the per-row gradients ``V`` (one row per loss
+row and output column, MC sample or observed label;
+:class:`~curvlab.extraction.requests.ParameterDiagonal`, from per-sample gradients of a
+replayed forward pass where the model treats its samples independently;
+concepts/models.md#extraction-engines). The Kronecker
 backends cover the parameters that have no Kronecker rule (normalisation layers, raw
 ``nn.Parameter``s, recurrent weights, transposed convolutions, tied weights) with it.
 Its damped inverse is exact: ``(d + λ)⁻¹``. With ``at_layers=True`` (the Kronecker
@@ -24,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.curvature.base import Curvature, DecompositionBlock, Layer, NamedTensor, Vector
-from curvlab.extraction import BatchResult, FactorRows, Request, check_fisher_type, check_mc_samples
+from curvlab.extraction import BatchResult, Request, check_fisher_type, check_mc_samples
 from curvlab.extraction import layers as layer_rules
-from curvlab.extraction.requests import DiagonalStatistics
+from curvlab.extraction.requests import DiagonalStatistics, ParameterDiagonal
 from curvlab.registry import register
 
 
@@ -57,7 +60,7 @@ class DiagonalBlocks:
         self._local = {id(p) for layer in local for p in layer.params}
         rest = tuple(p for p in self.params if id(p) not in self._local)
         self.requests: list[Request] = []
-        self._rows = FactorRows(fisher_type, rest, mc_samples)
+        self._rows = ParameterDiagonal(fisher_type, rest, mc_samples)
         self._stats = DiagonalStatistics(
             fisher_type, tuple(layer.module for layer in local), mc_samples, coupled=coupled
         )
@@ -71,9 +74,7 @@ class DiagonalBlocks:
         return len(self.params)
 
     def _batch_diagonal(self, result: BatchResult, p: Tensor, name: str) -> Tensor:
-        if id(p) in self._local:
-            return result.diagonal(self._stats, p, name)
-        return result.factor_rows(self._rows, p, name).square().sum(0).reshape(p.shape)
+        return result.diagonal(self._stats if id(p) in self._local else self._rows, p, name)
 
     def accumulate(self, result: BatchResult, weight: float) -> None:
         batch = [

@@ -24,11 +24,13 @@ from torch import Tensor, nn
 
 from curvlab.extraction import backpack_engine, hooks
 from curvlab.extraction.losses import FISHER_TYPES, batch_scale, has_extra_axes, loss_rows
+from curvlab.extraction.replay import ModelReplay, replayable
 from curvlab.extraction.requests import (
     BatchResult,
     FactorRows,
     KroneckerBatch,
     KroneckerStatistics,
+    ParameterDiagonal,
     Request,
     check_fisher_type,
     check_mc_samples,
@@ -62,6 +64,7 @@ __all__ = [
     "FactorRows",
     "KroneckerBatch",
     "KroneckerStatistics",
+    "ParameterDiagonal",
     "Request",
     "check_engine",
     "check_fisher_type",
@@ -179,25 +182,20 @@ def extract(
             graph_loss = loss_fn(outputs, targets)
         _check_finite(graph_loss)
         call, calls = recording.take(graph_loss)
+        replay = ModelReplay(model, (inputs,), outputs) if isinstance(outputs, Tensor) else None
         result = hooks.compute(
-            loss_fn, call, calls, requests, scale=scale, batch_size=_batch_size((inputs,))
+            loss_fn,
+            call,
+            calls,
+            requests,
+            scale=scale,
+            batch_size=_batch_size((inputs,)),
+            replay=replay,
         )
         loss = graph_loss.detach()
     for c in curvatures:
         c._consume(result)
     return loss
-
-
-def replayable(model: nn.Module) -> bool:
-    """Whether a second forward pass of ``model`` gives the same outputs and leaves it as
-    it was: no dropout and no BatchNorm running statistics in training mode."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-    from torch.nn.modules.dropout import _DropoutNd
-
-    return not any(
-        m.training and (isinstance(m, _BatchNorm) or (isinstance(m, _DropoutNd) and m.p > 0))
-        for m in model.modules()
-    )
 
 
 def accumulate_recorded(
@@ -225,8 +223,18 @@ def accumulate_recorded(
     if engine == "backpack" and inputs is not None:
         _, result = backpack_engine.run(model, loss_fn, inputs[0], call.targets, requests)
     else:
+        taken = recording.taken_call
+        replay = (
+            None if taken is None else ModelReplay(model, taken.inputs, taken.output, taken.kwargs)
+        )
         result = hooks.compute(
-            loss_fn, call, calls, requests, scale=scale, batch_size=_batch_size(inputs)
+            loss_fn,
+            call,
+            calls,
+            requests,
+            scale=scale,
+            batch_size=_batch_size(inputs),
+            replay=replay,
         )
     for c in curvatures:
         c._consume(result)

@@ -55,6 +55,7 @@ from curvlab.extraction.requests import (
     FactorRows,
     KroneckerBatch,
     KroneckerStatistics,
+    ParameterDiagonal,
     Request,
 )
 
@@ -249,8 +250,9 @@ def _extensions(requests: Sequence[Request]) -> list[BackpropExtension]:
     chosen: dict[str, tuple[tuple[Any, ...], BackpropExtension]] = {}
     for r in requests:
         key: tuple[Any, ...]
-        if isinstance(r, FactorRows):
-            ext, key = fisher_extension(r.fisher_type, r.mc_samples), r.key
+        if isinstance(r, (FactorRows, ParameterDiagonal)):
+            rows = r if isinstance(r, FactorRows) else r.rows()
+            ext, key = fisher_extension(rows.fisher_type, rows.mc_samples), rows.key
         elif isinstance(r, KroneckerStatistics):
             ext = kronecker_extension(r.fisher_type, r.kfac_approx, r.mc_samples, r.keep_raw)
             key = r.key
@@ -283,7 +285,7 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
     for r in requests:
         if r.fisher_type not in FISHER_TYPES:
             return f"unknown fisher_type {r.fisher_type!r}"
-        if not isinstance(r, (FactorRows, KroneckerStatistics)):
+        if not isinstance(r, (FactorRows, KroneckerStatistics, ParameterDiagonal)):
             modules = getattr(r, "modules", ())
             culprit = (
                 f"module '{names.get(id(modules[0]), '?')}' ({type(modules[0]).__name__}) needs "
@@ -423,9 +425,7 @@ def run(
 def _collect(model: nn.Module, requests: Sequence[Request], result: BatchResult) -> BatchResult:
     """Move BackPACK's results off the parameters into ``result``."""
     for r in requests:
-        if not isinstance(r, (FactorRows, KroneckerStatistics)):
-            continue
-        if isinstance(r, FactorRows):
+        if isinstance(r, (FactorRows, ParameterDiagonal)):
             store = result.rows.setdefault(r.key, {})
             for p in r.params:
                 raw = getattr(p, _SAVEFIELDS[r.fisher_type], None)
@@ -435,7 +435,15 @@ def _collect(model: nn.Module, requests: Sequence[Request], result: BatchResult)
                 if r.fisher_type == "empirical":
                     rows = rows * sqrt(result.scale.inv_reduction)
                 store[id(p)] = rows
-        else:
+            if isinstance(r, ParameterDiagonal):  # the squares of the rows, not the rows
+                squares = result.rows.pop(r.key)
+                result.diagonals[r.key] = {
+                    id(p): squares[id(p)].square().sum(0).reshape(p.shape)
+                    if id(p) in squares
+                    else layers.statistics_dtype(torch.zeros_like(p))
+                    for p in r.params
+                }
+        elif isinstance(r, KroneckerStatistics):
             field = _kron_savefield(r.fisher_type, r.kfac_approx, r.keep_raw)
             kstore = result.kronecker.setdefault(r.key, {})
             for m in r.modules:

@@ -34,7 +34,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, SupportsIndex
 
 import torch
@@ -43,12 +43,14 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab.extraction import layers
 from curvlab.extraction.losses import BatchScale, batch_scale, loss_rows, output_columns
+from curvlab.extraction.replay import ModelReplay, only_through, per_sample_squares, sample_count
 from curvlab.extraction.requests import (
     BatchResult,
     DiagonalStatistics,
     FactorRows,
     KroneckerBatch,
     KroneckerStatistics,
+    ParameterDiagonal,
     Request,
 )
 
@@ -68,11 +70,12 @@ class LayerCall:
 
 @dataclass(eq=False)
 class ModelCall:
-    """One call of the whole model: its positional inputs and its output."""
+    """One call of the whole model: its positional and keyword inputs and its output."""
 
     inputs: tuple[Any, ...]
     output: Any
     seq: int = 0
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -331,6 +334,8 @@ class Recording(HookOwner):
         self.model_calls: list[ModelCall] = []
         #: inputs of the model call that produced the last loss :meth:`take` returned
         self.taken_inputs: tuple[Any, ...] | None = None
+        #: the model call whose output the last loss :meth:`take` returned depends on
+        self.taken_call: ModelCall | None = None
         self._hooks = HookSet(self)
         self._seq = 0  # the seq of the next record
         self._starts: list[int] = []  # seq at which each kept forward pass began
@@ -344,7 +349,9 @@ class Recording(HookOwner):
     def __getstate__(self) -> dict[str, Any]:
         # a copy (deepcopy, pickle) starts with no records: they hold this model's graph
         state = dict(vars(self))
-        state.update(calls=[], losses=[], model_calls=[], taken_inputs=None, _starts=[])
+        state.update(
+            calls=[], losses=[], model_calls=[], taken_inputs=None, taken_call=None, _starts=[]
+        )
         state["_window_dropped"] = False
         return state
 
@@ -355,7 +362,7 @@ class Recording(HookOwner):
                 self._hooks.forward(module, "_record_layer")
             if self.model is not None:
                 self._hooks.forward_pre(self.model, "_begin_forward")
-                self._hooks.forward(self.model, "_record_model")
+                self._hooks.forward(self.model, "_record_model", with_kwargs=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -371,6 +378,7 @@ class Recording(HookOwner):
         self.losses = []
         self.model_calls = []
         self.taken_inputs = None
+        self.taken_call = None
         self._starts = []
         self._window_dropped = False
 
@@ -413,9 +421,11 @@ class Recording(HookOwner):
             losses = [c for c in losses if not gone & _graph_nodes(c.loss)]
         self.losses = losses
 
-    def _record_model(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _record_model(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         if self._recording_now() and isinstance(output, Tensor) and output.requires_grad:
-            self.model_calls.append(ModelCall(args, output, self._next_seq()))
+            self.model_calls.append(ModelCall(args, output, self._next_seq(), dict(kwargs)))
 
     def model_inputs(self, outputs: Tensor) -> tuple[Any, ...] | None:
         """The inputs of the recorded model call whose output is ``outputs``, if any."""
@@ -490,6 +500,9 @@ class Recording(HookOwner):
         self.calls = [c for c in self.calls if id(c) not in taken]
         self.losses = [c for c in self.losses if c is not call]
         self.taken_inputs = self.model_inputs(call.raw_outputs)
+        self.taken_call = next(
+            (c for c in reversed(self.model_calls) if c.output.grad_fn in nodes), None
+        )
         self.model_calls = [c for c in self.model_calls if c.output is not call.raw_outputs]
         self._drop(before=min([c.seq for c in mine] + [call.seq]), taken=mine)
         return call, mine
@@ -565,11 +578,14 @@ def compute(
     requests: Sequence[Request],
     scale: BatchScale | None = None,
     batch_size: int | None = None,
+    replay: ModelReplay | None = None,
 ) -> BatchResult:
     """Answer ``requests`` for the batch of ``call`` (see the module docstring).
 
     ``scale``: the batch's :class:`BatchScale` if already computed; ``batch_size``: the
-    number of samples of the model call (its first input's leading size), if known.
+    number of samples of the model call (its first input's leading size), if known;
+    ``replay``: the model call that produced the loss's input, for per-sample gradients
+    of the parameters in :class:`ParameterDiagonal` requests.
     """
     if scale is None:
         scale = batch_scale(loss_fn, call.outputs, call.targets)
@@ -634,7 +650,90 @@ def compute(
             # None: the loss does not depend on p, its rows are zero
             rows = per_row.new_zeros(per_row.shape[0], p.numel()) if maybe is None else maybe
             rows_store[id(p)] = layers.statistics_dtype(rows.reshape(per_row.shape[0], p.numel()))
+    squared = [r for r in requests if isinstance(r, ParameterDiagonal)]
+    for key in dict.fromkeys(r.columns_key for r in squared):
+        params = list(
+            {id(p): p for r in squared if r.columns_key == key for p in r.params}.values()
+        )
+        found = _parameter_squares(call, params, columns_for(key), scale.valid, key[0], replay)
+        for r in squared:
+            if r.columns_key == key:
+                result.diagonals.setdefault(r.key, {}).update(
+                    {id(p): found[id(p)] for p in r.params}
+                )
     return result
+
+
+def _parameter_squares(
+    call: LossCall,
+    params: Sequence[Tensor],
+    columns: Tensor,
+    valid: Tensor | None,
+    fisher_type: str,
+    replay: ModelReplay | None,
+) -> dict[int, Tensor]:
+    """``{id(p): Σ_{k,r} (∂ℓ/∂p)²_{k,r}}`` (shaped like ``p``): from per-sample gradients of
+    a replay of the model call where that is the same function (linear in the batch),
+    else from each counted row's columns backpropagated on their own."""
+    found = _replayed_squares(call, params, columns, valid, fisher_type, replay)
+    if found is None:
+        found = {}
+        for _, grads in _row_chunks(call.outputs, params, columns, valid):
+            for p, g in zip(params, grads):
+                if g is not None:
+                    square = layers.statistics_dtype(g).square().sum(0)
+                    found[id(p)] = square + found[id(p)] if id(p) in found else square
+    return {
+        id(p): found.get(id(p), layers.statistics_dtype(torch.zeros_like(p))).reshape(p.shape)
+        for p in params
+    }
+
+
+def _replayed_squares(
+    call: LossCall,
+    params: Sequence[Tensor],
+    columns: Tensor,
+    valid: Tensor | None,
+    fisher_type: str,
+    replay: ModelReplay | None,
+) -> dict[int, Tensor] | None:
+    """The squares of :func:`_parameter_squares` from per-sample gradients, or ``None``
+    where the replay cannot give them: no model call, loss rows that depend on several
+    samples of the model output, parameters used outside the model."""
+    if replay is None or not isinstance(replay.output, Tensor) or replay.output.dim() == 0:
+        return None
+    output = replay.output
+    if output.grad_fn is None or output.grad_fn not in _graph_nodes(call.outputs):
+        return None
+    if not only_through(output, call.outputs, params):
+        return None
+    n = sample_count(replay)
+    if n is None or output.shape[0] % n:
+        return None
+    # the model output as a layer whose samples are the model's
+    probe = LayerCall(replay.model, output.new_empty(n), output)
+    group = _rows_stay_in_their_samples(call.outputs, [probe], valid)
+    if group is None:
+        return None
+    if fisher_type == "mc" or group == 1:
+        # one column per draw, a sample's rows together (its one row; for "mc", unbiased:
+        # the draws of different rows are independent with zero mean)
+        chunks: Iterator[list[Tensor | None]] = iter([_vjp(call.outputs, [output], columns)])
+    else:
+        # one column per (draw, row of the sample): each sample's slice is one row's alone
+        chunks = (g for _, g in _row_chunks(call.outputs, [output], columns, valid, group))
+    total: dict[int, Tensor] = {}
+    for (cotangents,) in chunks:
+        if cotangents is None:
+            return None
+        with suspended_hooks(replay.model):  # no recording of the replay, no user hook
+            found = per_sample_squares(replay, params, cotangents.detach())
+        if found is None:
+            return None
+        for key, square in found.items():
+            square = layers.statistics_dtype(square)
+            total[key] = square + total[key] if key in total else square
+    return total
 
 
 #: one layer's share of a request: (request, layer, its calls, per-row columns needed?)
@@ -800,8 +899,8 @@ def _rows_stay_in_their_samples(
     for g in grads:
         if g is None:
             continue
-        for probe, samples in zip(g, silent):
-            if bool((probe[samples] != 0).any()):
+        for probe, samples in zip(g, silent):  # (a layer's rows may be m per sample)
+            if bool((probe.reshape(n, -1)[samples] != 0).any()):
                 return None
     return m
 

@@ -22,6 +22,7 @@ __all__ = [
     "FactorRows",
     "KroneckerBatch",
     "KroneckerStatistics",
+    "ParameterDiagonal",
     "Request",
     "check_fisher_type",
     "check_mc_samples",
@@ -126,7 +127,38 @@ class DiagonalStatistics:
         return (*self.columns_key, self.coupled)
 
 
-Request = FactorRows | KroneckerStatistics | DiagonalStatistics
+@dataclass(frozen=True, eq=False)
+class ParameterDiagonal:
+    """Per parameter, ``Σ_{k,r} (∂ℓ/∂θ)_{k,r}²`` over the loss rows ``r`` and output
+    columns ``k``: the diagonal of the Fisher of parameters that no layer rule serves (raw
+    ``nn.Parameter``s, tied weights, recurrent weights), as the squares of
+    :class:`FactorRows` would give it, without forming the rows.
+
+    The hooks engine takes per-sample gradients from a replay of the model's forward pass
+    where the model treats its samples independently (linear in the batch;
+    :mod:`curvlab.extraction.replay`), else one backward pass per loss row. For ``"mc"``
+    the columns of a sample's rows are summed first: the draws of different rows are
+    independent with zero mean, so the per-sample squares are an unbiased estimate.
+    """
+
+    fisher_type: str
+    params: tuple[nn.Parameter, ...]
+    mc_samples: int = 1
+
+    @property
+    def columns_key(self) -> tuple[str, int]:
+        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return ("parameters", *self.columns_key)
+
+    def rows(self) -> FactorRows:
+        """The factor rows whose squares this is (for engines that form rows)."""
+        return FactorRows(self.fisher_type, self.params, self.mc_samples)
+
+
+Request = FactorRows | KroneckerStatistics | DiagonalStatistics | ParameterDiagonal
 
 
 @dataclass(frozen=True)
@@ -168,7 +200,9 @@ class BatchResult:
     kronecker: dict[tuple[Any, ...], dict[int, KroneckerBatch]] = field(default_factory=dict)
     diagonals: dict[tuple[Any, ...], dict[int, Tensor]] = field(default_factory=dict)
 
-    def diagonal(self, request: DiagonalStatistics, param: Tensor, name: str) -> Tensor:
+    def diagonal(
+        self, request: DiagonalStatistics | ParameterDiagonal, param: Tensor, name: str
+    ) -> Tensor:
         """``Σ_{k,n} g²`` of ``param`` (shaped like it) for ``request``."""
         found = self.diagonals.get(request.key, {}).get(id(param))
         if found is None:
@@ -207,7 +241,9 @@ class BatchResult:
 
 def validate_request(request: Any, owner: str) -> None:
     """Raise a ``TypeError``/``ValueError`` naming ``owner`` for a malformed request."""
-    if not isinstance(request, (FactorRows, KroneckerStatistics, DiagonalStatistics)):
+    if not isinstance(
+        request, (FactorRows, KroneckerStatistics, DiagonalStatistics, ParameterDiagonal)
+    ):
         raise TypeError(f"{owner}: unknown request {request!r}.")
     check_fisher_type(request.fisher_type, FISHER_TYPES, owner)
     check_mc_samples(request.mc_samples, owner)

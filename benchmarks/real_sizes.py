@@ -1,0 +1,115 @@
+"""Costs at realistic sizes, as ratios to one forward + backward pass of the same batch.
+
+* ``DiagonalFisher`` (MC and exact) on the optimizer race's character transformer (two
+  blocks, width 64, raw position parameter) at 128 tokens per sequence, for 2 and 8
+  sequences: its diagonal of the raw parameter comes from per-sample gradients of a
+  replayed forward pass, so the ratio stays flat in the batch;
+* ``KFAC`` (MC) on the same model, tied embedding and output head included;
+* ``KFAC`` (MC) on the MNIST-rows LSTM of the race (its LSTM weights in diagonal blocks).
+
+Usage: ``python -m benchmarks.real_sizes [--repeats 3]``. Prints one line per cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import curvlab
+from benchmarks.common import machine
+from benchmarks.optimizer_race import CharTransformer, RowLSTM
+
+
+def _best_of(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _lm(sequences: int, context: int, tied: bool) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = CharTransformer(96, context)
+    if tied:
+        model.head.weight = model.tok.weight
+    x = torch.randint(0, 96, (sequences, context))
+    y = torch.randint(0, 96, (sequences * context,))
+    return model, x, y
+
+
+def _lstm(batch: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return RowLSTM(), torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+
+
+def cell(
+    label: str,
+    build: Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]],
+    backend: str,
+    repeats: int,
+    **options: object,
+) -> float:
+    model, x, y = build()
+    loss_fn = nn.CrossEntropyLoss()
+
+    def gradient() -> None:
+        model.zero_grad()
+        loss_fn(model(x), y).backward()
+
+    curvature = curvlab.make(backend, model, loss_fn, **options)
+
+    def update() -> None:
+        curvature.reset()
+        curvature.update(x, y)
+
+    base = _best_of(gradient, repeats)
+    cost = _best_of(update, repeats)
+    ratio = cost / base
+    print(f"{label:<58} {cost * 1e3:9.1f} ms  {ratio:6.2f}× forward+backward", flush=True)
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(machine())
+    r = args.repeats
+    for n in (2, 8):
+        cell(
+            f"DiagonalFisher mc, LM 2×64, {n} seq × 128 tokens",
+            lambda n=n: _lm(n, 128, False),
+            "diagonal",
+            r,
+            fisher_type="mc",
+        )
+    exact = [
+        cell(
+            f"DiagonalFisher exact, LM 2×64, {n} seq × 16 tokens",
+            lambda n=n: _lm(n, 16, False),
+            "diagonal",
+            r,
+            fisher_type="exact",
+        )
+        for n in (2, 8)
+    ]
+    print(f"exact type: the ratio grows {exact[1] / exact[0]:.2f}× from 2 to 8 sequences")
+    cell(
+        "KFAC mc, LM 2×64 tied head, 8 seq × 128 tokens",
+        lambda: _lm(8, 128, True),
+        "kfac",
+        r,
+        fisher_type="mc",
+    )
+    cell("KFAC mc, MNIST-rows LSTM, batch 128", lambda: _lstm(128), "kfac", r, fisher_type="mc")
+
+
+if __name__ == "__main__":
+    main()
