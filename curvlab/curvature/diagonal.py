@@ -74,7 +74,10 @@ class DiagonalBlocks:
         return len(self.params)
 
     def _batch_diagonal(self, result: BatchResult, p: Tensor, name: str) -> Tensor:
-        return result.diagonal(self._stats if id(p) in self._local else self._rows, p, name)
+        request = self._stats if id(p) in self._local else self._rows
+        found = result.diagonals.get(request.key, {}).get(id(p))
+        # a layer the forward pass did not call adds nothing (as torch.optim skips it)
+        return found if found is not None else layer_rules.statistics_dtype(torch.zeros_like(p))
 
     def accumulate(self, result: BatchResult, weight: float) -> None:
         batch = [

@@ -227,13 +227,26 @@ class KFACOptimizer(torch.optim.Optimizer):
         for p in params:
             p.grad = None
         self.precond.backward(loss)
+        # a parameter the loss does not use (a module the forward did not call) is left as
+        # it is, as torch.optim skips a parameter without gradient
+        used = [p.grad is not None for p in params]
+        if not any(used):
+            raise RuntimeError("KFACOptimizer: no covered parameter got a gradient from the loss.")
         with torch.no_grad():
-            grads = [_grad(p) + self.l2 * p for p in params]  # ∇h with the ℓ2 term
+            for p, present in zip(params, used):
+                if not present:
+                    p.grad = torch.zeros_like(p)
+            grads = [
+                (_grad(p) + self.l2 * p) if present else _grad(p)  # ∇h with the ℓ2 term
+                for p, present in zip(params, used)
+            ]
             for p, g in zip(params, grads):
                 _grad(p).copy_(g)
         self.precond.step()  # p.grad <- F̆⁻¹ g
         with torch.no_grad():
-            proposal = [-_grad(p) for p in params]
+            proposal = [
+                -_grad(p) if present else torch.zeros_like(p) for p, present in zip(params, used)
+            ]
             directions = [proposal]
             if self.orthogonalize:
                 # bf16 iterations, as Muon: only a direction, measured by the exact model
@@ -275,9 +288,12 @@ class KFACOptimizer(torch.optim.Optimizer):
             adapt = self.lm.due(self.steps)
             if adapt and h0 is None:
                 h0 = self._objective(loss, params)
-            for p, d in zip(params, delta):
-                p.add_(d)
-                self.state[p]["delta"] = d
+            for p, d, present in zip(params, delta, used):
+                self.state[p]["delta"] = d  # zero where the parameter is not used
+                if present:
+                    p.add_(d)
+                else:
+                    p.grad = None
             rho = float("nan")
             if adapt:
                 assert h0 is not None

@@ -391,11 +391,14 @@ class NaturalGradient:
         if self.comm is not None and self._decompositions_due:
             self._share_decompositions(self.comm, damping)
         params = self.curvature.params
-        grads = []
-        for p, name in zip(params, self.curvature.param_names):
-            if p.grad is None:
-                raise RuntimeError(f"NaturalGradient.step: {missing_gradient(name)}")
-            grads.append(p.grad)
+        # a parameter without gradient (a module the forward did not use) is skipped, as
+        # torch.optim skips it: zero in the solve, its .grad left None
+        used = [p.grad is not None for p in params]
+        if not any(used):
+            raise RuntimeError(
+                f"NaturalGradient.step: {missing_gradient(self.curvature.param_names[0])}"
+            )
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if self.comm is None:  # distributed: checked by agree_on_step
             self._check_finite_gradients(grads)
         adapt = closure is not None and self.damping_policy.adaptation_due(self.steps)
@@ -410,8 +413,9 @@ class NaturalGradient:
         if adapt:
             assert closure is not None
             self.damping_policy.adapt(self._reduction_ratio(closure, grads, natural, lrs))
-        for g, n in zip(grads, natural):
-            g.copy_(n)
+        for g, n, present in zip(grads, natural, used):
+            if present:
+                g.copy_(n)
         self.steps += 1
         self._backward_done = False
         self._backward_calls = 0

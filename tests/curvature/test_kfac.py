@@ -504,23 +504,76 @@ def test_separate_bias_equals_curvlinops_separate_weight_and_bias(kfac_approx) -
     _close(torch.cat([t.reshape(-1) for t in kfac.solve(v, 0.1)]), expected, rtol=1e-9)
 
 
-def test_an_unused_module_is_named_with_how_to_leave_it_out() -> None:
-    """A module the forward never calls (an auxiliary head): the error names it and the
-    ``exclude=`` that leaves it out; with it excluded, the curvature works."""
+class _WithAuxHead(nn.Module):
+    """An auxiliary head (with a LayerNorm) the forward pass never calls."""
 
-    class WithAuxHead(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body, self.head, self.aux = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 2)
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(4, 5), nn.Linear(5, 3), nn.Linear(5, 2)
+        self.aux_norm = nn.LayerNorm(2)
 
-        def forward(self, x: Tensor) -> Tensor:
-            return self.head(torch.tanh(self.body(x)))
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.body(x)))
 
+
+def test_an_unused_module_is_skipped_as_torch_optim_skips_it() -> None:
+    """A module the forward never calls adds nothing to the curvature: the used layers'
+    blocks equal those of the model without it (``exclude=``), its own blocks are zero."""
     torch.manual_seed(0)
-    model, loss_fn = WithAuxHead(), nn.CrossEntropyLoss()
+    model, loss_fn = _WithAuxHead().to(DTYPE), nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 4, dtype=DTYPE), torch.randint(0, 3, (8,))
+    full = curvlab.KFAC(model, loss_fn, fisher_type="exact")
+    full.update(x, y)
+    without = curvlab.KFAC(model, loss_fn, fisher_type="exact", exclude=["aux", "aux_norm"])
+    without.update(x, y)
+    assert "aux.weight" in full.param_names and "aux.weight" not in without.param_names
+    kept = [full.param_names.index(n) for n in without.param_names]
+    sizes = [p.numel() for p in full.params]
+    starts = torch.tensor([0, *sizes]).cumsum(0)
+    index = torch.cat([torch.arange(int(starts[i]), int(starts[i + 1])) for i in kept])
+    dense = full.to_dense()
+    _close(dense[index][:, index], without.to_dense(), rtol=1e-12)
+    unused = torch.ones(dense.shape[0], dtype=torch.bool)
+    unused[index] = False
+    assert bool((dense[unused] == 0).all())
+    v = [torch.randn_like(p) for p in full.params]
+    assert all(torch.isfinite(t).all() for t in full.solve(v, 0.1))
+
+
+def test_backends_with_per_sample_statistics_name_an_unused_module() -> None:
+    """EKFAC keeps per-sample statistics of every layer: it names the unused module and the
+    ``exclude=`` that leaves it out; with it excluded, the curvature works."""
+    torch.manual_seed(0)
+    model, loss_fn = _WithAuxHead(), nn.CrossEntropyLoss()
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     with pytest.raises(RuntimeError, match=r"layer 'aux'.*exclude=\['aux'\]"):
-        curvlab.KFAC(model, loss_fn).update(x, y)
-    kfac = curvlab.KFAC(model, loss_fn, exclude=["aux"])
-    kfac.update(x, y)
-    assert "aux.weight" not in kfac.param_names
+        curvlab.EKFAC(model, loss_fn).update(x, y)
+    ekfac = curvlab.EKFAC(model, loss_fn, exclude=["aux"])
+    ekfac.update(x, y)
+    assert "aux.weight" not in ekfac.param_names
+
+
+@pytest.mark.parametrize("optimizer", ["natural_gradient", "kfac_optimizer"])
+def test_training_skips_an_unused_module(optimizer: str) -> None:
+    """The optimizers leave an unused module's parameters as they are (``.grad`` None),
+    as ``torch.optim`` does, and train the rest."""
+    torch.manual_seed(0)
+    model, loss_fn = _WithAuxHead(), nn.CrossEntropyLoss()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    aux = [p.detach().clone() for p in (*model.aux.parameters(), *model.aux_norm.parameters())]
+    start = float(loss_fn(model(x), y))
+    if optimizer == "natural_gradient":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        precond = curvlab.NaturalGradient(curvlab.KFAC(model, loss_fn), optimizer=opt)
+        for _ in range(5):
+            opt.zero_grad()
+            precond.backward(loss_fn(model(x), y))
+            precond.step()
+            opt.step()
+    else:
+        kfac_opt = curvlab.KFACOptimizer(model, loss_fn)
+        for _ in range(5):
+            kfac_opt.step(lambda: loss_fn(model(x), y))
+    after = [p for p in (*model.aux.parameters(), *model.aux_norm.parameters())]
+    assert all(torch.equal(a, b.detach()) and b.grad is None for a, b in zip(aux, after))
+    assert float(loss_fn(model(x), y)) < start

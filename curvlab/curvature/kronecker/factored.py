@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import abc
 import fnmatch
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -294,8 +295,19 @@ class KroneckerFactored(Curvature):
         self._add_factors(batches, weight)
 
     def _layer_batches(self, result: BatchResult) -> list[KroneckerBatch]:
+        """Each layer's statistics of the batch; a layer the forward pass did not call (an
+        auxiliary head) adds nothing, as ``torch.optim`` skips a parameter without
+        gradient (backends that keep per-sample statistics raise, naming it)."""
         request = self._kronecker_request()
-        return [result.kronecker_batch(request, layer.module, layer.name) for layer in self.layers]
+        batches = []
+        for layer in self.layers:
+            found = result.kronecker.get(request.key, {}).get(id(layer.module))
+            if found is None and not request.keep_raw:
+                found = _unused_layer_batch(layer.module)
+            if found is None:
+                found = result.kronecker_batch(request, layer.module, layer.name)  # raises
+            batches.append(found)
+        return batches
 
     def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
         if self._a_sum is None or self._g_sum is None:
@@ -345,7 +357,7 @@ class KroneckerFactored(Curvature):
 
     def _factor(self, k: int) -> KroneckerFactors:
         assert self._a_sum is not None and self._g_sum is not None
-        a = self._a_sum[k] / self._a_count[k]
+        a = self._a_sum[k] / max(self._a_count[k], 1)  # a layer never called: zero
         if self.separate_bias and layer_rules.has_trainable_bias(self.layers[k].module):
             cross = torch.ones_like(a, dtype=torch.bool)
             cross[:-1, :-1] = False
@@ -602,3 +614,12 @@ def _resolve(model: nn.Module, specs: Sequence[LayerSpec], arg: str, owner: str)
 def _as_matrix(layer: Layer, parts: list[Tensor]) -> Tensor:
     bias = parts[1] if len(parts) > 1 else None
     return layer_rules.to_matrix(layer.module, parts[0], bias)
+
+
+def _unused_layer_batch(module: nn.Module) -> KroneckerBatch:
+    """Zero statistics (no samples) of a layer the batch's forward pass did not call."""
+    d_out, d_in = layer_rules.weight_matrix_shape(module)
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    dtype = layer_rules.statistics_dtype(weight.detach()[:0]).dtype
+    zeros = functools.partial(torch.zeros, dtype=dtype, device=weight.device)
+    return KroneckerBatch(a_sum=zeros(d_in, d_in), count=0, g=zeros(d_out, d_out))
