@@ -131,7 +131,7 @@ class DiagonalStatistics:
 class ParameterDiagonal:
     """Per parameter, ``Σ_{k,r} (∂ℓ/∂θ)_{k,r}²`` over the loss rows ``r`` and output
     columns ``k``: the diagonal of the Fisher of parameters that no layer rule serves (raw
-    ``nn.Parameter``s, tied weights, recurrent weights), as the squares of
+    parameters, tied weights, recurrent weights), as the squares of
     :class:`FactorRows` would give it, without forming the rows.
 
     The hooks engine takes per-sample gradients from a replay of the model's forward pass
