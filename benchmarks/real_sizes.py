@@ -5,7 +5,8 @@
   sequences: its diagonal of the raw parameter comes from per-sample gradients of a
   replayed forward pass, so the ratio stays flat in the batch;
 * ``KFAC`` (MC) on the same model, tied embedding and output head included;
-* ``KFAC`` (MC) on the MNIST-rows LSTM of the race (its LSTM weights in diagonal blocks).
+* ``KFAC`` (MC) on the MNIST-rows LSTM of the race (its LSTM weights in diagonal blocks);
+* ``KFC`` (MC) on a ViT-like classifier with a raw class token and position parameter.
 
 Usage: ``python -m benchmarks.real_sizes [--repeats 3]``. Prints one line per cell.
 """
@@ -21,7 +22,27 @@ from torch import nn
 
 import curvlab
 from benchmarks.common import machine
-from benchmarks.optimizer_race import CharTransformer, RowLSTM
+from benchmarks.optimizer_race import Block, CharTransformer, RowLSTM
+
+
+class TinyViT(nn.Module):
+    """A ViT-like classifier: 4×4-pixel patches of a 28×28 image, a raw class token and
+    raw position parameters, two blocks of width 64 (the race's causal blocks), a head on
+    the class token."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, width)
+        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, width))
+        self.pos = nn.Parameter(0.02 * torch.randn(50, width))
+        self.blocks = nn.Sequential(Block(width, 4), Block(width, 4))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        patches = x.reshape(n, 7, 4, 7, 4).permute(0, 1, 3, 2, 4).reshape(n, 49, 16)
+        h = torch.cat([self.cls.expand(n, -1, -1), self.embed(patches)], dim=1) + self.pos
+        return self.head(self.blocks(h)[:, -1])
 
 
 def _best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -47,6 +68,11 @@ def _lm(sequences: int, context: int, tied: bool) -> tuple[nn.Module, torch.Tens
 def _lstm(batch: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     return RowLSTM(), torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+
+
+def _vit() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return TinyViT(), torch.randn(32, 784), torch.randint(0, 10, (32,))
 
 
 def cell(
@@ -109,6 +135,13 @@ def main() -> None:
         fisher_type="mc",
     )
     cell("KFAC mc, MNIST-rows LSTM, batch 128", lambda: _lstm(128), "kfac", r, fisher_type="mc")
+    cell(
+        "KFC mc, ViT-like (raw class and position params), batch 32",
+        _vit,
+        "kfc",
+        r,
+        fisher_type="mc",
+    )
 
 
 if __name__ == "__main__":
