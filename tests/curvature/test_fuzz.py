@@ -18,7 +18,7 @@ with ``exclude=`` or refused with an error that says so) and per-token loss rows
 then follow concepts/models.md#rows-the-loss-ignores.
 
 Reproducible: derandomized, no example database. The default suite runs
-``CURVLAB_FUZZ_EXAMPLES`` (200) examples, ``make test-slow`` a longer search
+``CURVLAB_FUZZ_EXAMPLES`` (400) examples, ``make test-slow`` a longer search
 (``CURVLAB_FUZZ_LONG_EXAMPLES``, 2000). ``--hypothesis-show-statistics`` tallies what the
 draws ended in.
 """
@@ -45,7 +45,7 @@ from tests import reference_any as ref
 from tests.curvature.backend_info import BACKENDS
 from tests.zoo import PlainAttention
 
-MAX_EXAMPLES = int(os.environ.get("CURVLAB_FUZZ_EXAMPLES", "200"))  # the default suite
+MAX_EXAMPLES = int(os.environ.get("CURVLAB_FUZZ_EXAMPLES", "400"))  # the default suite
 LONG_EXAMPLES = int(os.environ.get("CURVLAB_FUZZ_LONG_EXAMPLES", "2000"))  # make test-slow
 CURVLAB_DIR = str(Path(curvlab.__file__).parent)
 NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
