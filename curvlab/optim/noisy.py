@@ -228,8 +228,8 @@ class NoisyKFAC(torch.optim.Optimizer):
                 "NoisyKFAC.step: pass a closure that returns loss_fn(model(x), y) without "
                 "calling backward, e.g. opt.step(lambda: loss_fn(model(x), y))."
             )
-        self.steps += 1
-        statistics_due = (self.steps - 1) % self.update_every == 0
+        step = self.steps + 1  # counted once the step succeeds
+        statistics_due = (step - 1) % self.update_every == 0
         first = self._statistics_steps() == 0
         params = self.curvature.params
         means = [p.detach().clone() for p in params]
@@ -274,9 +274,10 @@ class NoisyKFAC(torch.optim.Optimizer):
         per_example = scale.inv_reduction / scale.num_samples  # loss scale → ℓ̄'s scale
         if recording is not None:
             self._blend(per_example)
-        if first or (self._stale and (self.steps - 1) % self.invert_every == 0):
+        if first or (self._stale and (step - 1) % self.invert_every == 0):
             self._decomposition, self._stale = None, False
         self._update_means(per_example)
+        self.steps = step
         return loss.detach()
 
     def _statistics_steps(self) -> int:
