@@ -75,7 +75,9 @@ class NoisyKFAC(torch.optim.Optimizer):
         lr: ``α``, the step size of the mean's natural-gradient update (``1``: a full step).
         prior_precision: ``τ`` of the prior ``N(0, τ⁻¹ I)`` on every covered parameter.
         kl_weight: ``λ``, the weight of the KL term (``1``: the ELBO; ``< 1`` tempers it).
-        damping: extrinsic damping added to ``γ_in = λτ/N`` in the mean's update only.
+        damping: extrinsic damping added to ``γ_in = λτ/N`` in the mean's update only (on
+            the per-example scale, like :class:`~curvlab.NaturalGradient`'s default 0.1): it
+            bounds the steps where ``kron(G, A)`` is small; ``0`` is the paper's bare update.
         ema_decay: factors' moving average ``X ← εX + (1 − ε)X_batch`` with
             ``ε = min(1 − 1/k, ema_decay)`` at the ``k``-th statistics step.
         update_every: steps between K-FAC statistics.
@@ -102,7 +104,7 @@ class NoisyKFAC(torch.optim.Optimizer):
         lr: float,
         prior_precision: float = 1.0,
         kl_weight: float = 1.0,
-        damping: float = 0.0,
+        damping: float = 0.1,
         ema_decay: float = 0.95,
         update_every: int = 1,
         invert_every: int = 1,

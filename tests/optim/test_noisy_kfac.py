@@ -70,7 +70,13 @@ def test_bayesian_linear_regression_matches_the_exact_posterior(
     model = nn.Linear(d, out_features, bias=bias).double()
     loss_fn = nn.MSELoss(reduction=reduction)
     opt = NoisyKFAC(
-        model, loss_fn, dataset_size=n, lr=1.0, prior_precision=tau, fisher_type="exact"
+        model,
+        loss_fn,
+        dataset_size=n,
+        lr=1.0,
+        prior_precision=tau,
+        damping=0.0,
+        fisher_type="exact",
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (k + 1))
     for _ in range(steps):
