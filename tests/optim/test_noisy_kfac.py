@@ -163,8 +163,13 @@ def _classifier(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
-def _trained(damping_mode: str, steps: int = 5) -> tuple[NoisyKFAC, nn.Module]:
+def _trained(damping_mode: str, steps: int = 5, conv: bool = False) -> tuple[NoisyKFAC, nn.Module]:
     model, x, y = _classifier()
+    if conv:  # KFC's factors: the matrix [W.reshape(out, -1) | b], as for a Linear
+        x = torch.randn(64, 2, 5, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+        y = (x.sum((1, 2)) > 0).long()
+        model = nn.Sequential(nn.Conv1d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2))
+        model = model.double()
     loss_fn = nn.CrossEntropyLoss()
     opt = NoisyKFAC(
         model,
@@ -202,9 +207,10 @@ def _stated_covariance(opt: NoisyKFAC, damping_mode: str) -> torch.Tensor:
     return torch.block_diag(*blocks)
 
 
+@pytest.mark.parametrize("conv", [False, True], ids=["mlp", "conv"])
 @pytest.mark.parametrize("damping_mode", ["exact", "factored"])
-def test_covariance_logdet_and_kl_against_dense(damping_mode: str) -> None:
-    opt, _ = _trained(damping_mode)
+def test_covariance_logdet_and_kl_against_dense(damping_mode: str, conv: bool) -> None:
+    opt, _ = _trained(damping_mode, conv=conv)
     cov = _stated_covariance(opt, damping_mode)
     torch.testing.assert_close(opt.covariance(), cov, rtol=1e-10, atol=1e-12)
     assert float(opt.logdet()) == pytest.approx(float(torch.logdet(cov)), rel=1e-10)
