@@ -19,6 +19,7 @@ SLOW = {
     "plot_laplace.py",
     "plot_spectrum.py",
     "plot_natural_gradient_training.py",
+    "plot_noisy_kfac.py",
 }
 
 

@@ -5,6 +5,8 @@
 * :class:`KFACOptimizer` — Martens & Grosse's full recipe (quadratic model, adaptive
   damping);
 * :class:`LevenbergMarquardt` — the damping rule both use;
+* :class:`NoisyKFAC` — noisy natural gradient: variational inference with a
+  Kronecker-factored Gaussian posterior (concepts/noisy_natural_gradient.md);
 * :mod:`curvlab.optim.distributed` — data-parallel statistics and decompositions;
 * :func:`save_checkpoint` / :func:`load_checkpoint` — atomic checkpoint files, clear errors.
 
@@ -16,11 +18,13 @@ from curvlab.optim.checkpoint import load_checkpoint, save_checkpoint
 from curvlab.optim.damping import LevenbergMarquardt
 from curvlab.optim.kfac_optimizer import KFACOptimizer
 from curvlab.optim.natural_gradient import NaturalGradient
+from curvlab.optim.noisy import NoisyKFAC
 
 __all__ = [
     "KFACOptimizer",
     "LevenbergMarquardt",
     "NaturalGradient",
+    "NoisyKFAC",
     "distributed",
     "load_checkpoint",
     "save_checkpoint",
