@@ -127,14 +127,14 @@ def hutchinson_trace(
 
 
 def _orthonormal_range(Y: Tensor) -> Tensor:
-    """An orthonormal basis ``Q`` of the columns of ``Y`` (rank-revealing: columns of
-    ``Y`` that add nothing numerically are dropped)."""
-    Q, R = torch.linalg.qr(Y.double())
-    diag = R.diagonal().abs()
-    if diag.numel() == 0:
-        return Q.to(Y.dtype)
-    keep = diag > diag.max() * Y.shape[0] * torch.finfo(Y.dtype).eps
-    return Q[:, keep].to(Y.dtype)
+    """An orthonormal basis ``Q`` of the column space of ``Y`` (thin SVD: directions with
+    singular values below ``dim · ε · σ_max`` are dropped, so ``Q`` has the numerical rank
+    of ``Y`` as its width)."""
+    if Y.shape[1] == 0:
+        return Y
+    U, sigma, _ = torch.linalg.svd(Y.double(), full_matrices=False)
+    keep = sigma > sigma.max() * max(Y.shape) * torch.finfo(Y.dtype).eps
+    return U[:, keep].to(Y.dtype)
 
 
 def _sketch(
