@@ -150,7 +150,9 @@ def _sketch(
     probes left for the remainder."""
     _check_count(num_matvecs, "num_matvecs", owner, minimum=3)
     sketch = num_matvecs // 3
-    S = _probes(dim, sketch, generator, dtype, device)
+    # a Gaussian sketch has full rank almost surely (Rademacher columns can coincide)
+    S = torch.randn(dim, sketch, generator=generator, dtype=torch.float64)
+    S = S.to(dtype=dtype, device=device)
     Q = _orthonormal_range(_apply(matvec, S, owner))
     AQ = _apply(matvec, Q, owner) if Q.shape[1] else Q
     return Q, AQ, num_matvecs - sketch - Q.shape[1]
@@ -376,10 +378,11 @@ class SpectralDensity:
         return Estimate(per_probe.mean(), _std_error(per_probe), int(self.weights.numel()))
 
     def grid(self, num_points: int = 200, margin: float = 0.05) -> Tensor:
-        """``num_points`` equispaced points covering the nodes with a relative ``margin``."""
+        """``num_points`` equispaced points covering the nodes, widened on both sides by
+        ``margin`` times their spread."""
         used = self.nodes[self.weights > 0]
         lo, hi = float(used.min()), float(used.max())
-        pad = margin * max(hi - lo, abs(hi), 1e-12)
+        pad = margin * (hi - lo if hi > lo else max(abs(hi), 1e-12))
         return torch.linspace(lo - pad, hi + pad, num_points, dtype=torch.float64)
 
     def density(self, grid: Tensor, width: float | None = None) -> Tensor:
