@@ -12,8 +12,10 @@ stream is not touched), in ``dtype`` on ``device``. Results carry an error estim
   *standard error* of the stochastic part (the sample standard deviation of the per-probe
   terms over ``√(number of probes)``; ``inf`` with a single probe; ``0`` when the
   deflated remainder vanishes, e.g. an operator of rank below the sketch size);
-* :func:`lanczos_eigenvalues`: a *residual bound* per Ritz value, ``|β_m s_{m,i}|``: for a
-  symmetric operator some eigenvalue lies within it (a rigorous bound up to rounding).
+* :func:`lanczos_eigenvalues`: a *residual bound* per Ritz value, ``|β_m s_{m,i}|`` plus
+  the dtype's rounding level ``ε‖T‖``: for a symmetric operator some eigenvalue lies
+  within it (it does not say *which* one: a missed eigenvalue above the top Ritz value
+  is possible when the start vector is nearly orthogonal to its eigenvector).
 
 :func:`spectral_density` is stochastic Lanczos quadrature: a spectral density for
 spectrum plots and ``tr f(A)`` estimates.
@@ -242,8 +244,9 @@ def diagonal_estimate(
 @dataclass(frozen=True)
 class LanczosResult:
     """``T = tridiag(beta, alpha, beta)`` with ``Qᵀ A Q = T``; ``basis`` ``[dim, m]`` (or
-    ``None`` when not kept); ``residual`` = the last ``β_m`` (0 when the Krylov space became
-    invariant: the run stopped early and the Ritz values are exact)."""
+    ``None`` when not kept); ``residual`` = the last ``β_m``, the norm of the part of
+    ``A q_m`` outside the Krylov space (tiny when it became invariant and the run stopped
+    early)."""
 
     alpha: Tensor
     beta: Tensor
@@ -289,7 +292,7 @@ def lanczos(
         if not bool(torch.isfinite(beta)):
             raise LinAlgError(f"{owner}: the operator returned non-finite values at step {j}.")
         if bool(beta <= tol * scale) or j == num_steps - 1:
-            residual = beta if bool(beta > tol * scale) else torch.zeros((), dtype=torch.float64)
+            residual = beta
             break
         betas.append(beta)
         q = w / beta.to(w.dtype)
@@ -322,11 +325,12 @@ def lanczos_eigenvalues(
     """The ``k`` largest eigenvalues (descending) from the Ritz values of ``num_steps``
     Lanczos steps (default ``min(dim, 2k + 30)``) from a Gaussian start.
 
-    ``error[i]`` is the residual bound ``|β_m s_{m,i}|`` (``s`` the eigenvectors of ``T``):
-    an eigenvalue of ``A`` lies within it. Exact when the operator has at most
-    ``num_steps - 1`` distinct eigenvalues (the Krylov space becomes invariant). A
-    single-vector Lanczos sees each distinct eigenvalue once: repeated eigenvalues are
-    reported once (a rank-deficient operator's zeros fill the tail).
+    ``error[i]`` is the residual bound ``|β_m s_{m,i}|`` (``s`` the eigenvectors of ``T``)
+    plus the rounding level ``ε‖T‖`` of the dtype: an eigenvalue of ``A`` lies within it.
+    Exact when the operator has at most ``num_steps - 1`` distinct eigenvalues (the Krylov
+    space becomes invariant). A single-vector Lanczos sees each distinct eigenvalue once:
+    repeated eigenvalues are reported once (a rank-deficient operator's zeros fill the
+    tail).
     """
     owner = "lanczos_eigenvalues"
     _check_count(dim, "dim", owner)
@@ -343,7 +347,9 @@ def lanczos_eigenvalues(
     )
     result = lanczos(matvec, start, steps)
     theta, S = torch.linalg.eigh(_tridiagonal(result.alpha, result.beta))
-    bounds = (result.residual * S[-1, :]).abs()
+    # |β_m s_{m,i}| plus the rounding level of the products (ε of the dtype times ‖T‖)
+    rounding = torch.finfo(dtype).eps * float(theta.abs().max())
+    bounds = (result.residual * S[-1, :]).abs() + rounding
     order = torch.argsort(theta, descending=True)
     theta, bounds = theta[order], bounds[order]
     if theta.numel() < k:  # invariant subspace smaller than k: the rest is unresolved
