@@ -13,6 +13,12 @@ Scale: the curvature of the loss exactly as it is reduced over the union of the 
 the same convention as :class:`curvlab.ExactFisher` and :class:`curvlab.EmpiricalFisher`
 (concepts/conventions.md).
 
+They are ``Curvature`` subclasses for the operator interface and ``update`` (the union
+of batches on the loss's scale), but not registered backends: a registered backend takes
+batch statistics (``curvlab.extract``, ``recording``/``accumulate``, ``statistics``, a
+``NaturalGradient``), which an operator that needs the batch itself cannot; those raise a
+``TypeError`` saying so.
+
 ``trace``, ``diagonal``, ``eigenvalues(k)``, ``frobenius_norm`` and ``logdet`` are
 estimates (Hutch++, Diag++, Lanczos, stochastic Lanczos quadrature from
 :mod:`curvlab.linalg.estimators`); the ``estimate_*`` methods return them with their
@@ -49,7 +55,6 @@ from curvlab.extraction.products import (
 )
 from curvlab.extraction.requests import BatchResult, Request
 from curvlab.linalg import Estimate, SpectralDensity
-from curvlab.registry import register
 
 Batch = tuple[Any, Tensor]
 
@@ -417,7 +422,6 @@ class MatrixFreeCurvature(Curvature):
         self._sources = list(state["sources"])
 
 
-@register("ggn")
 class MatrixFreeGGN(MatrixFreeCurvature):
     """The exact GGN / Fisher as a matrix-free operator (concepts/matrix_free.md).
 
@@ -476,7 +480,6 @@ class MatrixFreeGGN(MatrixFreeCurvature):
         return torch.einsum("mrc,kmr->krc", cols, coefficients)
 
 
-@register("hessian")
 class MatrixFreeHessian(MatrixFreeCurvature):
     """The Hessian of the loss w.r.t. the parameters as a matrix-free operator
     (concepts/matrix_free.md#the-hessian).
