@@ -228,6 +228,21 @@ def test_batches_give_the_curvature_of_their_union(kind: str, reduction: str, fe
     _close(op.to_dense(), expected)
 
 
+def test_a_dataloader_is_held_and_iterated_at_every_product() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, loss_fn, x, y = _setup(case("mlp"))
+    loader = DataLoader(TensorDataset(x, y), batch_size=3, shuffle=False)  # 3 + 1 samples
+    op = curvlab.MatrixFreeGGN(model, loss_fn)
+    op.update(loader, progress=False)
+    assert op.num_batches == 2 and op.num_samples == 4
+    expected = ref.ggn(model, loss_fn, x, y)
+    _close(op.to_dense(), expected)
+    copy = curvlab.MatrixFreeGGN(model, loss_fn)
+    copy.load_state_dict(op.state_dict())
+    _close(copy.to_dense(), expected)
+
+
 def test_a_held_loader_that_changes_length_is_refused() -> None:
     model, loss_fn, x, y = _setup(case("mlp"))
     data = [(x, y)]
