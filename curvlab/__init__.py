@@ -23,6 +23,8 @@ from curvlab.curvature import (
     ExactFisher,
     KroneckerFactors,
     Layer,
+    MatrixFreeGGN,
+    MatrixFreeHessian,
     NamedTensor,
 )
 from curvlab.extraction import FISHER_TYPES, extract
@@ -59,6 +61,8 @@ __all__ = [
     "KroneckerFactors",
     "Layer",
     "LevenbergMarquardt",
+    "MatrixFreeGGN",
+    "MatrixFreeHessian",
     "NamedTensor",
     "NaturalGradient",
     "NoisyKFAC",

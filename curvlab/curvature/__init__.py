@@ -14,6 +14,7 @@ from curvlab.curvature.kronecker import (
     KroneckerFactored,
     KroneckerFactors,
 )
+from curvlab.curvature.matrix_free import MatrixFreeGGN, MatrixFreeHessian
 
 __all__ = [
     "EKFAC",
@@ -30,5 +31,7 @@ __all__ = [
     "KroneckerFactored",
     "KroneckerFactors",
     "Layer",
+    "MatrixFreeGGN",
+    "MatrixFreeHessian",
     "NamedTensor",
 ]

@@ -1,6 +1,6 @@
-"""Pure-torch linear algebra for Kronecker-factored curvature
+"""Pure-torch linear algebra for Kronecker-factored curvature and matrix-free estimators
 (concepts/kronecker.md#k-fac-for-linear-layers; concepts/block_tridiagonal.md#the-math;
-concepts/kronecker.md#kronecker-identities).
+concepts/kronecker.md#kronecker-identities; concepts/matrix_free.md#estimators-and-their-errors).
 
 Layout convention: parameters are flattened row-major (``W.flatten()``); a layer's K-FAC
 block is ``torch.kron(G, A)`` with ``G`` the ``[d_out, d_out]`` output-gradient factor and
@@ -21,6 +21,17 @@ from .eigen import (
     kron_eigen_matvec,
     symeig,
 )
+from .estimators import (
+    Estimate,
+    SpectralDensity,
+    conjugate_gradient,
+    diagonal_estimate,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    lanczos_eigenvalues,
+    spectral_density,
+)
 from .kron import (
     commutation_matrix,
     kron_cholesky_solve,
@@ -34,16 +45,22 @@ from .kron_sum import KronSumInverse, kron_sum_solve
 from .polar import orthogonalize
 
 __all__ = [
+    "Estimate",
     "GeneralizedEigen",
     "KronSumInverse",
     "LinAlgError",
+    "SpectralDensity",
     "SymmetricEigen",
     "cholesky_factor",
     "cholesky_solve",
     "commutation_matrix",
+    "conjugate_gradient",
     "damped_cholesky",
+    "diagonal_estimate",
     "factored_damping",
     "generalized_symeig",
+    "hutchinson_trace",
+    "hutchpp_trace",
     "kron_cholesky_solve",
     "kron_dense",
     "kron_eigen_damped_solve",
@@ -53,7 +70,10 @@ __all__ = [
     "kron_matvec",
     "kron_sum_solve",
     "kron_trace",
+    "lanczos",
+    "lanczos_eigenvalues",
     "orthogonalize",
     "pi_correction",
+    "spectral_density",
     "symeig",
 ]

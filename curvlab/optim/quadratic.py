@@ -7,7 +7,8 @@ the supported losses) of the loss on the batch of ``call`` (a :class:`CapturedCa
 :func:`evaluate_capturing` recorded while the closure ran).
 
 The products ``J vᵢ`` use reverse mode only (reverse-over-reverse, concepts page
-"Natural gradient", *Exact curvature products without forward-mode AD*): one backward
+"Natural gradient", *Exact curvature products without forward-mode AD*; the helpers are
+shared with the matrix-free operators, :mod:`curvlab.extraction.products`): one backward
 pass with ``create_graph`` gives ``u ↦ Jᵀu`` as a graph that is linear in a dummy output
 cotangent ``u``; differentiating ``⟨Jᵀu, vᵢ⟩`` w.r.t. ``u`` gives ``J vᵢ``. So every model
 whose backward is differentiable works, whether or not its kernels have forward-mode AD
@@ -40,6 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from curvlab.extraction.hooks import suspended_hooks
 from curvlab.extraction.losses import loss_rows, output_hessian_apply
+from curvlab.extraction.products import jacobian_vector_products, transposed_jacobian
 
 
 @dataclass(frozen=True)
@@ -149,10 +151,7 @@ def ggn_gram(
                 "the quadratic model needs the model to return the loss's input tensor, got "
                 f"{type(outputs).__name__}."
             )
-        cotangent = torch.zeros_like(outputs, requires_grad=True)
-        transposed = torch.autograd.grad(
-            outputs, list(params), cotangent, create_graph=True, allow_unused=True
-        )
+        cotangent, transposed = transposed_jacobian(outputs, params)
     connected = {i for i, t in enumerate(transposed) if t is not None and t.requires_grad}
     # vectors with the same support share their passes
     supports: dict[tuple[int, ...], list[int]] = {}
@@ -161,7 +160,7 @@ def ggn_gram(
         supports.setdefault(support, []).append(k)
     jvps: list[Tensor] = [outputs] * len(vectors)
     for support, members in supports.items():
-        products = _jacobian_products(
+        products = jacobian_vector_products(
             outputs,
             cotangent,
             [t for i in support if (t := transposed[i]) is not None],
@@ -177,55 +176,6 @@ def ggn_gram(
         gram = row_jvps.flatten(1) @ h_jvps.flatten(1).T
         gram = 0.5 * (gram + gram.T)  # symmetric up to rounding
     return gram
-
-
-#: More vectors than this go through one batched double-backward pass (``vmap``).
-_BATCH_ABOVE = 2
-
-
-def _jacobian_products(
-    outputs: Tensor,
-    cotangent: Tensor,
-    transposed: list[Tensor],
-    tangents: list[list[Tensor]],
-) -> list[Tensor]:
-    """``J v`` for every ``v`` in ``tangents``: ``∂⟨Jᵀu, v⟩/∂u`` through the graph of
-    ``transposed = Jᵀu``. Many vectors share one batched pass where the backward supports
-    ``vmap``; otherwise (and for one or two vectors, where the loop is as fast) one pass
-    each, with the same result."""
-    if not transposed:
-        return [torch.zeros_like(outputs) for _ in tangents]
-    if len(tangents) > _BATCH_ABOVE:
-        stacked = [
-            torch.stack([v[i].detach().to(t.dtype) for v in tangents])
-            for i, t in enumerate(transposed)
-        ]
-        try:
-            (batched,) = torch.autograd.grad(
-                transposed,
-                cotangent,
-                stacked,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-        except RuntimeError:  # no batching rule for some op of this backward
-            pass
-        else:
-            if batched is None:
-                return [torch.zeros_like(outputs) for _ in tangents]
-            return list(batched.detach().unbind(0))
-    jvps = []
-    for v in tangents:
-        (jv,) = torch.autograd.grad(
-            transposed,
-            cotangent,
-            [x.detach().to(t.dtype) for x, t in zip(v, transposed)],
-            retain_graph=True,  # other supports may follow
-            allow_unused=True,
-        )
-        jvps.append(torch.zeros_like(outputs) if jv is None else jv.detach())
-    return jvps
 
 
 def _rows_of(targets: Tensor, rows: int) -> Tensor:
