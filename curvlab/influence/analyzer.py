@@ -162,7 +162,9 @@ class Influence:
         eigen = self._eigenbases()
         if eigen is None:
             count = grads[0].shape[0]
-            solved = [self.curvature.solve([g[b] for g in grads], self.damping) for b in range(count)]
+            solved = [
+                self.curvature.solve([g[b] for g in grads], self.damping) for b in range(count)
+            ]
             return [torch.stack([s[i] for s in solved]) for i in range(len(grads))]
         return self._eigen_apply(grads, eigen, rotate_back=True)
 
@@ -197,8 +199,10 @@ class Influence:
             parts = grads[start : start + len(layer.params)]
             start += len(layer.params)
             module = layer.module
-            bias = parts[1] if len(parts) > 1 else None
-            mat = vmap(lambda w, b, m=module: layer_rules.to_matrix(m, w, b))(parts[0], bias)
+            if len(parts) > 1:
+                mat = vmap(lambda w, b, m=module: layer_rules.to_matrix(m, w, b))(*parts)
+            else:
+                mat = vmap(lambda w, m=module: layer_rules.to_matrix(m, w, None))(parts[0])
             rotated = q_g.T @ mat.to(q_g.dtype) @ q_a
             if not rotate_back:
                 out.append(rotated / (s + self.damping).sqrt())
@@ -240,10 +244,16 @@ class Influence:
             per_module: also return each module's share (``modules``; they sum to the
                 scores).
         """
-        if query_rank is not None and (isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1):
-            raise ValueError(f"Influence.pairwise: query_rank must be a positive int, got {query_rank!r}.")
+        if query_rank is not None and (
+            isinstance(query_rank, bool) or not isinstance(query_rank, int) or query_rank < 1
+        ):
+            raise ValueError(
+                f"Influence.pairwise: query_rank must be a positive int, got {query_rank!r}."
+            )
         if query_batch_size is not None and (
-            isinstance(query_batch_size, bool) or not isinstance(query_batch_size, int) or query_batch_size < 1
+            isinstance(query_batch_size, bool)
+            or not isinstance(query_batch_size, int)
+            or query_batch_size < 1
         ):
             raise ValueError(
                 "Influence.pairwise: query_batch_size must be a positive int, got "
@@ -279,7 +289,9 @@ class Influence:
         settings = self._settings(
             query_rank=query_rank,
             query_batch_size=query_batch_size,
-            query_error=math.sqrt(err_num / err_den) if query_rank is not None and err_den > 0 else None,
+            query_error=math.sqrt(err_num / err_den)
+            if query_rank is not None and err_den > 0
+            else None,
         )
         modules = {m: torch.cat(r) for m, r in module_rows.items()} if per_module else None
         return InfluenceScores(torch.cat(rows), "pairwise", modules, settings)

@@ -37,7 +37,9 @@ class InfluenceScores:
 
     def __post_init__(self) -> None:
         if self.kind not in ("pairwise", "self"):
-            raise ValueError(f"InfluenceScores: kind must be 'pairwise' or 'self', got {self.kind!r}.")
+            raise ValueError(
+                f"InfluenceScores: kind must be 'pairwise' or 'self', got {self.kind!r}."
+            )
         for key, value in self.settings.items():
             if not isinstance(value, _PLAIN):
                 raise TypeError(

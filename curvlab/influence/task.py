@@ -79,7 +79,7 @@ class LossTask(Task):
         if outputs.shape[0] != n and targets.dim() >= 2:
             targets = targets.reshape(outputs.shape[0], *targets.shape[2:])  # [N, T] -> [N·T]
         unreduced = copy.copy(self.loss_fn)  # the loss per entry; reduced per example below
-        unreduced.reduction = "none"
+        setattr(unreduced, "reduction", "none")  # noqa: B010 (nn.Module's typed __setattr__)
         rows = unreduced(outputs, targets)
         weights = torch.ones_like(rows)
         if isinstance(self.loss_fn, nn.CrossEntropyLoss):
