@@ -112,9 +112,19 @@ class Influence:
 
     # --- fitting and gradients ---------------------------------------------------------
 
-    def fit(self, loader: Iterable[Any]) -> Influence:
-        """Accumulate the curvature of the training data (``curvature.update(loader)``)."""
-        self.curvature.update(loader, progress=self.progress)
+    def fit(self, loader: Iterable[Any], *, refit_basis: bool = True) -> Influence:
+        """Accumulate the curvature of the training data (``curvature.update(loader)``).
+
+        EKFAC fixes its eigenbasis at the first batch; with ``refit_basis`` (and more than
+        one batch) the basis is refitted from the K-FAC factors of the whole data set and
+        the diagonal ``S*`` taken in a second pass (as kronfluence does), so ``loader``
+        must be iterable twice (a list or a ``DataLoader``).
+        """
+        c = self.curvature
+        c.update(loader, progress=self.progress)
+        if isinstance(c, EKFAC) and refit_basis and c.num_batches > 1:
+            c.refresh_basis()
+            c.update(loader, progress=self.progress)
         return self
 
     def train_gradients(self, batch: Any) -> Grads:
