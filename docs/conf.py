@@ -68,6 +68,7 @@ sphinx_gallery_conf = {
             "plot_spectrum.py",
             "plot_ablation.py",
             "plot_laplace.py",
+            "plot_influence.py",
             "plot_new_backend.py",
             "plot_kronecker_identities.py",
             "*",

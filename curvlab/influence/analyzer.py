@@ -109,6 +109,7 @@ class Influence:
         self.progress = progress
         self._names = list(curvature.param_names)
         self._modules = [name.rpartition(".")[0] for name in self._names]
+        self._fit_samples: int | None = None  # examples seen by fit() (None: fitted elsewhere)
 
     # --- fitting and gradients ---------------------------------------------------------
 
@@ -122,6 +123,7 @@ class Influence:
         """
         c = self.curvature
         c.update(loader, progress=self.progress)
+        self._fit_samples = c.num_samples
         if isinstance(c, EKFAC) and refit_basis and c.num_batches > 1:
             c.refresh_basis()
             c.update(loader, progress=self.progress)
@@ -384,7 +386,7 @@ class Influence:
             "param_dtype": str(c.params[0].dtype).removeprefix("torch."),
             "task": type(self.task).__name__,
             "num_params": c.num_params,
-            "num_curvature_samples": c.num_samples,
+            "fit_samples": self._fit_samples,
             "eigenbasis": self._eigenbases() is not None,
             **extra,
         }
