@@ -30,10 +30,12 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
-from curvlab.curvature.base import Curvature
+from curvlab.curvature.base import Curvature, Layer
 from curvlab.curvature.kronecker.ekfac import EKFAC
+from curvlab.curvature.kronecker.factored import KroneckerFactored
 from curvlab.curvature.kronecker.kfac import KFAC
 from curvlab.extraction import layers as layer_rules
+from curvlab.influence import kronecker
 from curvlab.influence.scores import InfluenceScores
 from curvlab.influence.task import LossTask, Task
 
@@ -70,6 +72,13 @@ class Influence:
             ``torch.bfloat16`` (half the memory of ``[Q, N]``), or ``torch.float64``;
             ``None``: the parameters' dtype. Gradients and solves stay in the parameters'
             (and the backend's factor) dtype.
+        factored: take the training examples' gradients of Kronecker layers in factored
+            form, ``Σ_t g_t ā_tᵀ`` from one forward and backward pass of the batch (no
+            per-example parameter vector where no weight is shared), for K-FAC with
+            ``damping_mode="exact"`` and EKFAC when every covered parameter is in a
+            Kronecker layer; ``None``: wherever that holds, ``False``: never (per-example
+            gradients by ``vmap``), ``True``: required (else a ``ValueError``). The task's
+            ``compute_train_loss`` must then sum independent per-example losses.
         progress: tqdm bars over the batches of long loops.
 
     The model must not couple the examples of a batch (``BatchNorm`` in training mode):
@@ -83,6 +92,7 @@ class Influence:
         damping: float = 1e-3,
         *,
         score_dtype: torch.dtype | None = None,
+        factored: bool | None = None,
         progress: bool = True,
     ) -> None:
         if not isinstance(curvature, Curvature):
@@ -106,6 +116,9 @@ class Influence:
         self.task = task if task is not None else LossTask(curvature.loss_fn)
         self.damping = float(damping)
         self.score_dtype = score_dtype or curvature.params[0].dtype
+        if factored not in (None, True, False):
+            raise TypeError(f"Influence: factored must be None, True or False, got {factored!r}.")
+        self.factored = factored
         self.progress = progress
         self._names = list(curvature.param_names)
         self._modules = [name.rpartition(".")[0] for name in self._names]
@@ -198,6 +211,22 @@ class Influence:
             return out
         return None
 
+    def _use_factored(self, op: str) -> bool:
+        """Whether scores take the Kronecker layers' gradients in factored form."""
+        if self.factored is False:
+            return False
+        c = self.curvature
+        possible = self._eigenbases() is not None and sum(
+            len(layer.params) for layer in c.layers
+        ) == len(c.params)
+        if self.factored and not possible:
+            raise ValueError(
+                f"Influence.{op}: factored=True needs K-FAC (damping_mode='exact') or EKFAC "
+                "with every covered parameter in a Kronecker layer; "
+                f"{type(c).__name__} covers {sorted(set(c.coverage().values()))} blocks."
+            )
+        return possible
+
     def _eigen_apply(
         self, grads: Grads, eigen: list[tuple[Tensor, Tensor, Tensor]], rotate_back: bool
     ) -> Grads:
@@ -210,17 +239,12 @@ class Influence:
         for layer, (q_g, q_a, s) in zip(c.layers, eigen):
             parts = grads[start : start + len(layer.params)]
             start += len(layer.params)
-            module = layer.module
-            if len(parts) > 1:
-                mat = vmap(lambda w, b, m=module: layer_rules.to_matrix(m, w, b))(*parts)
-            else:
-                mat = vmap(lambda w, m=module: layer_rules.to_matrix(m, w, None))(parts[0])
-            rotated = q_g.T @ mat.to(q_g.dtype) @ q_a
+            rotated = q_g.T @ _to_matrices(layer, parts).to(q_g.dtype) @ q_a
             if not rotate_back:
                 out.append(rotated / (s + self.damping).sqrt())
                 continue
             solved = (q_g @ (rotated / (s + self.damping)) @ q_a.T).to(parts[0].dtype)
-            out.extend(vmap(lambda m, mod=module: tuple(layer_rules.from_matrix(mod, m)))(solved))
+            out.extend(_from_matrices(layer, solved))
         tail = grads[start:]
         if tail and rotate_back:
             out.extend(self._tail_solve(tail))
@@ -251,8 +275,9 @@ class Influence:
             query_batch_size: precondition and score at most this many queries at a time
                 (``None``: all at once); the training data are streamed once per chunk.
             query_rank: keep the rank-``r`` truncated SVD of each preconditioned query
-                gradient matrix (per parameter, viewed ``[p.shape[0], -1]``); the relative
-                Frobenius error is reported in ``settings["query_error"]``.
+                gradient matrix (a Kronecker layer's ``[W | b]`` matrix; any other
+                parameter viewed ``[p.shape[0], -1]``); the relative Frobenius error over
+                all queries is reported in ``settings["query_error"]``.
             per_module: also return each module's share (``modules``; they sum to the
                 scores).
         """
@@ -271,6 +296,7 @@ class Influence:
                 "Influence.pairwise: query_batch_size must be a positive int, got "
                 f"{query_batch_size!r}."
             )
+        factored = self._use_factored("pairwise")
         query_grads = self._gather(self.query_gradients, queries)
         total_q = query_grads[0].shape[0]
         chunk = query_batch_size or max(total_q, 1)
@@ -279,13 +305,26 @@ class Influence:
         err_num, err_den = 0.0, 0.0
         for q0 in range(0, total_q, chunk):
             pre = self.precondition([g[q0 : q0 + chunk] for g in query_grads])
+            factors: list[tuple[Tensor, Tensor] | None] = []
             if query_rank is not None:
-                pre, num, den = _low_rank(pre, query_rank)
+                pre, factors, num, den = self._low_rank(pre, query_rank)
                 err_num, err_den = err_num + num, err_den + den
+            layer_queries: list[Tensor | tuple[Tensor, Tensor]] = []
+            if factored:
+                for k, (layer, parts) in enumerate(self._layer_parts(pre)):
+                    low = factors[k] if factors else None
+                    layer_queries.append(low if low is not None else _to_matrices(layer, parts))
             columns: list[Tensor] = []
             module_columns: dict[str, list[Tensor]] = {m: [] for m in module_rows}
             for batch in self._bar(train, "Influence.pairwise"):
-                per_mod = self._module_dots(pre, self.train_gradients(batch))
+                if factored:
+                    records = self._records(batch)
+                    per_mod = {
+                        layer.name: (-kronecker.pairwise_dots(h, a, g)).to(self.score_dtype)
+                        for layer, h, (a, g) in zip(self.curvature.layers, layer_queries, records)
+                    }
+                else:
+                    per_mod = self._module_dots(pre, self.train_gradients(batch))
                 total = torch.zeros_like(next(iter(per_mod.values())))
                 for name, value in per_mod.items():
                     total += value
@@ -301,6 +340,7 @@ class Influence:
         settings = self._settings(
             query_rank=query_rank,
             query_batch_size=query_batch_size,
+            factored=factored,
             query_error=math.sqrt(err_num / err_den)
             if query_rank is not None and err_den > 0
             else None,
@@ -311,9 +351,25 @@ class Influence:
     def self_influence(self, train: Iterable[Any], *, per_module: bool = False) -> InfluenceScores:
         """Scores ``[N]``: ``−∇ℓ_zᵀ (C + λI)⁻¹ ∇ℓ_z`` (never positive) for every example."""
         eigen = self._eigenbases()
+        factored = self._use_factored("self_influence")
         values: list[Tensor] = []
         module_values: dict[str, list[Tensor]] = {m: [] for m in dict.fromkeys(self._modules)}
         for batch in self._bar(train, "Influence.self_influence"):
+            if factored:
+                assert eigen is not None
+                per_mod = {
+                    layer.name: (-kronecker.self_dots(q_g, q_a, 1.0 / (s + self.damping), a, g)).to(
+                        self.score_dtype
+                    )
+                    for layer, (q_g, q_a, s), (a, g) in zip(
+                        self.curvature.layers, eigen, self._records(batch)
+                    )
+                }
+                values.append(torch.stack(list(per_mod.values())).sum(dim=0))
+                for name, value in per_mod.items():
+                    if per_module:
+                        module_values[name].append(value)
+                continue
             grads = self.train_gradients(batch)
             if eigen is not None:  # −‖(Q_Gᵀ G Q_A) ⊘ √(S + λ)‖² per layer, in the eigenbasis
                 per_mod = self._self_dots(self._eigen_apply(grads, eigen, rotate_back=False))
@@ -336,7 +392,9 @@ class Influence:
         if not values:
             raise ValueError("Influence.self_influence: the training data have no batches.")
         modules = {m: torch.cat(v) for m, v in module_values.items()} if per_module else None
-        return InfluenceScores(torch.cat(values), "self", modules, self._settings())
+        return InfluenceScores(
+            torch.cat(values), "self", modules, self._settings(factored=factored)
+        )
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -361,6 +419,56 @@ class Influence:
             value = (-(h.reshape(h.shape[0], -1) ** 2).sum(dim=1)).to(self.score_dtype)
             out[module] = out[module] + value if module in out else value
         return out
+
+    def _records(self, batch: Any) -> list[tuple[Tensor, Tensor]]:
+        self._check_model()
+        return kronecker.layer_records(
+            self.model,
+            self.curvature.layers,
+            lambda: self.task.compute_train_loss(batch, self.model),
+        )
+
+    def _layer_parts(self, v: Grads) -> list[tuple[Layer, Grads]]:
+        out, start = [], 0
+        for layer in self.curvature.layers:
+            out.append((layer, v[start : start + len(layer.params)]))
+            start += len(layer.params)
+        return out
+
+    def _low_rank(
+        self, pre: Grads, rank: int
+    ) -> tuple[Grads, list[tuple[Tensor, Tensor] | None], float, float]:
+        """Rank-``rank`` truncated SVDs of the preconditioned queries: a Kronecker
+        backend's layers as ``[W | b]`` matrices (their factors ``(L, R)`` returned, ``None``
+        where the rank is full), every other parameter as ``[p.shape[0], -1]``. Returns the
+        approximations, the factors, and the squared Frobenius norms of error and whole."""
+        out = list(pre)
+        factors: list[tuple[Tensor, Tensor] | None] = []
+        den = sum(float((h.double() ** 2).sum()) for h in pre)
+        num, start = 0.0, 0
+        if isinstance(self.curvature, KroneckerFactored):
+            for layer, parts in self._layer_parts(pre):
+                mats = _to_matrices(layer, parts)
+                stop = start + len(parts)
+                if min(mats.shape[1:]) <= rank:
+                    factors.append(None)
+                else:
+                    left, right = _truncated_svd(mats, rank)
+                    approx = left @ right
+                    num += float(((mats - approx).double() ** 2).sum())
+                    out[start:stop] = _from_matrices(layer, approx)
+                    factors.append((left, right))
+                start = stop
+        for i in range(start, len(pre)):
+            h = pre[i]
+            if h.dim() < 3 or min(h.shape[1], h[0].numel() // h.shape[1]) <= rank:
+                continue
+            mats = h.reshape(h.shape[0], h.shape[1], -1)
+            left, right = _truncated_svd(mats, rank)
+            approx = left @ right
+            num += float(((mats - approx).double() ** 2).sum())
+            out[i] = approx.reshape(h.shape)
+        return out, factors, num, den
 
     def _gather(self, fn: Callable[[Any], Grads], data: Any) -> Grads:
         batches = [data] if _is_batch(data) else list(data)
@@ -399,19 +507,22 @@ def _is_batch(data: Any) -> bool:
     return isinstance(data, (tuple, list)) and all(isinstance(t, Tensor) for t in data)
 
 
-def _low_rank(pre: Grads, rank: int) -> tuple[Grads, float, float]:
-    """Per query and parameter, the rank-``rank`` truncated SVD of ``[p.shape[0], -1]``;
-    returns the approximations and the squared Frobenius norms of error and original."""
-    out: Grads = []
-    err, norm = 0.0, 0.0
-    for h in pre:
-        norm += float((h.double() ** 2).sum())
-        if h.dim() < 3 or min(h.shape[1], h[0].numel() // h.shape[1]) <= rank:
-            out.append(h)
-            continue
-        mat = h.reshape(h.shape[0], h.shape[1], -1)
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        approx = (u[..., :rank] * s[:, None, :rank]) @ vh[:, :rank]
-        err += float(((mat - approx).double() ** 2).sum())
-        out.append(approx.reshape(h.shape))
-    return out, err, norm
+def _truncated_svd(mats: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``(L [Q, m, r], R [Q, r, n])`` with ``L R`` the rank-``r`` truncated SVD of each
+    ``[m, n]`` matrix."""
+    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+    return u[..., :rank] * s[:, None, :rank], vh[:, :rank]
+
+
+def _to_matrices(layer: Layer, parts: Grads) -> Tensor:
+    """``[B, *p.shape]`` weight (and bias) of a Kronecker layer → ``[B, D_out, D_in(+1)]``."""
+    module = layer.module
+    if len(parts) > 1:
+        return vmap(lambda w, b: layer_rules.to_matrix(module, w, b))(*parts)
+    return vmap(lambda w: layer_rules.to_matrix(module, w, None))(parts[0])
+
+
+def _from_matrices(layer: Layer, mats: Tensor) -> Grads:
+    """Inverse of :func:`_to_matrices`."""
+    module = layer.module
+    return list(vmap(lambda m: tuple(layer_rules.from_matrix(module, m)))(mats))

@@ -192,16 +192,21 @@ def test_low_rank_queries_report_their_error() -> None:
     torch.testing.assert_close(same.scores, full.scores, rtol=1e-10, atol=1e-12)
     assert same.settings["query_error"] == pytest.approx(0.0, abs=1e-12)
     low = influence.pairwise(query, train, query_rank=1)
-    # the reported error is ‖H − H₁‖_F / ‖H‖_F over the preconditioned query gradients
+    # the reported error is ‖H − H₁‖_F / ‖H‖_F over the preconditioned query gradients,
+    # each layer's as its [W | b] matrix
     grads = influence.precondition(influence.query_gradients(query))
     num = den = 0.0
-    for h in grads:
-        den += float((h**2).sum())
-        if h.dim() == 3:
-            s = torch.linalg.svdvals(h)
-            num += float((s[:, 1:] ** 2).sum())
+    for weight, bias in zip(grads[::2], grads[1::2]):
+        s = torch.linalg.svdvals(torch.cat([weight, bias[..., None]], dim=-1))
+        num += float((s[:, 1:] ** 2).sum())
+        den += float((s**2).sum())
     assert low.settings["query_rank"] == 1
     assert low.settings["query_error"] == pytest.approx((num / den) ** 0.5, rel=1e-10)
+    # the factored scores use the rank-1 factors; the vmap path the same approximation
+    unfactored = Influence(c, damping=DAMPING, factored=False, progress=False)
+    again = unfactored.pairwise(query, train, query_rank=1)
+    assert low.settings["factored"] and not again.settings["factored"]
+    torch.testing.assert_close(low.scores, again.scores, rtol=1e-9, atol=1e-12)
     assert 0.0 < low.settings["query_error"] < 1.0
     assert not torch.allclose(low.scores, full.scores)
 
@@ -301,3 +306,57 @@ def test_model_is_left_untouched() -> None:
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert all(p.grad is None for p in model.parameters())
+
+
+class TokenModel(nn.Module):
+    """Embedding and a Linear over the tokens: weight sharing (``T > 1``) in both layers;
+    ``[N, T]`` tokens in, ``[N·T, C]`` rows out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.embed(x))).flatten(0, 1)
+
+
+@pytest.mark.parametrize("backend", ["kfac", "ekfac"])
+def test_factored_gradients_with_weight_sharing(backend: str) -> None:
+    """Embedding and per-token Linear layers (``T = 4``): the factored path equals the
+    backend's dense solve with independent per-example gradients."""
+    torch.manual_seed(0)
+    model, loss_fn = TokenModel().double(), nn.CrossEntropyLoss()
+    train = [(torch.randint(0, 7, (5, 4)), torch.randint(0, 3, (5, 4))) for _ in range(2)]
+    c = curvlab.make(backend, model, loss_fn, fisher_type="exact")
+    assert set(c.coverage().values()) == {"kronecker"}
+    influence = Influence(c, damping=DAMPING, factored=True, progress=False)
+    influence.fit([(x, y.reshape(-1)) for x, y in train])
+    X, y = _cat(train)
+    g = _example_grads(model, loss_fn, X, y, order=c.param_names)
+    expected = _dense_scores(c.to_dense(), g[:5], g)
+    pairwise = influence.pairwise(train[0], train)
+    assert pairwise.settings["factored"] is True
+    torch.testing.assert_close(pairwise.scores, expected, rtol=1e-8, atol=1e-12)
+    own = influence.self_influence(train, per_module=True)
+    assert own.modules is not None and set(own.modules) == {"embed", "head"}
+    torch.testing.assert_close(
+        own.scores, torch.diagonal(_dense_scores(c.to_dense(), g, g)), rtol=1e-8, atol=1e-12
+    )
+    low = influence.pairwise(train[0], train, query_rank=1)
+    vmapped = Influence(c, damping=DAMPING, factored=False, progress=False)
+    torch.testing.assert_close(
+        low.scores, vmapped.pairwise(train[0], train, query_rank=1).scores, rtol=1e-9, atol=1e-12
+    )
+
+
+def test_factored_true_refuses_backends_without_it() -> None:
+    case = zoo.case("resnet_bn_eval")  # BatchNorm parameters sit in diagonal blocks
+    c = curvlab.make("kfac", case.make_model().eval(), case.loss_fn(), fisher_type="exact")
+    influence = Influence(c, damping=DAMPING, factored=True, progress=False)
+    train = _data(case, batches=1)
+    influence.fit(train)
+    with pytest.raises(ValueError, match="factored=True"):
+        influence.self_influence(train)
+    with pytest.raises(TypeError, match="factored"):
+        Influence(c, factored="yes")  # type: ignore[arg-type]
