@@ -14,8 +14,11 @@ Per-example gradients come from ``torch.func.vmap(grad(...))`` over the examples
 batch at a time (``[B, *p.shape]`` per parameter; never the whole data set). Queries are
 preconditioned once per query batch; with K-FAC (``damping_mode="exact"``) and EKFAC the
 preconditioning runs for all queries at once in the layers' Kronecker eigenbases, and
-self-influence is ``−Σ (Qᵀ G Q)² ⊘ (S + λ)`` on the rotated per-example gradients, without
-mapping them back; every other backend is called through ``solve`` example by example.
+where every covered parameter is in a Kronecker layer the training gradients are taken
+in factored form, ``Σ_t g_t ā_tᵀ`` per layer (:mod:`curvlab.influence.kronecker`):
+self-influence is ``−Σ (Qᵀ G Q)² ⊘ (S + λ)`` on rotated gradients and pairwise scores
+never form a per-example parameter vector where no weight is shared. Every other backend
+is called through ``solve`` example by example.
 """
 
 from __future__ import annotations
