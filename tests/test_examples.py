@@ -19,7 +19,6 @@ SLOW = {
     "plot_laplace.py",
     "plot_spectrum.py",
     "plot_natural_gradient_training.py",
-    "plot_influence.py",  # 8-13 s: trains on 4,000 MNIST images, then EKFAC over them
 }
 
 

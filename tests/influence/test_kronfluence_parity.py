@@ -69,7 +69,8 @@ def _pearson(a: Tensor, b: Tensor) -> float:
         # output positions (1/(N·T) Σ g gᵀ), KFC sums them (1/N Σ g gᵀ), so its conv
         # blocks are |T| times smaller and the same λ damps them differently
         ("mlp", "kfac"),
-        pytest.param("conv", "ekfac", marks=pytest.mark.slow),  # about 8 s on 2 cores
+        # 1-11 s on 2 shared cores (kronfluence's convolution statistics): `make test-slow`
+        pytest.param("conv", "ekfac", marks=pytest.mark.slow),
     ],
 )
 def test_scores_match_kronfluence(kind: str, strategy: str, tmp_path) -> None:
