@@ -8,7 +8,7 @@ model, loss_fn)``), feed it batches with ``update`` (or several at once with
 
 from typing import TYPE_CHECKING, Any
 
-from curvlab import linalg
+from curvlab import influence, linalg
 from curvlab.curvature import (
     EKFAC,
     KFAC,
@@ -70,6 +70,7 @@ __all__ = [
     "available",
     "distributed",
     "extract",
+    "influence",
     "linalg",
     "load_checkpoint",
     "make",

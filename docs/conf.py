@@ -69,6 +69,7 @@ sphinx_gallery_conf = {
             "plot_ablation.py",
             "plot_laplace.py",
             "plot_noisy_kfac.py",
+            "plot_influence.py",
             "plot_new_backend.py",
             "plot_kronecker_identities.py",
             "*",
