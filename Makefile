@@ -13,6 +13,9 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test,dev,laplace]"
+	# kronfluence 1.0.1 (the influence parity tests) without its dependencies, so torch stays put
+	$(BIN)/pip install --quiet --no-deps kronfluence==1.0.1 accelerate==1.16.0 safetensors==0.8.0 \
+		pyyaml==6.0.4 psutil==7.2.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -103,7 +103,12 @@ class ForwardOrder(HookOwner):
 def chain_completion(diag: Sequence[Tensor], off: Sequence[Tensor]) -> Tensor:
     """Dense ``F̂`` from diagonal blocks ``diag[i]`` and super-diagonal blocks ``off[i]``."""
     n = len(diag)
-    psi = [off[i] @ torch.linalg.pinv(diag[i + 1], hermitian=True) for i in range(n - 1)]
+    # a block singular in exact arithmetic has rounding-level eigenvalues: inverting them
+    # would blow the completion up, so they count as zero (cutoff √eps relative)
+    psi = [
+        off[i] @ torch.linalg.pinv(diag[i + 1], hermitian=True, rtol=_cutoff(diag[i + 1]))
+        for i in range(n - 1)
+    ]
     upper: dict[tuple[int, int], Tensor] = {}
     for j in range(n):
         upper[j, j] = diag[j]
@@ -114,3 +119,8 @@ def chain_completion(diag: Sequence[Tensor], off: Sequence[Tensor]) -> Tensor:
         for i in range(n)
     ]
     return torch.cat(rows, dim=0)
+
+
+def _cutoff(block: Tensor) -> float:
+    """The relative eigenvalue cutoff of :func:`chain_completion`'s pseudo-inverses."""
+    return float(torch.finfo(block.dtype).eps) ** 0.5

@@ -256,11 +256,6 @@ def token_specs(draw: st.DrawFn) -> TokenSpec:
     unused = draw(st.booleans())
     blocks = tuple(draw(st.lists(st.sampled_from(TOKEN_BLOCKS), min_size=1, max_size=2)))
     bias, tied = draw(st.booleans()), draw(st.booleans())
-    if tied and set(blocks) == {"layernorm"}:
-        # no Kronecker layer at all (a tied head's weight and bias take diagonal blocks,
-        # as does the tied embedding): EKFAC.eigenbasis() fails with a bare AssertionError,
-        # see test_ekfac_eigenbasis_without_kronecker_layers (xfail)
-        blocks += ("mlp",)
     return TokenSpec(
         width=width,
         heads=draw(st.sampled_from((1, 2))),
@@ -321,10 +316,6 @@ class BackendSpec:
 @st.composite
 def backend_specs(draw: st.DrawFn, family: str = "mlp") -> BackendSpec:
     names = sorted(curvlab.available())
-    if family == "tokens":
-        # BlockTridiagonal's completion of (numerically) singular blocks is not PSD: see
-        # test_block_tridiagonal_completion_of_singular_blocks_is_psd (xfail)
-        names.remove("block_tridiagonal")
     name = draw(st.sampled_from(names))
     kwargs: dict[str, object] = {"engine": draw(st.sampled_from(("auto", "hooks", "backpack")))}
     if FISHER_TYPES[name]:
@@ -678,13 +669,10 @@ def test_auto_engine_leaves_batchnorm_in_training_mode_to_the_hooks(backend: str
         curvlab.make(backend, model, loss_fn, engine="backpack")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BlockTridiagonal's completion takes torch.linalg.pinv (default cutoff) of diagonal "
-    "blocks that are singular in exact arithmetic (one sample, attention): rounding-level "
-    "eigenvalues are inverted, so the completion is far from PSD and off F on the band",
-)
 def test_block_tridiagonal_completion_of_singular_blocks_is_psd() -> None:
+    """Found by the fuzzer: blocks singular in exact arithmetic (one sequence, attention)
+    have rounding-level eigenvalues, which the completion's pseudo-inverse must not
+    invert."""
     spec = TokenSpec(
         width=2, heads=1, causal=False, blocks=("attention",), bias=False, pos=False,
         tied=False, per_token=True, unused=False, exclude_unused=False, outputs=1,
@@ -705,14 +693,8 @@ def test_block_tridiagonal_completion_of_singular_blocks_is_psd() -> None:
     _close(dense * mask, full * mask, 1e-7, "BlockTridiagonal band")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="EKFAC.eigenbasis() on a model without Kronecker layers (every parameter in a "
-    "diagonal block) fails with a bare AssertionError instead of returning [] as "
-    "scalings() and KFAC.factors() do",
-)
 def test_ekfac_eigenbasis_without_kronecker_layers() -> None:
+    """Found by the fuzzer: no Kronecker layer at all gives an empty eigenbasis."""
     model = nn.Sequential(nn.LayerNorm(3)).double()
     c = curvlab.EKFAC(model, nn.CrossEntropyLoss())
     c.update(torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 2]))

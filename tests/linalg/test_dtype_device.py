@@ -74,6 +74,7 @@ def test_all_is_complete() -> None:
         "cholesky",
         "damping",
         "eigen",
+        "estimators",
         "kron",
         "kron_sum",
         "polar",

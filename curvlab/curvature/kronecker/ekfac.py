@@ -188,6 +188,8 @@ class EKFAC(BlockDiagonalKronecker):
     def eigenbasis(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer ``(Q_G, Q_A)``: the orthonormal eigenbases in use."""
         self._check_ready("eigenbasis")
+        if not self.layers:  # every parameter in a diagonal block
+            return []
         assert self._basis is not None
         return list(self._basis)
 
