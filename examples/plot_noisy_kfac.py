@@ -132,7 +132,7 @@ la_cls.optimize_prior_precision(method="marglik", n_steps=100)
 # Metrics. Classification: accuracy, NLL of the predictive probabilities, and the
 # expected calibration error over 10 confidence bins. Regression: RMSE of the
 # predictive mean, NLL of the predictive density, and the calibration error of its
-# central intervals (the mean over levels p = 0.1, …, 0.9 of |coverage − p|).
+# central intervals (the mean over levels p = 0.1, …, 0.9 of ``|coverage − p|``).
 
 
 def classification_metrics(probs: torch.Tensor) -> tuple[float, float, float]:
