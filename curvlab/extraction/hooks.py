@@ -699,13 +699,13 @@ def _replayed_squares(
 ) -> dict[int, Tensor] | None:
     """The squares of :func:`_parameter_squares` from per-sample gradients, or ``None``
     where the replay cannot give them: no model call, loss rows that depend on several
-    samples of the model output, parameters used outside the model."""
+    samples of the model output, parameters used outside the model (or a model output
+    the loss does not depend on)."""
     if replay is None or not isinstance(replay.output, Tensor) or replay.output.dim() == 0:
         return None
     output = replay.output
-    if output.grad_fn is None or output.grad_fn not in _graph_nodes(call.outputs):
-        return None
-    if not only_through(output, call.outputs, params):
+    # (a model output outside the loss's graph fails here too: the walk reaches the params)
+    if output.grad_fn is None or not only_through(output, call.outputs, params):
         return None
     n = sample_count(replay)
     if n is None or output.shape[0] % n:

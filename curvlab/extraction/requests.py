@@ -200,18 +200,6 @@ class BatchResult:
     kronecker: dict[tuple[Any, ...], dict[int, KroneckerBatch]] = field(default_factory=dict)
     diagonals: dict[tuple[Any, ...], dict[int, Tensor]] = field(default_factory=dict)
 
-    def diagonal(
-        self, request: DiagonalStatistics | ParameterDiagonal, param: Tensor, name: str
-    ) -> Tensor:
-        """``Σ_{k,n} g²`` of ``param`` (shaped like it) for ``request``."""
-        found = self.diagonals.get(request.key, {}).get(id(param))
-        if found is None:
-            raise RuntimeError(
-                f"No diagonal statistics for parameter '{name}' in this batch: its layer was "
-                "not called (through its forward) in the forward pass that produced the loss."
-            )
-        return found
-
     def factor_rows(self, request: FactorRows, param: Tensor, name: str) -> Tensor:
         """``[K, param.numel()]`` rows of ``param`` for ``request``."""
         found = self.rows.get(request.key, {}).get(id(param))

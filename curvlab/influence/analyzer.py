@@ -328,12 +328,7 @@ class Influence:
                     }
                 else:
                     per_mod = self._module_dots(pre, self.train_gradients(batch))
-                total = torch.zeros_like(next(iter(per_mod.values())))
-                for name, value in per_mod.items():
-                    total += value
-                    if per_module:
-                        module_columns[name].append(value)
-                columns.append(total)
+                columns.append(_add_up(per_mod, module_columns if per_module else None))
             if not columns:
                 raise ValueError("Influence.pairwise: the training data have no batches.")
             rows.append(torch.cat(columns, dim=1))
@@ -368,13 +363,8 @@ class Influence:
                         self.curvature.layers, eigen, self._records(batch)
                     )
                 }
-                values.append(torch.stack(list(per_mod.values())).sum(dim=0))
-                for name, value in per_mod.items():
-                    if per_module:
-                        module_values[name].append(value)
-                continue
-            grads = self.train_gradients(batch)
-            if eigen is not None:  # −‖(Q_Gᵀ G Q_A) ⊘ √(S + λ)‖² per layer, in the eigenbasis
+            elif eigen is not None:  # −‖(Q_Gᵀ G Q_A) ⊘ √(S + λ)‖² per layer, in the eigenbasis
+                grads = self.train_gradients(batch)
                 per_mod = self._self_dots(self._eigen_apply(grads, eigen, rotate_back=False))
                 n_kron = sum(len(layer.params) for layer in self.curvature.layers)
                 if len(grads) > n_kron:
@@ -385,13 +375,9 @@ class Influence:
                     for name, value in tail_mod.items():
                         per_mod[name] = per_mod[name] + value if name in per_mod else value
             else:
+                grads = self.train_gradients(batch)
                 per_mod = self._module_dots(self.precondition(grads), grads, diagonal=True)
-            total = torch.zeros_like(next(iter(per_mod.values())))
-            for name, value in per_mod.items():
-                total += value
-                if per_module:
-                    module_values[name].append(value)
-            values.append(total)
+            values.append(_add_up(per_mod, module_values if per_module else None))
         if not values:
             raise ValueError("Influence.self_influence: the training data have no batches.")
         modules = {m: torch.cat(v) for m, v in module_values.items()} if per_module else None
@@ -529,3 +515,14 @@ def _from_matrices(layer: Layer, mats: Tensor) -> Grads:
     """Inverse of :func:`_to_matrices`."""
     module = layer.module
     return list(vmap(lambda m: tuple(layer_rules.from_matrix(module, m)))(mats))
+
+
+def _add_up(per_module: dict[str, Tensor], store: dict[str, list[Tensor]] | None) -> Tensor:
+    """The sum over modules of per-module scores (each module's also appended to ``store``
+    when given)."""
+    total = torch.zeros_like(next(iter(per_module.values())))
+    for name, value in per_module.items():
+        total += value
+        if store is not None:
+            store[name].append(value)
+    return total
