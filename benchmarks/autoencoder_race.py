@@ -148,7 +148,7 @@ def main() -> None:
         *(_first_order("sgd", lr) for lr in (0.1, 0.3, 1.0)),
         _kfac_optimizer(),
         # the defaults before they changed: λ₀ = 1, the quadratic model on a quarter batch
-        _kfac_optimizer("KFACOptimizer (old defaults)", damping=1.0, quadratic_min_samples=1),
+        _kfac_optimizer("KFACOptimizer (old defaults)", damping=1.0, quadratic_min_rows=1),
         _natural_gradient(),
     ]
     contenders = [c for c in contenders if args.only in c.name]

@@ -4,7 +4,7 @@ Trains ``KFACOptimizer(model, loss_fn, **setting)`` on four small real-data prob
 prints the full-data training loss after a few step counts, or the step at which the run
 failed (a non-finite loss, or a factor that is no longer positive definite because the
 weights blew up). Settings: the initial damping ``λ₀`` and the quadratic model's subset
-(``quadratic_min_samples=1``: a quarter of the batch, no floor).
+(``quadratic_min_rows=1``: a quarter of the batch, no floor).
 
 * digits MLP 64-128-64-10 (tanh, ReLU), cross-entropy, batch 128;
 * digits ConvNet (two 3×3 convolutions, 16 and 32 channels), cross-entropy, batch 128;
@@ -36,8 +36,8 @@ SETTINGS: list[tuple[str, dict]] = [
     ("λ₀ = 1", {"damping": 1.0}),
     ("λ₀ = 0.1", {"damping": 0.1}),
     ("λ₀ = 0.001", {"damping": 0.001}),
-    ("λ₀ = 1, quarter-batch quadratic (before)", {"damping": 1.0, "quadratic_min_samples": 1}),
-    ("λ₀ = 0.01, quarter-batch quadratic", {"quadratic_min_samples": 1}),
+    ("λ₀ = 1, quarter-batch quadratic (before)", {"damping": 1.0, "quadratic_min_rows": 1}),
+    ("λ₀ = 0.01, quarter-batch quadratic", {"quadratic_min_rows": 1}),
 ]
 
 

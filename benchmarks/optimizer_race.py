@@ -468,11 +468,12 @@ CONTENDERS: dict[str, Contender] = {
                 {},
                 {"orthogonalize": True},
                 {"orthogonalize": True, "damping": 1e-3},
-                {"orthogonalize": "mix"},
+                {"layer_model_every": 5, "update_every": 5},
                 {"damping": 1e-3},
             ],
             "curvlab; no learning rate; damping = the initial λ; orthogonalize: polar factors "
-            "of the proposals (True) or both directions (mix)",
+            "of the proposals; layer_model_every=5, update_every=5: the per-layer model and "
+            "the statistics every 5 steps (the cheap step)",
         ),
         Contender(
             "ng-kfac",

@@ -33,7 +33,7 @@ from curvlab.curvature.base import Curvature
 from curvlab.curvature.kronecker.kfac import KFC
 from curvlab.optim.damping import LevenbergMarquardt
 from curvlab.optim.natural_gradient import NaturalGradient
-from curvlab.optim.quadratic import evaluate_capturing, ggn_gram
+from curvlab.optim.quadratic import CapturedCall, evaluate_capturing, ggn_gram, row_count
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -70,12 +70,20 @@ class KFACOptimizer(torch.optim.Optimizer):
             per layer; ``"mix"``: give the quadratic model both ``Δ_l`` and its polar factor
             (three coefficients per layer); ``False`` (default): ``Δ`` as it is
             (concepts/natural_gradient.md#orthogonalised-directions).
-        quadratic_fraction, quadratic_min_samples: the exact Fisher products of the
+        quadratic_fraction, quadratic_min_rows: the exact Fisher products of the
             quadratic model are computed on the batch's first
-            ``min(N, max(round(quadratic_fraction·N), quadratic_min_samples))`` samples (the
-            estimate is rescaled to the whole batch). A small subset misjudges the
-            curvature along the step on some batches (with 32 of 128 samples the digits
-            classifiers of docs/benchmarks.md ended 2–4× higher), hence the minimum.
+            ``min(N, max(round(quadratic_fraction·N), ⌈quadratic_min_rows / r⌉))`` samples,
+            ``r`` the loss rows per sample (1 for ``[N, C]`` outputs, ``T`` for a sequence
+            of ``T`` tokens, ``H·W`` per-pixel; a ``sum`` loss is rescaled to the whole
+            batch). A small subset misjudges the curvature along the step on some batches
+            (with 32 of 128 samples the digits classifiers of docs/benchmarks.md ended 2–4×
+            higher), hence the minimum number of loss rows.
+        layer_model_every: with ``step_sizes="layer"``, the per-layer model (two Jacobian-
+            vector products per layer) runs every ``layer_model_every`` steps; the steps in
+            between keep its coefficients' shape across layers, ``δ = s_α Σ_l α_l Δ_l +
+            s_μ Σ_l μ_l δ₀_l``, and fit only the two scales ``s`` with the exact-Fisher model
+            (two products) (concepts/natural_gradient.md#amortised-per-layer-step-sizes).
+            ``1`` (default): every step.
         statistics_fraction: the share of the batch the default curvature takes its
             Kronecker statistics from (``KFC(statistics_fraction=...)``).
 
@@ -100,22 +108,23 @@ class KFACOptimizer(torch.optim.Optimizer):
         max_step_groups: int = 16,
         orthogonalize: bool | str = False,
         quadratic_fraction: float = 0.25,
-        quadratic_min_samples: int = 128,
+        quadratic_min_rows: int = 128,
+        layer_model_every: int = 1,
         statistics_fraction: float = 0.25,
     ) -> None:
         if not 0.0 < quadratic_fraction <= 1.0:
             raise ValueError(
                 f"KFACOptimizer: quadratic_fraction must lie in (0, 1], got {quadratic_fraction}."
             )
-        if isinstance(quadratic_min_samples, bool) or not (
-            isinstance(quadratic_min_samples, int) and quadratic_min_samples >= 1
+        for name, value in (
+            ("quadratic_min_rows", quadratic_min_rows),
+            ("layer_model_every", layer_model_every),
         ):
-            raise ValueError(
-                "KFACOptimizer: quadratic_min_samples must be an int >= 1, got "
-                f"{quadratic_min_samples!r}."
-            )
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"KFACOptimizer: {name} must be an int >= 1, got {value!r}.")
         self.quadratic_fraction = quadratic_fraction
-        self.quadratic_min_samples = quadratic_min_samples
+        self.quadratic_min_rows = quadratic_min_rows
+        self.layer_model_every = layer_model_every
         if step_sizes not in STEP_SIZES:
             raise ValueError(
                 f"KFACOptimizer: unknown step_sizes {step_sizes!r}; choose one of {STEP_SIZES}."
@@ -167,6 +176,8 @@ class KFACOptimizer(torch.optim.Optimizer):
             else [list(range(len(names)))]
         )
         self._held_damping: float | None = None  # λ + η of the last inversion step
+        # the last per-layer model's coefficients: the shape the steps in between rescale
+        self._held_coeffs: Tensor | None = None
         self.steps = 0
         # α, μ (per-layer means with step_sizes="layer"), ρ, λ of the last step, for logging
         self.last: dict[str, float] = {}
@@ -181,26 +192,39 @@ class KFACOptimizer(torch.optim.Optimizer):
         """``h(θ) = L(θ) + (η/2)‖θ‖²`` for the batch loss ``L(θ)``."""
         return float(loss.detach()) + 0.5 * self.l2 * float(_dot(params, params))
 
-    def _quadratic_samples(self, batch: int) -> int:
-        """How many of a batch of ``batch`` samples the quadratic model uses."""
-        wanted = max(round(self.quadratic_fraction * batch), self.quadratic_min_samples)
+    def _quadratic_samples(self, batch: int, rows: int) -> int:
+        """How many of a batch of ``batch`` samples (``rows`` loss rows) the quadratic model
+        uses."""
+        per_sample = max(1, rows // batch)
+        floor = -(-self.quadratic_min_rows // per_sample)
+        wanted = max(round(self.quadratic_fraction * batch), floor)
         return max(1, min(batch, wanted))
 
+    def _shape_due(self, coefficients: int) -> bool:
+        """Whether this step runs the per-layer model (else it rescales the held
+        coefficients, which must be as many as this step's pieces)."""
+        held = self._held_coeffs
+        if len(self._groups) == 1 or held is None or held.shape[0] != coefficients:
+            return True
+        return self.steps % self.layer_model_every == 0
+
+    @staticmethod
     def _inner_products(
-        self, directions: list[list[Tensor]], grads: list[Tensor]
+        vectors: list[list[Tensor | None]], grads: list[Tensor]
     ) -> tuple[Tensor, Tensor]:
-        """``vᵢᵀvⱼ`` and ``gᵀvᵢ`` of the pieces ``v`` of ``directions`` (per step group,
-        direction-major); pieces of different groups are orthogonal."""
-        groups, k = self._groups, len(self._groups)
-        inner = grads[0].new_zeros(k * len(directions), k * len(directions))
-        linear = grads[0].new_zeros(k * len(directions))
-        for g, group in enumerate(groups):
-            for a, da in enumerate(directions):
-                mine = [da[i] for i in group]
-                linear[a * k + g] = _dot([grads[i] for i in group], mine)
-                for b, db in enumerate(directions[a:], start=a):
-                    value = _dot(mine, [db[i] for i in group])
-                    inner[a * k + g, b * k + g] = inner[b * k + g, a * k + g] = value
+        """``vᵢᵀvⱼ`` and ``gᵀvᵢ`` of parameter-space ``vectors`` (``None``: zero); vectors
+        on disjoint parameters (pieces of different step groups) are orthogonal."""
+        present = [{i: x for i, x in enumerate(v) if x is not None} for v in vectors]
+        inner = grads[0].new_zeros(len(vectors), len(vectors))
+        linear = grads[0].new_zeros(len(vectors))
+        for a, va in enumerate(present):
+            linear[a] = _dot([grads[i] for i in va], list(va.values()))
+            for b in range(a, len(vectors)):
+                vb = present[b]
+                common = [i for i in va if i in vb]
+                if common:
+                    value = _dot([va[i] for i in common], [vb[i] for i in common])
+                    inner[a, b] = inner[b, a] = value
         return inner, linear
 
     def _split(self, vector: list[Tensor]) -> list[list[Tensor | None]]:
@@ -260,26 +284,11 @@ class KFACOptimizer(torch.optim.Optimizer):
             if use_momentum:
                 directions.append(previous)
             vectors = [piece for d in directions for piece in self._split(d)]
-            batch = call.batch_size
-            subset = self._quadratic_samples(batch)
-            gram = ggn_gram(self.model, self.loss_fn, call, params, vectors, subset)  # vᵢᵀFvⱼ
-            if self.loss_fn.reduction == "sum":  # a sum over fewer samples: rescale
-                gram = gram * (batch / subset)
-            inner, linear = self._inner_products(directions, grads)  # vᵢᵀvⱼ, gᵀvᵢ
-            lam = self.lm.value
-            coeffs, model_change = _model_minimum(gram, inner, linear, lam + self.l2, self.l2)
-            h0 = None
-            # The losses are ≥ 0, so h(θ + δ) ≥ 0: a model that predicts a decrease larger
-            # than h(θ) is wrong that far out (a saturated softmax: the Fisher vanishes along
-            # a direction the gradient does not). Raise λ until it does not
-            # (concepts/natural_gradient.md#defaults-and-why).
-            if -model_change > float(loss):  # h(θ) ≥ L(θ): the exact check only when close
-                h0 = self._objective(loss, params)
-                while -model_change > h0 and self.lm.value < self.lm.maximum:
-                    lam = self.lm.grow()
-                    coeffs, model_change = _model_minimum(
-                        gram, inner, linear, lam + self.l2, self.l2
-                    )
+            if self._shape_due(len(vectors)):  # per-layer model: 2 products per layer
+                coeffs, model_change, h0 = self._quadratic_model(call, params, grads, vectors, loss)
+                self._held_coeffs = coeffs
+            else:  # amortised: the held per-layer shape, one global (α, μ) on it
+                coeffs, model_change, h0 = self._rescaled_model(call, params, grads, vectors, loss)
             coeffs = coeffs.to(grads[0].dtype)
             delta = [
                 sum(c * v[i] for c, v in zip(coeffs, vectors) if v[i] is not None)
@@ -310,6 +319,62 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.steps += 1
         return loss.detach()
 
+    def _quadratic_model(
+        self,
+        call: CapturedCall,
+        params: Sequence[nn.Parameter],
+        grads: list[Tensor],
+        vectors: list[list[Tensor | None]],
+        loss: Tensor,
+    ) -> tuple[Tensor, float, float | None]:
+        """The coefficients minimising the exact-Fisher quadratic model on the span of
+        ``vectors``, its predicted change, and ``h(θ)`` when it was needed (else ``None``)."""
+        batch = call.batch_size
+        subset = self._quadratic_samples(batch, row_count(self.loss_fn, call.targets))
+        gram = ggn_gram(self.model, self.loss_fn, call, params, vectors, subset)  # vᵢᵀFvⱼ
+        if self.loss_fn.reduction == "sum":  # a sum over fewer samples: rescale
+            gram = gram * (batch / subset)
+        inner, linear = self._inner_products(vectors, grads)  # vᵢᵀvⱼ, gᵀvᵢ
+        lam = self.lm.value
+        coeffs, model_change = _model_minimum(gram, inner, linear, lam + self.l2, self.l2)
+        h0 = None
+        # The losses are ≥ 0, so h(θ + δ) ≥ 0: a model that predicts a decrease larger
+        # than h(θ) is wrong that far out (a saturated softmax: the Fisher vanishes along
+        # a direction the gradient does not). Raise λ until it does not
+        # (concepts/natural_gradient.md#defaults-and-why).
+        if -model_change > float(loss):  # h(θ) ≥ L(θ): the exact check only when close
+            h0 = self._objective(loss, params)
+            while -model_change > h0 and self.lm.value < self.lm.maximum:
+                lam = self.lm.grow()
+                coeffs, model_change = _model_minimum(gram, inner, linear, lam + self.l2, self.l2)
+        return coeffs, model_change, h0
+
+    def _rescaled_model(
+        self,
+        call: CapturedCall,
+        params: Sequence[nn.Parameter],
+        grads: list[Tensor],
+        pieces: list[list[Tensor | None]],
+        loss: Tensor,
+    ) -> tuple[Tensor, float, float | None]:
+        """The per-layer model's held coefficients ``c`` as a shape: per direction ``a``
+        the combination ``u_a = Σ_l c_{a,l} v_{a,l}`` of its pieces, then the quadratic
+        model on the span of the ``u_a`` (two products per step instead of two per layer).
+        Returns the pieces' coefficients ``s_a c_{a,l}``."""
+        assert self._held_coeffs is not None
+        held = self._held_coeffs
+        k = len(self._groups)
+        combined: list[list[Tensor | None]] = []
+        for a in range(0, len(pieces), k):
+            total: list[Tensor | None] = [None] * len(params)
+            for piece, c in zip(pieces[a : a + k], held[a : a + k].tolist()):
+                for i, x in enumerate(piece):
+                    if x is not None:
+                        total[i] = c * x
+            combined.append(total)
+        scales, model_change, h0 = self._quadratic_model(call, params, grads, combined, loss)
+        return held * scales.to(held.dtype).repeat_interleave(k), model_change, h0
+
     def close(self) -> None:
         """Remove every hook and recording on the model and the loss: closes the
         preconditioner and its curvature (idempotent; see :meth:`NaturalGradient.close`).
@@ -329,6 +394,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             "steps": self.steps,
             "lm": self.lm.state_dict(),
             "held_damping": self._held_damping,
+            "held_coeffs": self._held_coeffs,
             "precond": self.precond.state_dict(),
         }
         return state
@@ -339,6 +405,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.steps = int(extra["steps"])
         self.lm.load_state_dict(extra["lm"])
         self._held_damping = extra.get("held_damping")
+        self._held_coeffs = extra.get("held_coeffs")
         self.precond.load_state_dict(extra["precond"])
 
 

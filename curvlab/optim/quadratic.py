@@ -178,6 +178,17 @@ def ggn_gram(
     return gram
 
 
+def row_count(loss_fn: nn.Module, targets: Tensor) -> int:
+    """The loss rows of a batch with these ``targets`` (:func:`loss_rows`, from the targets
+    alone): a row per class-index target of ``CrossEntropyLoss`` (samples, tokens, pixels),
+    else one per vector of the last dimension (``[N, C]``: ``N``; ``[N, T, C]``: ``N·T``)."""
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and not targets.is_floating_point():
+        return max(1, targets.numel())
+    if isinstance(loss_fn, nn.CrossEntropyLoss):  # class probabilities, classes on dim 1
+        return max(1, targets.numel() // targets.shape[1]) if targets.dim() > 1 else 1
+    return max(1, targets.numel() // targets.shape[-1]) if targets.dim() > 1 else targets.numel()
+
+
 def _rows_of(targets: Tensor, rows: int) -> Tensor:
     """The targets of the first ``rows`` output rows (a subset's output is batch-major)."""
     if targets.shape[0] < rows:

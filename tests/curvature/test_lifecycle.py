@@ -80,7 +80,7 @@ def _natural_gradient_step(name: str) -> Callable[[nn.Module, nn.Module, Tensor,
 
 
 def _kfac_optimizer_step(model: nn.Module, loss_fn: nn.Module, x: Tensor, y: Tensor) -> None:
-    opt = curvlab.KFACOptimizer(model, loss_fn, quadratic_min_samples=8)
+    opt = curvlab.KFACOptimizer(model, loss_fn, quadratic_min_rows=8)
     opt.step(lambda: loss_fn(model(x), y))
 
 
@@ -206,7 +206,7 @@ def test_natural_gradient_closes_its_curvature() -> None:
 
 def test_kfac_optimizer_close_and_context_manager() -> None:
     model, loss_fn, x, y = _setup()
-    with curvlab.KFACOptimizer(model, loss_fn, quadratic_min_samples=8) as opt:
+    with curvlab.KFACOptimizer(model, loss_fn, quadratic_min_rows=8) as opt:
         for _ in range(2):
             opt.step(lambda: loss_fn(model(x), y))
         assert _hooks(model, loss_fn) > 0
@@ -294,7 +294,7 @@ def _armed_preconditioner(
 ) -> tuple[Any, torch.optim.Optimizer]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     if name == "kfac_optimizer":
-        return curvlab.KFACOptimizer(model, loss_fn, quadratic_min_samples=8), opt
+        return curvlab.KFACOptimizer(model, loss_fn, quadratic_min_rows=8), opt
     return curvlab.NaturalGradient(_make(name, model, loss_fn), optimizer=opt), opt
 
 

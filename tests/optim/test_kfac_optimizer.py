@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import curvlab
+from curvlab import KFACOptimizer
+from curvlab.optim.quadratic import row_count
 from tests.cases import CASES, DTYPE
 
 MLP_CE = next(c for c in CASES if c.id == "mlp-ce-mean")
@@ -235,7 +237,7 @@ def test_the_quadratic_model_and_the_statistics_on_a_subset_keep_the_batch_scale
         )  # fmt: skip
         opt = curvlab.KFACOptimizer(
             model, loss_fn, curvature=curvature, damping=0.5, quadratic_fraction=fraction,
-            quadratic_min_samples=1,
+            quadratic_min_rows=1,
         )  # fmt: skip
         opt.step(lambda model=model, loss_fn=loss_fn: loss_fn(model(x), y))
         steps.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
@@ -248,22 +250,74 @@ def test_fractions_outside_the_unit_interval_are_refused():
         curvlab.KFACOptimizer(model, loss_fn, quadratic_fraction=0.0)
     with pytest.raises(ValueError, match="statistics_fraction must lie in"):
         curvlab.KFAC(model, loss_fn, statistics_fraction=1.5)
-    for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="quadratic_min_samples must be an int >= 1"):
-            curvlab.KFACOptimizer(model, loss_fn, quadratic_min_samples=bad)
+    for name in ("quadratic_min_rows", "layer_model_every"):
+        for bad in (0, -3, 2.5, True):
+            with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+                curvlab.KFACOptimizer(model, loss_fn, **{name: bad})
 
 
 @pytest.mark.parametrize(
-    ("fraction", "minimum", "batch", "expected"),
-    [(0.25, 256, 500, 256), (0.25, 256, 128, 128), (0.25, 256, 2048, 512), (0.5, 1, 16, 8),
-     (0.01, 1, 10, 1), (1.0, 256, 300, 300)],
+    ("fraction", "minimum", "batch", "rows", "expected"),
+    [(0.25, 256, 500, 500, 256), (0.25, 256, 128, 128, 128), (0.25, 256, 2048, 2048, 512),
+     (0.5, 1, 16, 16, 8), (0.01, 1, 10, 10, 1), (1.0, 256, 300, 300, 300),
+     # sequences of 64 tokens: the floor counts loss rows, the fraction samples
+     (0.25, 128, 16, 1024, 4), (0.1, 128, 16, 1024, 2), (0.25, 128, 2, 128, 2)],
 )  # fmt: skip
-def test_the_quadratic_subset_is_a_fraction_with_a_floor(fraction, minimum, batch, expected):
+def test_the_quadratic_subset_is_a_fraction_with_a_floor_of_rows(
+    fraction, minimum, batch, rows, expected
+):
     model, loss_fn = nn.Sequential(nn.Linear(2, 2)), nn.MSELoss()
     opt = curvlab.KFACOptimizer(
-        model, loss_fn, quadratic_fraction=fraction, quadratic_min_samples=minimum
+        model, loss_fn, quadratic_fraction=fraction, quadratic_min_rows=minimum
     )
-    assert opt._quadratic_samples(batch) == expected
+    assert opt._quadratic_samples(batch, rows) == expected
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "targets", "rows"),
+    [(nn.CrossEntropyLoss(), torch.zeros(8, dtype=torch.long), 8),
+     (nn.CrossEntropyLoss(), torch.zeros(8, 5, dtype=torch.long), 40),  # [N, C, T] output
+     (nn.CrossEntropyLoss(), torch.zeros(8, 3), 8),  # class probabilities
+     (nn.MSELoss(), torch.zeros(8, 3), 8), (nn.MSELoss(), torch.zeros(8, 4, 3), 32),
+     (nn.BCEWithLogitsLoss(), torch.zeros(8, 784), 8), (nn.MSELoss(), torch.zeros(8), 8)],
+)  # fmt: skip
+def test_row_count_matches_the_rows_the_loss_treats_independently(loss_fn, targets, rows):
+    assert row_count(loss_fn, targets) == rows
+
+
+def _amortised_run(every: int, steps: int = 12, monkeypatch=None):
+    """``KFACOptimizer`` with ``layer_model_every=every`` on a 3-layer MLP; returns the
+    losses and, per step, the number of vectors its quadratic model saw."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    model = model.to(DTYPE)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(64, 4, dtype=DTYPE), torch.randint(0, 3, (64,))
+    opt = KFACOptimizer(model, loss_fn, layer_model_every=every)
+    seen: list[int] = []
+    if monkeypatch is not None:
+        real = KFACOptimizer._quadratic_model
+
+        def counting(self, call, params, grads, vectors, loss):
+            seen.append(len(vectors))
+            return real(self, call, params, grads, vectors, loss)
+
+        monkeypatch.setattr(KFACOptimizer, "_quadratic_model", counting)
+    losses = [float(opt.step(lambda: loss_fn(model(x), y))) for _ in range(steps)]
+    return losses, seen, opt
+
+
+def test_layer_model_every_rescales_the_held_per_layer_shape(monkeypatch) -> None:
+    """Per-layer models (2 pieces per layer, 3 layers) at steps 0, 1 (the first with
+    momentum: a new set of coefficients), 3, 6, 9; the steps in between fit two scales on
+    the held shape (a model on 2 vectors), predict a decrease, and the loss falls."""
+    losses, seen, opt = _amortised_run(3, monkeypatch=monkeypatch)
+    assert seen == [3, 6, 2, 6, 2, 2, 6, 2, 2, 6, 2, 2]
+    every_step, _, _ = _amortised_run(1)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 1.1 * every_step[-1]  # about as far as the per-layer model each step
+    assert losses[:3] == every_step[:3]  # the same until the first rescaled step
+    assert opt.last["model_change"] < 0
 
 
 def test_the_model_may_not_predict_the_loss_below_zero() -> None:
