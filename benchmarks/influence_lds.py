@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 import curvlab
+from curvlab.ablation.attribution import linear_datamodeling_score
 from curvlab.influence import Influence
 
 Batch = tuple[Tensor, Tensor]
@@ -80,21 +80,9 @@ def query_losses(model: nn.Module, query: Batch) -> Tensor:
         return nn.functional.cross_entropy(model(query[0]), query[1], reduction="none")
 
 
-def spearman(a: Tensor, b: Tensor) -> float:
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
 def lds(scores: Tensor, masks: Tensor, outcomes: Tensor) -> tuple[float, float]:
-    """Mean and standard error over queries of the Spearman correlation between
-    ``Σ_{z∈S_k} scores[q, z]`` and ``outcomes[k, q]``."""
-    predicted = masks.double() @ scores.double().T  # [K, Q]
-    values = torch.tensor(
-        [spearman(predicted[:, q], outcomes[:, q]) for q in range(scores.shape[0])]
-    )
-    values = values[torch.isfinite(values)]
-    return float(values.mean()), float(values.std() / math.sqrt(max(len(values), 1)))
+    """Mean and standard error over queries (:func:`linear_datamodeling_score`)."""
+    return linear_datamodeling_score(scores, masks, outcomes)
 
 
 def batches(data: Batch, size: int) -> list[Batch]:

@@ -5,10 +5,18 @@
   gradient, ``KFACOptimizer`` and one ``NaturalGradient`` per backend from one
   initialisation, by iteration and by wall-clock.
 * :func:`plot_race`, :func:`plot_loss`, :func:`plot_quality` — the figures.
+* :func:`compare_attributions` — the linear datamodeling score of influence scores with
+  each approximation (``curvlab ablate --task influence``), :func:`plot_attribution`.
 * :func:`load_dataset`, :func:`build_model` — the data and networks of ``curvlab ablate``
   (which also takes a user's ``.npz`` and ``module:factory`` model).
 """
 
+from curvlab.ablation.attribution import (
+    AttributionResult,
+    compare_attributions,
+    linear_datamodeling_score,
+    plot_attribution,
+)
 from curvlab.ablation.data import (
     EMBEDDED_DATASETS,
     MODELS,
@@ -35,6 +43,7 @@ __all__ = [
     "BASELINES",
     "EMBEDDED_DATASETS",
     "MODELS",
+    "AttributionResult",
     "Contender",
     "Curve",
     "Dataset",
@@ -44,10 +53,13 @@ __all__ = [
     "RaceResult",
     "Stopwatch",
     "build_model",
+    "compare_attributions",
     "contender",
+    "linear_datamodeling_score",
     "load_dataset",
     "loss_and_targets",
     "model_inputs",
+    "plot_attribution",
     "plot_loss",
     "plot_quality",
     "plot_race",

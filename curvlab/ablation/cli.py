@@ -39,6 +39,12 @@ from curvlab.ablation import (
     race,
     tune,
 )
+from curvlab.ablation.attribution import (
+    IDENTITY,
+    adam_fit,
+    compare_attributions,
+    plot_attribution,
+)
 from curvlab.ablation.imports import allow_imports_from_the_working_folder, is_import_path
 from curvlab.ablation.races import (
     BUILT_IN,
@@ -53,6 +59,8 @@ from curvlab.ablation.tasks import LOSSES, Task, check_loss, labels_mode, make_t
 from curvlab.registry import available
 
 DEFAULT_BACKENDS = ("kfc", "ekfac", "block_diagonal", "block_tridiagonal")
+#: The approximations ``--task influence`` compares without ``--backends``.
+DEFAULT_INFLUENCE = ("identity", "diagonal", "kfac", "ekfac", "block_diagonal", "exact_fisher")
 #: The optimizers the approximations race against without ``--contenders``.
 DEFAULT_CONTENDERS = tuple(n.replace("_", "-") for n in BASELINES)
 #: ``--contenders`` names besides ``module:Class`` import paths.
@@ -159,9 +167,20 @@ def _parser() -> argparse.ArgumentParser:
         "torch.optim:RMSprop; imported only when named)",
     )
     p.add_argument(
+        "--task",
+        choices=("race", "influence"),
+        default="race",
+        help="race: optimizers and natural gradients, and each backend against the exact "
+        "Fisher; influence: the linear datamodeling score (LDS) of influence scores with each "
+        "approximation in --backends (plus 'identity'), against models retrained on random "
+        "halves of the training set (writes summary.md, results.json, influence.png)",
+    )
+    p.add_argument(
         "--backends",
-        default=",".join(DEFAULT_BACKENDS),
-        help=f"comma-separated curvature backends, of: {', '.join(available())}",
+        default=None,
+        help=f"comma-separated curvature backends, of: {', '.join(available())} (default: "
+        f"{','.join(DEFAULT_BACKENDS)}; with --task influence also 'identity', default "
+        f"{','.join(DEFAULT_INFLUENCE)})",
     )
     p.add_argument("--steps", type=_positive_int, default=150, help="training iterations")
     p.add_argument("--batch-size", type=_positive_int, default=128)
@@ -203,6 +222,27 @@ def _parser() -> argparse.ArgumentParser:
         default=0.2,
         help="the validation share of the data (unused when the .npz has X_val, y_val)",
     )
+    p.add_argument(
+        "--subsets", type=_positive_int, default=40, help="--task influence: random halves K"
+    )
+    p.add_argument(
+        "--retrain-seeds",
+        type=_positive_int,
+        default=2,
+        help="--task influence: models trained per half (their mean query loss is the outcome)",
+    )
+    p.add_argument(
+        "--train-size",
+        type=_positive_int,
+        default=500,
+        help="--task influence: training examples attributed to (the first of the split)",
+    )
+    p.add_argument(
+        "--queries", type=_positive_int, default=50, help="--task influence: validation queries"
+    )
+    p.add_argument(
+        "--epochs", type=_positive_int, default=20, help="--task influence: Adam epochs per fit"
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/ablate"), help="output folder")
@@ -221,7 +261,9 @@ def ablate(args: argparse.Namespace) -> int:
         )
     if is_import_path(args.model) or is_import_path(args.contenders):
         allow_imports_from_the_working_folder()
-    backends = _backends(args.backends)
+    if args.task == "influence":
+        return _influence(args)
+    backends = _backends(args.backends or ",".join(DEFAULT_BACKENDS))
     specs = _contender_names(args.contenders)
     factory = model_factory(args.model)
     loss = check_loss(args.model, args.loss)
@@ -323,6 +365,61 @@ def ablate(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"  {path}")
     return 0
+
+
+def _influence(args: argparse.Namespace) -> int:
+    """``curvlab ablate --task influence``: the LDS of every approximation on one task."""
+    if args.device != "cpu":
+        raise ValueError("--task influence runs on --device cpu.")
+    methods = _influence_methods(args.backends)
+    factory = model_factory(args.model)
+    loss = check_loss(args.model, args.loss)
+    dataset = load_dataset(args.data, labels=labels_mode(args.model, loss))
+    task = make_task(args.model, factory, loss, dataset, args.val_fraction, args.seed)
+    train = tuple(t[: args.train_size] for t in task.train)
+    query = tuple(t[: args.queries] for t in task.val)
+    _check_out(args.out)
+    started = time.perf_counter()
+    progress = not args.no_progress
+    result = compare_attributions(
+        task.build, task.loss_fn, (train[0], train[1]), (query[0], query[1]), methods,
+        args.subsets, args.retrain_seeds, adam_fit(task.loss_fn, args.epochs), seed=args.seed,
+        batch_size=args.batch_size,
+        settings={"model": args.model, "loss": task.loss, "data": dataset.name,
+                  "epochs": args.epochs, "machine": _machine(torch.device("cpu"))},
+        progress=(lambda text: _say(True, text)) if progress else None,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    result.settings["seconds"] = seconds
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = result.to_markdown()
+    failed = [r for r in result.rows if r["error"]]
+    summary += "".join(f"\n{r['method']} failed: {r['error']}\n" for r in failed)
+    paths = [args.out / "summary.md", args.out / "results.json", args.out / "influence.png"]
+    paths[0].write_text(summary)
+    paths[1].write_text(result.to_json())
+    figure = plot_attribution(result)
+    figure.savefig(paths[2], dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    print(summary)
+    print(f"curvlab ablate --task influence: done in {seconds:.0f} s. Wrote:")
+    for path in paths:
+        print(f"  {path}")
+    return 0
+
+
+def _influence_methods(text: str | None) -> list[str]:
+    names = [n.strip() for n in (text or ",".join(DEFAULT_INFLUENCE)).split(",") if n.strip()]
+    valid = [IDENTITY, *available()]
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise ValueError(
+            f"--backends: unknown approximation(s) {', '.join(map(repr, unknown)) or '(none)'} "
+            f"for --task influence. Valid: {', '.join(valid)}."
+        )
+    return list(dict.fromkeys(names))
 
 
 def _default_target(task: Task, seed: int) -> float:
