@@ -1,0 +1,126 @@
+"""K-FAC factor time against a gradient on a GPT-like model, curvlab beside curvlinops.
+
+A causal character transformer (the optimizer race's blocks: pre-LayerNorm, attention
+from plain ``nn.Linear`` projections, a raw position parameter) of width 128 with 4
+blocks, context 64, a 96-character vocabulary, the embedding tied to the output head,
+batches of 8 sequences (512 tokens), cross-entropy per token.
+
+* curvlab: ``KFAC(model, loss_fn, fisher_type="mc")``, every parameter covered: Kronecker
+  blocks for the 16 ``nn.Linear`` layers of the blocks, diagonal blocks (per-sample
+  gradients of a replayed forward pass) for the tied embedding/head weight, the head's
+  bias, the LayerNorms and the position parameter; ``update`` = forward, backward,
+  statistics.
+* curvlinops 3.0.1: ``KFACLinearOperator`` with the MC Fisher on the parameters it
+  supports here, the ``nn.Linear`` layers' weights and biases (not the tied
+  embedding/head, the norms or the position parameter); ``compute_kronecker_factors()``
+  after the constructor (the factors are computed lazily in curvlinops 3).
+
+Each is reported as a ratio to one forward + backward pass of the same batch, timed
+interleaved (gradient, curvlab, curvlinops per round; the minimum over rounds), so a
+loaded machine slows all three alike. Usage: ``python -m benchmarks.gpt_factors
+[--rounds 5] [--threads 1]``. Prints a table; never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import curvlab
+from benchmarks.common import machine
+from benchmarks.optimizer_race import CharTransformer
+
+VOCAB, CONTEXT, WIDTH, LAYERS, SEQUENCES = 96, 64, 128, 4, 8
+
+
+def gpt_like() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = CharTransformer(VOCAB, CONTEXT, width=WIDTH, heads=4, layers=LAYERS)
+    model.head.weight = model.tok.weight  # tied embedding and output head
+    x = torch.randint(0, VOCAB, (SEQUENCES, CONTEXT))
+    y = torch.randint(0, VOCAB, (SEQUENCES * CONTEXT,))
+    return model, x, y
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, x, y = gpt_like()
+    loss_fn = nn.CrossEntropyLoss()
+    curvature = curvlab.KFAC(model, loss_fn, fisher_type="mc")
+    coverage = curvature.coverage()
+
+    def gradient() -> None:
+        model.zero_grad()
+        loss_fn(model(x), y).backward()
+
+    def ours() -> None:
+        curvature.reset()
+        curvature.update(x, y)
+
+    cells: dict[str, Callable[[], object]] = {"forward+backward": gradient, "curvlab KFAC": ours}
+    linear_params = [
+        p for m in model.modules() if type(m) is nn.Linear and m is not model.head
+        for p in m.parameters()
+    ]  # fmt: skip
+    try:
+        from curvlinops import KFACLinearOperator
+
+        def theirs() -> None:
+            op = KFACLinearOperator(
+                model, loss_fn, linear_params, [(x, y)], check_deterministic=False,
+                fisher_type="mc", mc_samples=1,
+            )  # fmt: skip
+            op.compute_kronecker_factors()  # lazy in curvlinops 3
+
+        cells["curvlinops KFAC (Linear layers only)"] = theirs
+    except ImportError:
+        print("curvlinops is not installed: only curvlab is timed")
+    for fn in cells.values():  # warm-up
+        fn()
+    best = dict.fromkeys(cells, float("inf"))
+    for _ in range(args.rounds):
+        for name, fn in cells.items():
+            best[name] = min(best[name], _timed(fn))
+    base = best["forward+backward"]
+    covered = sum(p.numel() for p in curvature.params)
+    theirs_count = sum(p.numel() for p in linear_params)
+    print(machine())
+    print(
+        f"GPT-like: width {WIDTH}, {LAYERS} blocks, context {CONTEXT}, vocab {VOCAB} (tied), "
+        f"{SEQUENCES} sequences; {args.threads} thread(s), min of {args.rounds} rounds"
+    )
+    print(f"curvlab covers {covered} parameters ({_kinds(coverage)}); curvlinops {theirs_count}")
+    print("| what | ms | × forward+backward |\n|---|---|---|")
+    ratios = {}
+    for name, seconds in best.items():
+        ratios[name] = seconds / base
+        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / base:.2f}× |")
+    if len(best) == 3:
+        ours_ratio, their_ratio = list(ratios.values())[1:]
+        print(f"curvlab's ratio / curvlinops' ratio: {ours_ratio / their_ratio:.2f}")
+    return ratios
+
+
+def _kinds(coverage: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for kind in coverage.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items()) + " parameter tensors"
+
+
+if __name__ == "__main__":
+    main()
