@@ -39,7 +39,13 @@ from curvlab.ablation import (
     race,
     tune,
 )
-from curvlab.ablation.imports import allow_imports_from_the_working_folder, is_import_path
+from curvlab.ablation.imports import (
+    INSTALL_ABLATE,
+    allow_imports_from_the_working_folder,
+    import_from_ablate_extra,
+    is_import_path,
+    missing_ablate_extra,
+)
 from curvlab.ablation.races import (
     BUILT_IN,
     WEIGHT_DECAY,
@@ -103,6 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 2
+    missing = missing_ablate_extra()
+    if missing:
+        print(
+            f"curvlab {args.command}: error: needs {' and '.join(missing)} (the ablate extra, "
+            f"not installed with curvlab): {INSTALL_ABLATE}",
+            file=sys.stderr,
+        )
         return 2
     try:
         return int(args.run(args))
@@ -617,10 +631,8 @@ def _write(
     tuning: dict[str, dict[str, float]],
     seconds: float,
 ) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_from_ablate_extra("matplotlib").use("Agg")
+    plt = import_from_ablate_extra("matplotlib.pyplot")
 
     summary = out / "summary.md"
     summary.write_text(
