@@ -1,21 +1,23 @@
 # Set-up and entry points. `make test` works from a fresh clone: it creates .venv,
-# installs the pinned dependencies (torch 2.13.0 CPU wheel, BackPACK 1.7.1, the laplace-torch
-# extra whose integration is tested) and runs pytest.
+# installs curvlab with the test, dev, laplace (whose integration is tested) and ablate
+# (the research harness) extras at the versions of constraints.txt (torch 2.13.0 CPU wheel,
+# BackPACK 1.7.1, ...: pyproject.toml states ranges, the constraints pin the tested set)
+# and runs pytest.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install --quiet -c constraints.txt
 
 .PHONY: install demo figures test test-slow lint bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test,dev,laplace]"
-	# kronfluence 1.0.1 (the influence parity tests) without its dependencies, so torch stays put
-	$(BIN)/pip install --quiet --no-deps kronfluence==1.0.1 accelerate==1.16.0 safetensors==0.8.0 \
-		pyyaml==6.0.4 psutil==7.2.2
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[test,dev,laplace,ablate]"
+	# kronfluence (the influence parity tests) without its dependencies, so torch stays put
+	$(PIP) --no-deps kronfluence accelerate safetensors pyyaml psutil
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,7 +44,7 @@ lint: $(STAMP)
 	$(BIN)/mypy curvlab
 
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(PIP) -e ".[bench]"
 	$(BIN)/python -m benchmarks.kfac_extraction
 	$(BIN)/python -m benchmarks.training_step
 	$(BIN)/python -m benchmarks.tridiagonal_cost
@@ -52,7 +54,7 @@ bench: $(STAMP)
 		--figure runs/optimizer_race.png
 
 docs: $(STAMP)
-	$(BIN)/pip install --quiet -e ".[docs]"
+	$(PIP) -e ".[docs]"
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:

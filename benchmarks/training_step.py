@@ -8,7 +8,8 @@ step and two inversions at ``invert_every=10``) of:
 * curvlab ``NaturalGradient(KFC(fisher_type="mc", damping_mode=...))`` + the same SGD, for
   exact damping (eigenbases, four matmuls per layer and step) and factored damping
   (cached damped inverse factors, two matmuls);
-* ASDL 0.1a5 ``KfacGradientMaker`` (``fisher_mc``, the same intervals and damping) + SGD.
+* ASDL (asdfghjkl 0.1a4, the bench extra's) ``KfacGradientMaker`` (``fisher_mc``, the same
+  intervals and damping) + SGD.
 
 Usage: ``python -m benchmarks.training_step [--device cuda] [--workloads 0 1]``.
 """

@@ -6,7 +6,7 @@ model, loss_fn)``), feed it batches with ``update`` (or several at once with
 :func:`curvlab.extract`) and use ``matvec``, ``solve`` and ``to_dense``.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from curvlab import influence, linalg
 from curvlab.curvature import (
@@ -38,9 +38,6 @@ from curvlab.optim import (
     save_checkpoint,
 )
 from curvlab.registry import available, make, register
-
-if TYPE_CHECKING:
-    from curvlab import ablation
 
 __version__ = "0.1.0"
 
@@ -79,10 +76,23 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # the research harness (matplotlib, scikit-learn) loads on first use only
-    if name == "ablation":
-        import importlib
+if TYPE_CHECKING:
+    from curvlab import ablation
+else:
 
-        return importlib.import_module("curvlab.ablation")
-    raise AttributeError(f"module 'curvlab' has no attribute {name!r}")
+    def __getattr__(name: str) -> object:
+        # the research harness loads on first use only (its figures and data need the
+        # ablate extra: pip install 'curvlab[ablate]')
+        if name == "ablation":
+            import importlib
+
+            return importlib.import_module("curvlab.ablation")
+        raise AttributeError(f"module 'curvlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names (``__all__``), not the subpackages and helpers behind them."""
+    return sorted([*__all__, "__version__"])
+
+
+del TYPE_CHECKING

@@ -93,16 +93,3 @@ def test_every_citation_points_to_a_page_and_section_that_exist() -> None:
                 broken.append(f"{path.name}: concepts/{page}.md#{section}")
     assert not foreign, f"files citing the team's notes: {foreign}"
     assert not broken, broken
-
-
-def test_import_curvlab_leaves_the_research_harness_unloaded() -> None:
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, curvlab\n"
-        "heavy = [m for m in ('curvlab.ablation', 'matplotlib', 'sklearn') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-        "assert callable(curvlab.ablation.quality)  # loaded on first use\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)

@@ -275,8 +275,9 @@ def compare_attributions(
 
 def plot_attribution(result: AttributionResult) -> Any:
     """LDS against fit + score seconds, one point per approximation."""
-    import matplotlib.pyplot as plt
+    from curvlab.ablation.imports import import_from_ablate_extra
 
+    plt = import_from_ablate_extra("matplotlib.pyplot")
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in result.rows:
         if not (math.isfinite(r["lds"]) and math.isfinite(r["seconds"])):

@@ -45,7 +45,13 @@ from curvlab.ablation.attribution import (
     compare_attributions,
     plot_attribution,
 )
-from curvlab.ablation.imports import allow_imports_from_the_working_folder, is_import_path
+from curvlab.ablation.imports import (
+    INSTALL_ABLATE,
+    allow_imports_from_the_working_folder,
+    import_from_ablate_extra,
+    is_import_path,
+    missing_ablate_extra,
+)
 from curvlab.ablation.races import (
     BUILT_IN,
     WEIGHT_DECAY,
@@ -111,6 +117,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 2
+    missing = missing_ablate_extra()
+    if missing:
+        print(
+            f"curvlab {args.command}: error: needs {' and '.join(missing)} (the ablate extra, "
+            f"not installed with curvlab): {INSTALL_ABLATE}",
+            file=sys.stderr,
+        )
         return 2
     try:
         return int(args.run(args))
@@ -400,9 +414,7 @@ def _influence(args: argparse.Namespace) -> int:
     paths[1].write_text(result.to_json())
     figure = plot_attribution(result)
     figure.savefig(paths[2], dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
+    import_from_ablate_extra("matplotlib.pyplot").close(figure)
     print(summary)
     print(f"curvlab ablate --task influence: done in {seconds:.0f} s. Wrote:")
     for path in paths:
@@ -714,10 +726,8 @@ def _write(
     tuning: dict[str, dict[str, float]],
     seconds: float,
 ) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import_from_ablate_extra("matplotlib").use("Agg")
+    plt = import_from_ablate_extra("matplotlib.pyplot")
 
     summary = out / "summary.md"
     summary.write_text(

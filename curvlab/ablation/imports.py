@@ -1,12 +1,44 @@
-"""``module:Name`` import paths: a user's optimizer class (``--contenders``) or model
-factory (``--model``), imported only when asked for."""
+"""Imports of the research harness: a user's optimizer class (``--contenders``) or model
+factory (``--model``) by ``module:Name`` path, imported only when asked for, and the
+modules of the ``ablate`` extra (scikit-learn, matplotlib), which ``pip install curvlab``
+leaves out."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from typing import Any
+
+#: The modules of ``pip install 'curvlab[ablate]'`` the harness imports, with their
+#: distribution names.
+ABLATE_EXTRA = {"sklearn": "scikit-learn", "matplotlib": "matplotlib"}
+INSTALL_ABLATE = "pip install 'curvlab[ablate]'"
+
+
+def missing_ablate_extra() -> list[str]:
+    """The distributions of the ``ablate`` extra that are not installed (``[]``: none)."""
+    return [
+        dist for module, dist in ABLATE_EXTRA.items() if importlib.util.find_spec(module) is None
+    ]
+
+
+def import_from_ablate_extra(name: str) -> Any:
+    """Import module ``name`` of the ``ablate`` extra (``"matplotlib.pyplot"``,
+    ``"sklearn.datasets"``); if its distribution is missing, ``ModuleNotFoundError`` names
+    it and the install command."""
+    top = name.split(".")[0]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] != top:
+            raise  # something inside the package is missing, not the package
+        raise ModuleNotFoundError(
+            f"curvlab's research harness needs {ABLATE_EXTRA.get(top, top)} (not installed): "
+            f"{INSTALL_ABLATE}.",
+            name=err.name,
+        ) from err
 
 
 def is_import_path(text: str) -> bool:

@@ -1,9 +1,10 @@
-"""Figures of an ablation (matplotlib, imported on first use)."""
+"""Figures of an ablation (matplotlib, of the ``ablate`` extra, imported on first use)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from curvlab.ablation.imports import import_from_ablate_extra
 from curvlab.ablation.metrics import QualityReport
 from curvlab.ablation.races import RaceResult
 
@@ -16,7 +17,7 @@ def plot_loss(result: RaceResult, x: str = "iterations", ax: Any = None) -> Any:
     figure."""
     if x not in _AXES:
         raise ValueError(f"plot_loss: x must be one of {', '.join(_AXES)}, got {x!r}.")
-    import matplotlib.pyplot as plt
+    plt = import_from_ablate_extra("matplotlib.pyplot")
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5.2, 3.8))
@@ -40,7 +41,7 @@ def plot_loss(result: RaceResult, x: str = "iterations", ax: Any = None) -> Any:
 
 def plot_race(result: RaceResult) -> Any:
     """The two-panel figure: loss against iterations (left) and against seconds (right)."""
-    import matplotlib.pyplot as plt
+    plt = import_from_ablate_extra("matplotlib.pyplot")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.9), sharey=True)
     plot_loss(result, "iterations", left)
@@ -54,7 +55,7 @@ def plot_race(result: RaceResult) -> Any:
 def plot_quality(report: QualityReport) -> Any:
     """Bars per backend: matrix error, natural-gradient direction error and cosine,
     and top-eigenvalue error, all against the exact Fisher."""
-    import matplotlib.pyplot as plt
+    plt = import_from_ablate_extra("matplotlib.pyplot")
 
     names = [r.backend for r in report.rows]
     panels = [

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from curvlab import linalg
 from curvlab.curvature.base import Curvature, DecompositionBlock, Layer, NamedTensor, Vector
 from curvlab.extraction import BatchResult, Request, check_fisher_type, check_mc_samples
 from curvlab.extraction import layers as layer_rules
@@ -100,7 +101,7 @@ class DiagonalBlocks:
         for d, t, name in zip(self.diagonals(normalizer), v, self.names):
             damped = d + damping
             if not bool((damped > 0).all()):
-                raise torch.linalg.LinAlgError(
+                raise linalg.LinAlgError(
                     f"{self.owner}.solve: the diagonal block of '{name}' has zero entries; "
                     "use damping > 0."
                 )

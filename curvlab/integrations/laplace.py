@@ -3,14 +3,15 @@
 ``Laplace(model, "classification", hessian_structure="kron", backend=CurvlabGGN)`` uses
 curvlab's extraction — any model the hooks engine supports (ResNets with BatchNorm,
 transformers, ...), not only the ones laplace-torch's BackPACK and ASDL backends accept.
-Install with ``pip install -e ".[laplace]"`` (laplace-torch 0.3).
+Install with ``pip install "curvlab[laplace]"`` (laplace-torch 0.3).
 
 What each structure gets (every quantity on laplace-torch's scale: its ``sum``-reduced
 loss times ``factor``, ½ for regression):
 
 * ``full``: :class:`~curvlab.ExactFisher` (``stochastic=True``: its Monte-Carlo estimate
   with ``num_samples`` labels) or :class:`~curvlab.EmpiricalFisher`;
-* ``kron``: :class:`~curvlab.KFC`'s factors with weight and bias in separate blocks, as
+* ``kron``: :class:`~curvlab.KFC`'s factors (its public ``factors()`` and
+  ``diagonal_blocks()``) with weight and bias in separate blocks, as
   laplace-torch's ``Kron`` expects — ``[G, A]`` for a weight (``A`` without the
   homogeneous coordinate) and ``[G]`` for its bias (the bias's own Kronecker block,
   ``G ⊗ 1``); an embedding's ``[A, G]`` (its weight is the transpose of its matrix);
@@ -120,12 +121,9 @@ class _CurvlabInterface(CurvatureInterface):
             )
             if bias:
                 blocks[id(layer.params[1])] = [g * f.A[-1, -1]]
-        diagonal = kfc._other_layers()
-        if diagonal:
-            diagonals = kfc._diag().diagonals(kfc._normalizer)
-            tail = [p for layer in diagonal for p in layer.params]
-            for p, d in zip(tail, diagonals):
-                blocks[id(p)] = _diagonal_block(d)
+        parameters = dict(zip(kfc.param_names, kfc.params))
+        for name, d in kfc.diagonal_blocks().items():
+            blocks[id(parameters[name])] = _diagonal_block(d)
         missing = [i for i, p in enumerate(self.params) if id(p) not in blocks]
         if missing:
             raise RuntimeError(

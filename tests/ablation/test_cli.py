@@ -194,3 +194,23 @@ def test_ctrl_c_stops_cleanly_and_writes_nothing(tmp_path, capsys, monkeypatch) 
     err = capsys.readouterr().err
     assert "interrupted; no output written" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("absent", "named"),
+    [
+        (("sklearn",), "needs scikit-learn (the ablate extra"),
+        (("matplotlib",), "needs matplotlib (the ablate extra"),
+        (("sklearn", "matplotlib"), "needs scikit-learn and matplotlib (the ablate extra"),
+    ],
+)
+def test_without_the_ablate_extra_the_command_names_the_install(
+    tmp_path, capsys, monkeypatch, absent, named
+) -> None:
+    for module in absent:  # None in sys.modules: the module reads as not installed
+        monkeypatch.setitem(sys.modules, module, None)
+    assert main(["ablate", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert named in err
+    assert "pip install 'curvlab[ablate]'" in err
+    assert not (tmp_path / "never").exists()

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import re
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from curvlab.ablation import MODELS, build_model, load_dataset, loss_and_targets, model_inputs
+from curvlab.ablation import (
+    MODELS,
+    RaceResult,
+    build_model,
+    load_dataset,
+    loss_and_targets,
+    model_inputs,
+    plot_race,
+)
 
 
 def test_digits_ship_with_scikit_learn() -> None:
@@ -152,3 +163,20 @@ def test_a_regression_file_without_x_val_targets_is_refused(tmp_path) -> None:
     np.savez(path, X=np.zeros((4, 2)), X_val=np.zeros((2, 2)), y_val=np.zeros(2))
     with pytest.raises(ValueError, match="y_val without y"):
         load_dataset(path, labels=False)
+
+
+@pytest.mark.parametrize(
+    ("absent", "call", "named"),
+    [
+        ("sklearn.datasets", lambda: load_dataset("digits"), "needs scikit-learn"),
+        ("matplotlib.pyplot", lambda: plot_race(RaceResult([], None, {})), "needs matplotlib"),
+    ],
+)
+def test_the_harness_without_the_ablate_extra_names_the_install(
+    monkeypatch, absent, call, named
+) -> None:
+    monkeypatch.setitem(sys.modules, absent, None)  # reads as not installed
+    with pytest.raises(ModuleNotFoundError, match=rf"{named} \(not installed\): pip install "):
+        call()
+    with pytest.raises(ModuleNotFoundError, match=re.escape("'curvlab[ablate]'")):
+        call()

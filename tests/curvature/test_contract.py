@@ -4,7 +4,7 @@ One row per backend configuration (``BACKENDS`` of ``backend_info.py``: registry
 kwargs, capability flags); a backend registered without a row fails
 ``test_every_backend_has_a_row``. Each property runs on a few cases from the case table so
 that every model family and loss is covered; ``test_error_inputs`` runs every row's error
-inputs (``error_inputs``).
+inputs (``error_inputs``: the shared ones and its family's) phase by phase.
 """
 
 from __future__ import annotations
@@ -15,8 +15,19 @@ import pytest
 import torch
 
 import curvlab
+from curvlab.curvature.dense.base import DenseCurvature
+from curvlab.curvature.kronecker.factored import KroneckerFactored
 from tests.cases import CASES, Case
-from tests.curvature.backend_info import BACKENDS, BackendInfo, ErrorInput, error_inputs
+from tests.curvature.backend_info import (
+    BACKENDS,
+    PHASES,
+    BackendInfo,
+    ErrorInput,
+    dense_error_inputs,
+    diagonal_error_inputs,
+    error_inputs,
+    kronecker_error_inputs,
+)
 
 _PICK = {"mlp-ce-mean", "mlp_nobias-bce-mean", "conv1d-ce-sum", "conv2d-mse-sum", "conv2d-bce-sum"}
 CONTRACT_CASES = [c for c in CASES if c.id in _PICK]
@@ -239,6 +250,36 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize(("row", "error"), ERROR_CASES)
 def test_error_inputs(row: BackendInfo, error: ErrorInput) -> None:
-    """Bad input raises the documented error type, naming the argument, module or shape."""
+    """Bad input raises the documented error type, naming the argument, module or shape,
+    in the phase the table names (``error_on``); the phases before it succeed."""
+    if error.error_on == "construction":
+        with pytest.raises(error.error, match=error.match):
+            error.construct()
+        return
+    curvature = error.construct()
+    if error.error_on == "update":
+        assert error.update is not None
+        with pytest.raises(error.error, match=error.match):
+            error.update(curvature)
+        return
+    if error.update is not None:
+        error.update(curvature)
+    assert error.use is not None
     with pytest.raises(error.error, match=error.match):
-        error.call()
+        error.use(curvature)
+
+
+_FAMILIES = {
+    dense_error_inputs: DenseCurvature,
+    diagonal_error_inputs: curvlab.DiagonalFisher,
+    kronecker_error_inputs: KroneckerFactored,
+}
+
+
+@pytest.mark.parametrize("row", BACKENDS, ids=lambda info: info.id)
+def test_every_row_has_its_familys_error_inputs_in_every_phase(row: BackendInfo) -> None:
+    assert issubclass(row.cls, _FAMILIES[row.error_inputs_func]), row.error_inputs_func
+    phases = {error.error_on for error in error_inputs(row)}
+    assert phases == set(PHASES)
+    descriptions = [error.description for error in error_inputs(row)]
+    assert len(descriptions) == len(set(descriptions)), "descriptions name the test ids"

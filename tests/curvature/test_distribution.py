@@ -16,12 +16,12 @@ import curvlab
 from curvlab.curvature.base import NamedTensor
 from curvlab.curvature.distribution import DistributionInterface as ops
 from tests.cases import CASES, case_id
-from tests.curvature.backend_info import BACKENDS, MLP_ONLY, BackendInfo
+from tests.curvature.backend_info import BACKENDS, MLP_ONLY, Kronecker
 from tests.curvature.test_contract import _build, _close, _flat, _random_vector
 
 DETERMINISTIC = [row for row in BACKENDS if row.deterministic] + [
-    BackendInfo("kfac", {"fisher_type": "exact", "damping_mode": "factored"}, supports=MLP_ONLY),
-    BackendInfo("kfc", {"fisher_type": "empirical", "damping_mode": "factored"}),
+    Kronecker("kfac", {"fisher_type": "exact", "damping_mode": "factored"}, supports=MLP_ONLY),
+    Kronecker("kfc", {"fisher_type": "empirical", "damping_mode": "factored"}),
 ]
 # a mean and a sum reduction; convolutions for the backends with their own conv factors
 CASES_USED = [c for c in CASES if c.id in {"mlp-ce-mean", "mlp-mse-sum", "conv1d-ce-sum"}]

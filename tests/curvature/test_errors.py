@@ -1,9 +1,11 @@
 """Bad input gets a clear error naming the module, shape or argument at fault.
 
 The per-backend cases (constructor options, unsupported losses, bad targets and vectors,
-damping, use before update, another backend's state) are the error inputs of the backend
-table (``backend_info.error_inputs``, run by ``test_contract.test_error_inputs`` for every
-row); this file keeps the scenarios that are not one bad call on one backend.
+damping, use before update, another backend's state, each family's own options and
+states) are the error inputs of the backend table (``backend_info.error_inputs``: a shared
+part and one function per backend family), run by ``test_contract.test_error_inputs`` for
+every row, each in the phase that must raise it (``error_on``); this file keeps the
+scenarios that are not one bad call on one backend.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 import curvlab
 from tests.cases import CASES, DTYPE, LOSSES
-from tests.reference import unhooked_copy, unhooked_loss
+from tests.reference import empirical_fisher, flat_params, ggn, unhooked_copy, unhooked_loss
 
 FISHER_TYPES = ["exact", "mc", "empirical"]
 _CURVLINOPS_TYPE = {"exact": "type-2", "mc": "mc", "empirical": "empirical"}
@@ -577,3 +577,36 @@ def test_training_skips_an_unused_module(optimizer: str) -> None:
     after = [p for p in (*model.aux.parameters(), *model.aux_norm.parameters())]
     assert all(torch.equal(a, b.detach()) and b.grad is None for a, b in zip(aux, after))
     assert float(loss_fn(model(x), y).detach()) < start
+
+
+@pytest.mark.parametrize("name", ["kfac", "kfc", "ekfac"])
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+def test_diagonal_blocks_are_the_fisher_diagonal_of_the_other_parameters(
+    name: str, fisher_type: str
+) -> None:
+    """``diagonal_blocks()`` (the public accessor integrations read) gives the LayerNorm's
+    parameters the dense reference Fisher's diagonal, shaped like them; ``factors()``
+    covers the rest, so a model of Kronecker layers alone has no diagonal blocks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    X, y = torch.randn(6, 4, dtype=DTYPE), torch.randint(0, 3, (6,))
+    c = curvlab.make(name, model, loss_fn, fisher_type=fisher_type)
+    with pytest.raises(RuntimeError, match=r"diagonal_blocks: no curvature accumulated yet"):
+        c.diagonal_blocks()
+    c.update(X, y)
+    reference = ggn if fisher_type == "exact" else empirical_fisher
+    dense = reference(unhooked_copy(model), unhooked_loss(loss_fn), X, y)
+    names = [n for n, _ in flat_params(model)]
+    offsets = torch.tensor([0] + [p.numel() for _, p in flat_params(model)]).cumsum(0)
+    blocks = c.diagonal_blocks()
+    assert list(blocks) == ["1.weight", "1.bias"]
+    for param_name, diagonal in blocks.items():
+        k = names.index(param_name)
+        expected = dense.diagonal()[offsets[k] : offsets[k + 1]]
+        assert diagonal.shape == model.get_parameter(param_name).shape
+        torch.testing.assert_close(diagonal.reshape(-1), expected, rtol=1e-10, atol=1e-12)
+    only_linear = nn.Sequential(nn.Linear(4, 3)).double()
+    c = curvlab.make(name, only_linear, loss_fn, fisher_type=fisher_type)
+    c.update(X, y)
+    assert c.diagonal_blocks() == {}

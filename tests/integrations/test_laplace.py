@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-laplace = pytest.importorskip("laplace", reason="the laplace extra: pip install -e '.[laplace]'")
+laplace = pytest.importorskip("laplace", reason="the laplace extra: pip install 'curvlab[laplace]'")
 
 from laplace import Laplace  # noqa: E402
 from laplace.curvature import CurvlinopsEF, CurvlinopsGGN  # noqa: E402

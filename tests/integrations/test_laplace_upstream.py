@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("laplace", reason="the laplace extra: pip install -e '.[laplace]'")
+pytest.importorskip("laplace", reason="the laplace extra: pip install 'curvlab[laplace]'")
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "laplace_upstream_tests.py"
 

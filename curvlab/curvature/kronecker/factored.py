@@ -355,6 +355,22 @@ class KroneckerFactored(Curvature):
         self._check_ready("factors")
         return [self._factor(k) for k in range(len(self.layers))]
 
+    def diagonal_blocks(self) -> dict[str, Tensor]:
+        """The diagonal blocks of the parameters outside the Kronecker layers (those
+        ``coverage()`` calls ``"diagonal"`` or :data:`APPROXIMATE_DIAGONAL`; after the
+        Kronecker layers in ``params``): parameter name → the block's diagonal, shaped like
+        the parameter, on the scale of :meth:`factors`' ``G`` (the Fisher's diagonal of
+        this backend's ``fisher_type``). ``{}`` when every parameter has a Kronecker block.
+
+        With :meth:`factors` (per entry of ``layers``) it is the whole curvature: what an
+        integration needs to rebuild it in another library's format.
+        """
+        self._check_ready("diagonal_blocks")
+        if not len(self._diag()):
+            return {}
+        blocks = self._diag()
+        return dict(zip(blocks.names, blocks.diagonals(self._normalizer)))
+
     def _factor(self, k: int) -> KroneckerFactors:
         assert self._a_sum is not None and self._g_sum is not None
         a = self._a_sum[k] / max(self._a_count[k], 1)  # a layer never called: zero
