@@ -33,9 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import curvlab
-from curvlab.ablation.attribution import linear_datamodeling_score
-from curvlab.influence import Influence
+from curvlab.ablation.attribution import (
+    adam_fit,
+    attribution_scores,
+    linear_datamodeling_score,
+    per_example_losses,
+)
 
 Batch = tuple[Tensor, Tensor]
 
@@ -60,24 +63,12 @@ def make_model(hidden: int, seed: int) -> nn.Module:
 
 def train(data: Batch, hidden: int, seed: int, epochs: int, batch_size: int = 64) -> nn.Module:
     """Adam (lr 3e-3, weight decay 1e-3) from a seeded initialisation and data order."""
-    model = make_model(hidden, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed + 1)
-    x, y = data
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            index = perm[start : start + batch_size]
-            opt.zero_grad()
-            loss_fn(model(x[index]), y[index]).backward()
-            opt.step()
-    return model.eval()
+    fit = adam_fit(nn.CrossEntropyLoss(), epochs, batch_size=batch_size)
+    return fit(make_model(hidden, seed), data, seed + 1).eval()
 
 
 def query_losses(model: nn.Module, query: Batch) -> Tensor:
-    with torch.no_grad():
-        return nn.functional.cross_entropy(model(query[0]), query[1], reduction="none")
+    return per_example_losses(model, nn.CrossEntropyLoss(), query)
 
 
 def lds(scores: Tensor, masks: Tensor, outcomes: Tensor) -> tuple[float, float]:
@@ -85,35 +76,13 @@ def lds(scores: Tensor, masks: Tensor, outcomes: Tensor) -> tuple[float, float]:
     return linear_datamodeling_score(scores, masks, outcomes)
 
 
-def batches(data: Batch, size: int) -> list[Batch]:
-    return [(data[0][i : i + size], data[1][i : i + size]) for i in range(0, len(data[0]), size)]
-
-
 def curvlab_scores(
     name: str, model: nn.Module, train_data: Batch, query: Batch
 ) -> tuple[Tensor, float, float]:
-    """Scores ``[Q, N]``, fit seconds, score seconds of a curvlab approximation."""
-    loss_fn = nn.CrossEntropyLoss()
-    loader = batches(train_data, 250)
-    start = time.perf_counter()
-    if name == "identity":
-        c = curvlab.make("diagonal", model, loss_fn)  # only its parameter list is used
-        influence = Influence(c, damping=1.0, progress=False)
-        fitted = time.perf_counter()
-        g_q = influence.query_gradients(query)
-        rows = []
-        for batch in loader:
-            g_z = influence.train_gradients(batch)
-            rows.append(-sum(q.flatten(1) @ z.flatten(1).T for q, z in zip(g_q, g_z)))
-        scores = torch.cat(rows, dim=1)
-        return scores, fitted - start, time.perf_counter() - fitted
-    backend = {"exact": "exact_fisher"}.get(name, name)
-    c = curvlab.make(backend, model, loss_fn, fisher_type="exact")
-    influence = Influence(c, damping=1.0, progress=False).fit(loader)
-    influence.damping = 0.1 * float(c.trace()) / c.num_params
-    fitted = time.perf_counter()
-    scores = influence.pairwise(query, loader).scores
-    return scores, fitted - start, time.perf_counter() - fitted
+    """Scores ``[Q, N]``, fit seconds, score seconds of a curvlab approximation
+    (:func:`attribution_scores`, exact Fisher type, batches of 250)."""
+    method = {"exact": "exact_fisher"}.get(name, name)
+    return attribution_scores(method, model, nn.CrossEntropyLoss(), train_data, query, 250)
 
 
 def kronfluence_scores(
