@@ -4,7 +4,7 @@
   the chain ``w_1 — w_2 — … — w_ℓ`` of the Gaussian graphical model follows it.
 * :func:`chain_completion` is the dense maximum-entropy completion ``F̂`` of prescribed
   diagonal and first off-diagonal blocks: ``F̂_{i,j} = Ψ_i F̂_{i+1,j}`` for ``j > i`` with
-  ``Ψ_i = F_{i,i+1} F_{i+1,i+1}⁺``.
+  ``Ψ_i = F_{i,i+1} F_{i+1,i+1}⁺``, built positive semi-definite also from singular blocks.
 """
 
 from __future__ import annotations
@@ -101,30 +101,66 @@ class ForwardOrder(HookOwner):
 
 
 def chain_completion(diag: Sequence[Tensor], off: Sequence[Tensor]) -> Tensor:
-    """Dense ``F̂`` from diagonal blocks ``diag[i]`` and super-diagonal blocks ``off[i]``."""
+    """Dense ``F̂`` from diagonal blocks ``diag[i]`` and super-diagonal blocks ``off[i]``.
+
+    ``F̂`` is built as the covariance of the Gaussian chain, ``w_ℓ ~ N(0, F_{ℓ,ℓ})`` and
+    ``w_i = Ψ_i w_{i+1} + ε_i`` with ``ε_i ~ N(0, Σ_i)`` (concepts/block_tridiagonal.md#the-math),
+    in the factored form ``F̂ = B Bᵀ``: it is positive semi-definite by construction, also when
+    blocks are singular in exact arithmetic (one sequence, attention), where forming
+    ``Σ_i = F_{i,i} − Ψ_i F_{i+1,i}`` by subtraction is not. ``Ψ_i`` and a square root of
+    ``Σ_i`` come from a least-squares regression of layer ``i`` on layer ``i+1`` within a
+    square root of the pair's joint block (:func:`_regression`).
+    """
     n = len(diag)
-    # a block singular in exact arithmetic has rounding-level eigenvalues: inverting them
-    # would blow the completion up, so they count as zero (cutoff: _cutoff)
-    psi = [
-        off[i] @ torch.linalg.pinv(diag[i + 1], hermitian=True, rtol=_cutoff(diag[i + 1]))
-        for i in range(n - 1)
-    ]
-    upper: dict[tuple[int, int], Tensor] = {}
-    for j in range(n):
-        upper[j, j] = diag[j]
-        for i in range(j - 1, -1, -1):
-            upper[i, j] = psi[i] @ upper[i + 1, j]
-    rows = [
-        torch.cat([upper[i, j] if j >= i else upper[j, i].T for j in range(n)], dim=1)
-        for i in range(n)
-    ]
-    return torch.cat(rows, dim=0)
+    if n == 0:
+        return torch.zeros(0, 0)
+    dtype = diag[0].dtype
+    # float64 arithmetic: the roots' rounding stays far below the cutoff set by ``dtype``
+    eps = float(torch.finfo(dtype).eps)
+    diag = [d.double() for d in diag]
+    off = [o.double() for o in off]
+    # rows[i]: block row i of B, [n_i, sources]. Built from the last layer up, so that each
+    # regression sees the covariance its successor actually has in F̂ rather than
+    # F_{i+1,i+1}: their rounding-level difference would be amplified by Ψ_i along weakly
+    # excited directions
+    rows = [_psd_root(diag[-1]).T]
+    for i in range(n - 2, -1, -1):
+        successor = rows[0] @ rows[0].T
+        psi_i, residual = _regression(diag[i], off[i], successor, eps)
+        rows = [torch.cat([psi_i @ rows[0], residual.T], dim=1)] + [
+            torch.cat([r, r.new_zeros(r.shape[0], residual.shape[0])], dim=1) for r in rows
+        ]
+    factor = torch.cat(rows, dim=0)
+    return (factor @ factor.T).to(dtype)
 
 
-def _cutoff(block: Tensor) -> float:
-    """The relative eigenvalue cutoff of :func:`chain_completion`'s pseudo-inverses:
-    ``eps^0.7`` (1e-11 in float64, 1.4e-5 in float32), above the rounding of a block
-    accumulated from many samples (the default ``n·eps`` inverts rounding: a completion
-    far from PSD) and below the smallest genuine relative eigenvalues the fuzzer draws
-    (``√eps`` drops some and moves the band; tests/curvature/test_fuzz.py)."""
-    return float(torch.finfo(block.dtype).eps) ** 0.7
+def _psd_root(block: Tensor) -> Tensor:
+    """``R`` with ``RᵀR = block`` (eigenvalues below zero, rounding, count as zero)."""
+    values, vectors = torch.linalg.eigh((block + block.T) / 2)
+    return values.clamp(min=0).sqrt().unsqueeze(1) * vectors.T
+
+
+def _regression(upper: Tensor, cross: Tensor, lower: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``Ψ`` and a square root of ``Σ`` for the pair ``[[upper, cross], [crossᵀ, lower]]``.
+
+    With ``C = [C_u, C_l]`` a square root of the joint block (its rows act as samples),
+    ``Ψᵀ`` is the least-squares solution of ``C_l Ψᵀ ≈ C_u`` and the residual
+    ``C_u − C_l Ψᵀ`` is a square root of ``Σ`` (a Gram matrix: never indefinite). Directions
+    of ``C_l`` with singular values below ``eps^0.35`` of the joint's largest (``eps`` of
+    the blocks' own dtype; eigenvalues below ``eps^0.7``) are rounding, not variance, and
+    are left out: above the rounding of blocks accumulated from many samples, below the
+    smallest genuine relative eigenvalues the fuzzer draws (tests/curvature/test_fuzz.py).
+    """
+    size = upper.shape[0]
+    joint = torch.cat([torch.cat([upper, cross], 1), torch.cat([cross.T, lower], 1)], 0)
+    root = _psd_root(joint)
+    c_upper, c_lower = root[:, :size], root[:, size:]
+    u, s, vh = torch.linalg.svd(c_lower, full_matrices=False)
+    scale = float(torch.linalg.matrix_norm(root, ord=2)) if root.numel() else 0.0
+    cutoff = eps**0.35 * scale
+    keep = s > cutoff
+    u, s, vh = u[:, keep], s[keep], vh[keep]
+    coefficients = u.T @ c_upper  # [k, n_u]
+    psi = (vh.T @ (coefficients / s.unsqueeze(1))).T  # [n_u, n_l]
+    residual = c_upper - u @ coefficients
+    return psi, residual

@@ -316,13 +316,6 @@ class BackendSpec:
 @st.composite
 def backend_specs(draw: st.DrawFn, family: str = "mlp") -> BackendSpec:
     names = sorted(curvlab.available())
-    if family == "tokens":
-        # BlockTridiagonal's completion of blocks that are singular in exact arithmetic
-        # (one sequence, attention) depends on the pseudo-inverse's cutoff: with any fixed
-        # relative cutoff the long profile finds completions that are not PSD, or off F on
-        # the band (test_block_tridiagonal_completion_of_singular_blocks_is_psd keeps one
-        # case that the current cutoff fixes). Open: a completion robust to singular blocks.
-        names.remove("block_tridiagonal")
     name = draw(st.sampled_from(names))
     kwargs: dict[str, object] = {"engine": draw(st.sampled_from(("auto", "hooks", "backpack")))}
     if FISHER_TYPES[name]:
