@@ -434,7 +434,13 @@ def _check_against_reference(
         if hasattr(c, "_order"):
             groups += [list(a.params) + list(b.params) for a, b in itertools.pairwise(order)]
         mask = _mask(c, groups)
-        _close(dense * mask, full * mask, tol, name)
+        # with blocks singular in exact arithmetic (one sequence, attention) the completion
+        # is ill-conditioned: a direction of relative variance r in layer i+1 is either left
+        # out (moving the band by up to √r·‖F‖) or kept (amplifying rounding by eps/r); the
+        # cutoff at r = eps^0.7 bounds both at about eps^0.35 (3.6e-6 in float64), its
+        # docstring in curvlab/curvature/chain.py
+        band_tol = max(tol, torch.finfo(dense.dtype).eps ** 0.35)
+        _close(dense * mask, full * mask, band_tol, name)
     elif name in ("kfac", "kfc") and backend.options["structure"] == "block_diagonal":
         approx = str(backend.options["kfac_approx"])
         names = [layer.name for layer in c.layers]
