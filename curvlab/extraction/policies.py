@@ -155,7 +155,9 @@ class PolicyLoss(LikelihoodLoss):
     def scale(self, outputs: Tensor, targets: Tensor) -> BatchScale:
         self.check_targets(outputs, targets)
         n = outputs.shape[0]
-        return BatchScale(num_samples=n, inv_reduction=float(n) if self.reduction == "mean" else 1.0)
+        return BatchScale(
+            num_samples=n, inv_reduction=float(n) if self.reduction == "mean" else 1.0
+        )
 
     def columns(
         self, outputs: Tensor, targets: Tensor, fisher_type: str, scale: BatchScale, mc_samples: int
