@@ -117,8 +117,8 @@ def choose_engine(
     ``ignored_rows``: the batch has targets equal to the loss's ``ignore_index``, which
     BackPACK would count; ``extra_axes``: the model output has axes beyond ``[N, C]``
     (tokens, pixels); ``loss_fn``: a :class:`~curvlab.extraction.losses.LikelihoodLoss`
-    is served by the hooks engine only. ``engine="backpack"`` raises a ``ValueError`` saying why BackPACK
-    cannot serve them.
+    is served by the hooks engine only. ``engine="backpack"`` raises a ``ValueError``
+    saying why BackPACK cannot serve them.
     """
     if engine == "hooks":
         return "hooks"

@@ -70,6 +70,11 @@ def _flat_fn(model: nn.Module):
     return forward, theta
 
 
+def _score(kind: str, forward, theta: Tensor, xn: Tensor, a: Tensor) -> Tensor:
+    """``∇_θ log π(a | s_n)`` through ``torch.distributions``."""
+    return jacrev(lambda t: _distribution(kind, forward(t, xn[None])[0]).log_prob(a))(theta)
+
+
 def reference_fisher(kind: str, model: nn.Module, x: Tensor, reduction: str) -> Tensor:
     """``R Σ_n E_{a∼π}[∇log π ∇log πᵀ]`` (categorical: enumeration; Gaussian: closed form)."""
     forward, theta = _flat_fn(model)
@@ -79,14 +84,10 @@ def reference_fisher(kind: str, model: nn.Module, x: Tensor, reduction: str) -> 
         if kind == "categorical":
             probs = forward(theta, xn[None])[0].softmax(-1)
             for a in range(ACTIONS):
-                g = jacrev(
-                    lambda t, a=a: _distribution(kind, forward(t, xn[None])[0]).log_prob(
-                        torch.tensor(a)
-                    )
-                )(theta)
+                g = _score(kind, forward, theta, xn, torch.tensor(a))
                 total += probs[a] * torch.outer(g, g)
         else:
-            jac = jacrev(lambda t: forward(t, xn[None])[0])(theta)  # [2D, P]
+            jac = jacrev(lambda t, xn=xn: forward(t, xn[None])[0])(theta)  # [2D, P]
             log_std = forward(theta, xn[None])[0, DIM:]
             m = torch.cat([torch.exp(-2 * log_std), torch.full((DIM,), 2.0, dtype=x.dtype)])
             total += jac.T @ (m[:, None] * jac)
@@ -111,7 +112,7 @@ def score_outer(kind: str, model: nn.Module, x: Tensor, actions: Tensor, r: floa
     total = torch.zeros(theta.numel(), theta.numel(), dtype=torch.float64)
     for xn, an in zip(x, actions):
         a = an[0].long() if kind == "categorical" else an
-        g = jacrev(lambda t: _distribution(kind, forward(t, xn[None])[0]).log_prob(a))(theta)
+        g = _score(kind, forward, theta, xn, a)
         total += torch.outer(g, g)
     return r * total
 
