@@ -98,7 +98,9 @@ def check_loss(loss_fn: nn.Module) -> None:
     if not isinstance(loss_fn, SUPPORTED_LOSSES):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
         raise ValueError(
-            f"Unsupported loss function {type(loss_fn).__name__}; curvlab supports {names}."
+            f"Unsupported loss function {type(loss_fn).__name__}; curvlab supports {names}, "
+            "and losses that state their likelihood (a LikelihoodLoss such as "
+            "curvlab.CategoricalPolicy)."
         )
     base = next(cls for cls in SUPPORTED_LOSSES if isinstance(loss_fn, cls))
     name = type(loss_fn).__name__

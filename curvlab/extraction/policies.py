@@ -8,8 +8,9 @@ advantages,
 with ``f_n`` the network's output row for state ``s_n``. Its gradient is the (negative)
 policy gradient; its curvature in every backend is the **Fisher of the policy**,
 ``F = R · Σ_n E_{a∼π(·|f_n)}[∇log π(a|f_n) ∇log π(a|f_n)ᵀ]``, the Hessian at ``Δθ = 0``
-of the state-averaged ``KL(π_θ ‖ π_{θ+Δθ})`` (docs page "Policy gradients"). The
-advantages enter no Fisher type:
+of the state-averaged ``KL(π_θ ‖ π_{θ+Δθ})``
+(concepts/policy_gradients.md#the-fisher-of-a-policy). The advantages enter no Fisher
+type:
 
 * ``"exact"``: the closed-form output matrix ``M_n = E_a[∇_f log π ∇_f log πᵀ]``
   (categorical ``diag(p) − ppᵀ``; diagonal Gaussian ``diag(1/σ², 2)`` on ``(μ, log σ)``);

@@ -1,6 +1,6 @@
 """``ACKTR``: K-FAC natural policy gradient with a KL trust region (Wu et al. 2017).
 
-Per step (docs page "Policy gradients", section "The trust-region step"):
+Per step (concepts/policy_gradients.md#the-trust-region-step):
 
 1. the gradient ``g`` of the loss (for a :class:`~curvlab.extraction.policies.PolicyLoss`
    the negative policy gradient) and, every ``update_every`` steps, K-FAC statistics of
