@@ -46,13 +46,18 @@ class PolicyLoss(LikelihoodLoss):
 
     Args:
         reduction: ``"mean"`` (the average over the batch's states; the natural choice for
-            a KL trust region per state) or ``"sum"``.
+            a KL trust region per state), ``"sum"``, or ``"none"`` (the ``[N]`` terms, as
+            torch's losses; no curvature backend takes it).
     """
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(
+                f"{type(self).__name__}: reduction must be 'mean', 'sum' or 'none', got "
+                f"{reduction!r}."
+            )
         self.reduction = reduction
-        self.validate()
 
     # --- the distribution (subclasses) ---------------------------------------------------
 
@@ -145,8 +150,10 @@ class PolicyLoss(LikelihoodLoss):
     def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
         self.check_targets(outputs, targets)
         actions, advantages = self.unpack(targets)
-        total = -(advantages.to(outputs.dtype) * self.log_prob(outputs, actions)).sum()
-        return total / outputs.shape[0] if self.reduction == "mean" else total
+        terms = -advantages.to(outputs.dtype) * self.log_prob(outputs, actions)
+        if self.reduction == "none":
+            return terms
+        return terms.mean() if self.reduction == "mean" else terms.sum()
 
     # --- LikelihoodLoss ------------------------------------------------------------------
 

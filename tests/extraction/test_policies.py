@@ -156,6 +156,20 @@ def test_kronecker_backends_are_exact_for_one_state(kind: str, backend: str) -> 
     torch.testing.assert_close(c.to_dense(), reference_fisher(kind, model, x, "mean"))
 
 
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matrix_free_ggn_multiplies_by_the_reference(kind: str, fisher_type: str) -> None:
+    model, policy, x, targets = _problem(kind)
+    if fisher_type == "exact":
+        expected = reference_fisher(kind, model, x, "mean")
+    else:
+        expected = score_outer(kind, model, x, policy.unpack(targets)[0], 1.0 / x.shape[0])
+    c = curvlab.MatrixFreeGGN(model, policy, fisher_type=fisher_type)
+    c.update(x, targets)
+    v = torch.randn(expected.shape[0], 2, dtype=torch.float64)
+    torch.testing.assert_close(c @ v, expected @ v)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_mc_fisher_converges_to_the_reference(kind: str) -> None:
     model, policy, x, targets = _problem(kind, n=3)
@@ -191,6 +205,7 @@ def test_loss_is_the_advantage_weighted_log_likelihood(kind: str, reduction: str
     terms = -advantages * _distribution(kind, f).log_prob(a)
     expected = terms.mean() if reduction == "mean" else terms.sum()
     torch.testing.assert_close(policy(f, targets), expected)
+    torch.testing.assert_close(type(policy)("none")(f, targets), terms)
     dist = _distribution(kind, f.detach())
     torch.testing.assert_close(policy.entropy(f.detach()), dist.entropy())
     g = model(x).detach() + 0.1 * torch.randn_like(f)
@@ -244,8 +259,10 @@ def test_errors_name_the_problem() -> None:
         policy.pack(torch.tensor([0, 1]), torch.ones(2, 1))
     with pytest.raises(ValueError, match="mean, then log-std"):
         GaussianPolicy()(torch.randn(3, 3), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none'"):
+        CategoricalPolicy("max")
     with pytest.raises(ValueError, match="reduction='none'"):
-        CategoricalPolicy("none")
+        curvlab.KFAC(nn.Sequential(nn.Linear(2, ACTIONS)), CategoricalPolicy("none"))
     with pytest.raises(ValueError, match="expected 2"):
         StateIndependentLogStd(2)(torch.randn(3, 3))
     with pytest.raises(ValueError, match="dim must be"):
