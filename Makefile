@@ -1,8 +1,8 @@
 # Set-up and entry points. `make test` works from a fresh clone: it creates .venv,
-# installs curvlab with the test, dev, laplace (whose integration is tested) and ablate
-# (the research harness) extras at the versions of constraints.txt (torch 2.13.0 CPU wheel,
-# BackPACK 1.7.1, ...: pyproject.toml states ranges, the constraints pin the tested set)
-# and runs pytest.
+# installs curvlab with the test, dev, laplace (whose integration is tested), ablate
+# (the research harness) and rl (the ACKTR tutorial's CartPole) extras at the versions of
+# constraints.txt (torch 2.13.0 CPU wheel, BackPACK 1.7.1, ...: pyproject.toml states
+# ranges, the constraints pin the tested set) and runs pytest.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -15,7 +15,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e ".[test,dev,laplace,ablate]"
+	$(PIP) -e ".[test,dev,laplace,ablate,rl]"
 	# kronfluence (the influence parity tests) without its dependencies, so torch stays put
 	$(PIP) --no-deps kronfluence accelerate safetensors pyyaml psutil
 	touch $(STAMP)

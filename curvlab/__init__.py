@@ -28,7 +28,14 @@ from curvlab.curvature import (
     NamedTensor,
 )
 from curvlab.extraction import FISHER_TYPES, extract
+from curvlab.extraction.policies import (
+    CategoricalPolicy,
+    GaussianPolicy,
+    PolicyLoss,
+    StateIndependentLogStd,
+)
 from curvlab.optim import (
+    ACKTR,
     KFACOptimizer,
     LevenbergMarquardt,
     NaturalGradient,
@@ -42,6 +49,7 @@ from curvlab.registry import available, make, register
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACKTR",
     "EKFAC",
     "FISHER_TYPES",
     "KFAC",
@@ -49,11 +57,13 @@ __all__ = [
     "BlockDiagonal",
     "BlockTridiagonal",
     "BlockTridiagonalKFAC",
+    "CategoricalPolicy",
     "Curvature",
     "DecompositionBlock",
     "DiagonalFisher",
     "EmpiricalFisher",
     "ExactFisher",
+    "GaussianPolicy",
     "KFACOptimizer",
     "KroneckerFactors",
     "Layer",
@@ -63,6 +73,8 @@ __all__ = [
     "NamedTensor",
     "NaturalGradient",
     "NoisyKFAC",
+    "PolicyLoss",
+    "StateIndependentLogStd",
     "ablation",
     "available",
     "distributed",

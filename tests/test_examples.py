@@ -14,6 +14,7 @@ EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.py") if "distributed" n
 # over 15 s each on 2 cores: run by `make test-slow` (CI), and by `make docs`, which executes
 # every tutorial too
 SLOW = {
+    "plot_acktr_cartpole.py",  # tests/test_example_acktr.py runs a short version
     "plot_any_model.py",
     "plot_ablation.py",
     "plot_laplace.py",

@@ -209,7 +209,9 @@ class Curvature(abc.ABC):
         for request in self._request_list:
             validate_request(request, owner)
         if engine == "backpack":
-            extraction.choose_engine(model, self._request_list, engine)  # says why not, now
+            extraction.choose_engine(
+                model, self._request_list, engine, loss_fn=loss_fn
+            )  # why not, now
         self._recording: hooks.Recording | None = None
         self._closed = False  # see close()
         self.num_batches = 0

@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.extraction import backpack_engine, hooks
-from curvlab.extraction.losses import FISHER_TYPES, batch_scale, has_extra_axes, loss_rows
+from curvlab.extraction.losses import (
+    FISHER_TYPES,
+    LikelihoodLoss,
+    batch_scale,
+    has_extra_axes,
+    loss_rows,
+)
 from curvlab.extraction.replay import ModelReplay, replayable
 from curvlab.extraction.requests import (
     BatchResult,
@@ -104,17 +110,21 @@ def choose_engine(
     engine: str,
     ignored_rows: bool = False,
     extra_axes: bool = False,
+    loss_fn: nn.Module | None = None,
 ) -> str:
     """``"hooks"`` or ``"backpack"`` for ``requests`` on ``model`` under setting ``engine``.
 
     ``ignored_rows``: the batch has targets equal to the loss's ``ignore_index``, which
     BackPACK would count; ``extra_axes``: the model output has axes beyond ``[N, C]``
-    (tokens, pixels). ``engine="backpack"`` raises a ``ValueError`` saying why BackPACK
-    cannot serve them.
+    (tokens, pixels); ``loss_fn``: a :class:`~curvlab.extraction.losses.LikelihoodLoss`
+    is served by the hooks engine only. ``engine="backpack"`` raises a ``ValueError``
+    saying why BackPACK cannot serve them.
     """
     if engine == "hooks":
         return "hooks"
     reason = backpack_engine.unsupported_reason(model, requests)
+    if reason is None and isinstance(loss_fn, LikelihoodLoss):
+        reason = f"BackPACK knows torch's own losses only, not {type(loss_fn).__name__}"
     if reason is None and ignored_rows:
         reason = "BackPACK counts targets equal to ignore_index as part of the loss"
     if reason is None and extra_axes:
@@ -170,7 +180,8 @@ def extract(
         and isinstance(loss_fn, nn.CrossEntropyLoss)
         and bool((torch.as_tensor(targets) == loss_fn.ignore_index).any())
     )
-    engine = choose_engine(model, requests, setting, ignored, has_extra_axes(loss_fn, targets))
+    extra = has_extra_axes(loss_fn, targets)
+    engine = choose_engine(model, requests, setting, ignored, extra, loss_fn)
     if engine == "backpack":
         loss, result = backpack_engine.run(model, loss_fn, inputs, targets, requests)
     else:
@@ -219,7 +230,7 @@ def accumulate_recorded(
     engine = "hooks"
     if finite and inputs is not None and len(inputs) == 1 and replayable(model):
         extra = call.raw_outputs.dim() != 2
-        engine = choose_engine(model, requests, setting, scale.valid is not None, extra)
+        engine = choose_engine(model, requests, setting, scale.valid is not None, extra, loss_fn)
     if engine == "backpack" and inputs is not None:
         _, result = backpack_engine.run(model, loss_fn, inputs[0], call.targets, requests)
     else:

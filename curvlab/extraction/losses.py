@@ -19,6 +19,10 @@ Backpropagating the columns to a layer output gives its ``g`` vectors on the los
 to the parameters, the factor rows of the dense Fisher (see
 ``concepts/models.md#extraction-engines``).
 Rows whose target is ``ignore_index`` have zero columns: they are not part of the loss.
+
+A loss that is none of torch's own states its likelihood itself by subclassing
+:class:`LikelihoodLoss` (the policy losses of :mod:`curvlab.extraction.policies`); every
+function here hands such a loss its own rows, scale, columns and output-matrix products.
 """
 
 from __future__ import annotations
@@ -40,16 +44,63 @@ SUPPORTED_REDUCTIONS = ("mean", "sum")
 FISHER_TYPES: tuple[str, ...] = ("exact", "mc", "empirical")
 
 
+class LikelihoodLoss(nn.Module):
+    """A loss that states its own likelihood: the extension point for non-torch losses.
+
+    A subclass has ``reduction`` (``"mean"`` or ``"sum"``) and defines the five methods
+    below on its ``[N, C]`` rows; the functions of this module then treat it like
+    torch's losses, so every backend and engine (the hooks engine; BackPACK knows only
+    torch's losses) takes it as ``loss_fn``.
+    """
+
+    reduction: str
+
+    def validate(self) -> None:
+        """Raise a ``ValueError`` for unsupported options (called by :func:`check_loss`)."""
+        if self.reduction not in SUPPORTED_REDUCTIONS:
+            raise ValueError(
+                f"{type(self).__name__}(reduction={self.reduction!r}) is not supported; use "
+                "'mean' or 'sum'."
+            )
+
+    def rows(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``outputs``/``targets`` as ``[N, C]`` rows and their per-row targets."""
+        raise NotImplementedError
+
+    def scale(self, outputs: Tensor, targets: Tensor) -> BatchScale:
+        """Validate a batch of rows and return its :class:`BatchScale`."""
+        raise NotImplementedError
+
+    def columns(
+        self, outputs: Tensor, targets: Tensor, fisher_type: str, scale: BatchScale, mc_samples: int
+    ) -> Tensor:
+        """Output-space columns ``[K, N, C]`` of ``fisher_type`` (module docstring)."""
+        raise NotImplementedError
+
+    def output_matrix_apply(self, outputs: Tensor, u: Tensor, targets: Tensor | None) -> Tensor:
+        """``R·M_n u_n`` per row, ``M_n`` the exact output matrix: ``[N, C]``."""
+        raise NotImplementedError
+
+    def sample(self, outputs: Tensor, num: int | None) -> Tensor:
+        """Targets drawn from the model's distribution (leading axis ``num`` if given)."""
+        raise NotImplementedError
+
+
 def check_loss(loss_fn: nn.Module) -> None:
     """Raise a ``ValueError`` unless ``loss_fn`` is a supported loss with supported options.
 
     A subclass that overrides ``forward`` is refused: its curvature would be that of the
     base class's likelihood, silently wrong for whatever the override computes.
     """
+    if isinstance(loss_fn, LikelihoodLoss):
+        loss_fn.validate()
+        return
     if not isinstance(loss_fn, SUPPORTED_LOSSES):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
         raise ValueError(
-            f"Unsupported loss function {type(loss_fn).__name__}; curvlab supports {names}."
+            f"Unsupported loss function {type(loss_fn).__name__}; curvlab supports {names}, "
+            "and losses that state their likelihood (a LikelihoodLoss such as "
+            "curvlab.CategoricalPolicy)."
         )
     base = next(cls for cls in SUPPORTED_LOSSES if isinstance(loss_fn, cls))
     name = type(loss_fn).__name__
@@ -92,6 +143,8 @@ def batch_scale(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> BatchSc
     equal to its ``ignore_index`` are left out, which costs one host synchronisation when
     the targets may contain it), the other losses targets shaped like the outputs.
     """
+    if isinstance(loss_fn, LikelihoodLoss):
+        return loss_fn.scale(outputs, targets)
     name = type(loss_fn).__name__
     if not isinstance(outputs, Tensor) or outputs.dim() != 2:
         shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
@@ -150,6 +203,8 @@ def sample_targets(loss_fn: nn.Module, outputs: Tensor, num: int | None = None) 
     log-likelihood of a Gaussian with variance ½ (the "factor 2"). With ``num``, a leading
     axis of ``num`` independent draws.
     """
+    if isinstance(loss_fn, LikelihoodLoss):
+        return loss_fn.sample(outputs.detach(), num)
     f = outputs.detach()
     shape = (num, *f.shape) if num is not None else f.shape
     if isinstance(loss_fn, nn.CrossEntropyLoss):
@@ -183,6 +238,10 @@ def output_columns(
     mc_samples: int = 1,
 ) -> Tensor:
     """Output-space columns ``[K, N, C]`` of ``fisher_type`` on the loss's scale (module doc)."""
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}.")
+    if isinstance(loss_fn, LikelihoodLoss):
+        return loss_fn.columns(outputs.detach(), targets, fisher_type, scale, mc_samples)
     f = outputs.detach()
     if f.dtype not in (torch.float32, torch.float64):
         f = f.float()
@@ -221,6 +280,8 @@ def loss_rows(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> tuple[Ten
     ``[N, d₁, …]``): every position is a row. ``MSELoss``/``BCEWithLogitsLoss`` treat
     every element alike: the last dimension becomes the columns. ``[N, C]`` stays as is.
     """
+    if isinstance(loss_fn, LikelihoodLoss):
+        return loss_fn.rows(outputs, targets)
     name = type(loss_fn).__name__
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if outputs.dim() <= 2:
@@ -246,6 +307,8 @@ def loss_rows(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> tuple[Ten
 
 def has_extra_axes(loss_fn: nn.Module, targets: Tensor) -> bool:
     """Whether a batch with these ``targets`` has outputs beyond ``[N, C]``."""
+    if isinstance(loss_fn, LikelihoodLoss):
+        return False
     return torch.as_tensor(targets).dim() > (1 if isinstance(loss_fn, nn.CrossEntropyLoss) else 2)
 
 
@@ -260,6 +323,8 @@ def output_hessian_apply(
     rows they leave out: with ``targets``, rows equal to ``ignore_index`` are no part of
     the loss (zero rows) and ``R`` counts the others.
     """
+    if isinstance(loss_fn, LikelihoodLoss):
+        return loss_fn.output_matrix_apply(outputs.detach(), u, targets)
     f = outputs.detach()
     n, c = f.shape
     valid = None

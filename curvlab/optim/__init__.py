@@ -4,6 +4,8 @@
   (moving averages, inversion schedule, damping, KL clipping, distribution);
 * :class:`KFACOptimizer` — Martens & Grosse's full recipe (quadratic model, adaptive
   damping);
+* :class:`ACKTR` — K-FAC natural policy gradient with a KL trust region
+  (concepts/policy_gradients.md);
 * :class:`LevenbergMarquardt` — the damping rule both use;
 * :class:`NoisyKFAC` — noisy natural gradient: variational inference with a
   Kronecker-factored Gaussian posterior (concepts/noisy_natural_gradient.md);
@@ -14,6 +16,7 @@ The math of each piece is on the docs page ``concepts/natural_gradient.md``.
 """
 
 from curvlab.optim import distributed
+from curvlab.optim.acktr import ACKTR
 from curvlab.optim.checkpoint import load_checkpoint, save_checkpoint
 from curvlab.optim.damping import LevenbergMarquardt
 from curvlab.optim.kfac_optimizer import KFACOptimizer
@@ -21,6 +24,7 @@ from curvlab.optim.natural_gradient import NaturalGradient
 from curvlab.optim.noisy import NoisyKFAC
 
 __all__ = [
+    "ACKTR",
     "KFACOptimizer",
     "LevenbergMarquardt",
     "NaturalGradient",
