@@ -424,8 +424,10 @@ def _natural_gradient(curvature: Callable[[nn.Module, nn.Module], curvlab.Curvat
 LRS = [{"lr": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-4)]
 NG_SETTINGS = [
     {"lr": 0.1},
-    *({"damping": d, "lr": 0.1} for d in (1e-2, 1e-3)),
-    {"damping": 1e-2, "lr": 0.3},
+    # statistics every 10 steps: the amortised step, about an SGD step's cost
+    {"lr": 0.1, "update_every": 10},
+    *({"damping": d, "lr": 0.1, "update_every": 10} for d in (1e-2, 1e-3)),
+    {"damping": 1e-2, "lr": 0.3, "update_every": 10},
 ]
 
 CONTENDERS: dict[str, Contender] = {
