@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -84,19 +85,36 @@ def main() -> None:
         print(f"blocks per process: {[precond.owners.count(r) for r in range(world)]}")
         print("bytes per step and process: " + ", ".join(f"{k} {v:.0f}" for k, v in sent.items()))
         print(f"parameters identical on every process: {same}")
+    precond.close()  # a collective: names a process that skipped an iteration
     dist.destroy_process_group()
     if not same:
         raise SystemExit("the processes diverged")
 
 
+def _exit_without_teardown() -> None:
+    """End a process whose work succeeded without the interpreter's teardown.
+
+    With ``torch._dynamo`` imported (``DistributedDataParallel`` imports it), the final
+    garbage collection of Python's shutdown, after ``destroy_process_group()``, sometimes
+    hangs or aborts the process (``terminate called without an active exception``); see
+    docs/distributed.md, "Exit". Only reached after ``main`` returned: an error still
+    raises, with its traceback and a non-zero exit code.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _spawned(rank: int, world: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     main()
+    _exit_without_teardown()
 
 
 if __name__ == "__main__":
     if "RANK" in os.environ:  # started by torchrun
         main()
+        _exit_without_teardown()
     else:  # plain python: start two processes on this machine
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

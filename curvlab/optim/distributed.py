@@ -18,9 +18,13 @@ for any
 
 * **control**: every control message is one all-gather of :data:`CONTROL_WIDTH` float64
   values headed by the phase (which exchange) and the step, so that processes that are out
-  of step are named instead of pairing the wrong collectives. Every ``step`` starts with
-  one (:meth:`Communicator.agree_on_step`): step counter, backward calls, kind of step,
-  errors kept from ``backward`` and the gradients' finiteness of every process.
+  of step are named instead of pairing the wrong collectives. Every ``backward`` starts with
+  one (:meth:`Communicator.agree_on_backward`: step counter and backward calls, before the
+  curvature's and ``DistributedDataParallel``'s collectives of the iteration), every
+  ``step`` too (:meth:`Communicator.agree_on_step`: step counter, backward calls, kind of
+  step, errors kept from ``backward`` and the gradients' finiteness of every process), and
+  so does ``close`` (:meth:`Communicator.agree_on_close`), so that a process that skipped
+  ``backward``, ``step`` or a whole iteration is named on every process.
 
 Everything is sent from and received into tensors on the parameters' device (CPU with
 gloo, CUDA with NCCL). :class:`Communicator` counts the bytes it hands to collectives.
@@ -66,7 +70,7 @@ _DTYPES = (
 CONTROL_WIDTH = 10
 
 #: The control exchanges (what the processes are doing), in the header as 1000 + index.
-PHASES = ("construction", "step", "decompositions", "levenberg_marquardt")
+PHASES = ("construction", "step", "decompositions", "levenberg_marquardt", "backward", "close")
 _PHASE_BASE = 1000.0
 
 _T = TypeVar("_T")
@@ -161,6 +165,9 @@ class Communicator:
         self._indices: dict[tuple[str, int, str], tuple[Tensor, Tensor]] = {}
         self.step = -1  # of the last agree_on_step (-1: before the first step)
         self.pending: Exception | None = None  # kept by deferred(), raised at the next step
+        # a collective failed or the processes were found out of step: the group can no
+        # longer pair this process's collectives with the others' (close() stays local)
+        self.broken = False
 
     def reset_counters(self) -> None:
         """Zero :attr:`bytes` and :attr:`collectives`."""
@@ -337,14 +344,16 @@ class Communicator:
         return rows
 
     def _out_of_step(self, rows: list[list[float]], differing: Sequence[int]) -> DistributedFailure:
+        self.broken = True
         where = ", ".join(
             f"process {rank} is {_describe(row, differing)}" for rank, row in enumerate(rows)
         )
+        hint = _skipped(rows)
         return DistributedFailure(
-            f"NaturalGradient: the processes are out of step: {where}. Every process must "
-            "call backward() and step() equally often and in the same order, and build and "
-            "load the same preconditioners (a process that skips one pairs the later "
-            "collectives with the wrong ones). Every process raises this error."
+            f"NaturalGradient: the processes are out of step: {where}.{hint} Every process "
+            "must call backward() and step() equally often and in the same order, and build, "
+            "load and close the same preconditioners (a process that skips one pairs the "
+            "later collectives with the wrong ones). Every process raises this error."
         )
 
     def _collective(self, what: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -353,6 +362,7 @@ class Communicator:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as err:  # gloo raises RuntimeError, NCCL DistBackendError
+            self.broken = True
             raise DistributedFailure(
                 f"NaturalGradient: the {what} failed on process {self.rank} of "
                 f"{self.world_size}: {err} Another process probably died (its output says "
@@ -383,6 +393,32 @@ class Communicator:
         except Exception as err:  # reported on every process at the next step
             if self.pending is None:
                 self.pending = err
+
+    def agree_on_backward(self, step: int, *, backward_calls: int) -> None:
+        """The first collective of every ``backward`` (one control all-gather, one host read),
+        before the curvature's statistics and ``DistributedDataParallel``'s gradients.
+
+        Every process must be in ``backward`` of the same ``step`` after as many
+        ``backward_calls`` since the last step; a process that skipped ``step()`` (it is in
+        ``backward`` while the others are in ``step``), ``backward()`` (the reverse), or a
+        whole iteration (it is in ``close`` while the others start another ``backward``)
+        makes every process raise :class:`DistributedFailure` naming it — instead of
+        pairing DDP's all-reduce with another collective, which gloo does not survive.
+        """
+        self.step = step
+        rows = self._gather_control(self._control_buffer("backward", [backward_calls]), "backward")
+        if any(row[2] != rows[0][2] for row in rows):
+            raise self._out_of_step(rows, [2])
+
+    def agree_on_close(self, step: int, *, backward_calls: int) -> None:
+        """The collective of ``close``: every process must close after the same number of
+        steps (and ``backward`` calls since the last step), else every process raises
+        :class:`DistributedFailure` — a process that skipped a whole iteration closes while
+        the others start one more, and is named here instead of at the gloo timeout."""
+        self.step = step
+        rows = self._gather_control(self._control_buffer("close", [backward_calls]), "close")
+        if any(row[2] != rows[0][2] for row in rows):
+            raise self._out_of_step(rows, [2])
 
     def agree_on_step(
         self,
@@ -506,10 +542,16 @@ def _describe(row: Sequence[float], differing: Sequence[int] = ()) -> str:
         return f"sharing the decompositions of step {step}"
     if phase == "levenberg_marquardt":
         return f"averaging the Levenberg-Marquardt terms of step {step}"
+    calls = round(row[2]) if len(row) > 2 else 0
+    plural = "" if calls == 1 else "s"
+    if phase == "backward":
+        return f"starting backward() call {calls + 1} of step {step}"
+    if phase == "close":
+        text = f"closing the preconditioner after {step} step{'' if step == 1 else 's'}"
+        return text + (f" and {calls} more backward call{plural}" if calls else "")
     text = f"starting step {step}"
     if len(row) > 2:
-        calls = round(row[2])
-        text += f" after {calls} backward call{'' if calls == 1 else 's'}"
+        text += f" after {calls} backward call{plural}"
     extras = {
         3: ("with curvature statistics", "without curvature statistics"),
         4: ("with a curvature", "without a curvature yet"),
@@ -519,6 +561,54 @@ def _describe(row: Sequence[float], differing: Sequence[int] = ()) -> str:
         if i in extras:
             text += " " + extras[i][0 if row[i] else 1]
     return text
+
+
+def _state(row: Sequence[float]) -> tuple[str, int, int]:
+    """(phase, step, backward calls) of a control message's header and first value."""
+    index = round(row[0] - _PHASE_BASE)
+    phase = PHASES[index] if 0 <= index < len(PHASES) else "unknown"
+    return phase, round(row[1]), round(row[2]) if len(row) > 2 else 0
+
+
+def _skipped(rows: Sequence[Sequence[float]]) -> str:
+    """What the processes that differ from the most common state skipped, for a training
+    loop of one ``backward`` per ``step`` (``""`` when it cannot be told)."""
+    states = [_state(row) for row in rows]
+    common = max(states, key=states.count)
+    hints = []
+    for rank, state in enumerate(states):
+        if state == common:
+            continue
+        (phase, step, calls), (other, other_step, other_calls) = state, common
+        others = "the others" if len(rows) > 2 else f"process {states.index(common)}"
+        if step != other_step and {phase, other} <= {"backward", "step", "close"}:
+            verb = "is" if len(rows) == 2 else "are"
+            hints.append(
+                f"process {rank} is at step {step} where {others} {verb} at step "
+                f"{other_step} (another checkpoint, or it skipped or repeated steps)"
+            )
+        elif {phase, other} == {"backward", "step"} and calls == other_calls:
+            if phase == "step" and calls == 0:
+                hints.append(f"process {rank} skipped backward() before step {step}")
+            elif phase == "backward" and calls > 0:
+                hints.append(f"process {rank} skipped step() {step} (it calls backward() again)")
+            elif phase == "backward":
+                hints.append(f"{others} skipped backward() before step {step}")
+            else:
+                hints.append(f"{others} skipped step() {step} (calling backward() again)")
+        elif {phase, other} == {"backward", "close"} and step == other_step:
+            if phase == "close":
+                hints.append(
+                    f"process {rank} skipped a whole iteration: it closes after {step} "
+                    f"steps while {others} start{'s' if len(rows) == 2 else ''} another one"
+                )
+            else:
+                hints.append(
+                    f"process {rank} runs one iteration more than {others} (or {others} "
+                    "skipped one)"
+                )
+    hints = list(dict.fromkeys(hints))
+    return (" Likely: " + "; ".join(hints) + ".") if hints else ""
 
 
 def _packed_size(structure: str, shape: Sequence[int]) -> int:

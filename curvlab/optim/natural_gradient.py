@@ -308,6 +308,8 @@ class NaturalGradient:
         ``loss`` must come from the curvature's ``loss_fn`` applied to ``model``'s output.
         """
         self._check_open("backward")
+        if self.comm is not None:  # first collective of the iteration: before DDP's
+            self.comm.agree_on_backward(self.steps, backward_calls=self._backward_calls)
         self._backward_done = True
         self._backward_calls += 1
         if not self.curvature_due:
@@ -611,6 +613,12 @@ class NaturalGradient:
     def close(self) -> None:
         """Remove every hook and recording on the model and the loss (idempotent).
 
+        Distributed, the first ``close`` is a collective: every process must close after
+        the same number of steps, else every process raises
+        :class:`~curvlab.optim.distributed.DistributedFailure` naming the process that
+        skipped an iteration (the hooks are removed all the same). It stays local after a
+        ``DistributedFailure`` and when a ``with`` block is left by an exception.
+
         Closes the curvature too: the preconditioner armed its recording, and a
         preconditioner without it could not take statistics. Afterwards ``backward`` and
         ``step`` raise a ``RuntimeError`` (so do the curvature's ``recording``,
@@ -619,13 +627,22 @@ class NaturalGradient:
         Without ``close``, the hooks go when the preconditioner and its curvature are
         garbage collected (concepts/models.md#lifecycle-hooks-recordings-copies).
         """
-        self.curvature.close()
+        if self.closed:
+            return
+        try:
+            if self.comm is not None and not self.comm.broken:
+                self.comm.agree_on_close(self.steps, backward_calls=self._backward_calls)
+        finally:
+            self.curvature.close()
 
     def __enter__(self) -> NaturalGradient:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is None:
+            self.close()
+        else:  # the other processes may be elsewhere: no collective
+            self.curvature.close()
 
     def _check_open(self, op: str) -> None:
         if self.curvature.closed:
