@@ -58,6 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab.ablation.attribution import (
+    AttributionResult,
     adam_fit,
     attribution_scores,
     linear_datamodeling_score,
@@ -431,6 +432,15 @@ def to_markdown(report: dict[str, Any], args: argparse.Namespace) -> str:
             f"| {r['method']} | {r['lds']:.3f} ± {r['sem']:.3f} | {r['fit_s']:.2f} | "
             f"{r['score_s']:.2f} | {r['mem_mib']:.0f} |"
         )
+    ran = [r for r in report["results"] if math.isfinite(r["lds"])]
+    best = AttributionResult({}, ran).best_per_second()
+    if best is not None:
+        top = max(ran, key=lambda r: r["lds"])
+        lines += [
+            "",
+            f"Highest LDS: {top['method']} ({top['lds']:.3f}). Best per second on the "
+            f"LDS/time front: {best['method']} ({best['lds']:.3f} in {best['seconds']:.2f} s).",
+        ]
     return "\n".join(lines) + "\n"
 
 
