@@ -20,11 +20,13 @@ when it is kept). LDS is the Spearman correlation between predictions and outcom
 ``K`` subsets, averaged over the queries (Park et al. 2023, TRAK).
 
 Approximations: ``identity`` (``C = 0``: plain gradient similarity), ``diagonal``,
-``kfac``, ``ekfac``, ``block_diagonal`` (when its largest block has at most
+``kfac``, ``ekfac``, ``ekfac_mc`` (EK-FAC with the one-sample Monte-Carlo Fisher, the kind
+kronfluence uses), ``block_diagonal`` (when its largest block has at most
 ``--max-block`` parameters) and ``exact`` (the dense GGN, at most ``--max-exact``
-parameters), all curvlab with the exact Fisher type; and kronfluence's EK-FAC (sampled-label
-Fisher) when it is installed, on models made only of ``nn.Linear``/``nn.Conv2d`` layers (it
-does not support ``nn.Embedding``: on the LM its row says so). Damping
+parameters), all curvlab with the exact Fisher type unless named; and kronfluence's
+EK-FAC (sampled-label Fisher) when it is installed, on models made only of
+``nn.Linear``/``nn.Conv2d`` layers (it does not support ``nn.Embedding``: on the LM its
+row says so). Damping
 ``λ = 0.1 · tr(C)/P`` for curvlab (kronfluence's heuristic, which kronfluence applies
 itself). Fit and score batches hold ``--batch`` examples for both libraries.
 
@@ -68,7 +70,7 @@ from curvlab.ablation.attribution import (
 Batch = tuple[Tensor, Tensor]
 Result = tuple[Tensor, float, float]
 
-CURVLAB_METHODS = ("identity", "diagonal", "kfac", "ekfac", "block_diagonal", "exact")
+CURVLAB_METHODS = ("identity", "diagonal", "kfac", "ekfac", "ekfac_mc", "block_diagonal", "exact")
 ALL_METHODS = (*CURVLAB_METHODS, "kronfluence")
 
 
@@ -259,11 +261,13 @@ def retrain(w: Workload, subsets: int, seeds: int) -> tuple[Tensor, Tensor]:
 
 
 def curvlab_scores(name: str, model: nn.Module, w: Workload, batch: int) -> Result:
-    """Scores ``[Q, N]``, fit and score seconds of a curvlab approximation (exact Fisher
-    type, :func:`attribution_scores`)."""
-    method = {"exact": "exact_fisher"}.get(name, name)
+    """Scores ``[Q, N]``, fit and score seconds of a curvlab approximation
+    (:func:`attribution_scores`; the exact Fisher type, ``ekfac_mc``: EK-FAC with the
+    one-sample Monte-Carlo Fisher, kronfluence's kind)."""
+    method = {"exact": "exact_fisher", "ekfac_mc": "ekfac"}.get(name, name)
+    fisher_type = "mc" if name == "ekfac_mc" else "exact"
     return attribution_scores(
-        method, model, nn.CrossEntropyLoss(), w.train, w.query, batch, w.fit_batch
+        method, model, nn.CrossEntropyLoss(), w.train, w.query, batch, w.fit_batch, fisher_type
     )
 
 
