@@ -175,10 +175,23 @@ def per_example_losses(model: nn.Module, loss_fn: nn.Module, data: Batch) -> Ten
 
 
 def attribution_scores(
-    method: str, model: nn.Module, loss_fn: nn.Module, train: Batch, query: Batch, batch_size: int
+    method: str,
+    model: nn.Module,
+    loss_fn: nn.Module,
+    train: Batch,
+    query: Batch,
+    batch_size: int,
+    fit_batch: Callable[[Batch], Batch] | None = None,
+    fisher_type: str = "exact",
 ) -> tuple[Tensor, float, float]:
     """Scores ``[Q, N]`` of one approximation (``identity`` or a registry name), its fit
-    and score seconds."""
+    and score seconds.
+
+    ``fit_batch`` maps an ``(inputs, targets)`` batch to the one the curvature's ``update``
+    takes, where the two differ: a per-token model's ``[N·T, C]`` outputs are fitted
+    against flat ``[N·T]`` targets while the influence's examples keep ``[N, T]``
+    (``lambda b: (b[0], b[1].reshape(-1))``). ``fisher_type`` is the backend's, where it
+    has one (``"exact"``, ``"mc"``, ``"empirical"``)."""
     import curvlab
     from curvlab.influence import Influence
 
@@ -200,9 +213,10 @@ def attribution_scores(
                 dots -= q.flatten(1) @ z.flatten(1).T
             parts.append(dots)
         return torch.cat(parts, dim=1), fitted - start, time.perf_counter() - fitted
-    options = {"fisher_type": "exact"} if "fisher_type" in _parameters(method) else {}
+    options = {"fisher_type": fisher_type} if "fisher_type" in _parameters(method) else {}
     curvature = curvlab.make(method, model, loss_fn, **options)
-    influence = Influence(curvature, damping=1.0, progress=False).fit(loader)
+    fit_loader = loader if fit_batch is None else [fit_batch(b) for b in loader]
+    influence = Influence(curvature, damping=1.0, progress=False).fit(fit_loader)
     influence.damping = RELATIVE_DAMPING * float(curvature.trace()) / curvature.num_params
     fitted = time.perf_counter()
     scores = influence.pairwise(query, loader).scores
