@@ -185,6 +185,10 @@ class KroneckerFactored(Curvature):
             key = id(layer.module)
             if key in skipped or (chosen is not None and key not in chosen):
                 continue
+            split = self._split_layer(layer)
+            if split is not None:  # one Kronecker block per part (a recurrent module's maps)
+                kronecker.extend(split)
+                continue
             reason = self._no_kronecker_reason(model, layer)
             if reason is None:
                 kronecker.append(layer)
@@ -209,6 +213,11 @@ class KroneckerFactored(Curvature):
             coupled=self._per_row,
         )
         return kronecker
+
+    def _split_layer(self, layer: Layer) -> list[Layer] | None:
+        """Layers that stand for ``layer``'s parameters, one Kronecker block each, or
+        ``None`` (the default) to treat ``layer`` as one layer."""
+        return None
 
     def _no_kronecker_reason(self, model: nn.Module, layer: Layer) -> str | None:
         """Why ``layer`` gets no Kronecker block, or ``None`` when it gets one."""
@@ -299,15 +308,18 @@ class KroneckerFactored(Curvature):
         auxiliary head) adds nothing, as ``torch.optim`` skips a parameter without
         gradient (backends that keep per-sample statistics raise, naming it)."""
         request = self._kronecker_request()
-        batches = []
-        for layer in self.layers:
-            found = result.kronecker.get(request.key, {}).get(id(layer.module))
-            if found is None and not request.keep_raw:
-                found = _unused_layer_batch(layer.module)
-            if found is None:
-                found = result.kronecker_batch(request, layer.module, layer.name)  # raises
-            batches.append(found)
-        return batches
+        return [self._layer_batch(result, request, layer) for layer in self.layers]
+
+    def _layer_batch(
+        self, result: BatchResult, request: KroneckerStatistics, layer: Layer
+    ) -> KroneckerBatch:
+        """One layer's statistics of the batch (see :meth:`_layer_batches`)."""
+        found = result.kronecker.get(request.key, {}).get(id(layer.module))
+        if found is None and not request.keep_raw:
+            found = _unused_layer_batch(layer.module)
+        if found is None:
+            found = result.kronecker_batch(request, layer.module, layer.name)  # raises
+        return found
 
     def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
         if self._a_sum is None or self._g_sum is None:
