@@ -58,11 +58,11 @@ from .polar import orthogonalize
 
 __all__ = [
     "SERIES_CLIP",
-    "SeriesBasis",
     "Estimate",
     "GeneralizedEigen",
     "KronSumInverse",
     "LinAlgError",
+    "SeriesBasis",
     "SpectralDensity",
     "SymmetricEigen",
     "cholesky_factor",

@@ -68,7 +68,8 @@ def series_zeta(x: Tensor, T: float) -> Tensor:
     """``ζ_T(x) = Σ_{d=-(T-1)}^{T-1} (T - |d|) x^{|d|}`` (elementwise; ``T ≥ 1``), as its closed
     form ``T (1+x)/(1-x) - 2x (1 - x^T)/(1-x)²`` away from ``x = 1`` and ``T²`` at it.
 
-    ``T`` may be a mean sequence length (not an integer); ``x^T`` is then ``sign(x)|x|^T``.
+    ``T`` may be a mean sequence length (not an integer); ``x^T`` is then
+    ``sign(x)^{round(T)} |x|^T``.
     """
     if T < 1:
         raise ValueError(f"series_zeta: T must be at least 1, got {T}.")
@@ -76,7 +77,8 @@ def series_zeta(x: Tensor, T: float) -> Tensor:
     near = one.abs() < 1e-4
     safe = torch.where(near, torch.full_like(x, 0.5), x)
     s = 1.0 - safe
-    xt = torch.sign(safe) * safe.abs() ** T
+    parity = -1.0 if round(T) % 2 else 1.0  # the sign of x^T for negative x
+    xt = torch.where(safe < 0, parity, 1.0) * safe.abs() ** T
     closed = T * (1.0 + safe) / s - 2.0 * safe * (1.0 - xt) / s**2
     # near x = 1: ζ_T(1) = T² minus its derivative T(T²-1)/3 times (1 - x)
     taylor = T * T - T * (T * T - 1.0) / 3.0 * one
