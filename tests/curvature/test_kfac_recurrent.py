@@ -121,7 +121,7 @@ def _reference(net: Net, x_bf: Tensor):
 
 
 def _g(jac: Tensor, weights: Tensor, lag: int = 0) -> Tensor:
-    """``Σ_{n,t} J_{n,t}ᵀ W_n J_{n,t+lag}`` for ``jac`` ``[N, C, T, gH]``, ``weights`` ``[N, C, C]``."""
+    """``Σ_{n,t} J_{n,t}ᵀ W_n J_{n,t+lag}`` (``jac`` ``[N, C, T, gH]``, ``weights`` ``[N, C, C]``)."""
     left, right = jac[:, :, : T - lag], jac[:, :, lag:]
     return torch.einsum("nctg,ncd,ndth->gh", left, weights, right)
 
@@ -285,16 +285,16 @@ class _Projected(nn.Module):
 def test_unsupported_configurations_raise_naming_the_module() -> None:
     with pytest.raises(ValueError, match="unknown recurrent"):
         curvlab.KFAC(_net(nn.RNN), nn.MSELoss(), recurrent="both")
-    with pytest.raises(ValueError, match="'lstm'.*proj_size"):
+    with pytest.raises(ValueError, match=r"'lstm'.*proj_size"):
         curvlab.KFAC(_Projected().to(DTYPE), nn.MSELoss(), recurrent="independent")
     with pytest.raises(ValueError, match="block-diagonal"):
         curvlab.KFAC(_net(nn.RNN), nn.MSELoss(), structure="block_tridiagonal", recurrent="series")
     net = _net(nn.GRU)
     net.rnn.weight_hh_l0.requires_grad_(False)
-    with pytest.raises(ValueError, match="'rnn'.*frozen"):
+    with pytest.raises(ValueError, match=r"'rnn'.*frozen"):
         curvlab.KFAC(net, nn.MSELoss(), recurrent="independent")
     dropped = _net(nn.LSTM, num_layers=2, dropout=0.5)
     kfac = curvlab.KFAC(dropped, nn.MSELoss(), recurrent="independent")
     x, y = _data()
-    with pytest.raises(ValueError, match="LSTM.*does not reproduce"):
+    with pytest.raises(ValueError, match=r"LSTM.*does not reproduce"):
         kfac.update(x, y)

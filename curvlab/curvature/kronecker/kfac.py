@@ -173,6 +173,7 @@ class KFAC(BlockDiagonalKronecker):
         self.recurrent = recurrent
         # per recurrent map (by layer index): lag-one sums [a_lag, lag_count, g_lag, sequences]
         self._lag: dict[int, list[Any]] = {}
+        self._lag_loaded: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._series: dict[int, tuple[float, linalg.SeriesBasis]] = {}
         self.inverse_dtype = check_dtype(inverse_dtype, "inverse_dtype", owner)
         damping_mode = "exact" if damping_mode is None else damping_mode
@@ -312,21 +313,59 @@ class KFAC(BlockDiagonalKronecker):
     def _reset(self) -> None:
         super()._reset()
         self._lag = {}
+        self._lag_loaded = {}
+
+    def _lag_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(A1, G1, T)`` of series map ``k``: the symmetrised lag-one factors (``A1`` per
+        step pair, ``G1`` on ``G``'s scale, summed over the steps) and the mean sequence
+        length; loaded statistics (a moving average) win until :meth:`reset`."""
+        if k in self._lag_loaded:
+            return self._lag_loaded[k]
+        lag = self._lag.get(k)
+        if lag is None or lag[1] == 0 or lag[3] == 0:
+            return None
+        a_lag, lag_count, g_lag, sequences = lag
+        steps = 1.0 + lag_count / sequences
+        a1 = a_lag / lag_count
+        g1 = g_lag / self._normalizer * (steps / (steps - 1.0))
+        return (a1 + a1.mT) / 2, (g1 + g1.mT) / 2, a_lag.new_tensor(steps)
 
     def _series_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
         """``(G0, G1, A0, A1, T)`` of series map ``k`` (concepts/recurrent.md#the-series-model):
-        the zero-lag factors are the independent ones (``G0`` summed over the steps), the
-        lag-one factors symmetrised, ``G1`` on ``G0``'s scale, ``T`` the mean length."""
+        the zero-lag factors are the independent ones (``G0`` summed over the steps)."""
         f = self._factor(k)
         g0, a0 = self._in_inverse_dtype(f.G), self._in_inverse_dtype(f.A)
-        lag = self._lag.get(k)
-        count = self._a_count[k]
-        if lag is None or lag[1] == 0 or lag[3] == 0:
+        lag = self._lag_factors(k)
+        if lag is None:
             return g0, torch.zeros_like(g0), a0, torch.zeros_like(a0), 1.0
-        a_lag, lag_count, g_lag, sequences = lag
-        a1 = self._in_inverse_dtype(a_lag) / lag_count
-        g1 = self._in_inverse_dtype(g_lag) / self._normalizer * (count / lag_count)
-        return g0, (g1 + g1.mT) / 2, a0, (a1 + a1.mT) / 2, count / sequences
+        a1, g1, steps = lag
+        return g0, self._in_inverse_dtype(g1), a0, self._in_inverse_dtype(a1), float(steps)
+
+    def _series_layers(self) -> list[int]:
+        return [k for k in range(len(self.layers)) if self._is_series(k)]
+
+    def _statistics(self) -> dict[str, Any]:
+        stats = super()._statistics()
+        if self._series_layers():
+            lags = []
+            for k in self._series_layers():
+                found = self._lag_factors(k)
+                if found is None:
+                    f = self._factor(k)
+                    found = (torch.zeros_like(f.A), torch.zeros_like(f.G), f.A.new_tensor(1.0))
+                lags.append(found)
+            stats["A1"] = [a for a, _, _ in lags]
+            stats["G1"] = [g for _, g, _ in lags]
+            stats["T"] = [t for _, _, t in lags]
+        return stats
+
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        super()._load_statistics(stats)
+        if "A1" in stats:
+            self._lag_loaded = {
+                k: (a, g, t)
+                for k, a, g, t in zip(self._series_layers(), stats["A1"], stats["G1"], stats["T"])
+            }
 
     def _series_basis(self, k: int, damping: float) -> linalg.SeriesBasis:
         cached = self._series.get(k)
@@ -367,6 +406,7 @@ class KFAC(BlockDiagonalKronecker):
     def _state(self) -> dict[str, Any]:
         state = super()._state()
         state["recurrent_lag"] = {k: list(v) for k, v in self._lag.items()}
+        state["recurrent_lag_loaded"] = dict(self._lag_loaded)
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -375,6 +415,8 @@ class KFAC(BlockDiagonalKronecker):
         self._lag = {
             int(k): [v[0].clone(), int(v[1]), v[2].clone(), int(v[3])] for k, v in lag.items()
         }
+        loaded = state.get("recurrent_lag_loaded", {})
+        self._lag_loaded = {int(k): tuple(t.clone() for t in v) for k, v in loaded.items()}
 
     def _layer_eigen(self, k: int) -> _LayerEigen:
         if self._eigen is None:
