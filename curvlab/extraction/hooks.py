@@ -672,16 +672,16 @@ def compute(
                 store[id(module)] = _kronecker_batch(
                     module, used, request, scale.valid, row_grads=row_grads
                 )
-    for request in [r for r in requests if isinstance(r, RecurrentStatistics)]:
-        store = result.recurrent.setdefault(request.key, {})
-        for module in request.modules:
-            if id(module) not in store:
+    for rnn_request in [r for r in requests if isinstance(r, RecurrentStatistics)]:
+        rnn_store = result.recurrent.setdefault(rnn_request.key, {})
+        for module in rnn_request.modules:
+            if id(module) not in rnn_store:
                 rnn_calls = [c for c in layer_calls if c.module is module]
                 found_rnn = _recurrent_batches(
-                    call, rnn_calls, request, columns_for(request.columns_key)
+                    call, rnn_calls, rnn_request, columns_for(rnn_request.columns_key)
                 )
                 if found_rnn is not None:
-                    store[id(module)] = found_rnn
+                    rnn_store[id(module)] = found_rnn
     dense = [r for r in requests if isinstance(r, FactorRows)]
     for key in dict.fromkeys(r.key for r in dense):
         params = list({id(p): p for r in dense if r.key == key for p in r.params}.values())

@@ -58,6 +58,8 @@ class RecurrentAffine(nn.Module):
     machinery treat the map like an ``nn.Linear`` applied at every time step.
     """
 
+    rnn: nn.RNNBase  # the module it belongs to (a reference, not a submodule)
+
     def __init__(self, rnn: nn.RNNBase, layer: int, direction: int, kind: str) -> None:
         super().__init__()
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
@@ -255,7 +257,7 @@ def statistics(
                 if o is out[0] and not rnn.batch_first:
                     c = c.transpose(1, 2)  # [K, T, N, ...] -> [K, N, T, ...]
                 cots.append(c)
-            grads = torch.autograd.grad(
+            grads: tuple[Tensor | None, ...] = torch.autograd.grad(
                 [o for o, _ in used],
                 targets,
                 cots,
@@ -273,10 +275,7 @@ def statistics(
             position += steps
             ref = run.pre[block][0]
             g = torch.stack(
-                [
-                    ref.new_zeros(k, *ref.shape) if s is None else s
-                    for s in per_step  # type: ignore[union-attr]
-                ],
+                [ref.new_zeros(k, *ref.shape) if s is None else s for s in per_step],
                 dim=2,
             )  # [K, N, T, gH]
             a = run.inputs[block]  # [N, T, D]

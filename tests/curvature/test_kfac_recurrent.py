@@ -121,7 +121,10 @@ def _reference(net: Net, x_bf: Tensor):
 
 
 def _g(jac: Tensor, weights: Tensor, lag: int = 0) -> Tensor:
-    """``Σ_{n,t} J_{n,t}ᵀ W_n J_{n,t+lag}`` (``jac`` ``[N, C, T, gH]``, ``weights`` ``[N, C, C]``)."""
+    """``Σ_{n,t} J_{n,t}ᵀ W_n J_{n,t+lag}``.
+
+    ``jac`` ``[N, C, T, gH]``, ``weights`` ``[N, C, C]``.
+    """
     left, right = jac[:, :, : T - lag], jac[:, :, lag:]
     return torch.einsum("nctg,ncd,ndth->gh", left, weights, right)
 

@@ -247,11 +247,10 @@ class KFAC(BlockDiagonalKronecker):
         return self.recurrent == "series" and self._is_recurrent(k)
 
     def _recurrent_modules(self) -> tuple[nn.Module, ...]:
-        found = {
-            id(layer.module.rnn): layer.module.rnn
-            for layer in self.layers
-            if isinstance(layer.module, rnn_rules.RecurrentAffine)
-        }
+        found: dict[int, nn.Module] = {}
+        for layer in self.layers:
+            if isinstance(layer.module, rnn_rules.RecurrentAffine):
+                found[id(layer.module.rnn)] = layer.module.rnn
         return tuple(found.values())
 
     def _recurrent_request(self) -> RecurrentStatistics:
