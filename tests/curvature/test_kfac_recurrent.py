@@ -301,3 +301,118 @@ def test_unsupported_configurations_raise_naming_the_module() -> None:
     x, y = _data()
     with pytest.raises(ValueError, match=r"LSTM.*does not reproduce"):
         kfac.update(x, y)
+
+
+def _flat_list(v: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in v])
+
+
+@pytest.mark.parametrize("recurrent", ["independent", "series"])
+def test_statistic_sums_add_up_and_decompositions_travel(recurrent) -> None:
+    """What distribution relies on: sums of two batches give the union's curvature, and a
+    decomposition exported by one backend solves the same on another."""
+    from curvlab.curvature.distribution import DistributionInterface as ops
+
+    def build() -> curvlab.KFAC:
+        return curvlab.KFAC(_net(nn.GRU), nn.MSELoss(), fisher_type="exact", recurrent=recurrent)
+
+    (x1, y1), (x2, y2) = _data(seed=1), _data(seed=2)
+    first, second, union, target = build(), build(), build(), build()
+    first.update(x1, y1)
+    second.update(x2, y2)
+    union.update(x1, y1)
+    union.update(x2, y2)
+    target.update(x2, y2)
+    a, b = ops(first).statistic_sums(), ops(second).statistic_sums()
+    assert [e.name for e in a] == [e.name for e in b]
+    ops(target).load_statistic_sums([ea.tensor + eb.tensor for ea, eb in zip(a, b)])
+    gen = torch.Generator().manual_seed(4)
+    v = [torch.randn(p.shape, generator=gen, dtype=DTYPE) for p in union.params]
+    torch.testing.assert_close(_flat_list(target.solve(v, 0.1)), _flat_list(union.solve(v, 0.1)))
+    importer = build()
+    importer.update(x1, y1)
+    importer.update(x2, y2)
+    for block in ops(union).decomposition_blocks():
+        ops(union).decompose(block, 0.1)
+        exported = ops(union).export_decomposition(block, 0.1)
+        ops(importer).import_decomposition(block, 0.1, [e.tensor.clone() for e in exported])
+    assert torch.equal(_flat_list(importer.solve(v, 0.1)), _flat_list(union.solve(v, 0.1)))
+    assert importer.num_decompositions == 0
+
+
+def test_series_statistics_round_trip_as_a_moving_average_uses_them() -> None:
+    """``load_statistics(statistics())`` (NaturalGradient's moving average) keeps the block."""
+    net = _net(nn.LSTM, bias=False)
+    x, y = _data()
+    kfac = curvlab.KFAC(net, nn.MSELoss(), fisher_type="exact", recurrent="series")
+    kfac.update(torch.cat([x] * 8), torch.cat([y] * 8))
+    before = kfac.to_dense()
+    stats = kfac.statistics()
+    assert len(stats["A1"]) == len(stats["G1"]) == len(stats["T"]) == 2
+    assert float(stats["T"][0]) == T
+    kfac.load_statistics(stats)
+    torch.testing.assert_close(kfac.to_dense(), before)
+
+
+class _Seeded(nn.Module):
+    """A recurrent module started from a given state, reading ``[T, N, D]`` (batch second)."""
+
+    def __init__(self, cls: type[nn.RNNBase], **kw) -> None:
+        super().__init__()
+        self.rnn = cls(D, H, **kw)
+        self.h0 = nn.Parameter(torch.randn(1, 1, H))
+        self.head = nn.Linear(H, C)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h0 = self.h0.expand(1, x.shape[1], H).contiguous()
+        hx = (h0, torch.tanh(h0)) if isinstance(self.rnn, nn.LSTM) else h0
+        out, _ = self.rnn(x, hx)
+        return self.head(out).reshape(-1, C)  # one loss row per sample and step
+
+
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
+def test_initial_state_and_per_step_rows(cls) -> None:
+    """An initial state enters the first step's ``h_{t-1}``; with one loss row per step the
+    independent factors are those of the sample's columns holding all its rows."""
+    torch.manual_seed(0)
+    kw = {"nonlinearity": "relu"} if cls is nn.RNN else {}
+    model = _Seeded(cls, **kw).to(DTYPE)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(T, N, D, generator=gen, dtype=DTYPE)
+    y = torch.randn(T * N, C, generator=gen, dtype=DTYPE)
+    loss_fn = nn.MSELoss(reduction="sum")
+    kfac = curvlab.KFAC(model, loss_fn, fisher_type="exact", recurrent="independent")
+    kfac.update(x, y)
+    found = {layer.name: f for layer, f in zip(kfac.layers, kfac.factors())}
+    with torch.no_grad():
+        hx = model.h0.expand(1, N, H).contiguous()
+        state = (hx, torch.tanh(hx)) if cls is nn.LSTM else hx
+        out, _ = model.rnn(x, state)  # [T, N, H]
+    h_prev = torch.cat([hx, out[:-1]]).transpose(0, 1)  # [N, T, H]
+    a = torch.cat([h_prev, torch.ones(N, T, 1, dtype=DTYPE)], -1).reshape(-1, H + 1)
+    torch.testing.assert_close(found["rnn.hh_l0"].A, a.T @ a / (N * T))
+    # G: column c of the sum loss's Hessian square root (√2 e_c on every row) pulled back
+    # through the whole sequence of each sample, per step, by the per-step bias trick
+    gates = model.rnn.weight_ih_l0.shape[0]
+    cell = CELLS[cls](D, H, **kw).to(DTYPE)
+
+    def outputs(eps: Tensor, n: int) -> Tensor:
+        rnn = model.rnn
+        params = {k: getattr(rnn, f"{k}_l0").detach() for k in ("weight_ih", "weight_hh")}
+        h = state[0][0, n : n + 1] if cls is nn.LSTM else state[0, n : n + 1]
+        c = state[1][0, n : n + 1] if cls is nn.LSTM else None
+        rows = []
+        for t in range(T):
+            params["bias_ih"] = rnn.bias_ih_l0.detach() + eps[t]
+            params["bias_hh"] = rnn.bias_hh_l0.detach()
+            new = functional_call(cell, params, (x[t, n : n + 1], (h, c) if c is not None else h))
+            h, c = new if cls is nn.LSTM else (new, None)
+            rows.append(model.head(h[0]))
+        return torch.stack(rows)  # [T, C]
+
+    g = torch.zeros(gates, gates, dtype=DTYPE)
+    for n in range(N):
+        jac = jacrev(outputs)(torch.zeros(T, gates, dtype=DTYPE), n)  # [T(row), C, T, gH]
+        per_column = jac.sum(0) * 2**0.5  # the column e_c on every row: [C, T, gH]
+        g += torch.einsum("ctg,cth->gh", per_column, per_column)
+    torch.testing.assert_close(found["rnn.ih_l0"].G, g)
