@@ -724,7 +724,7 @@ def _recurrent_batches(
             grads,
             request.lagged,
             request.sample_fraction,
-            name=type(module).__name__,
+            name=request.name_of(module),
         )
         total = sums if total is None else {k: _add_recurrent(total[k], v) for k, v in sums.items()}
     return total

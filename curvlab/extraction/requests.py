@@ -173,10 +173,19 @@ class RecurrentStatistics:
     mc_samples: int = 1
     lagged: bool = False
     sample_fraction: float = 1.0
+    #: the modules' names in the model, for error messages (``modules``' order)
+    names: tuple[str, ...] = ()
 
     @property
     def columns_key(self) -> tuple[str, int]:
         return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+
+    def name_of(self, module: nn.Module) -> str:
+        """``module``'s name in the model (its type's name if not given)."""
+        for m, name in zip(self.modules, self.names):
+            if m is module:
+                return name
+        return type(module).__name__
 
     @property
     def key(self) -> tuple[str, str, int, bool, float]:

@@ -299,7 +299,7 @@ def test_unsupported_configurations_raise_naming_the_module() -> None:
     dropped = _net(nn.LSTM, num_layers=2, dropout=0.5)
     kfac = curvlab.KFAC(dropped, nn.MSELoss(), recurrent="independent")
     x, y = _data()
-    with pytest.raises(ValueError, match=r"LSTM.*does not reproduce"):
+    with pytest.raises(ValueError, match=r"'rnn' \(LSTM\).*does not reproduce"):
         kfac.update(x, y)
 
 

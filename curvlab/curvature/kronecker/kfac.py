@@ -246,17 +246,20 @@ class KFAC(BlockDiagonalKronecker):
     def _is_series(self, k: int) -> bool:
         return self.recurrent == "series" and self._is_recurrent(k)
 
-    def _recurrent_modules(self) -> tuple[nn.Module, ...]:
-        found: dict[int, nn.Module] = {}
+    def _recurrent_modules(self) -> dict[str, nn.Module]:
+        """The recurrent modules with Kronecker blocks, by name."""
+        found: dict[str, nn.Module] = {}
         for layer in self.layers:
             if isinstance(layer.module, rnn_rules.RecurrentAffine):
-                found[id(layer.module.rnn)] = layer.module.rnn
-        return tuple(found.values())
+                found[layer.name.rpartition(".")[0]] = layer.module.rnn
+        return found
 
     def _recurrent_request(self) -> RecurrentStatistics:
+        modules = self._recurrent_modules()
         return RecurrentStatistics(
             self.fisher_type,
-            self._recurrent_modules(),
+            tuple(modules.values()),
+            names=tuple(name or "<model>" for name in modules),
             mc_samples=self.mc_samples,
             lagged=self.recurrent == "series",
             sample_fraction=self.statistics_fraction,
