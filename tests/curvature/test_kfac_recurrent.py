@@ -158,8 +158,9 @@ def test_independent_factors_match_their_definition(cls, batch_first, fisher_typ
     assert kfac.coverage()["rnn.weight_hh_l0"] == "kronecker"
 
 
-def test_mc_factors_estimate_the_exact_ones() -> None:
-    net = _net(nn.GRU)
+@pytest.mark.parametrize("cls", [nn.RNN, nn.LSTM, nn.GRU])
+def test_mc_factors_estimate_the_exact_ones(cls) -> None:
+    net = _net(cls)
     x, y = _data()
     exact = curvlab.KFAC(net, nn.MSELoss(), fisher_type="exact", recurrent="independent")
     mc = curvlab.KFAC(net, nn.MSELoss(), fisher_type="mc", mc_samples=400, recurrent="independent")

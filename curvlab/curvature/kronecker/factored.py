@@ -29,7 +29,8 @@ diagonal) and :class:`~curvlab.BlockTridiagonalKFAC` (consecutive layers coupled
 **Coverage.** Every trainable parameter is covered by default: layers with a Kronecker
 rule (``Linear``, ``ConvNd``, ``Embedding`` — see ``supported_layers``) get a Kronecker
 block; every other parameter (normalisation layers, raw ``nn.Parameter``s, recurrent
-weights, transposed convolutions, parameters shared between modules, the projections of
+weights unless ``KFAC(recurrent=...)`` splits them into Kronecker blocks per affine map
+(:meth:`KroneckerFactored._split_layer`), transposed convolutions, parameters shared between modules, the projections of
 ``nn.MultiheadAttention``, which it calls functionally) gets a diagonal block of the same
 Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`: the Fisher's diagonal),
 placed after the Kronecker layers in ``params``. ``strict=True`` refuses such parameters

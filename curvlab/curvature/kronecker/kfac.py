@@ -7,6 +7,12 @@ block is damped and solved (exactly in the factors' eigenbases, or with Martens 
 factored damping) and the closed forms of the Kronecker identities. The block-tridiagonal
 structure is :class:`~curvlab.BlockTridiagonalKFAC`; ``KFAC(structure="block_tridiagonal")``
 builds one.
+
+With ``recurrent="independent"`` or ``"series"`` each affine map of an ``nn.RNN``/``nn.LSTM``/
+``nn.GRU`` is a layer of its own (a :class:`~curvlab.extraction.recurrent.RecurrentAffine`
+view) whose statistics come from a :class:`~curvlab.extraction.RecurrentStatistics`
+request; a series map's block is the temporal model of :mod:`curvlab.linalg.kron_series`
+(concepts/recurrent.md).
 """
 
 from __future__ import annotations
