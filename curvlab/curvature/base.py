@@ -35,6 +35,7 @@ from curvlab.extraction.requests import (
     BatchResult,
     DiagonalStatistics,
     KroneckerStatistics,
+    RecurrentStatistics,
     Request,
     validate_request,
 )
@@ -340,7 +341,7 @@ class Curvature(abc.ABC):
         found = {
             id(m): m
             for r in self.requests()
-            if isinstance(r, (KroneckerStatistics, DiagonalStatistics))
+            if isinstance(r, (KroneckerStatistics, DiagonalStatistics, RecurrentStatistics))
             for m in r.modules
         }
         return list(found.values())

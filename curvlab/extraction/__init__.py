@@ -6,6 +6,8 @@ answers them with plain result objects:
 * ``"hooks"`` (:mod:`curvlab.extraction.hooks`): plain torch autograd on any
   ``nn.Module`` — custom ``forward``, residual adds, concatenations, attention,
   weight sharing, tied weights;
+* recurrent modules' per-time-step statistics come from a replay of their recurrence
+  (:mod:`curvlab.extraction.recurrent`), answered by the hooks engine;
 * ``"backpack"`` (:mod:`curvlab.extraction.backpack_engine`): BackPACK, for plain
   ``nn.Sequential`` models of supported layers (not subclasses with their own
   ``forward``), where its single backward pass is fastest.
@@ -37,6 +39,8 @@ from curvlab.extraction.requests import (
     KroneckerBatch,
     KroneckerStatistics,
     ParameterDiagonal,
+    RecurrentBatch,
+    RecurrentStatistics,
     Request,
     check_fisher_type,
     check_mc_samples,
@@ -71,6 +75,8 @@ __all__ = [
     "KroneckerBatch",
     "KroneckerStatistics",
     "ParameterDiagonal",
+    "RecurrentBatch",
+    "RecurrentStatistics",
     "Request",
     "check_engine",
     "check_fisher_type",

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from curvlab.extraction import layers
+from curvlab.extraction import layers, recurrent
 from curvlab.extraction.losses import BatchScale, batch_scale, loss_rows, output_columns
 from curvlab.extraction.replay import ModelReplay, only_through, per_sample_squares, sample_count
 from curvlab.extraction.requests import (
@@ -51,6 +51,8 @@ from curvlab.extraction.requests import (
     KroneckerBatch,
     KroneckerStatistics,
     ParameterDiagonal,
+    RecurrentBatch,
+    RecurrentStatistics,
     Request,
 )
 
@@ -66,6 +68,27 @@ class LayerCall:
     input: Tensor
     output: Tensor
     seq: int = 0  # when it was recorded (the recording's counter)
+
+    def nodes(self) -> set[Any]:
+        """The autograd nodes of its outputs."""
+        return {self.output.grad_fn}
+
+
+@dataclass(eq=False)
+class RecurrentCall(LayerCall):
+    """One call of a recurrent module (``nn.RNN``/``nn.LSTM``/``nn.GRU``): ``input`` and the
+    initial state ``hx`` as passed, ``output`` its output sequence and ``states`` its
+    ``h_n`` (and ``c_n``)."""
+
+    hx: Any = None
+    states: tuple[Tensor, ...] = ()
+
+    def nodes(self) -> set[Any]:
+        return {t.grad_fn for t in (self.output, *self.states)}
+
+    @property
+    def outputs(self) -> tuple[Tensor, ...]:
+        return (self.output, *self.states)
 
 
 @dataclass(eq=False)
@@ -410,8 +433,8 @@ class Recording(HookOwner):
     def _drop(self, before: int, taken: Sequence[LayerCall] = ()) -> None:
         """Drop the records made before ``before`` and the later loss calls whose graph
         uses one of the dropped (or ``taken``) layer calls."""
-        gone = {c.output.grad_fn for c in self.calls if c.seq < before}
-        gone.update(c.output.grad_fn for c in taken)
+        gone = {node for c in self.calls if c.seq < before for node in c.nodes()}
+        gone.update(node for c in taken for node in c.nodes())
         gone.discard(None)
         self.calls = [c for c in self.calls if c.seq >= before]
         self.model_calls = [c for c in self.model_calls if c.seq >= before]
@@ -435,6 +458,15 @@ class Recording(HookOwner):
         return None
 
     def _record_layer(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if isinstance(module, nn.RNNBase) and isinstance(output, tuple) and self._recording_now():
+            seq, state = output
+            states = state if isinstance(state, tuple) else (state,)
+            if args and isinstance(seq, Tensor) and seq.requires_grad:
+                hx = args[1] if len(args) > 1 else None
+                self.calls.append(
+                    RecurrentCall(module, args[0], seq, self._next_seq(), hx, tuple(states))
+                )
+            return
         if not self._recording_now() or not isinstance(output, Tensor):
             return
         if not output.requires_grad or not args or not isinstance(args[0], Tensor):
@@ -488,7 +520,7 @@ class Recording(HookOwner):
             )
         call = match[0]
         nodes = _graph_nodes(call.loss)
-        mine = [c for c in self.calls if c.output.grad_fn in nodes]
+        mine = [c for c in self.calls if c.nodes() & nodes]
         if self.modules and not mine and self._window_dropped:
             raise RuntimeError(
                 f"{self.owner}: the layer calls of this loss's forward pass were dropped: a "
@@ -640,6 +672,16 @@ def compute(
                 store[id(module)] = _kronecker_batch(
                     module, used, request, scale.valid, row_grads=row_grads
                 )
+    for rnn_request in [r for r in requests if isinstance(r, RecurrentStatistics)]:
+        rnn_store = result.recurrent.setdefault(rnn_request.key, {})
+        for module in rnn_request.modules:
+            if id(module) not in rnn_store:
+                rnn_calls = [c for c in layer_calls if c.module is module]
+                found_rnn = _recurrent_batches(
+                    call, rnn_calls, rnn_request, columns_for(rnn_request.columns_key)
+                )
+                if found_rnn is not None:
+                    rnn_store[id(module)] = found_rnn
     dense = [r for r in requests if isinstance(r, FactorRows)]
     for key in dict.fromkeys(r.key for r in dense):
         params = list({id(p): p for r in dense if r.key == key for p in r.params}.values())
@@ -662,6 +704,43 @@ def compute(
                     {id(p): found[id(p)] for p in r.params}
                 )
     return result
+
+
+def _recurrent_batches(
+    call: LossCall, calls: Sequence[LayerCall], request: RecurrentStatistics, columns: Tensor
+) -> dict[str, RecurrentBatch] | None:
+    """The sums of a recurrent module's maps over its calls in the forward pass (summed),
+    or ``None`` if it was not called (:mod:`curvlab.extraction.recurrent`)."""
+    total: dict[str, RecurrentBatch] | None = None
+    for c in calls:
+        assert isinstance(c, RecurrentCall)
+        grads = _vjp(call.outputs, list(c.outputs), columns)
+        module: nn.RNNBase = c.module  # type: ignore[assignment]
+        sums = recurrent.statistics(
+            module,
+            c.input,
+            c.hx,
+            c.outputs,
+            grads,
+            request.lagged,
+            request.sample_fraction,
+            name=request.name_of(module),
+        )
+        total = sums if total is None else {k: _add_recurrent(total[k], v) for k, v in sums.items()}
+    return total
+
+
+def _add_recurrent(a: RecurrentBatch, b: RecurrentBatch) -> RecurrentBatch:
+    kron = KroneckerBatch(
+        a_sum=a.kron.a_sum + b.kron.a_sum, count=a.kron.count + b.kron.count, g=a.kron.g + b.kron.g
+    )
+    return RecurrentBatch(
+        kron,
+        a.a_lag + b.a_lag,
+        a.g_lag + b.g_lag,
+        a.lag_count + b.lag_count,
+        a.sequences + b.sequences,
+    )
 
 
 def _parameter_squares(

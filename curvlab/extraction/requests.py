@@ -23,6 +23,8 @@ __all__ = [
     "KroneckerBatch",
     "KroneckerStatistics",
     "ParameterDiagonal",
+    "RecurrentBatch",
+    "RecurrentStatistics",
     "Request",
     "check_fisher_type",
     "check_mc_samples",
@@ -158,7 +160,41 @@ class ParameterDiagonal:
         return FactorRows(self.fisher_type, self.params, self.mc_samples)
 
 
-Request = FactorRows | KroneckerStatistics | DiagonalStatistics | ParameterDiagonal
+@dataclass(frozen=True, eq=False)
+class RecurrentStatistics:
+    """Per recurrent module (``nn.RNN``/``nn.LSTM``/``nn.GRU``) of ``modules``, the sums of
+    each of its affine maps (:class:`RecurrentBatch`, keyed by the map's block name such as
+    ``"ih_l0"``; concepts/recurrent.md). ``lagged``: also the lag-one sums of the series
+    model. Served by the hooks engine (:mod:`curvlab.extraction.recurrent`).
+    """
+
+    fisher_type: str
+    modules: tuple[nn.Module, ...]
+    mc_samples: int = 1
+    lagged: bool = False
+    sample_fraction: float = 1.0
+    #: the modules' names in the model, for error messages (``modules``' order)
+    names: tuple[str, ...] = ()
+
+    @property
+    def columns_key(self) -> tuple[str, int]:
+        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+
+    def name_of(self, module: nn.Module) -> str:
+        """``module``'s name in the model (its type's name if not given)."""
+        for m, name in zip(self.modules, self.names):
+            if m is module:
+                return name
+        return type(module).__name__
+
+    @property
+    def key(self) -> tuple[str, str, int, bool, float]:
+        return ("recurrent", *self.columns_key, self.lagged, self.sample_fraction)
+
+
+Request = (
+    FactorRows | KroneckerStatistics | DiagonalStatistics | ParameterDiagonal | RecurrentStatistics
+)
 
 
 @dataclass(frozen=True)
@@ -190,6 +226,23 @@ class KroneckerBatch:
     row_grads: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class RecurrentBatch:
+    """One batch's sums of one affine map of a recurrent module (concepts/recurrent.md).
+
+    ``kron``: the independent-time-steps statistics (``a_sum`` over samples and steps,
+    ``count = N·T``, ``g`` over columns, samples and steps); ``a_lag`` = ``Σ ā_t ā_{t+1}ᵀ``
+    and ``g_lag`` = ``Σ g_t g_{t+1}ᵀ`` over the ``lag_count = N·(T-1)`` consecutive pairs
+    (zero unless the request was ``lagged``); ``sequences``: ``N``.
+    """
+
+    kron: KroneckerBatch
+    a_lag: Tensor
+    g_lag: Tensor
+    lag_count: int
+    sequences: int
+
+
 @dataclass
 class BatchResult:
     """What one extraction delivered: the batch's scale and the answer to each request."""
@@ -199,6 +252,10 @@ class BatchResult:
     rows: dict[tuple[Any, ...], dict[int, Tensor]] = field(default_factory=dict)
     kronecker: dict[tuple[Any, ...], dict[int, KroneckerBatch]] = field(default_factory=dict)
     diagonals: dict[tuple[Any, ...], dict[int, Tensor]] = field(default_factory=dict)
+    #: per request key and recurrent module, its maps' sums by block name
+    recurrent: dict[tuple[Any, ...], dict[int, dict[str, RecurrentBatch]]] = field(
+        default_factory=dict
+    )
 
     def factor_rows(self, request: FactorRows, param: Tensor, name: str) -> Tensor:
         """``[K, param.numel()]`` rows of ``param`` for ``request``."""
@@ -230,7 +287,14 @@ class BatchResult:
 def validate_request(request: Any, owner: str) -> None:
     """Raise a ``TypeError``/``ValueError`` naming ``owner`` for a malformed request."""
     if not isinstance(
-        request, (FactorRows, KroneckerStatistics, DiagonalStatistics, ParameterDiagonal)
+        request,
+        (
+            FactorRows,
+            KroneckerStatistics,
+            DiagonalStatistics,
+            ParameterDiagonal,
+            RecurrentStatistics,
+        ),
     ):
         raise TypeError(f"{owner}: unknown request {request!r}.")
     check_fisher_type(request.fisher_type, FISHER_TYPES, owner)

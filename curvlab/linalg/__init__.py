@@ -1,5 +1,6 @@
 """Pure-torch linear algebra for Kronecker-factored curvature and matrix-free estimators
 (concepts/kronecker.md#k-fac-for-linear-layers; concepts/block_tridiagonal.md#the-math;
+concepts/recurrent.md#the-series-model;
 concepts/kronecker.md#kronecker-identities; concepts/matrix_free.md#estimators-and-their-errors).
 
 Layout convention: parameters are flattened row-major (``W.flatten()``); a layer's K-FAC
@@ -41,14 +42,27 @@ from .kron import (
     kron_matvec,
     kron_trace,
 )
+from .kron_series import (
+    SERIES_CLIP,
+    SeriesBasis,
+    series_basis,
+    series_dense,
+    series_diagonal,
+    series_frobenius_norm,
+    series_matvec,
+    series_solve,
+    series_zeta,
+)
 from .kron_sum import KronSumInverse, kron_sum_solve
 from .polar import orthogonalize
 
 __all__ = [
+    "SERIES_CLIP",
     "Estimate",
     "GeneralizedEigen",
     "KronSumInverse",
     "LinAlgError",
+    "SeriesBasis",
     "SpectralDensity",
     "SymmetricEigen",
     "cholesky_factor",
@@ -74,6 +88,13 @@ __all__ = [
     "lanczos_eigenvalues",
     "orthogonalize",
     "pi_correction",
+    "series_basis",
+    "series_dense",
+    "series_diagonal",
+    "series_frobenius_norm",
+    "series_matvec",
+    "series_solve",
+    "series_zeta",
     "spectral_density",
     "symeig",
 ]

@@ -76,6 +76,7 @@ def test_all_is_complete() -> None:
         "eigen",
         "estimators",
         "kron",
+        "kron_series",
         "kron_sum",
         "polar",
         "annotations",

@@ -29,7 +29,8 @@ diagonal) and :class:`~curvlab.BlockTridiagonalKFAC` (consecutive layers coupled
 **Coverage.** Every trainable parameter is covered by default: layers with a Kronecker
 rule (``Linear``, ``ConvNd``, ``Embedding`` — see ``supported_layers``) get a Kronecker
 block; every other parameter (normalisation layers, raw ``nn.Parameter``s, recurrent
-weights, transposed convolutions, parameters shared between modules, the projections of
+weights unless ``KFAC(recurrent=...)`` splits them into Kronecker blocks per affine map
+(:meth:`KroneckerFactored._split_layer`), transposed convolutions, parameters shared between modules, the projections of
 ``nn.MultiheadAttention``, which it calls functionally) gets a diagonal block of the same
 Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`: the Fisher's diagonal),
 placed after the Kronecker layers in ``params``. ``strict=True`` refuses such parameters
@@ -185,6 +186,10 @@ class KroneckerFactored(Curvature):
             key = id(layer.module)
             if key in skipped or (chosen is not None and key not in chosen):
                 continue
+            split = self._split_layer(layer)
+            if split is not None:  # one Kronecker block per part (a recurrent module's maps)
+                kronecker.extend(split)
+                continue
             reason = self._no_kronecker_reason(model, layer)
             if reason is None:
                 kronecker.append(layer)
@@ -209,6 +214,11 @@ class KroneckerFactored(Curvature):
             coupled=self._per_row,
         )
         return kronecker
+
+    def _split_layer(self, layer: Layer) -> list[Layer] | None:
+        """Layers that stand for ``layer``'s parameters, one Kronecker block each, or
+        ``None`` (the default) to treat ``layer`` as one layer."""
+        return None
 
     def _no_kronecker_reason(self, model: nn.Module, layer: Layer) -> str | None:
         """Why ``layer`` gets no Kronecker block, or ``None`` when it gets one."""
@@ -299,15 +309,18 @@ class KroneckerFactored(Curvature):
         auxiliary head) adds nothing, as ``torch.optim`` skips a parameter without
         gradient (backends that keep per-sample statistics raise, naming it)."""
         request = self._kronecker_request()
-        batches = []
-        for layer in self.layers:
-            found = result.kronecker.get(request.key, {}).get(id(layer.module))
-            if found is None and not request.keep_raw:
-                found = _unused_layer_batch(layer.module)
-            if found is None:
-                found = result.kronecker_batch(request, layer.module, layer.name)  # raises
-            batches.append(found)
-        return batches
+        return [self._layer_batch(result, request, layer) for layer in self.layers]
+
+    def _layer_batch(
+        self, result: BatchResult, request: KroneckerStatistics, layer: Layer
+    ) -> KroneckerBatch:
+        """One layer's statistics of the batch (see :meth:`_layer_batches`)."""
+        found = result.kronecker.get(request.key, {}).get(id(layer.module))
+        if found is None and not request.keep_raw:
+            found = _unused_layer_batch(layer.module)
+        if found is None:
+            found = result.kronecker_batch(request, layer.module, layer.name)  # raises
+        return found
 
     def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
         if self._a_sum is None or self._g_sum is None:

@@ -7,10 +7,17 @@ block is damped and solved (exactly in the factors' eigenbases, or with Martens 
 factored damping) and the closed forms of the Kronecker identities. The block-tridiagonal
 structure is :class:`~curvlab.BlockTridiagonalKFAC`; ``KFAC(structure="block_tridiagonal")``
 builds one.
+
+With ``recurrent="independent"`` or ``"series"`` each affine map of an ``nn.RNN``/``nn.LSTM``/
+``nn.GRU`` is a layer of its own (a :class:`~curvlab.extraction.recurrent.RecurrentAffine`
+view) whose statistics come from a :class:`~curvlab.extraction.RecurrentStatistics`
+request; a series map's block is the temporal model of :mod:`curvlab.linalg.kron_series`
+(concepts/recurrent.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -19,22 +26,36 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import NamedTensor
+from curvlab.curvature.base import BatchResult, Layer, NamedTensor
 from curvlab.curvature.kronecker.factored import (
     BlockDiagonalKronecker,
     KroneckerFactors,
     LayerSpec,
     _as_matrix,
+    _unused_layer_batch,
     check_dtype,
 )
 from curvlab.curvature.kronecker.tridiagonal import BlockTridiagonalKFAC
+from curvlab.extraction import KroneckerBatch, KroneckerStatistics, Request
 from curvlab.extraction import layers as layer_rules
+from curvlab.extraction import recurrent as rnn_rules
+from curvlab.extraction.requests import RecurrentStatistics
 from curvlab.registry import register
 
 DAMPING_MODES = ("exact", "factored")
 STRUCTURES = ("block_diagonal", "block_tridiagonal")
+#: Settings of ``KFAC(recurrent=...)`` (concepts/recurrent.md).
+RECURRENT_MODES = ("diagonal", "independent", "series")
 
-__all__ = ["DAMPING_MODES", "KFAC", "KFC", "STRUCTURES", "KroneckerFactors", "LayerSpec"]
+__all__ = [
+    "DAMPING_MODES",
+    "KFAC",
+    "KFC",
+    "RECURRENT_MODES",
+    "STRUCTURES",
+    "KroneckerFactors",
+    "LayerSpec",
+]
 
 
 class _LayerEigen(NamedTuple):
@@ -85,6 +106,19 @@ class KFAC(BlockDiagonalKronecker):
             (curvlinops' ``separate_weight_and_bias``, what laplace-torch's ``Kron``
             uses): the joint ``A`` with its weight–bias cross entries set to zero, so its
             eigenvalues are ``A_w``'s and the homogeneous corner ``a``.
+        recurrent: the blocks of ``nn.RNN``/``nn.LSTM``/``nn.GRU`` weights
+            (concepts/recurrent.md): ``"diagonal"`` (default; the exact diagonal of the
+            Fisher, as for any parameter without a Kronecker rule), ``"independent"``
+            (Martens, Ba & Johnson's independent time steps: per layer and direction one
+            ``kron(G, A)`` block for ``[W_ih | b_ih]`` over the inputs ``x_t`` and one for
+            ``[W_hh | b_hh]`` over ``h_{t-1}``, ``G`` over all gates' pre-activation
+            gradients, summed over the time steps) or ``"series"`` (their temporal model,
+            option 1: the same factors plus lag-one factors, the block
+            ``V_0^{1/2} ζ_T(Ψ) V_0^{1/2}``; its ``solve`` damps the zero-lag factors as
+            ``damping_mode="factored"`` does, whatever ``damping_mode``, which then applies
+            to the other layers). Both Kronecker settings replay the recurrence with plain
+            torch operations (an extra forward and backward pass per batch); ``kfac_approx``
+            does not apply to them (time steps always "expand").
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
@@ -100,6 +134,11 @@ class KFAC(BlockDiagonalKronecker):
                 f"{cls.__name__}: structure='block_tridiagonal' uses factored damping of the "
                 "diagonal factors (concepts/block_tridiagonal.md#the-math); "
                 f"damping_mode={damping_mode!r} is not defined for it."
+            )
+        if options.pop("recurrent", "diagonal") != "diagonal":
+            raise ValueError(
+                f"{cls.__name__}: recurrent Kronecker blocks are defined for the "
+                "block-diagonal structure only; pass recurrent='diagonal'."
             )
         if options.pop("separate_bias", False):
             raise ValueError(
@@ -130,8 +169,18 @@ class KFAC(BlockDiagonalKronecker):
         separate_bias: bool = False,
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype | None = None,
+        recurrent: str = "diagonal",
     ) -> None:
         owner = type(self).__name__
+        if recurrent not in RECURRENT_MODES:
+            raise ValueError(
+                f"{owner}: unknown recurrent {recurrent!r}; choose one of {RECURRENT_MODES}."
+            )
+        self.recurrent = recurrent
+        # per recurrent map (by layer index): lag-one sums [a_lag, lag_count, g_lag, sequences]
+        self._lag: dict[int, list[Any]] = {}
+        self._lag_loaded: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._series: dict[int, tuple[float, linalg.SeriesBasis]] = {}
         self.inverse_dtype = check_dtype(inverse_dtype, "inverse_dtype", owner)
         damping_mode = "exact" if damping_mode is None else damping_mode
         for value, allowed, arg in (
@@ -165,6 +214,217 @@ class KFAC(BlockDiagonalKronecker):
     def _invalidate(self) -> None:
         self._eigen = None
         self._inverses = None
+        self._series = {}
+
+    # --- recurrent modules (concepts/recurrent.md) ------------------------------------------
+
+    def _split_layer(self, layer: Layer) -> list[Layer] | None:
+        module = layer.module
+        if self.recurrent == "diagonal" or not isinstance(module, rnn_rules.RECURRENT_TYPES):
+            return None
+        owner = type(self).__name__
+        rnn_rules.check_recurrent(module, layer.name, owner)
+        own = dict(module.named_parameters(recurse=False))
+        if any(not p.requires_grad for p in own.values()) or any(
+            id(p) in self._tied for p in own.values()
+        ):
+            raise ValueError(
+                f"{owner}: module '{layer.name}' ({type(module).__name__}) has frozen or tied "
+                f"parameters; recurrent={self.recurrent!r} needs all of its weights "
+                "trainable and its own. Pass recurrent='diagonal' or exclude=['"
+                + layer.name
+                + "']."
+            )
+        prefix = f"{layer.name}." if layer.name else ""
+        return [
+            Layer(
+                name=prefix + m.block,
+                module=m,
+                params=tuple(p for p in (m.weight, m.bias) if p is not None),
+                param_names=tuple(prefix + n for n in m.parameter_names()),
+            )
+            for m in rnn_rules.affine_maps(module)  # type: ignore[arg-type]
+        ]
+
+    def _is_recurrent(self, k: int) -> bool:
+        return isinstance(self.layers[k].module, rnn_rules.RecurrentAffine)
+
+    def _is_series(self, k: int) -> bool:
+        return self.recurrent == "series" and self._is_recurrent(k)
+
+    def _recurrent_modules(self) -> dict[str, nn.Module]:
+        """The recurrent modules with Kronecker blocks, by name."""
+        found: dict[str, nn.Module] = {}
+        for layer in self.layers:
+            if isinstance(layer.module, rnn_rules.RecurrentAffine):
+                found[layer.name.rpartition(".")[0]] = layer.module.rnn
+        return found
+
+    def _recurrent_request(self) -> RecurrentStatistics:
+        modules = self._recurrent_modules()
+        return RecurrentStatistics(
+            self.fisher_type,
+            tuple(modules.values()),
+            names=tuple(name or "<model>" for name in modules),
+            mc_samples=self.mc_samples,
+            lagged=self.recurrent == "series",
+            sample_fraction=self.statistics_fraction,
+        )
+
+    def _kronecker_request(self) -> KroneckerStatistics:
+        request = super()._kronecker_request()
+        modules = tuple(m for m in request.modules if not isinstance(m, rnn_rules.RecurrentAffine))
+        return dataclasses.replace(request, modules=modules)
+
+    def _requests(self) -> list[Request]:
+        requests = super()._requests()
+        if self._recurrent_modules():
+            requests.append(self._recurrent_request())
+        return requests
+
+    def _recurrent_batch(self, result: BatchResult, module: rnn_rules.RecurrentAffine) -> Any:
+        request = self._recurrent_request()
+        return result.recurrent.get(request.key, {}).get(id(module.rnn), {}).get(module.block)
+
+    def _layer_batch(
+        self, result: BatchResult, request: KroneckerStatistics, layer: Layer
+    ) -> KroneckerBatch:
+        module = layer.module
+        if not isinstance(module, rnn_rules.RecurrentAffine):
+            return super()._layer_batch(result, request, layer)
+        found = self._recurrent_batch(result, module)
+        return _unused_layer_batch(module) if found is None else found.kron
+
+    def _accumulate(self, result: BatchResult, weight: float) -> None:
+        super()._accumulate(result, weight)
+        if self.recurrent != "series":
+            return
+        for k, layer in enumerate(self.layers):
+            if not isinstance(layer.module, rnn_rules.RecurrentAffine):
+                continue
+            found = self._recurrent_batch(result, layer.module)
+            if found is None:
+                continue
+            a_lag = self._in_factor_dtype(found.a_lag)
+            g_lag = self._in_factor_dtype(found.g_lag) * weight
+            old = self._lag.get(k)
+            if old is None:
+                self._lag[k] = [a_lag, found.lag_count, g_lag, found.sequences]
+            else:
+                self._lag[k] = [
+                    old[0] + a_lag,
+                    old[1] + found.lag_count,
+                    old[2] + g_lag,
+                    old[3] + found.sequences,
+                ]
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._lag = {}
+        self._lag_loaded = {}
+
+    def _lag_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(A1, G1, T)`` of series map ``k``: the symmetrised lag-one factors (``A1`` per
+        step pair, ``G1`` on ``G``'s scale, summed over the steps) and the mean sequence
+        length; loaded statistics (a moving average) win until :meth:`reset`."""
+        if k in self._lag_loaded:
+            return self._lag_loaded[k]
+        lag = self._lag.get(k)
+        if lag is None or lag[1] == 0 or lag[3] == 0:
+            return None
+        a_lag, lag_count, g_lag, sequences = lag
+        steps = 1.0 + lag_count / sequences
+        a1 = a_lag / lag_count
+        g1 = g_lag / self._normalizer * (steps / (steps - 1.0))
+        return (a1 + a1.mT) / 2, (g1 + g1.mT) / 2, a_lag.new_tensor(steps)
+
+    def _series_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+        """``(G0, G1, A0, A1, T)`` of series map ``k`` (concepts/recurrent.md#the-series-model):
+        the zero-lag factors are the independent ones (``G0`` summed over the steps)."""
+        f = self._factor(k)
+        g0, a0 = self._in_inverse_dtype(f.G), self._in_inverse_dtype(f.A)
+        lag = self._lag_factors(k)
+        if lag is None:
+            return g0, torch.zeros_like(g0), a0, torch.zeros_like(a0), 1.0
+        a1, g1, steps = lag
+        return g0, self._in_inverse_dtype(g1), a0, self._in_inverse_dtype(a1), float(steps)
+
+    def _series_layers(self) -> list[int]:
+        return [k for k in range(len(self.layers)) if self._is_series(k)]
+
+    def _statistics(self) -> dict[str, Any]:
+        stats = super()._statistics()
+        if self._series_layers():
+            lags = []
+            for k in self._series_layers():
+                found = self._lag_factors(k)
+                if found is None:
+                    f = self._factor(k)
+                    found = (torch.zeros_like(f.A), torch.zeros_like(f.G), f.A.new_tensor(1.0))
+                lags.append(found)
+            stats["A1"] = [a for a, _, _ in lags]
+            stats["G1"] = [g for _, g, _ in lags]
+            stats["T"] = [t for _, _, t in lags]
+        return stats
+
+    def _load_statistics(self, stats: dict[str, Any]) -> None:
+        super()._load_statistics(stats)
+        if "A1" in stats:
+            self._lag_loaded = {
+                k: (a, g, t)
+                for k, a, g, t in zip(self._series_layers(), stats["A1"], stats["G1"], stats["T"])
+            }
+
+    def _series_basis(self, k: int, damping: float) -> linalg.SeriesBasis:
+        cached = self._series.get(k)
+        if cached is not None and cached[0] == damping:
+            return cached[1]
+        g0, g1, a0, a1, steps = self._series_factors(k)
+        if damping > 0.0:
+            g0, a0 = linalg.factored_damping(g0, a0, damping)
+        basis = linalg.series_basis(g0, g1, a0, a1, steps, name=self._layer_label(k))
+        self._series[k] = (damping, basis)
+        self.num_decompositions += 1
+        return basis
+
+    def _structure_sums(self) -> list[NamedTensor]:
+        sums = []
+        for k, lag in sorted(self._lag.items()):
+            label = self._layer_label(k)
+            sums.append(NamedTensor(f"{label} lag-one A", lag[0]))
+            sums.append(NamedTensor(f"{label} lag-one G", lag[2]))
+        return sums
+
+    def _load_structure_sums(self, sums: list[Tensor]) -> None:
+        for i, k in enumerate(sorted(self._lag)):
+            self._lag[k] = [sums[2 * i], self._lag[k][1], sums[2 * i + 1], self._lag[k][3]]
+
+    def _counts(self) -> list[float]:
+        counts = super()._counts()
+        for _, lag in sorted(self._lag.items()):
+            counts += [float(lag[1]), float(lag[3])]
+        return counts
+
+    def _load_counts(self, counts: list[float]) -> None:
+        super()._load_counts(counts)
+        rest = counts[len(self.layers) :]
+        for i, k in enumerate(sorted(self._lag)):
+            self._lag[k][1], self._lag[k][3] = round(rest[2 * i]), round(rest[2 * i + 1])
+
+    def _state(self) -> dict[str, Any]:
+        state = super()._state()
+        state["recurrent_lag"] = {k: list(v) for k, v in self._lag.items()}
+        state["recurrent_lag_loaded"] = dict(self._lag_loaded)
+        return state
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        lag = state.get("recurrent_lag", {})
+        self._lag = {
+            int(k): [v[0].clone(), int(v[1]), v[2].clone(), int(v[3])] for k, v in lag.items()
+        }
+        loaded = state.get("recurrent_lag_loaded", {})
+        self._lag_loaded = {int(k): tuple(t.clone() for t in v) for k, v in loaded.items()}
 
     def _layer_eigen(self, k: int) -> _LayerEigen:
         if self._eigen is None:
@@ -184,6 +444,10 @@ class KFAC(BlockDiagonalKronecker):
 
     def _matvec_layer(self, k: int, parts: list[Tensor]) -> list[Tensor]:
         layer, f = self.layers[k], self._factor(k)
+        if self._is_series(k):
+            basis = self._series_basis(k, 0.0)
+            out = linalg.series_matvec(basis, _as_matrix(layer, parts).to(basis.z.dtype))
+            return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
         mat = _as_matrix(layer, parts).to(f.G.dtype)
         out = linalg.kron_matvec(f.G, f.A, mat).to(parts[0].dtype)
         return layer_rules.from_matrix(layer.module, out)
@@ -191,6 +455,10 @@ class KFAC(BlockDiagonalKronecker):
     def _solve_layer(self, k: int, parts: list[Tensor], damping: float) -> list[Tensor]:
         """The block-diagonal damped solve of layer ``k`` (``parts``: its parameters)."""
         layer = self.layers[k]
+        if self._is_series(k):  # the series model damps its zero-lag factors
+            basis = self._series_basis(k, damping)
+            out = linalg.series_solve(basis, _as_matrix(layer, parts).to(basis.z.dtype))
+            return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
         if self.damping_mode == "factored":
             # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer
             inv_g, inv_a = self._layer_inverses(k, damping)
@@ -234,34 +502,56 @@ class KFAC(BlockDiagonalKronecker):
             )
 
     def _dense_layer(self, k: int) -> Tensor:
+        if self._is_series(k):
+            perm = layer_rules.parameter_order(self.layers[k].module)
+            return linalg.series_dense(self._series_basis(k, 0.0))[perm][:, perm]
         return self._kronecker_block(k)
 
     # --- closed forms (concepts/kronecker.md#kronecker-identities) --------------------------
 
     def _layer_spectra(self) -> list[Tensor]:
         """Per Kronecker layer, the eigenvalues ``d_G d_Aᵀ`` ``[D_out, D_in]``."""
-        return [
-            torch.outer(e.G.eigenvalues, e.A.eigenvalues)
-            for e in (self._layer_eigen(k) for k in range(len(self.layers)))
-        ]
+        spectra = []
+        for k in range(len(self.layers)):
+            if self._is_series(k):  # no closed form: the dense block's (small layers only)
+                values = torch.linalg.eigvalsh(self._dense_layer(k)).clamp(min=0.0)
+                spectra.append(
+                    values.reshape(layer_rules.weight_matrix_shape(self.layers[k].module))
+                )
+            else:
+                e = self._layer_eigen(k)
+                spectra.append(torch.outer(e.G.eigenvalues, e.A.eigenvalues))
+        return spectra
+
+    def _layer_diagonal_grid(self, k: int) -> Tensor:
+        """Layer ``k``'s block diagonal as a ``[D_out, D_in]`` grid of ``[W | b]``."""
+        if self._is_series(k):
+            return linalg.series_diagonal(self._series_basis(k, 0.0))
+        f = self._factor(k)
+        return torch.outer(torch.diagonal(f.G), torch.diagonal(f.A))
 
     def _trace(self) -> Tensor:
-        parts = [torch.trace(f.G) * torch.trace(f.A) for f in self.factors()]
+        parts = [self._layer_diagonal_grid(k).sum() for k in range(len(self.layers))]
         parts += [d.sum() for d in self._tail_diagonal()]
         return torch.stack(parts).sum()
 
     def _diagonal(self) -> Tensor:
         parts = []
-        for layer, f in zip(self.layers, self.factors()):
-            grid = torch.outer(torch.diagonal(f.G), torch.diagonal(f.A)).reshape(-1)
+        for k, layer in enumerate(self.layers):
+            grid = self._layer_diagonal_grid(k).reshape(-1)
             parts.append(grid[layer_rules.parameter_order(layer.module).to(grid.device)])
         return torch.cat(parts + self._tail_diagonal())
 
     def _frobenius_norm(self) -> Tensor:
-        squares = [
-            torch.linalg.matrix_norm(f.G) ** 2 * torch.linalg.matrix_norm(f.A) ** 2
-            for f in self.factors()
-        ]
+        squares = []
+        for k in range(len(self.layers)):
+            if self._is_series(k):
+                squares.append(linalg.series_frobenius_norm(self._series_basis(k, 0.0)) ** 2)
+            else:
+                f = self._factor(k)
+                squares.append(
+                    torch.linalg.matrix_norm(f.G) ** 2 * torch.linalg.matrix_norm(f.A) ** 2
+                )
         squares += [d.square().sum() for d in self._tail_diagonal()]
         return torch.stack(squares).sum().sqrt()
 
@@ -270,6 +560,9 @@ class KFAC(BlockDiagonalKronecker):
     def _decompose(self, index: int, damping: float) -> None:
         if self._is_diagonal_block(index):
             return  # nothing to factorise: (d + λ)⁻¹
+        if self._is_series(index):
+            self._series_basis(index, damping)
+            return
         if self.damping_mode == "factored":
             self._layer_inverses(index, damping)
         else:
@@ -279,6 +572,14 @@ class KFAC(BlockDiagonalKronecker):
         if self._is_diagonal_block(index):
             return []
         label = self._layer_label(index)
+        if self._is_series(index):
+            cached = self._series.get(index)
+            if cached is None or cached[0] != damping:
+                raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
+            return [
+                NamedTensor(f"{label} series {name}", t)
+                for name, t in zip(linalg.SeriesBasis._fields, cached[1])
+            ]
         if self.damping_mode == "factored":
             if self._inverses is None or self._inverses[0] != damping:
                 raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
@@ -301,6 +602,9 @@ class KFAC(BlockDiagonalKronecker):
 
     def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
         if self._is_diagonal_block(index):
+            return
+        if self._is_series(index):
+            self._series[index] = (damping, linalg.SeriesBasis(*tensors))
             return
         if self.damping_mode == "factored":
             if self._inverses is None or self._inverses[0] != damping:
