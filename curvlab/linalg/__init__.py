@@ -18,6 +18,7 @@ from .eigen import (
     SymmetricEigen,
     generalized_symeig,
     kron_eigen_damped_solve,
+    kron_eigen_diagonal_damped_solve,
     kron_eigen_matvec,
     symeig,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "kron_cholesky_solve",
     "kron_dense",
     "kron_eigen_damped_solve",
+    "kron_eigen_diagonal_damped_solve",
     "kron_eigen_matvec",
     "kron_frobenius_norm",
     "kron_logdet",

@@ -110,6 +110,7 @@ class EKFAC(BlockDiagonalKronecker):
 
     _keep_raw = True
     _per_row = True
+    _diagonal_factors = False  # the eigenbasis of A is a dense [D_in, D_in] matrix
 
     def _accumulate_layers(self, batches: list[KroneckerBatch], weight: float) -> None:
         super()._accumulate_layers(batches, weight)

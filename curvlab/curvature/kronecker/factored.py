@@ -85,9 +85,14 @@ APPROXIMATE_DIAGONAL = "diagonal (approximate: per-sample, BatchNorm couples the
 
 
 class KroneckerFactors(NamedTuple):
-    """A layer's factors: the block is ``kron(G, A)`` on the row-major ``[W | b]`` matrix."""
+    """A layer's factors: the block is ``kron(G, A)`` on the row-major ``[W | b]`` matrix.
 
-    A: Tensor  # [D_in(+1), D_in(+1)]
+    ``A`` is ``[D_in(+1), D_in(+1)]``, or its diagonal ``[D_in]`` where the input factor is
+    diagonal (one-hot inputs: ``nn.Embedding`` under expand, in the backends that keep it
+    so, concepts/kronecker.md#diagonal-input-factors); ``torch.diag(A)`` gives the matrix.
+    """
+
+    A: Tensor  # [D_in(+1), D_in(+1)], or [D_in] when diagonal
     G: Tensor  # [D_out, D_out]
 
 
@@ -123,6 +128,10 @@ class KroneckerFactored(Curvature):
     #: Whether it also delivers per-row weight gradients where the per-sample ones are not
     #: per-row (EKFAC's exact correction; concepts/models.md#rows-samples-and-exactness).
     _per_row: bool = False
+    #: Whether diagonal input factors (``nn.Embedding`` under expand) are kept, solved,
+    #: saved and all-reduced as vectors ``[D_in]``; otherwise they are made dense matrices
+    #: (structures that need a dense ``A``, e.g. its eigenvectors).
+    _diagonal_factors: bool = True
 
     def __init__(
         self,
@@ -303,7 +312,7 @@ class KroneckerFactored(Curvature):
         for layer in self.layers:
             found = result.kronecker.get(request.key, {}).get(id(layer.module))
             if found is None and not request.keep_raw:
-                found = _unused_layer_batch(layer.module)
+                found = _unused_layer_batch(layer.module, self.kfac_approx)
             if found is None:
                 found = result.kronecker_batch(request, layer.module, layer.name)  # raises
             batches.append(found)
@@ -314,13 +323,18 @@ class KroneckerFactored(Curvature):
             # Adopt the first batch's tensors without copying. A may be shared with other
             # backends of the same extract() and loaded statistics belong to the caller, so
             # nothing is modified in place until owned (copy-on-write); G is a fresh product.
-            self._a_sum = [self._in_factor_dtype(b.a_sum) for b in batches]
+            self._a_sum = [
+                self._a_layout(k, self._in_factor_dtype(b.a_sum)) for k, b in enumerate(batches)
+            ]
             self._g_sum = [self._in_factor_dtype(b.g) * weight for b in batches]
             self._a_count = [b.count for b in batches]
             self._owned = False
             return
         for k, batch in enumerate(batches):
-            a, g = self._in_factor_dtype(batch.a_sum), self._in_factor_dtype(batch.g)
+            a, g = (
+                self._a_layout(k, self._in_factor_dtype(batch.a_sum)),
+                self._in_factor_dtype(batch.g),
+            )
             if self._owned:
                 self._a_sum[k].add_(a)
                 self._g_sum[k].add_(g, alpha=weight)
@@ -332,6 +346,21 @@ class KroneckerFactored(Curvature):
 
     def _in_factor_dtype(self, t: Tensor) -> Tensor:
         return t if self.factor_dtype is None else t.to(self.factor_dtype)
+
+    def _is_diagonal_factor(self, k: int) -> bool:
+        """Whether layer ``k``'s input factor is kept as its diagonal ``[D_in]``."""
+        return self._diagonal_factors and layer_rules.diagonal_input(
+            self.layers[k].module, self.kfac_approx
+        )
+
+    def _a_layout(self, k: int, a: Tensor) -> Tensor:
+        """``a`` (a sum of layer ``k``'s input factor, as a matrix or a diagonal) in the
+        layout this backend keeps: the diagonal ``[D_in]`` where
+        :meth:`_is_diagonal_factor`, else a matrix (an old checkpoint's dense diagonal
+        factor is reduced to its diagonal, which holds all of it)."""
+        if self._is_diagonal_factor(k):
+            return torch.diagonal(a) if a.ndim == 2 else a
+        return torch.diag(a) if a.ndim == 1 else a
 
     def _reset(self) -> None:
         self._a_sum = self._g_sum = None
@@ -374,7 +403,11 @@ class KroneckerFactored(Curvature):
     def _factor(self, k: int) -> KroneckerFactors:
         assert self._a_sum is not None and self._g_sum is not None
         a = self._a_sum[k] / max(self._a_count[k], 1)  # a layer never called: zero
-        if self.separate_bias and layer_rules.has_trainable_bias(self.layers[k].module):
+        if (
+            self.separate_bias
+            and a.ndim == 2
+            and layer_rules.has_trainable_bias(self.layers[k].module)
+        ):
             cross = torch.ones_like(a, dtype=torch.bool)
             cross[:-1, :-1] = False
             cross[-1, -1] = False
@@ -396,7 +429,8 @@ class KroneckerFactored(Curvature):
         """Layer ``k``'s ``kron(G, A)`` in the ``[vec(W), b]`` order (dense; small models)."""
         f = self._factor(k)
         perm = layer_rules.parameter_order(self.layers[k].module)
-        return linalg.kron_dense(f.G, f.A)[perm][:, perm]
+        a = torch.diag(f.A) if f.A.ndim == 1 else f.A
+        return linalg.kron_dense(f.G, a)[perm][:, perm]
 
     def _tail(self, v: Vector) -> Vector:
         """The entries of ``v`` for the diagonal blocks (after the Kronecker layers)."""
@@ -418,7 +452,8 @@ class KroneckerFactored(Curvature):
         sums = []
         for k, (a, g) in enumerate(zip(self._a_sum or [], self._g_sum or [])):
             label = self._layer_label(k)
-            sums.append(NamedTensor(f"{label} A", a, "symmetric"))
+            # a diagonal factor travels as its vector
+            sums.append(NamedTensor(f"{label} A", a, "symmetric" if a.ndim == 2 else "general"))
             sums.append(NamedTensor(f"{label} G", g, "symmetric"))
         return sums
 
@@ -484,6 +519,7 @@ class KroneckerFactored(Curvature):
                     f"{type(self).__name__}: factor sizes {got} do not match this model's "
                     f"layers {expected}."
                 )
+            a_sum = [self._a_layout(k, a) for k, a in enumerate(a_sum)]
         self._a_sum, self._g_sum, self._a_count = a_sum, g_sum, a_count
         self._owned = False
 
@@ -632,10 +668,11 @@ def _as_matrix(layer: Layer, parts: list[Tensor]) -> Tensor:
     return layer_rules.to_matrix(layer.module, parts[0], bias)
 
 
-def _unused_layer_batch(module: nn.Module) -> KroneckerBatch:
+def _unused_layer_batch(module: nn.Module, kfac_approx: str) -> KroneckerBatch:
     """Zero statistics (no samples) of a layer the batch's forward pass did not call."""
     d_out, d_in = layer_rules.weight_matrix_shape(module)
     weight: Tensor = module.weight  # type: ignore[assignment]
     dtype = layer_rules.statistics_dtype(weight.detach()[:0]).dtype
     zeros = functools.partial(torch.zeros, dtype=dtype, device=weight.device)
-    return KroneckerBatch(a_sum=zeros(d_in, d_in), count=0, g=zeros(d_out, d_out))
+    a_shape = (d_in,) if layer_rules.diagonal_input(module, kfac_approx) else (d_in, d_in)
+    return KroneckerBatch(a_sum=zeros(*a_shape), count=0, g=zeros(d_out, d_out))

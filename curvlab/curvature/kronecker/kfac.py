@@ -39,7 +39,8 @@ __all__ = ["DAMPING_MODES", "KFAC", "KFC", "STRUCTURES", "KroneckerFactors", "La
 
 class _LayerEigen(NamedTuple):
     G: linalg.SymmetricEigen
-    A: linalg.SymmetricEigen
+    #: a diagonal input factor is its own eigendecomposition: the (clamped) diagonal ``[D_in]``
+    A: linalg.SymmetricEigen | Tensor
 
 
 @register("kfac")
@@ -172,9 +173,10 @@ class KFAC(BlockDiagonalKronecker):
         eig = self._eigen[k]
         if eig is None:
             f = self._factor(k)
+            a = self._in_inverse_dtype(f.A)
             eig = _LayerEigen(
                 G=_psd_eig(self._in_inverse_dtype(f.G), f"{self._layer_label(k)} G"),
-                A=_psd_eig(self._in_inverse_dtype(f.A), f"{self._layer_label(k)} A"),
+                A=a.clamp(min=0.0) if a.ndim == 1 else _psd_eig(a, f"{self._layer_label(k)} A"),
             )
             self._eigen[k] = eig
             self.num_decompositions += 1
@@ -192,15 +194,18 @@ class KFAC(BlockDiagonalKronecker):
         """The block-diagonal damped solve of layer ``k`` (``parts``: its parameters)."""
         layer = self.layers[k]
         if self.damping_mode == "factored":
-            # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer
+            # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer (a diagonal A: a scaling)
             inv_g, inv_a = self._layer_inverses(k, damping)
-            out = inv_g @ _as_matrix(layer, parts).to(inv_g.dtype) @ inv_a
+            out = linalg.kron_matvec(inv_g, inv_a, _as_matrix(layer, parts).to(inv_g.dtype))
             return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
         eig = self._layer_eigen(k)
         mat = _as_matrix(layer, parts).to(eig.G.eigenvalues.dtype)
         if damping == 0.0:
-            self._check_invertible(k, eig.G, eig.A)
-        out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
+            self._check_invertible(k, eig.G.eigenvalues, _eigenvalues(eig.A))
+        if isinstance(eig.A, Tensor):  # diagonal A: O(D_out² D_in), no [D_in, D_in] matrix
+            out = linalg.kron_eigen_diagonal_damped_solve(eig.G, eig.A, mat, damping)
+        else:
+            out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
         return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
 
     def _layer_inverses(self, k: int, damping: float) -> tuple[Tensor, Tensor]:
@@ -215,18 +220,18 @@ class KFAC(BlockDiagonalKronecker):
             label = self._layer_label(k)
             cached = (
                 _spd_inverse(damped_g, f"{label} G + γ/π I"),
-                _spd_inverse(damped_a, f"{label} A + πγ I"),
+                _diagonal_inverse(damped_a, f"{label} A + πγ I")
+                if damped_a.ndim == 1
+                else _spd_inverse(damped_a, f"{label} A + πγ I"),
             )
             self._inverses[1][k] = cached
             self.num_decompositions += 1
         return cached
 
-    def _check_invertible(
-        self, k: int, eig_g: linalg.SymmetricEigen, eig_a: linalg.SymmetricEigen
-    ) -> None:
-        smallest = eig_g.eigenvalues[0] * eig_a.eigenvalues[0]
-        largest = eig_g.eigenvalues[-1] * eig_a.eigenvalues[-1]
-        tiny = torch.finfo(eig_g.eigenvalues.dtype).eps * largest
+    def _check_invertible(self, k: int, d_g: Tensor, d_a: Tensor) -> None:
+        smallest = d_g.min() * d_a.min()
+        largest = d_g.max() * d_a.max()
+        tiny = torch.finfo(d_g.dtype).eps * largest
         if not bool(smallest > tiny):
             raise linalg.LinAlgError(
                 f"{type(self).__name__}.solve: {self._layer_label(k)} kron(G, A) is singular "
@@ -241,25 +246,25 @@ class KFAC(BlockDiagonalKronecker):
     def _layer_spectra(self) -> list[Tensor]:
         """Per Kronecker layer, the eigenvalues ``d_G d_Aᵀ`` ``[D_out, D_in]``."""
         return [
-            torch.outer(e.G.eigenvalues, e.A.eigenvalues)
+            torch.outer(e.G.eigenvalues, _eigenvalues(e.A))
             for e in (self._layer_eigen(k) for k in range(len(self.layers)))
         ]
 
     def _trace(self) -> Tensor:
-        parts = [torch.trace(f.G) * torch.trace(f.A) for f in self.factors()]
+        parts = [torch.trace(f.G) * _diag_of(f.A).sum() for f in self.factors()]
         parts += [d.sum() for d in self._tail_diagonal()]
         return torch.stack(parts).sum()
 
     def _diagonal(self) -> Tensor:
         parts = []
         for layer, f in zip(self.layers, self.factors()):
-            grid = torch.outer(torch.diagonal(f.G), torch.diagonal(f.A)).reshape(-1)
+            grid = torch.outer(torch.diagonal(f.G), _diag_of(f.A)).reshape(-1)
             parts.append(grid[layer_rules.parameter_order(layer.module).to(grid.device)])
         return torch.cat(parts + self._tail_diagonal())
 
     def _frobenius_norm(self) -> Tensor:
         squares = [
-            torch.linalg.matrix_norm(f.G) ** 2 * torch.linalg.matrix_norm(f.A) ** 2
+            torch.linalg.matrix_norm(f.G) ** 2 * torch.linalg.vector_norm(f.A) ** 2
             for f in self.factors()
         ]
         squares += [d.square().sum() for d in self._tail_diagonal()]
@@ -287,14 +292,23 @@ class KFAC(BlockDiagonalKronecker):
                 raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
             return [
                 NamedTensor(f"{label} (G + γ/π I)⁻¹", pair[0], "symmetric"),
-                NamedTensor(f"{label} (A + πγ I)⁻¹", pair[1], "symmetric"),
+                NamedTensor(
+                    f"{label} (A + πγ I)⁻¹",
+                    pair[1],
+                    "symmetric" if pair[1].ndim == 2 else "general",
+                ),
             ]
         eig = None if self._eigen is None else self._eigen[index]
         if eig is None:
             raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
-        return [
+        g_parts = [
             NamedTensor(f"{label} G eigenvalues", eig.G.eigenvalues),
             NamedTensor(f"{label} G eigenvectors", eig.G.eigenvectors),
+        ]
+        if isinstance(eig.A, Tensor):  # a diagonal A: its diagonal alone
+            return [*g_parts, NamedTensor(f"{label} A (diagonal)", eig.A)]
+        return [
+            *g_parts,
             NamedTensor(f"{label} A eigenvalues", eig.A.eigenvalues),
             NamedTensor(f"{label} A eigenvectors", eig.A.eigenvectors),
         ]
@@ -311,7 +325,9 @@ class KFAC(BlockDiagonalKronecker):
                 self._eigen = [None] * len(self.layers)
             self._eigen[index] = _LayerEigen(
                 G=linalg.SymmetricEigen(tensors[0], tensors[1]),
-                A=linalg.SymmetricEigen(tensors[2], tensors[3]),
+                A=tensors[2]
+                if len(tensors) == 3
+                else linalg.SymmetricEigen(tensors[2], tensors[3]),
             )
 
 
@@ -332,6 +348,26 @@ def _psd_eig(M: Tensor, name: str) -> linalg.SymmetricEigen:
     # The factors are PSD by construction; negative eigenvalues are rounding and are clamped.
     d, q = linalg.symeig(M, name=name)
     return linalg.SymmetricEigen(d.clamp(min=0.0), q)
+
+
+def _eigenvalues(eig: linalg.SymmetricEigen | Tensor) -> Tensor:
+    """A factor's eigenvalues (a diagonal factor's: its diagonal, unsorted)."""
+    return eig if isinstance(eig, Tensor) else eig.eigenvalues
+
+
+def _diag_of(A: Tensor) -> Tensor:
+    """The diagonal of a factor kept as a matrix or as its diagonal."""
+    return A if A.ndim == 1 else torch.diagonal(A)
+
+
+def _diagonal_inverse(a: Tensor, name: str) -> Tensor:
+    """``1/a`` of a damped diagonal factor (clear error where an entry is not positive)."""
+    if not bool((a > 0).all()):
+        raise linalg.LinAlgError(
+            f"{name} (diagonal [{a.shape[0]}]) is not positive definite: smallest entry "
+            f"{float(a.min()):.3g}; use damping > 0."
+        )
+    return 1.0 / a
 
 
 def _spd_inverse(M: Tensor, name: str) -> Tensor:
