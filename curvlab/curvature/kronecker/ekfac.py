@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import NamedTensor
+from curvlab.curvature.base import LayerMemory, NamedTensor
 from curvlab.curvature.kronecker.factored import (
     BlockDiagonalKronecker,
     KroneckerFactors,
@@ -207,6 +207,15 @@ class EKFAC(BlockDiagonalKronecker):
         mat = _as_matrix(layer, parts).to(s.dtype)
         out = q_g @ transform(q_g.T @ mat @ q_a, s) @ q_a.T
         return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
+
+    def _layer_memory(self, k: int) -> LayerMemory:
+        """The factor sums and ``S*`` ``[D_out, D_in]``; the eigenbasis ``(Q_G, Q_A)``."""
+        a_numel, g_numel = self._factor_numel(k)
+        d_out, d_in = layer_rules.weight_matrix_shape(self.layers[k].module)
+        itemsize = self._factor_itemsize(k)
+        return LayerMemory(
+            (a_numel + g_numel + d_out * d_in) * itemsize, (a_numel + g_numel) * itemsize
+        )
 
     def _matvec_layer(self, k: int, parts: list[Tensor]) -> list[Tensor]:
         return self._apply_layer(k, parts, lambda x, s: x * s)

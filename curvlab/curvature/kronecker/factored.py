@@ -62,6 +62,8 @@ from curvlab.curvature.base import (
     Curvature,
     DecompositionBlock,
     Layer,
+    LayerMemory,
+    MemoryEstimate,
     NamedTensor,
     Vector,
     find_layers,
@@ -413,6 +415,29 @@ class KroneckerFactored(Curvature):
             cross[-1, -1] = False
             a = a.masked_fill(cross, 0.0)  # separate blocks: no weight–bias cross terms
         return KroneckerFactors(A=a, G=self._g_sum[k] / self._normalizer)
+
+    # --- memory ------------------------------------------------------------------------
+
+    def _memory_estimate(self) -> MemoryEstimate:
+        layers = {self._layer_label(k): self._layer_memory(k) for k in range(len(self.layers))}
+        layers.update(self._diag().memory())
+        return MemoryEstimate(layers)
+
+    def _factor_itemsize(self, k: int) -> int:
+        """Bytes per entry of layer ``k``'s factors (``factor_dtype``, else the statistics')."""
+        if self.factor_dtype is not None:
+            return self.factor_dtype.itemsize
+        weight: Tensor = self.layers[k].module.weight  # type: ignore[assignment]
+        return layer_rules.statistics_dtype(weight.detach()[:0]).element_size()
+
+    def _factor_numel(self, k: int) -> tuple[int, int]:
+        """Entries of layer ``k``'s ``(A, G)`` sums as kept (a diagonal ``A``: ``D_in``)."""
+        d_out, d_in = layer_rules.weight_matrix_shape(self.layers[k].module)
+        return (d_in if self._is_diagonal_factor(k) else d_in * d_in), d_out * d_out
+
+    def _layer_memory(self, k: int) -> LayerMemory:
+        """Layer ``k``'s bytes: the factor sums; subclasses add what they keep."""
+        return LayerMemory(sum(self._factor_numel(k)) * self._factor_itemsize(k), 0)
 
     # --- products ----------------------------------------------------------------------
 

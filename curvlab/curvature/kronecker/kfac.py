@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import NamedTensor
+from curvlab.curvature.base import LayerMemory, NamedTensor
 from curvlab.curvature.kronecker.factored import (
     BlockDiagonalKronecker,
     KroneckerFactors,
@@ -181,6 +181,24 @@ class KFAC(BlockDiagonalKronecker):
             self._eigen[k] = eig
             self.num_decompositions += 1
         return eig
+
+    def _layer_memory(self, k: int) -> LayerMemory:
+        """The factor sums, and per solve the eigenpairs of ``G`` and ``A`` (``"exact"``;
+        a diagonal ``A``: its clamped diagonal) or the two damped inverses (``"factored"``)
+        in ``inverse_dtype``."""
+        factors = super()._layer_memory(k).factors
+        d_out, d_in = layer_rules.weight_matrix_shape(self.layers[k].module)
+        a_numel, g_numel = self._factor_numel(k)
+        if self.damping_mode == "factored":
+            numel = g_numel + a_numel
+        else:
+            numel = d_out + g_numel + (d_in if self._is_diagonal_factor(k) else d_in + a_numel)
+        itemsize = (
+            self.inverse_dtype.itemsize
+            if self.inverse_dtype is not None
+            else self._factor_itemsize(k)
+        )
+        return LayerMemory(factors, numel * itemsize)
 
     # --- one layer's block ---------------------------------------------------------------
 
