@@ -326,6 +326,16 @@ def output_factor(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
     return flat @ flat.T
 
 
+def output_factor_columns(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
+    """Columns ``C`` ``[D_out, M]`` with ``C Cᵀ`` = :func:`output_factor` (the factor in
+    low-rank form: one column per backpropagated column, sample and, for expand,
+    position)."""
+    cols = layer_columns(module, grad)  # [K, N, T, D_out]
+    if kfac_approx == "reduce":
+        cols = cols.sum(dim=2)
+    return cols.movedim(-1, 0).reshape(cols.shape[-1], -1)
+
+
 def _transposed(module: nn.Module) -> bool:
     rule = KRONECKER_RULES.get(type(module))
     return rule is not None and rule.transposed

@@ -43,9 +43,11 @@ from .kron import (
     kron_trace,
 )
 from .kron_sum import KronSumInverse, kron_sum_solve
+from .low_rank import DiagonalPlusLowRank, low_rank_update
 from .polar import orthogonalize
 
 __all__ = [
+    "DiagonalPlusLowRank",
     "Estimate",
     "GeneralizedEigen",
     "KronSumInverse",
@@ -74,6 +76,7 @@ __all__ = [
     "kron_trace",
     "lanczos",
     "lanczos_eigenvalues",
+    "low_rank_update",
     "orthogonalize",
     "pi_correction",
     "spectral_density",

@@ -34,7 +34,7 @@ add up to the union's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,6 +69,10 @@ class EKFAC(BlockDiagonalKronecker):
             held then — the preconditioner's moving average — instead of keeping the first
             batch's basis for good (George et al. recompute it periodically). ``None``:
             keep it. ``S*`` restarts in the new basis.
+        output_factor: ``"auto"`` (default) or ``"dense"``, or a dict from module names to
+            them. EKFAC needs ``G``'s eigenvectors, so it has no structured output factor:
+            a layer with ``STRUCTURED_OUTPUT_THRESHOLD`` outputs or more, where ``"auto"``
+            would pick one, is refused (``ValueError`` naming it) unless it is ``"dense"``.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class EKFAC(BlockDiagonalKronecker):
         refit_every: int | None = None,
         strict: bool = False,
         engine: str = "auto",
+        output_factor: str | Mapping[str, str] = "auto",
     ) -> None:
         if refit_every is not None and (
             isinstance(refit_every, bool) or not isinstance(refit_every, int) or refit_every < 1
@@ -100,6 +105,7 @@ class EKFAC(BlockDiagonalKronecker):
             exclude=exclude,
             strict=strict,
             engine=engine,
+            output_factor=output_factor,
         )
         self._basis: list[tuple[Tensor, Tensor]] | None = None  # (Q_G, Q_A) per layer
         self._basis_id = 0  # increases with every new basis (statistics() carries it)
@@ -111,6 +117,7 @@ class EKFAC(BlockDiagonalKronecker):
     _keep_raw = True
     _per_row = True
     _diagonal_factors = False  # the eigenbasis of A is a dense [D_in, D_in] matrix
+    _structured_output = False  # nor can G's eigenbasis come from a structured G
 
     def _accumulate_layers(self, batches: list[KroneckerBatch], weight: float) -> None:
         super()._accumulate_layers(batches, weight)

@@ -12,7 +12,7 @@ builds one.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -86,6 +86,15 @@ class KFAC(BlockDiagonalKronecker):
             (curvlinops' ``separate_weight_and_bias``, what laplace-torch's ``Kron``
             uses): the joint ``A`` with its weight–bias cross entries set to zero, so its
             eigenvalues are ``A_w``'s and the homogeneous corner ``a``.
+        output_factor: how each layer keeps ``G``: ``"dense"`` (``[D_out, D_out]``),
+            ``"structured"`` (diagonal plus rank ``output_rank``, for vocabulary-sized
+            output layers; concepts/kronecker.md#vocabulary-sized-output-layers) or
+            ``"auto"`` (default: structured from
+            :data:`~curvlab.curvature.kronecker.factored.STRUCTURED_OUTPUT_THRESHOLD`
+            outputs on); a dict from module names (or glob patterns) to these overrides
+            single layers, the others being ``"auto"``. A structured layer needs damping
+            > 0, is served by the hooks engine, and has no ``logdet``/``eigenvalues``.
+        output_rank: the rank of a structured ``G``'s low-rank part.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
@@ -101,6 +110,12 @@ class KFAC(BlockDiagonalKronecker):
                 f"{cls.__name__}: structure='block_tridiagonal' uses factored damping of the "
                 "diagonal factors (concepts/block_tridiagonal.md#the-math); "
                 f"damping_mode={damping_mode!r} is not defined for it."
+            )
+        options.pop("output_rank", None)
+        if options.pop("output_factor", "auto") != "auto":
+            raise ValueError(
+                f"{cls.__name__}: output_factor is defined for the block-diagonal structure "
+                "only (the block-tridiagonal one keeps dense factors)."
             )
         if options.pop("separate_bias", False):
             raise ValueError(
@@ -131,6 +146,8 @@ class KFAC(BlockDiagonalKronecker):
         separate_bias: bool = False,
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype | None = None,
+        output_factor: str | Mapping[str, str] = "auto",
+        output_rank: int = 64,
     ) -> None:
         owner = type(self).__name__
         self.inverse_dtype = check_dtype(inverse_dtype, "inverse_dtype", owner)
@@ -156,8 +173,12 @@ class KFAC(BlockDiagonalKronecker):
             statistics_fraction=statistics_fraction,
             separate_bias=separate_bias,
             factor_dtype=factor_dtype,
+            output_factor=output_factor,
+            output_rank=output_rank,
         )
         self._eigen: list[_LayerEigen | None] | None = None  # per layer, computed lazily
+        #: per structured layer, (damping, A's eigenpairs or damped inverse, capacitances)
+        self._structured_cache: dict[int, tuple[float, Any, Tensor]] = {}
         self._inverses: tuple[float, list[tuple[Tensor, Tensor] | None]] | None = None
 
     def _in_inverse_dtype(self, t: Tensor) -> Tensor:
@@ -166,8 +187,16 @@ class KFAC(BlockDiagonalKronecker):
     def _invalidate(self) -> None:
         self._eigen = None
         self._inverses = None
+        self._structured_cache = {}
 
     def _layer_eigen(self, k: int) -> _LayerEigen:
+        if self._is_structured(k):
+            raise NotImplementedError(
+                f"{type(self).__name__}: {self._layer_label(k)} has a structured output "
+                "factor, whose eigendecomposition is not formed (logdet, eigenvalues and "
+                "eigenbases need it). Pass output_factor={'" + self.layers[k].name + "': "
+                "'dense'} where the dense G fits."
+            )
         if self._eigen is None:
             self._eigen = [None] * len(self.layers)
         eig = self._eigen[k]
@@ -189,7 +218,15 @@ class KFAC(BlockDiagonalKronecker):
         factors = super()._layer_memory(k).factors
         d_out, d_in = layer_rules.weight_matrix_shape(self.layers[k].module)
         a_numel, g_numel = self._factor_numel(k)
-        if self.damping_mode == "factored":
+        r = self.output_rank
+        if self._is_structured(k):  # A's eigenpairs (or inverse) and r×r capacitances
+            if self.damping_mode == "factored":
+                numel = a_numel + r * r
+            elif self._is_diagonal_factor(k):
+                numel = d_in + d_in * r * r
+            else:
+                numel = d_in + a_numel + d_in * r * r
+        elif self.damping_mode == "factored":
             numel = g_numel + a_numel
         else:
             numel = d_out + g_numel + (d_in if self._is_diagonal_factor(k) else d_in + a_numel)
@@ -204,6 +241,10 @@ class KFAC(BlockDiagonalKronecker):
 
     def _matvec_layer(self, k: int, parts: list[Tensor]) -> list[Tensor]:
         layer, f = self.layers[k], self._factor(k)
+        if isinstance(f.G, linalg.DiagonalPlusLowRank):  # G (V Aᵀ), G never dense
+            mat = _as_matrix(layer, parts).to(f.A.dtype)
+            right = mat * f.A if f.A.ndim == 1 else mat @ f.A.mT
+            return layer_rules.from_matrix(layer.module, f.G.matmul(right).to(parts[0].dtype))
         mat = _as_matrix(layer, parts).to(f.G.dtype)
         out = linalg.kron_matvec(f.G, f.A, mat).to(parts[0].dtype)
         return layer_rules.from_matrix(layer.module, out)
@@ -211,6 +252,8 @@ class KFAC(BlockDiagonalKronecker):
     def _solve_layer(self, k: int, parts: list[Tensor], damping: float) -> list[Tensor]:
         """The block-diagonal damped solve of layer ``k`` (``parts``: its parameters)."""
         layer = self.layers[k]
+        if self._is_structured(k):
+            return self._structured_solve(k, parts, damping)
         if self.damping_mode == "factored":
             # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer (a diagonal A: a scaling)
             inv_g, inv_a = self._layer_inverses(k, damping)
@@ -224,6 +267,66 @@ class KFAC(BlockDiagonalKronecker):
             out = linalg.kron_eigen_diagonal_damped_solve(eig.G, eig.A, mat, damping)
         else:
             out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
+        return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
+
+    def _structured_solve(self, k: int, parts: list[Tensor], damping: float) -> list[Tensor]:
+        """Layer ``k``'s damped solve with a structured ``G = D + U S Uᵀ``, never forming
+        ``[D_out, D_out]`` (concepts/kronecker.md#vocabulary-sized-output-layers).
+
+        exact: in ``A``'s eigenbasis column ``j`` solves ``(d_A[j] G + λ I) x = b`` by
+        Woodbury with the shift ``λ / d_A[j]`` (columns with ``d_A[j] = 0``: ``b / λ``),
+        ``O(D_out · r² · D_in)`` once per damping, then ``O(D_out · r · D_in)``;
+        factored: ``(G + γ/π I)⁻¹ V (A + πγ I)⁻¹``, one shift.
+        """
+        layer = self.layers[k]
+        if damping <= 0.0:
+            raise linalg.LinAlgError(
+                f"{type(self).__name__}.solve: {self._layer_label(k)} has a structured output "
+                "factor, which is solved with damping > 0 only."
+            )
+        f = self._factor(k)
+        G = f.G.to(self._in_inverse_dtype(f.G.d).dtype)
+        a = self._in_inverse_dtype(f.A)
+        mat = _as_matrix(layer, parts).to(G.d.dtype)
+        cached = self._structured_cache.get(k)
+        if self.damping_mode == "factored":
+            pi = linalg.pi_correction(torch.diag(G.diagonal()), a)
+            gamma = damping**0.5
+            shifts = (gamma / pi).reshape(1).to(G.d.dtype)
+            if cached is None or cached[0] != damping:
+                damped_a = (
+                    a + pi * gamma
+                    if a.ndim == 1
+                    else a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+                )
+                inv_a = (
+                    _diagonal_inverse(damped_a, f"{self._layer_label(k)} A + πγ I")
+                    if a.ndim == 1
+                    else _spd_inverse(damped_a, f"{self._layer_label(k)} A + πγ I")
+                )
+                cached = (damping, inv_a, G.capacitances(shifts))
+                self._structured_cache[k] = cached
+                self.num_decompositions += 1
+            inv_a, caps = cached[1], cached[2]
+            right = mat * inv_a if inv_a.ndim == 1 else mat @ inv_a
+            m = right.shape[1]
+            out = G.shifted_solve(right, shifts.expand(m), caps.expand(m, -1, -1))
+            return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
+        if cached is None or cached[0] != damping:
+            eig_a = a.clamp(min=0.0) if a.ndim == 1 else _psd_eig(a, f"{self._layer_label(k)} A")
+            d_a = _eigenvalues(eig_a)
+            shifts = damping / d_a.clamp(min=torch.finfo(d_a.dtype).tiny)
+            cached = (damping, eig_a, G.capacitances(shifts))
+            self._structured_cache[k] = cached
+            self.num_decompositions += 1
+        eig_a, caps = cached[1], cached[2]
+        d_a = _eigenvalues(eig_a)
+        rotated = mat if isinstance(eig_a, Tensor) else mat @ eig_a.eigenvectors  # [V, D_in]
+        positive = d_a > 0
+        shifts = damping / d_a.clamp(min=torch.finfo(d_a.dtype).tiny)
+        solved = G.shifted_solve(rotated / d_a.clamp(min=torch.finfo(d_a.dtype).tiny), shifts, caps)
+        solved = torch.where(positive, solved, rotated / damping)
+        out = solved if isinstance(eig_a, Tensor) else solved @ eig_a.eigenvectors.mT
         return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
 
     def _layer_inverses(self, k: int, damping: float) -> tuple[Tensor, Tensor]:
@@ -269,21 +372,20 @@ class KFAC(BlockDiagonalKronecker):
         ]
 
     def _trace(self) -> Tensor:
-        parts = [torch.trace(f.G) * _diag_of(f.A).sum() for f in self.factors()]
+        parts = [_diag_of(f.G).sum() * _diag_of(f.A).sum() for f in self.factors()]
         parts += [d.sum() for d in self._tail_diagonal()]
         return torch.stack(parts).sum()
 
     def _diagonal(self) -> Tensor:
         parts = []
         for layer, f in zip(self.layers, self.factors()):
-            grid = torch.outer(torch.diagonal(f.G), _diag_of(f.A)).reshape(-1)
+            grid = torch.outer(_diag_of(f.G), _diag_of(f.A)).reshape(-1)
             parts.append(grid[layer_rules.parameter_order(layer.module).to(grid.device)])
         return torch.cat(parts + self._tail_diagonal())
 
     def _frobenius_norm(self) -> Tensor:
         squares = [
-            torch.linalg.matrix_norm(f.G) ** 2 * torch.linalg.vector_norm(f.A) ** 2
-            for f in self.factors()
+            _frobenius(f.G) ** 2 * torch.linalg.vector_norm(f.A) ** 2 for f in self.factors()
         ]
         squares += [d.square().sum() for d in self._tail_diagonal()]
         return torch.stack(squares).sum().sqrt()
@@ -293,6 +395,8 @@ class KFAC(BlockDiagonalKronecker):
     def _decompose(self, index: int, damping: float) -> None:
         if self._is_diagonal_block(index):
             return  # nothing to factorise: (d + λ)⁻¹
+        if self._is_structured(index):
+            self._layer_eigen(index)  # raises: not distributed
         if self.damping_mode == "factored":
             self._layer_inverses(index, damping)
         else:
@@ -373,9 +477,17 @@ def _eigenvalues(eig: linalg.SymmetricEigen | Tensor) -> Tensor:
     return eig if isinstance(eig, Tensor) else eig.eigenvalues
 
 
-def _diag_of(A: Tensor) -> Tensor:
-    """The diagonal of a factor kept as a matrix or as its diagonal."""
+def _diag_of(A: Any) -> Tensor:
+    """The diagonal of a factor kept as a matrix, as its diagonal or structured."""
+    if isinstance(A, linalg.DiagonalPlusLowRank):
+        return A.diagonal()
     return A if A.ndim == 1 else torch.diagonal(A)
+
+
+def _frobenius(G: Any) -> Tensor:
+    if isinstance(G, linalg.DiagonalPlusLowRank):
+        return G.frobenius_norm()
+    return torch.linalg.matrix_norm(G)
 
 
 def _diagonal_inverse(a: Tensor, name: str) -> Tensor:
