@@ -110,7 +110,11 @@ def main() -> None:
     ce = nn.CrossEntropyLoss()
     kfac = {"KFAC": lambda m: curvlab.KFAC(m, ce), "EKFAC": lambda m: curvlab.EKFAC(m, ce)}
     plan("GPT-2 small, tied head", GPT2Small, {"KFAC": kfac["KFAC"]})
-    plan("GPT-2 small, untied head", lambda: GPT2Small(tied=False), {"KFAC": kfac["KFAC"]})
+    untied = {
+        "KFAC (output_factor='auto': structured head)": kfac["KFAC"],
+        "KFAC (output_factor='dense')": lambda m: curvlab.KFAC(m, ce, output_factor="dense"),
+    }
+    plan("GPT-2 small, untied head", lambda: GPT2Small(tied=False), untied)
     plan("ResNet-50", resnet50, kfac)
 
 

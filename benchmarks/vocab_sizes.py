@@ -105,12 +105,8 @@ def cosine_against_dense(vocab: int = 4096, batches: int = 8) -> None:
         f = kfac.factors()[0]
         G = g_dense / b
         assert torch.allclose(f.G.diagonal(), torch.diagonal(G), rtol=1e-8, atol=1e-14)
-        grad = torch.func.grad(
-            lambda w, bias: nn.functional.cross_entropy(nn.functional.linear(x, w, bias), y)
-        )(head.weight, head.bias)
-        grad_b = torch.func.grad(
-            lambda bias: nn.functional.cross_entropy(nn.functional.linear(x, head.weight, bias), y)
-        )(head.bias)
+        loss = nn.functional.cross_entropy(head(x), y)
+        grad, grad_b = (t.detach() for t in torch.autograd.grad(loss, [head.weight, head.bias]))
         mat = torch.cat([grad, grad_b[:, None]], dim=1)  # [V, D+1]
         d_g, q_g = torch.linalg.eigh(G)
         d_a, q_a = torch.linalg.eigh(f.A)

@@ -103,6 +103,7 @@ class _CurvlabInterface(CurvatureInterface):
             fisher_type=self.fisher_type,
             mc_samples=self.mc_samples,
             kfac_approx=kwargs.get("kfac_approx", "expand"),
+            output_factor="dense",  # laplace-torch's Kron takes dense factors
         )
         self._check_supported()
         loss = (self.factor * kfc.update(x, y)).to(self._dtype)

@@ -146,6 +146,7 @@ class NoisyKFAC(torch.optim.Optimizer):
             layers=layers,
             exclude=exclude,
             engine=engine,
+            output_factor="dense",  # its posterior samples need dense factors
         )
         for param_name, kind in self.curvature.coverage().items():
             if kind != "kronecker":
