@@ -78,6 +78,7 @@ def test_all_is_complete() -> None:
         "kron",
         "kron_sum",
         "polar",
+        "low_rank",
         "annotations",
     }
     assert public == set(cl.__all__)
