@@ -1,6 +1,13 @@
 """Curvature backends: one module per backend, all implementing ``Curvature``."""
 
-from curvlab.curvature.base import Curvature, DecompositionBlock, Layer, NamedTensor
+from curvlab.curvature.base import (
+    Curvature,
+    DecompositionBlock,
+    Layer,
+    LayerMemory,
+    MemoryEstimate,
+    NamedTensor,
+)
 from curvlab.curvature.dense.block_diagonal import BlockDiagonal
 from curvlab.curvature.dense.block_tridiagonal import BlockTridiagonal
 from curvlab.curvature.dense.empirical import EmpiricalFisher
@@ -31,7 +38,9 @@ __all__ = [
     "KroneckerFactored",
     "KroneckerFactors",
     "Layer",
+    "LayerMemory",
     "MatrixFreeGGN",
     "MatrixFreeHessian",
+    "MemoryEstimate",
     "NamedTensor",
 ]

@@ -22,7 +22,7 @@ import abc
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +93,59 @@ class DecompositionBlock:
     name: str
     param_indices: tuple[int, ...]
     cost: float
+
+
+class LayerMemory(NamedTuple):
+    """Bytes one layer (or one parameter's diagonal block) of a curvature holds.
+
+    ``factors``: the accumulated statistics that ``state_dict()`` carries (Kronecker
+    factors, diagonals, refitted scalings); ``inverses``: what the first ``solve`` computes
+    and keeps (eigendecompositions, damped inverses, eigenbases).
+    """
+
+    factors: int
+    inverses: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What :meth:`Curvature.memory_estimate` returns: bytes per layer, from shapes alone.
+
+    ``layers`` maps a layer's label (``"layer 'head' (Linear)"``) or a parameter with a
+    diagonal block (``"diagonal of 'norm.weight'"``) to its :class:`LayerMemory`.
+    """
+
+    layers: dict[str, LayerMemory]
+
+    @property
+    def factors(self) -> int:
+        """Bytes of all statistics."""
+        return sum(m.factors for m in self.layers.values())
+
+    @property
+    def inverses(self) -> int:
+        """Bytes of all decompositions."""
+        return sum(m.inverses for m in self.layers.values())
+
+    @property
+    def total(self) -> int:
+        """``factors + inverses``."""
+        return self.factors + self.inverses
+
+    def table(self, top: int | None = None) -> str:
+        """A text table in MiB, the largest layers first (``top``: only that many rows)."""
+        rows = sorted(self.layers.items(), key=lambda kv: -(kv[1].factors + kv[1].inverses))
+        if top is not None:
+            rows = rows[:top]
+        width = max([len(name) for name, _ in rows] + [5])
+        mib = 2.0**20
+        lines = [f"{'layer':<{width}}  {'factors MiB':>12}  {'inverses MiB':>12}"]
+        for name, m in rows:
+            lines.append(f"{name:<{width}}  {m.factors / mib:>12.2f}  {m.inverses / mib:>12.2f}")
+        lines.append(
+            f"{'total':<{width}}  {self.factors / mib:>12.2f}  {self.inverses / mib:>12.2f}"
+        )
+        return "\n".join(lines)
 
 
 #: ``reduce(entries)``: the tensors of ``entries`` summed over processes (a collective).
@@ -653,6 +706,24 @@ class Curvature(abc.ABC):
         """The approximation as a dense ``[P, P]`` matrix in ``params`` order (row-major)."""
         self._check_ready("to_dense")
         return self._to_dense()
+
+    def memory_estimate(self) -> MemoryEstimate:
+        """Bytes per layer of the statistics and of the decompositions a solve keeps,
+        computed from the parameters' shapes and dtypes alone: no batch needed, and the
+        model may live on the ``meta`` device (``torch.device("meta")``), so that a model too
+        large for this machine can be planned before it is built for real. Matches the
+        tensors the backend holds after ``update`` and ``solve``.
+
+        Raises:
+            NotImplementedError: for a backend without an estimate (it names the ones with).
+        """
+        return self._memory_estimate()
+
+    def _memory_estimate(self) -> MemoryEstimate:
+        raise NotImplementedError(
+            f"{type(self).__name__}.memory_estimate is not available; the Kronecker backends "
+            "(KFAC, KFC, EKFAC) and DiagonalFisher have it."
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Accumulated statistics and counters (tensors are not copied)."""

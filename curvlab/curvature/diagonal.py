@@ -27,7 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import Curvature, DecompositionBlock, Layer, NamedTensor, Vector
+from curvlab.curvature.base import (
+    Curvature,
+    DecompositionBlock,
+    Layer,
+    LayerMemory,
+    MemoryEstimate,
+    NamedTensor,
+    Vector,
+)
 from curvlab.extraction import BatchResult, Request, check_fisher_type, check_mc_samples
 from curvlab.extraction import layers as layer_rules
 from curvlab.extraction.requests import DiagonalStatistics, ParameterDiagonal
@@ -88,6 +96,17 @@ class DiagonalBlocks:
 
     def reset(self) -> None:
         self.sums = None
+
+    def memory(self) -> dict[str, LayerMemory]:
+        """Per parameter the bytes of its diagonal (in the statistics' dtype); no inverse
+        is kept (``(d + λ)⁻¹`` is formed per solve)."""
+        return {
+            f"diagonal of '{name}'": LayerMemory(
+                p.numel() * layer_rules.statistics_dtype(p.detach().reshape(-1)[:0]).element_size(),
+                0,
+            )
+            for name, p in zip(self.names, self.params)
+        }
 
     def diagonals(self, normalizer: float) -> list[Tensor]:
         assert self.sums is not None
@@ -161,6 +180,9 @@ class DiagonalFisher(Curvature):
 
     def _block_kind(self, layer: Layer) -> str:
         return "diagonal"
+
+    def _memory_estimate(self) -> MemoryEstimate:
+        return MemoryEstimate(self._blocks().memory())
 
     def _requests(self) -> list[Request]:
         return list(self._blocks().requests)

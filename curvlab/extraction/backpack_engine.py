@@ -293,6 +293,12 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
                 else ""
             )
             return f"{culprit}{type(r).__name__}, served by the hooks engine only"
+        if isinstance(r, KroneckerStatistics) and r.low_rank_output:
+            m = r.low_rank_output[0]
+            return (
+                f"module '{names.get(id(m), '?')}' ({type(m).__name__}) has a structured "
+                "output factor, served by the hooks engine only"
+            )
         if isinstance(r, KroneckerStatistics) and r.sample_fraction < 1.0:
             return "statistics on a subset of the batch are served by the hooks engine only"
         if isinstance(r, KroneckerStatistics):

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from curvlab.extraction import layers, recurrent
+from curvlab.extraction import layers, losses, recurrent
 from curvlab.extraction.losses import BatchScale, batch_scale, loss_rows, output_columns
 from curvlab.extraction.replay import ModelReplay, only_through, per_sample_squares, sample_count
 from curvlab.extraction.requests import (
@@ -669,8 +669,9 @@ def compute(
             elif used:
                 store = result.kronecker.setdefault(request.key, {})
                 row_grads = row_results[job_key] if needed else None
+                logits = (call.outputs, scale) if isinstance(loss_fn, nn.CrossEntropyLoss) else None
                 store[id(module)] = _kronecker_batch(
-                    module, used, request, scale.valid, row_grads=row_grads
+                    module, used, request, scale.valid, row_grads=row_grads, logits=logits
                 )
     for rnn_request in [r for r in requests if isinstance(r, RecurrentStatistics)]:
         rnn_store = result.recurrent.setdefault(rnn_request.key, {})
@@ -1107,15 +1108,22 @@ def _kronecker_batch(
     request: KroneckerStatistics,
     valid: Tensor | None = None,
     row_grads: Tensor | None = None,
+    logits: tuple[Tensor, BatchScale] | None = None,
 ) -> KroneckerBatch:
     """The statistics of ``module`` over its calls (weight sharing: summed).
 
     ``valid``: the loss rows that count, whose patches alone enter ``A`` where rows map
     to patches (:func:`~curvlab.extraction.layers.kept_patches`); ``row_grads``: the
     per-row weight gradients, if computed (then no per-sample patches and columns are kept).
+    ``logits``: the cross-entropy loss's input and scale, for a module of
+    ``request.low_rank_output`` whose output they are (:func:`_low_rank_output_factor`).
     """
     a_sum: Tensor | None = None
     g_sum: Tensor | None = None
+    low_rank = any(module is m for m in request.low_rank_output)
+    low_d: list[Tensor] = []
+    low_cols: list[Tensor] = []
+    signs: list[float] = []
     count = 0
     patches, cols, kept = [], [], []
     any_kept = False
@@ -1139,11 +1147,17 @@ def _kronecker_batch(
                 x, grad, scale = x[:m], grad[:, :m], n_all / m
                 keep = None if keep is None else keep[:m]
             a, n = layers.input_factor_sum(module, x, request.kfac_approx, keep)
-            g = layers.output_factor(module, grad, request.kfac_approx)
-            if scale != 1.0:
-                g = g * scale
             a_sum = a if a_sum is None else a_sum + a
-            g_sum = g if g_sum is None else g_sum + g
+            if low_rank:
+                d, c, sign = _low_rank_output_factor(module, call, grad, request, logits)
+                signs.append(sign)
+                low_d.append(d)
+                low_cols.append(c)
+            else:
+                g = layers.output_factor(module, grad, request.kfac_approx)
+                if scale != 1.0:
+                    g = g * scale
+                g_sum = g if g_sum is None else g_sum + g
             count += n
             if keep_raw:
                 patches.append(layers.layer_patches(module, x))
@@ -1155,7 +1169,17 @@ def _kronecker_batch(
                         if keep is None
                         else keep
                     )
-    assert a_sum is not None and g_sum is not None
+    assert a_sum is not None
+    g_low_rank = None
+    if low_rank:
+        if len(low_cols) > 1 and min(signs) < 0:
+            raise RuntimeError(
+                f"layer {type(module).__name__}: a structured output factor from the logits "
+                "needs the layer to be called once per forward pass."
+            )
+        g_low_rank = (sum(low_d[1:], low_d[0]), torch.cat(low_cols, dim=1), signs[0])
+        g_sum = a_sum.new_zeros(0, 0)
+    assert g_sum is not None
     raw_patches = raw_cols = raw_kept = None
     if keep_raw:
         if len({p.shape[0] for p in patches}) != 1:
@@ -1175,7 +1199,40 @@ def _kronecker_batch(
         column_scale=1.0,
         kept=raw_kept,
         row_grads=None if row_grads is None else layers.statistics_dtype(row_grads),
+        g_low_rank=g_low_rank,
     )
+
+
+def _low_rank_output_factor(
+    module: nn.Module,
+    call: LayerCall,
+    grad: Tensor,
+    request: KroneckerStatistics,
+    logits: tuple[Tensor, BatchScale] | None,
+) -> tuple[Tensor, Tensor, float]:
+    """One call's output factor as ``(d, C, sign)``: ``G = diag(d) + sign · C Cᵀ``.
+
+    Where the call's output *is* the cross-entropy loss's input (the same memory, at most
+    reshaped) and ``fisher_type`` is ``"exact"`` or ``"mc"``: the softmax structure
+    ``diag(Σ p) − P Pᵀ`` (:func:`~curvlab.extraction.losses.softmax_output_factor`; for
+    ``"mc"`` the expectation of the sampled factor over its labels). Elsewhere: the
+    backpropagated columns themselves, ``d = 0`` and ``sign = +1``.
+    """
+    output = call.output
+    if logits is not None and request.fisher_type in ("exact", "mc"):
+        outputs, scale = logits
+        same = (
+            output.is_contiguous()
+            and outputs.is_contiguous()
+            and output.data_ptr() == outputs.data_ptr()
+            and output.numel() == outputs.numel()
+            and output.shape[-1] == outputs.shape[-1]
+        )
+        if same:
+            d, p = losses.softmax_output_factor(outputs, scale)
+            return d, p, -1.0
+    cols = layers.output_factor_columns(module, grad, request.kfac_approx)
+    return cols.new_zeros(cols.shape[0]), cols, 1.0
 
 
 class suspended_hooks:

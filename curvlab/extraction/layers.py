@@ -91,12 +91,13 @@ def _embedding_patches(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def _embedding_input_sum(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
-    """``Σ ā āᵀ`` of one-hot inputs is diagonal: the token counts (``padding_idx`` left out)."""
+    """``Σ ā āᵀ`` of one-hot inputs is diagonal; its diagonal ``[V]`` is the token counts
+    (``padding_idx`` left out)."""
     emb = _as_embedding(module)
     counts = torch.bincount(x.reshape(-1), minlength=emb.num_embeddings).to(emb.weight.dtype)
     if emb.padding_idx is not None:
         counts[emb.padding_idx] = 0
-    return torch.diag(counts), x.numel()
+    return counts, x.numel()
 
 
 def _as_embedding(module: nn.Module) -> nn.Embedding:
@@ -143,8 +144,11 @@ def _check_conv(module: nn.Module) -> None:
 class KroneckerRule:
     """How one layer type enters a Kronecker factorization (see the module docstring).
 
-    ``input_sum`` optionally computes ``(Σ ā āᵀ, N·T)`` of the expand setting directly
-    (an embedding's is diagonal); ``transposed``: the weight is stored as ``[D_in, D_out]``;
+    ``input_sum`` marks a layer whose input factor is *diagonal* under expand (one-hot
+    inputs: an embedding) and computes ``(diag(Σ ā āᵀ), N·T)`` directly, the diagonal as a
+    vector ``[D_in]``; such a layer has no trainable bias. Its ``A`` is then kept, solved,
+    saved and all-reduced as that vector (concepts/kronecker.md#diagonal-input-factors).
+    ``transposed``: the weight is stored as ``[D_in, D_out]``;
     ``channels_first``: the output gradient is laid out ``[K, N, D_out, *positions]``
     (convolutions), so expand's ``G`` is formed per (column, sample) without a transposed
     copy of the gradient.
@@ -235,7 +239,8 @@ def input_factor_sum(
     module: nn.Module, x: Tensor, kfac_approx: str, keep: Tensor | None = None
 ) -> tuple[Tensor, int]:
     """``(Σ ā āᵀ, count)`` of one batch; ``A = Σ ā āᵀ / count``
-    (concepts/kronecker.md#weight-sharing-expand-and-reduce).
+    (concepts/kronecker.md#weight-sharing-expand-and-reduce). For a layer with a diagonal
+    input factor (:func:`diagonal_input`) it is the diagonal ``[D_in]``, else ``[D_in, D_in]``.
 
     expand: the sum over samples and positions, ``count = N·T``; reduce: patches are
     averaged over positions first, ``count = N`` (the homogeneous 1 stays 1).
@@ -263,7 +268,17 @@ def input_factor_sum(
     elif kfac_approx == "reduce":
         patches = patches.mean(dim=1, keepdim=True)
     a = homogeneous(patches, module)
+    if diagonal_input(module, kfac_approx):  # one-hot rows: Σ ā āᵀ is diagonal
+        return a.square().sum(dim=0), a.shape[0]
     return a.T @ a, a.shape[0]
+
+
+def diagonal_input(module: nn.Module, kfac_approx: str) -> bool:
+    """Whether ``module``'s input factor ``A`` is diagonal and kept as its diagonal ``[D_in]``:
+    one-hot inputs (a rule with ``input_sum``, e.g. ``nn.Embedding``) under expand. Under
+    reduce, positions are averaged first and ``A`` is a dense matrix."""
+    rule = KRONECKER_RULES.get(type(module))
+    return kfac_approx == "expand" and rule is not None and rule.input_sum is not None
 
 
 def num_positions(module: nn.Module, output: Tensor) -> int:
@@ -309,6 +324,16 @@ def output_factor(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
     # channels first: for convolutions this is (nearly) the gradient's own memory layout
     flat = cols.movedim(-1, 0).reshape(cols.shape[-1], -1)
     return flat @ flat.T
+
+
+def output_factor_columns(module: nn.Module, grad: Tensor, kfac_approx: str) -> Tensor:
+    """Columns ``C`` ``[D_out, M]`` with ``C Cᵀ`` = :func:`output_factor` (the factor in
+    low-rank form: one column per backpropagated column, sample and, for expand,
+    position)."""
+    cols = layer_columns(module, grad)  # [K, N, T, D_out]
+    if kfac_approx == "reduce":
+        cols = cols.sum(dim=2)
+    return cols.movedim(-1, 0).reshape(cols.shape[-1], -1)
 
 
 def _transposed(module: nn.Module) -> bool:

@@ -229,6 +229,23 @@ def _row_gradient(loss_fn: nn.Module, f: Tensor, targets: Tensor) -> Tensor:
     return 2.0 * (f - targets.to(f.dtype))
 
 
+def softmax_output_factor(logits: Tensor, scale: BatchScale) -> tuple[Tensor, Tensor]:
+    """The exact output factor of cross-entropy logits ``[N, C]`` in structured form:
+    ``Σ_n w (diag(p_n) − p_n p_nᵀ) = diag(d) − P Pᵀ`` on the loss's scale (``w`` the
+    reduction's ``1/N`` or 1; rows the loss ignores left out). Returns ``d`` ``[C]`` and
+    ``P`` ``[C, N']`` (columns ``√w p_n``), never a ``[C, C]`` matrix
+    (concepts/kronecker.md#vocabulary-sized-output-layers). The expectation of the
+    ``"mc"`` factor over the sampled labels is the same matrix."""
+    f = logits.detach()
+    if f.dtype not in (torch.float32, torch.float64):
+        f = f.float()
+    p = f.softmax(dim=1)
+    if scale.valid is not None:
+        p = p[scale.valid]
+    w = 1.0 / scale.inv_reduction if scale.inv_reduction > 0 else 0.0
+    return p.sum(dim=0) * w, p.T * sqrt(w)
+
+
 def output_columns(
     loss_fn: nn.Module,
     outputs: Tensor,

@@ -79,6 +79,9 @@ class KroneckerStatistics:
     #: whose per-sample patches and columns cannot give them (see there), exact also where
     #: samples are coupled; on the whole batch, whatever ``sample_fraction``
     per_row: bool = False
+    #: the modules whose output factor is delivered in low-rank form
+    #: (:attr:`KroneckerBatch.g_low_rank`) instead of the ``[D_out, D_out]`` matrix
+    low_rank_output: tuple[nn.Module, ...] = ()
 
     @property
     def columns_key(self) -> tuple[str, int]:
@@ -86,13 +89,14 @@ class KroneckerStatistics:
         return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
 
     @property
-    def key(self) -> tuple[str, int, str, bool, float, bool]:
+    def key(self) -> tuple[Any, ...]:
         return (
             *self.columns_key,
             self.kfac_approx,
             self.keep_raw,
             self.sample_fraction,
             self.per_row,
+            tuple(id(m) for m in self.low_rank_output),
         )
 
 
@@ -224,6 +228,10 @@ class KroneckerBatch:
     column_scale: float = 1.0
     kept: Tensor | None = None
     row_grads: Tensor | None = None
+    #: for a module of ``KroneckerStatistics.low_rank_output``: ``(d, C, sign)`` with the
+    #: batch's ``G = diag(d) + sign · C Cᵀ`` (``d`` ``[D_out]``, ``C`` ``[D_out, M]``); ``g``
+    #: is then an empty ``[0, 0]`` tensor (concepts/kronecker.md#vocabulary-sized-output-layers)
+    g_low_rank: tuple[Tensor, Tensor, float] | None = None
 
 
 @dataclass(frozen=True)

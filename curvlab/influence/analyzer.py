@@ -209,8 +209,13 @@ class Influence:
             out = []
             for k in range(len(c.layers)):
                 eig = c._layer_eigen(k)
-                s = torch.outer(eig.G.eigenvalues, eig.A.eigenvalues)
-                out.append((eig.G.eigenvectors, eig.A.eigenvectors, s))
+                if isinstance(eig.A, Tensor):  # a diagonal A: eigenvectors the identity
+                    q_a = torch.eye(eig.A.shape[0], dtype=eig.A.dtype, device=eig.A.device)
+                    d_a = eig.A
+                else:
+                    q_a, d_a = eig.A.eigenvectors, eig.A.eigenvalues
+                s = torch.outer(eig.G.eigenvalues, d_a)
+                out.append((eig.G.eigenvectors, q_a, s))
             return out
         return None
 

@@ -103,6 +103,7 @@ class _CurvlabInterface(CurvatureInterface):
             fisher_type=self.fisher_type,
             mc_samples=self.mc_samples,
             kfac_approx=kwargs.get("kfac_approx", "expand"),
+            output_factor="dense",  # laplace-torch's Kron takes dense factors
         )
         self._check_supported()
         loss = (self.factor * kfc.update(x, y)).to(self._dtype)
@@ -110,7 +111,8 @@ class _CurvlabInterface(CurvatureInterface):
         for layer, f in zip(kfc.layers, kfc.factors()):
             module = layer.module
             bias = layer_rules.has_trainable_bias(module)
-            a_weight = f.A[:-1, :-1] if bias else f.A
+            a = torch.diag(f.A) if f.A.ndim == 1 else f.A  # laplace-torch takes matrices
+            a_weight = a[:-1, :-1] if bias else a
             # A is a mean over the batch, G a sum: laplace-torch sums batches to N samples
             g = f.G
             transposed = layer_rules.rule_for(module) is not None and (
@@ -120,7 +122,7 @@ class _CurvlabInterface(CurvatureInterface):
                 [a_weight * len(y) / N, g] if transposed else [g, a_weight * len(y) / N]
             )
             if bias:
-                blocks[id(layer.params[1])] = [g * f.A[-1, -1]]
+                blocks[id(layer.params[1])] = [g * a[-1, -1]]
         parameters = dict(zip(kfc.param_names, kfc.params))
         for name, d in kfc.diagonal_blocks().items():
             blocks[id(parameters[name])] = _diagonal_block(d)

@@ -19,6 +19,7 @@ from .eigen import (
     SymmetricEigen,
     generalized_symeig,
     kron_eigen_damped_solve,
+    kron_eigen_diagonal_damped_solve,
     kron_eigen_matvec,
     symeig,
 )
@@ -54,10 +55,12 @@ from .kron_series import (
     series_zeta,
 )
 from .kron_sum import KronSumInverse, kron_sum_solve
+from .low_rank import DiagonalPlusLowRank, low_rank_update
 from .polar import orthogonalize
 
 __all__ = [
     "SERIES_CLIP",
+    "DiagonalPlusLowRank",
     "Estimate",
     "GeneralizedEigen",
     "KronSumInverse",
@@ -78,6 +81,7 @@ __all__ = [
     "kron_cholesky_solve",
     "kron_dense",
     "kron_eigen_damped_solve",
+    "kron_eigen_diagonal_damped_solve",
     "kron_eigen_matvec",
     "kron_frobenius_norm",
     "kron_logdet",
@@ -86,6 +90,7 @@ __all__ = [
     "kron_trace",
     "lanczos",
     "lanczos_eigenvalues",
+    "low_rank_update",
     "orthogonalize",
     "pi_correction",
     "series_basis",

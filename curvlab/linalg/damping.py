@@ -33,12 +33,12 @@ def pi_correction(G: Tensor, A: Tensor) -> Tensor:
         ValueError: a trace is negative (a factor is not PSD), or bad shapes.
     """
     check_square(G, "G")
-    check_square(A, "A")
+    _check_factor(A, "A")
     check_same_dtype_device(G=G, A=A)
     check_finite(G, "G")
     check_finite(A, "A")
     mean_G = torch.trace(G) / G.shape[0]
-    mean_A = torch.trace(A) / A.shape[0]
+    mean_A = (A.sum() if A.ndim == 1 else torch.trace(A)) / A.shape[0]
     if bool(mean_G < 0) or bool(mean_A < 0):
         raise ValueError(
             "pi_correction needs PSD factors, but a trace is negative: "
@@ -63,7 +63,8 @@ def factored_damping(
 
     Args:
         G: ``[n, n]`` PSD output-gradient factor.
-        A: ``[m, m]`` PSD input factor.
+        A: ``[m, m]`` PSD input factor, or a diagonal one as its diagonal ``[m]`` (damped
+            as a vector, concepts/kronecker.md#diagonal-input-factors).
         damping: ``λ ≥ 0`` (float or scalar tensor).
         pi: override π (e.g. ``1.0`` for no correction, or the π of another layer as in the
             block-tridiagonal case, concepts/block_tridiagonal.md#the-math); default
@@ -73,7 +74,7 @@ def factored_damping(
         ``(G_damped, A_damped)`` with the input dtype and device.
     """
     check_square(G, "G")
-    check_square(A, "A")
+    _check_factor(A, "A")
     check_same_dtype_device(G=G, A=A)
     lam = check_scalar(damping, G)
     gamma = torch.sqrt(lam) if isinstance(lam, Tensor) else math.sqrt(lam)
@@ -85,5 +86,13 @@ def factored_damping(
         if (p == 0.0) if not isinstance(p, Tensor) else (p.device.type == "cpu" and p == 0):
             raise ValueError("pi must be positive, got 0")
     eye_G = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    if A.ndim == 1:
+        return G + (gamma / p) * eye_G, A + p * gamma
     eye_A = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     return G + (gamma / p) * eye_G, A + (p * gamma) * eye_A
+
+
+def _check_factor(A: Tensor, name: str) -> None:
+    """A square matrix, or a diagonal factor given as a vector ``[m]``."""
+    if A.ndim != 1:
+        check_square(A, name)

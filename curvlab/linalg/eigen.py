@@ -29,6 +29,7 @@ __all__ = [
     "SymmetricEigen",
     "generalized_symeig",
     "kron_eigen_damped_solve",
+    "kron_eigen_diagonal_damped_solve",
     "kron_eigen_matvec",
     "symeig",
 ]
@@ -167,6 +168,27 @@ def kron_eigen_damped_solve(
     lam = check_scalar(damping, d_G)
     denom = d_G[:, None] * d_A[None, :] + lam
     return Q_G @ ((Q_G.mT @ V @ Q_A) / denom) @ Q_A.mT
+
+
+def kron_eigen_diagonal_damped_solve(
+    eig_G: tuple[Tensor, Tensor], a: Tensor, V: Tensor, damping: float | Tensor
+) -> Tensor:
+    """:func:`kron_eigen_damped_solve` for a *diagonal* ``A = diag(a)``, given as ``a`` ``[m]``:
+    ``Q_G [(Q_Gᵀ V) ⊘ (d_G aᵀ + λ)]`` in ``O(n²m)`` time and ``O(nm)`` memory, never forming
+    an ``[m, m]`` matrix (concepts/kronecker.md#diagonal-input-factors). ``a``'s entries are
+    its eigenvalues, its eigenvectors the identity."""
+    d_G, Q_G = _check_eig(eig_G, "eig_G")
+    if a.ndim != 1:
+        raise ValueError(f"a must be a diagonal [m], got shape {_fmt(a.shape)}")
+    n, m = d_G.shape[0], a.shape[0]
+    if V.ndim < 2 or V.shape[-2] != n or V.shape[-1] != m:
+        raise ValueError(
+            f"V has shape {_fmt(V.shape)} but eig_G (dim {n}) and a (dim {m}) require "
+            f"V of shape [..., {n}, {m}]"
+        )
+    lam = check_scalar(damping, d_G)
+    denom = d_G[:, None] * a[None, :] + lam
+    return Q_G @ ((Q_G.mT @ V) / denom)
 
 
 def generalized_symeig(C: Tensor, A: Tensor, *, name: str = "A") -> GeneralizedEigen:

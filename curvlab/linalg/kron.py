@@ -39,7 +39,8 @@ def kron_matvec(G: Tensor, A: Tensor, V: Tensor) -> Tensor:
         G: ``[p, n]`` row factor (the output-gradient factor; square in K-FAC, rectangular
             allowed, e.g. for the block-tridiagonal ``Ψ`` factors of
             concepts/block_tridiagonal.md#the-math).
-        A: ``[q, m]`` column factor (the input factor).
+        A: ``[q, m]`` column factor (the input factor), or a diagonal factor given as its
+            diagonal ``[m]`` (then ``V @ diag(A)``, never forming the matrix).
         V: ``[n, m]`` or batched ``[..., n, m]``.
 
     Returns:
@@ -51,15 +52,17 @@ def kron_matvec(G: Tensor, A: Tensor, V: Tensor) -> Tensor:
     """
     if G.ndim != 2:
         raise ValueError(f"G must be a 2-D matrix, got shape {_fmt(G.shape)}")
-    if A.ndim != 2:
-        raise ValueError(f"A must be a 2-D matrix, got shape {_fmt(A.shape)}")
+    if A.ndim not in (1, 2):
+        raise ValueError(f"A must be a 2-D matrix (or a diagonal [m]), got shape {_fmt(A.shape)}")
     if V.ndim < 2:
         raise ValueError(f"V must have shape [..., n, m], got shape {_fmt(V.shape)}")
-    if V.shape[-2] != G.shape[1] or V.shape[-1] != A.shape[1]:
+    if V.shape[-2] != G.shape[1] or V.shape[-1] != A.shape[-1]:
         raise ValueError(
             f"V has shape {_fmt(V.shape)} but G {_fmt(G.shape)} and A {_fmt(A.shape)} "
-            f"require V of shape [..., {G.shape[1]}, {A.shape[1]}]"
+            f"require V of shape [..., {G.shape[1]}, {A.shape[-1]}]"
         )
+    if A.ndim == 1:
+        return (G @ V) * A
     return G @ V @ A.mT
 
 

@@ -146,6 +146,7 @@ class NoisyKFAC(torch.optim.Optimizer):
             layers=layers,
             exclude=exclude,
             engine=engine,
+            output_factor="dense",  # its posterior samples need dense factors
         )
         for param_name, kind in self.curvature.coverage().items():
             if kind != "kronecker":
@@ -292,7 +293,8 @@ class NoisyKFAC(torch.optim.Optimizer):
             state = self.state[layer.params[0]]
             state["statistics_steps"] += 1
             eps = min(1.0 - 1.0 / state["statistics_steps"], self.ema_decay)
-            state["A"] = eps * state["A"] + (1.0 - eps) * batch.A.to(state["A"].dtype)
+            a = batch.A if batch.A.ndim == 2 else torch.diag(batch.A)  # a diagonal factor
+            state["A"] = eps * state["A"] + (1.0 - eps) * a.to(state["A"].dtype)
             state["G"] = eps * state["G"] + (1.0 - eps) * per_example * batch.G.to(state["G"].dtype)
 
     @torch.no_grad()

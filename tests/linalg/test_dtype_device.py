@@ -79,6 +79,7 @@ def test_all_is_complete() -> None:
         "kron_series",
         "kron_sum",
         "polar",
+        "low_rank",
         "annotations",
     }
     assert public == set(cl.__all__)

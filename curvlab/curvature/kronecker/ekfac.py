@@ -34,14 +34,14 @@ add up to the union's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import NamedTensor
+from curvlab.curvature.base import LayerMemory, NamedTensor
 from curvlab.curvature.kronecker.factored import (
     BlockDiagonalKronecker,
     KroneckerFactors,
@@ -69,6 +69,10 @@ class EKFAC(BlockDiagonalKronecker):
             held then — the preconditioner's moving average — instead of keeping the first
             batch's basis for good (George et al. recompute it periodically). ``None``:
             keep it. ``S*`` restarts in the new basis.
+        output_factor: ``"auto"`` (default) or ``"dense"``, or a dict from module names to
+            them. EKFAC needs ``G``'s eigenvectors, so it has no structured output factor:
+            a layer with ``STRUCTURED_OUTPUT_THRESHOLD`` outputs or more, where ``"auto"``
+            would pick one, is refused (``ValueError`` naming it) unless it is ``"dense"``.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class EKFAC(BlockDiagonalKronecker):
         refit_every: int | None = None,
         strict: bool = False,
         engine: str = "auto",
+        output_factor: str | Mapping[str, str] = "auto",
     ) -> None:
         if refit_every is not None and (
             isinstance(refit_every, bool) or not isinstance(refit_every, int) or refit_every < 1
@@ -100,6 +105,7 @@ class EKFAC(BlockDiagonalKronecker):
             exclude=exclude,
             strict=strict,
             engine=engine,
+            output_factor=output_factor,
         )
         self._basis: list[tuple[Tensor, Tensor]] | None = None  # (Q_G, Q_A) per layer
         self._basis_id = 0  # increases with every new basis (statistics() carries it)
@@ -110,6 +116,8 @@ class EKFAC(BlockDiagonalKronecker):
 
     _keep_raw = True
     _per_row = True
+    _diagonal_factors = False  # the eigenbasis of A is a dense [D_in, D_in] matrix
+    _structured_output = False  # nor can G's eigenbasis come from a structured G
 
     def _accumulate_layers(self, batches: list[KroneckerBatch], weight: float) -> None:
         super()._accumulate_layers(batches, weight)
@@ -206,6 +214,15 @@ class EKFAC(BlockDiagonalKronecker):
         mat = _as_matrix(layer, parts).to(s.dtype)
         out = q_g @ transform(q_g.T @ mat @ q_a, s) @ q_a.T
         return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
+
+    def _layer_memory(self, k: int) -> LayerMemory:
+        """The factor sums and ``S*`` ``[D_out, D_in]``; the eigenbasis ``(Q_G, Q_A)``."""
+        a_numel, g_numel = self._factor_numel(k)
+        d_out, d_in = layer_rules.weight_matrix_shape(self.layers[k].module)
+        itemsize = self._factor_itemsize(k)
+        return LayerMemory(
+            (a_numel + g_numel + d_out * d_in) * itemsize, (a_numel + g_numel) * itemsize
+        )
 
     def _matvec_layer(self, k: int, parts: list[Tensor]) -> list[Tensor]:
         return self._apply_layer(k, parts, lambda x, s: x * s)

@@ -30,9 +30,9 @@ diagonal) and :class:`~curvlab.BlockTridiagonalKFAC` (consecutive layers coupled
 rule (``Linear``, ``ConvNd``, ``Embedding`` — see ``supported_layers``) get a Kronecker
 block; every other parameter (normalisation layers, raw ``nn.Parameter``s, recurrent
 weights unless ``KFAC(recurrent=...)`` splits them into Kronecker blocks per affine map
-(:meth:`KroneckerFactored._split_layer`), transposed convolutions, parameters shared between modules, the projections of
-``nn.MultiheadAttention``, which it calls functionally) gets a diagonal block of the same
-Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`: the Fisher's diagonal),
+(:meth:`KroneckerFactored._split_layer`), transposed convolutions, parameters shared
+between modules, the projections of ``nn.MultiheadAttention``, which it calls
+functionally) gets a diagonal block of the same Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`: the Fisher's diagonal),
 placed after the Kronecker layers in ``params``. ``strict=True`` refuses such parameters
 instead; ``coverage()`` tells which parameter sits in which kind of block. The one
 approximation: ``KFAC``/``KFC`` take normalisation layers' diagonal from per-sample
@@ -51,7 +51,7 @@ from __future__ import annotations
 import abc
 import fnmatch
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -63,6 +63,8 @@ from curvlab.curvature.base import (
     Curvature,
     DecompositionBlock,
     Layer,
+    LayerMemory,
+    MemoryEstimate,
     NamedTensor,
     Vector,
     find_layers,
@@ -80,16 +82,28 @@ from curvlab.extraction import layers as layer_rules
 
 LayerSpec = str | nn.Module
 
+#: ``output_factor`` values: per layer, how the output factor ``G`` is kept.
+OUTPUT_FACTORS = ("auto", "dense", "structured")
+#: ``output_factor="auto"`` gives a layer with at least this many outputs the structured
+#: output factor (a dense float32 ``G`` of this size takes 256 MiB, its eigenvectors as
+#: much again; concepts/kronecker.md#vocabulary-sized-output-layers).
+STRUCTURED_OUTPUT_THRESHOLD = 8192
+
 #: ``coverage()``'s kind of a diagonal block taken from per-sample gradients of samples
 #: that a BatchNorm in train mode couples (concepts/models.md#rows-samples-and-exactness).
 APPROXIMATE_DIAGONAL = "diagonal (approximate: per-sample, BatchNorm couples the samples)"
 
 
 class KroneckerFactors(NamedTuple):
-    """A layer's factors: the block is ``kron(G, A)`` on the row-major ``[W | b]`` matrix."""
+    """A layer's factors: the block is ``kron(G, A)`` on the row-major ``[W | b]`` matrix.
 
-    A: Tensor  # [D_in(+1), D_in(+1)]
-    G: Tensor  # [D_out, D_out]
+    ``A`` is ``[D_in(+1), D_in(+1)]``, or its diagonal ``[D_in]`` where the input factor is
+    diagonal (one-hot inputs: ``nn.Embedding`` under expand, in the backends that keep it
+    so, concepts/kronecker.md#diagonal-input-factors); ``torch.diag(A)`` gives the matrix.
+    """
+
+    A: Tensor  # [D_in(+1), D_in(+1)], or [D_in] when diagonal
+    G: Any  # Tensor [D_out, D_out], or linalg.DiagonalPlusLowRank (structured output factor)
 
 
 class KroneckerFactored(Curvature):
@@ -124,6 +138,13 @@ class KroneckerFactored(Curvature):
     #: Whether it also delivers per-row weight gradients where the per-sample ones are not
     #: per-row (EKFAC's exact correction; concepts/models.md#rows-samples-and-exactness).
     _per_row: bool = False
+    #: Whether diagonal input factors (``nn.Embedding`` under expand) are kept, solved,
+    #: saved and all-reduced as vectors ``[D_in]``; otherwise they are made dense matrices
+    #: (structures that need a dense ``A``, e.g. its eigenvectors).
+    _diagonal_factors: bool = True
+    #: Whether the structure can keep a layer's ``G`` as diagonal plus low rank
+    #: (``output_factor="structured"``); otherwise such layers are refused.
+    _structured_output: bool = True
 
     def __init__(
         self,
@@ -139,9 +160,15 @@ class KroneckerFactored(Curvature):
         statistics_fraction: float = 1.0,
         separate_bias: bool = False,
         factor_dtype: torch.dtype | None = None,
+        output_factor: str | Mapping[str, str] = "auto",
+        output_rank: int = 64,
     ) -> None:
         owner = type(self).__name__
         self.factor_dtype = check_dtype(factor_dtype, "factor_dtype", owner)
+        if isinstance(output_rank, bool) or not isinstance(output_rank, int) or output_rank < 1:
+            raise ValueError(f"{owner}: output_rank must be a positive int, got {output_rank!r}.")
+        self.output_rank = output_rank
+        self._output_choice = output_factor
         if not 0.0 < statistics_fraction <= 1.0:
             raise ValueError(
                 f"{owner}: statistics_fraction must lie in (0, 1], got {statistics_fraction}."
@@ -165,7 +192,7 @@ class KroneckerFactored(Curvature):
         self._a_sum: list[Tensor] | None = None
         self._owned = False  # whether the sums may be updated in place (see _add_factors)
         self._a_count = [0] * len(self.layers)
-        self._g_sum: list[Tensor] | None = None
+        self._g_sum: list[Any] | None = None  # per layer a Tensor or DiagonalPlusLowRank
 
     # --- layer selection --------------------------------------------------------------
 
@@ -204,6 +231,7 @@ class KroneckerFactored(Curvature):
                 diagonal.append(layer)
         if not kronecker and not diagonal:
             raise ValueError(f"{owner}: no layer selected (check layers=/exclude=).")
+        self._structured = self._resolve_output_factors(model, kronecker)
         self._diagonal_blocks = DiagonalBlocks(
             diagonal,
             self.fisher_type,
@@ -292,6 +320,9 @@ class KroneckerFactored(Curvature):
             keep_raw=self._keep_raw,
             sample_fraction=self.statistics_fraction,
             per_row=self._per_row,
+            low_rank_output=tuple(
+                layer.module for layer, s in zip(self.layers, self._structured) if s
+            ),
         )
 
     def _accumulate(self, result: BatchResult, weight: float) -> None:
@@ -309,31 +340,54 @@ class KroneckerFactored(Curvature):
         auxiliary head) adds nothing, as ``torch.optim`` skips a parameter without
         gradient (backends that keep per-sample statistics raise, naming it)."""
         request = self._kronecker_request()
-        return [self._layer_batch(result, request, layer) for layer in self.layers]
+        return [self._layer_batch(result, request, layer, k) for k, layer in enumerate(self.layers)]
 
     def _layer_batch(
-        self, result: BatchResult, request: KroneckerStatistics, layer: Layer
+        self, result: BatchResult, request: KroneckerStatistics, layer: Layer, k: int
     ) -> KroneckerBatch:
-        """One layer's statistics of the batch (see :meth:`_layer_batches`)."""
+        """Layer ``k``'s statistics of the batch (see :meth:`_layer_batches`)."""
         found = result.kronecker.get(request.key, {}).get(id(layer.module))
         if found is None and not request.keep_raw:
-            found = _unused_layer_batch(layer.module)
+            found = self._unused_layer_batch(k)
         if found is None:
             found = result.kronecker_batch(request, layer.module, layer.name)  # raises
         return found
+
+    def _unused_layer_batch(self, k: int) -> KroneckerBatch:
+        """Zero statistics of layer ``k`` when the batch's forward pass did not call it."""
+        return _unused_layer_batch(self.layers[k].module, self.kfac_approx, self._structured[k])
 
     def _add_factors(self, batches: list[KroneckerBatch], weight: float) -> None:
         if self._a_sum is None or self._g_sum is None:
             # Adopt the first batch's tensors without copying. A may be shared with other
             # backends of the same extract() and loaded statistics belong to the caller, so
             # nothing is modified in place until owned (copy-on-write); G is a fresh product.
-            self._a_sum = [self._in_factor_dtype(b.a_sum) for b in batches]
-            self._g_sum = [self._in_factor_dtype(b.g) * weight for b in batches]
+            self._a_sum = [
+                self._a_layout(k, self._in_factor_dtype(b.a_sum)) for k, b in enumerate(batches)
+            ]
+            self._g_sum = [
+                self._structured_update(None, b, weight)
+                if self._structured[k]
+                else self._in_factor_dtype(b.g) * weight
+                for k, b in enumerate(batches)
+            ]
             self._a_count = [b.count for b in batches]
             self._owned = False
             return
         for k, batch in enumerate(batches):
-            a, g = self._in_factor_dtype(batch.a_sum), self._in_factor_dtype(batch.g)
+            if self._structured[k]:  # a fresh DiagonalPlusLowRank: nothing shared
+                self._g_sum[k] = self._structured_update(self._g_sum[k], batch, weight)
+                a = self._a_layout(k, self._in_factor_dtype(batch.a_sum))
+                if self._owned:
+                    self._a_sum[k].add_(a)
+                else:
+                    self._a_sum[k] = self._a_sum[k] + a
+                self._a_count[k] += batch.count
+                continue
+            a, g = (
+                self._a_layout(k, self._in_factor_dtype(batch.a_sum)),
+                self._in_factor_dtype(batch.g),
+            )
             if self._owned:
                 self._a_sum[k].add_(a)
                 self._g_sum[k].add_(g, alpha=weight)
@@ -345,6 +399,102 @@ class KroneckerFactored(Curvature):
 
     def _in_factor_dtype(self, t: Tensor) -> Tensor:
         return t if self.factor_dtype is None else t.to(self.factor_dtype)
+
+    def _structured_update(
+        self, G: linalg.DiagonalPlusLowRank | None, batch: KroneckerBatch, weight: float
+    ) -> linalg.DiagonalPlusLowRank:
+        """``G + weight · (the batch's factor)``, compressed to ``output_rank``."""
+        assert batch.g_low_rank is not None
+        d, cols, sign = batch.g_low_rank
+        d, cols = self._in_factor_dtype(d), self._in_factor_dtype(cols)
+        if G is not None:
+            G = G._replace(d=G.d + weight * d)
+        else:
+            zero = d.new_zeros
+            G = linalg.DiagonalPlusLowRank(
+                weight * d, zero(d.shape[0], self.output_rank), zero(self.output_rank)
+            )
+        return linalg.low_rank_update(G, cols, sign * weight, self.output_rank)
+
+    # --- output factors ------------------------------------------------------------------
+
+    def _resolve_output_factors(self, model: nn.Module, layers: list[Layer]) -> list[bool]:
+        """Per Kronecker layer, whether its ``G`` is structured (see ``output_factor``)."""
+        owner = type(self).__name__
+        choice = self._output_choice
+        if isinstance(choice, str):
+            per_layer: dict[int, str] = {}
+            default = choice
+        elif isinstance(choice, Mapping):
+            default, per_layer = "auto", {}
+            for spec, mode in choice.items():
+                _check_output_mode(mode, owner)
+                ids = _resolve(model, [spec], "output_factor", owner)
+                kronecker = {id(layer.module) for layer in layers}
+                for key in ids:
+                    if key not in kronecker:
+                        name = next(n for n, m in model.named_modules() if id(m) == key)
+                        raise ValueError(
+                            f"{owner}: output_factor names module '{name}', which has no "
+                            "Kronecker block (not a layer of the rule table, excluded, or its "
+                            "weight is tied to another module's and it has a diagonal block, "
+                            "which is already O(parameters)); coverage() lists the blocks."
+                        )
+                    per_layer[key] = mode
+        else:
+            raise ValueError(
+                f"{owner}: output_factor must be one of {OUTPUT_FACTORS} or a dict from "
+                f"module names to them, got {choice!r}."
+            )
+        _check_output_mode(default, owner)
+        structured = []
+        for layer in layers:
+            label = f"layer '{layer.name}' ({type(layer.module).__name__})"
+            mode = per_layer.get(id(layer.module), default)
+            d_out, _ = layer_rules.weight_matrix_shape(layer.module)
+            big = d_out >= STRUCTURED_OUTPUT_THRESHOLD
+            wants = mode == "structured" or (mode == "auto" and big)
+            if wants and not self._structured_output:
+                why = (
+                    "output_factor='structured'"
+                    if mode == "structured"
+                    else (
+                        f"{d_out} outputs (≥ {STRUCTURED_OUTPUT_THRESHOLD}, where "
+                        "output_factor='auto' picks a structured output factor)"
+                    )
+                )
+                raise ValueError(
+                    f"{owner}: {label} has {why}, but {owner} needs a dense "
+                    "G (its eigenvectors). Pass output_factor={'" + layer.name + "': 'dense'} "
+                    f"to keep a dense G ({4 * d_out * d_out / 2**30:.2f} GiB in float32), "
+                    f"exclude=['{layer.name}'], or use KFAC, which keeps the structured factor."
+                )
+            if wants and self.statistics_fraction < 1.0:
+                raise ValueError(
+                    f"{owner}: {label} has a structured output factor, which "
+                    "takes the whole batch; statistics_fraction must be 1."
+                )
+            structured.append(wants)
+        return structured
+
+    def _is_structured(self, k: int) -> bool:
+        """Whether layer ``k``'s ``G`` is kept as diagonal plus low rank."""
+        return self._structured[k]
+
+    def _is_diagonal_factor(self, k: int) -> bool:
+        """Whether layer ``k``'s input factor is kept as its diagonal ``[D_in]``."""
+        return self._diagonal_factors and layer_rules.diagonal_input(
+            self.layers[k].module, self.kfac_approx
+        )
+
+    def _a_layout(self, k: int, a: Tensor) -> Tensor:
+        """``a`` (a sum of layer ``k``'s input factor, as a matrix or a diagonal) in the
+        layout this backend keeps: the diagonal ``[D_in]`` where
+        :meth:`_is_diagonal_factor`, else a matrix (an old checkpoint's dense diagonal
+        factor is reduced to its diagonal, which holds all of it)."""
+        if self._is_diagonal_factor(k):
+            return torch.diagonal(a) if a.ndim == 2 else a
+        return torch.diag(a) if a.ndim == 1 else a
 
     def _reset(self) -> None:
         self._a_sum = self._g_sum = None
@@ -387,12 +537,45 @@ class KroneckerFactored(Curvature):
     def _factor(self, k: int) -> KroneckerFactors:
         assert self._a_sum is not None and self._g_sum is not None
         a = self._a_sum[k] / max(self._a_count[k], 1)  # a layer never called: zero
-        if self.separate_bias and layer_rules.has_trainable_bias(self.layers[k].module):
+        if (
+            self.separate_bias
+            and a.ndim == 2
+            and layer_rules.has_trainable_bias(self.layers[k].module)
+        ):
             cross = torch.ones_like(a, dtype=torch.bool)
             cross[:-1, :-1] = False
             cross[-1, -1] = False
             a = a.masked_fill(cross, 0.0)  # separate blocks: no weight–bias cross terms
-        return KroneckerFactors(A=a, G=self._g_sum[k] / self._normalizer)
+        g = self._g_sum[k]
+        if isinstance(g, linalg.DiagonalPlusLowRank):
+            return KroneckerFactors(A=a, G=g.scaled(1.0 / self._normalizer))
+        return KroneckerFactors(A=a, G=g / self._normalizer)
+
+    # --- memory ------------------------------------------------------------------------
+
+    def _memory_estimate(self) -> MemoryEstimate:
+        layers = {self._layer_label(k): self._layer_memory(k) for k in range(len(self.layers))}
+        layers.update(self._diag().memory())
+        return MemoryEstimate(layers)
+
+    def _factor_itemsize(self, k: int) -> int:
+        """Bytes per entry of layer ``k``'s factors (``factor_dtype``, else the statistics')."""
+        if self.factor_dtype is not None:
+            return self.factor_dtype.itemsize
+        weight: Tensor = self.layers[k].module.weight  # type: ignore[assignment]
+        return layer_rules.statistics_dtype(weight.detach()[:0]).element_size()
+
+    def _factor_numel(self, k: int) -> tuple[int, int]:
+        """Entries of layer ``k``'s ``(A, G)`` sums as kept (a diagonal ``A``: ``D_in``; a
+        structured ``G``: ``d``, ``U`` and ``s``)."""
+        d_out, d_in = layer_rules.weight_matrix_shape(self.layers[k].module)
+        r = self.output_rank
+        g = d_out * (1 + r) + r if self._structured[k] else d_out * d_out
+        return (d_in if self._is_diagonal_factor(k) else d_in * d_in), g
+
+    def _layer_memory(self, k: int) -> LayerMemory:
+        """Layer ``k``'s bytes: the factor sums; subclasses add what they keep."""
+        return LayerMemory(sum(self._factor_numel(k)) * self._factor_itemsize(k), 0)
 
     # --- products ----------------------------------------------------------------------
 
@@ -409,7 +592,9 @@ class KroneckerFactored(Curvature):
         """Layer ``k``'s ``kron(G, A)`` in the ``[vec(W), b]`` order (dense; small models)."""
         f = self._factor(k)
         perm = layer_rules.parameter_order(self.layers[k].module)
-        return linalg.kron_dense(f.G, f.A)[perm][:, perm]
+        a = torch.diag(f.A) if f.A.ndim == 1 else f.A
+        g = f.G.to_dense() if isinstance(f.G, linalg.DiagonalPlusLowRank) else f.G
+        return linalg.kron_dense(g, a)[perm][:, perm]
 
     def _tail(self, v: Vector) -> Vector:
         """The entries of ``v`` for the diagonal blocks (after the Kronecker layers)."""
@@ -431,7 +616,14 @@ class KroneckerFactored(Curvature):
         sums = []
         for k, (a, g) in enumerate(zip(self._a_sum or [], self._g_sum or [])):
             label = self._layer_label(k)
-            sums.append(NamedTensor(f"{label} A", a, "symmetric"))
+            if isinstance(g, linalg.DiagonalPlusLowRank):
+                raise NotImplementedError(
+                    f"{type(self).__name__}: {label} has a structured output factor, whose "
+                    "low-rank part cannot be summed entry by entry across processes. Pass "
+                    f"output_factor={{'{self.layers[k].name}': 'dense'}} for distributed use."
+                )
+            # a diagonal factor travels as its vector
+            sums.append(NamedTensor(f"{label} A", a, "symmetric" if a.ndim == 2 else "general"))
             sums.append(NamedTensor(f"{label} G", g, "symmetric"))
         return sums
 
@@ -479,7 +671,7 @@ class KroneckerFactored(Curvature):
     def _load_state(self, state: dict[str, Any]) -> None:
         a_sum, g_sum = state["a_sum"], state["g_sum"]
         if a_sum is not None:
-            a_sum, g_sum = [t.clone() for t in a_sum], [t.clone() for t in g_sum]
+            a_sum, g_sum = [t.clone() for t in a_sum], [_clone_factor(t) for t in g_sum]
         self._adopt(a_sum, list(state["a_count"]), g_sum)
         if len(self._diag()):
             sums = state.get("diagonal")
@@ -491,12 +683,21 @@ class KroneckerFactored(Curvature):
         """Take the sums over (validated, not copied, never updated in place)."""
         if a_sum is not None and g_sum is not None:
             expected = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
-            got = [(g.shape[0], a.shape[0]) for a, g in zip(a_sum, g_sum)]
+            got = [(_factor_size(g), a.shape[0]) for a, g in zip(a_sum, g_sum)]
             if got != expected:
                 raise ValueError(
                     f"{type(self).__name__}: factor sizes {got} do not match this model's "
                     f"layers {expected}."
                 )
+            a_sum = [self._a_layout(k, a) for k, a in enumerate(a_sum)]
+            for k, g in enumerate(g_sum):
+                if self._structured[k] != isinstance(g, linalg.DiagonalPlusLowRank):
+                    kind = "structured" if self._structured[k] else "dense"
+                    raise ValueError(
+                        f"{type(self).__name__}: {self._layer_label(k)} keeps a {kind} "
+                        "output factor, the loaded one is not; construct the backend with "
+                        "the output_factor it was saved with."
+                    )
         self._a_sum, self._g_sum, self._a_count = a_sum, g_sum, a_count
         self._owned = False
 
@@ -645,10 +846,31 @@ def _as_matrix(layer: Layer, parts: list[Tensor]) -> Tensor:
     return layer_rules.to_matrix(layer.module, parts[0], bias)
 
 
-def _unused_layer_batch(module: nn.Module) -> KroneckerBatch:
+def _check_output_mode(mode: object, owner: str) -> None:
+    if mode not in OUTPUT_FACTORS:
+        raise ValueError(
+            f"{owner}: unknown output_factor {mode!r}; choose one of {OUTPUT_FACTORS}."
+        )
+
+
+def _clone_factor(g: Any) -> Any:
+    if isinstance(g, linalg.DiagonalPlusLowRank):
+        return linalg.DiagonalPlusLowRank(g.d.clone(), g.U.clone(), g.s.clone())
+    return g.clone()
+
+
+def _factor_size(g: Any) -> int:
+    return g.size if isinstance(g, linalg.DiagonalPlusLowRank) else int(g.shape[0])
+
+
+def _unused_layer_batch(module: nn.Module, kfac_approx: str, structured: bool) -> KroneckerBatch:
     """Zero statistics (no samples) of a layer the batch's forward pass did not call."""
     d_out, d_in = layer_rules.weight_matrix_shape(module)
     weight: Tensor = module.weight  # type: ignore[assignment]
     dtype = layer_rules.statistics_dtype(weight.detach()[:0]).dtype
     zeros = functools.partial(torch.zeros, dtype=dtype, device=weight.device)
-    return KroneckerBatch(a_sum=zeros(d_in, d_in), count=0, g=zeros(d_out, d_out))
+    a_shape = (d_in,) if layer_rules.diagonal_input(module, kfac_approx) else (d_in, d_in)
+    if structured:  # never a [D_out, D_out] matrix
+        low = (zeros(d_out), zeros(d_out, 0), 1.0)
+        return KroneckerBatch(a_sum=zeros(*a_shape), count=0, g=zeros(0, 0), g_low_rank=low)
+    return KroneckerBatch(a_sum=zeros(*a_shape), count=0, g=zeros(d_out, d_out))

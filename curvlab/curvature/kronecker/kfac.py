@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import BatchResult, Layer, NamedTensor
+from curvlab.curvature.base import BatchResult, Layer, LayerMemory, NamedTensor
 from curvlab.curvature.kronecker.factored import (
     BlockDiagonalKronecker,
     KroneckerFactors,
     LayerSpec,
     _as_matrix,
-    _unused_layer_batch,
     check_dtype,
 )
 from curvlab.curvature.kronecker.tridiagonal import BlockTridiagonalKFAC
@@ -60,7 +59,8 @@ __all__ = [
 
 class _LayerEigen(NamedTuple):
     G: linalg.SymmetricEigen
-    A: linalg.SymmetricEigen
+    #: a diagonal input factor is its own eigendecomposition: the (clamped) diagonal ``[D_in]``
+    A: linalg.SymmetricEigen | Tensor
 
 
 @register("kfac")
@@ -119,6 +119,15 @@ class KFAC(BlockDiagonalKronecker):
             to the other layers). Both Kronecker settings replay the recurrence with plain
             torch operations (an extra forward and backward pass per batch); ``kfac_approx``
             does not apply to them (time steps always "expand").
+        output_factor: how each layer keeps ``G``: ``"dense"`` (``[D_out, D_out]``),
+            ``"structured"`` (diagonal plus rank ``output_rank``, for vocabulary-sized
+            output layers; concepts/kronecker.md#vocabulary-sized-output-layers) or
+            ``"auto"`` (default: structured from
+            :data:`~curvlab.curvature.kronecker.factored.STRUCTURED_OUTPUT_THRESHOLD`
+            outputs on); a dict from module names (or glob patterns) to these overrides
+            single layers, the others being ``"auto"``. A structured layer needs damping
+            > 0, is served by the hooks engine, and has no ``logdet``/``eigenvalues``.
+        output_rank: the rank of a structured ``G``'s low-rank part.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
@@ -139,6 +148,12 @@ class KFAC(BlockDiagonalKronecker):
             raise ValueError(
                 f"{cls.__name__}: recurrent Kronecker blocks are defined for the "
                 "block-diagonal structure only; pass recurrent='diagonal'."
+            )
+        options.pop("output_rank", None)
+        if options.pop("output_factor", "auto") != "auto":
+            raise ValueError(
+                f"{cls.__name__}: output_factor is defined for the block-diagonal structure "
+                "only (the block-tridiagonal one keeps dense factors)."
             )
         if options.pop("separate_bias", False):
             raise ValueError(
@@ -170,6 +185,8 @@ class KFAC(BlockDiagonalKronecker):
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype | None = None,
         recurrent: str = "diagonal",
+        output_factor: str | Mapping[str, str] = "auto",
+        output_rank: int = 64,
     ) -> None:
         owner = type(self).__name__
         if recurrent not in RECURRENT_MODES:
@@ -204,8 +221,12 @@ class KFAC(BlockDiagonalKronecker):
             statistics_fraction=statistics_fraction,
             separate_bias=separate_bias,
             factor_dtype=factor_dtype,
+            output_factor=output_factor,
+            output_rank=output_rank,
         )
         self._eigen: list[_LayerEigen | None] | None = None  # per layer, computed lazily
+        #: per structured layer, (damping, A's eigenpairs or damped inverse, capacitances)
+        self._structured_cache: dict[int, tuple[float, Any, Tensor]] = {}
         self._inverses: tuple[float, list[tuple[Tensor, Tensor] | None]] | None = None
 
     def _in_inverse_dtype(self, t: Tensor) -> Tensor:
@@ -215,6 +236,7 @@ class KFAC(BlockDiagonalKronecker):
         self._eigen = None
         self._inverses = None
         self._series = {}
+        self._structured_cache = {}
 
     # --- recurrent modules (concepts/recurrent.md) ------------------------------------------
 
@@ -287,13 +309,13 @@ class KFAC(BlockDiagonalKronecker):
         return result.recurrent.get(request.key, {}).get(id(module.rnn), {}).get(module.block)
 
     def _layer_batch(
-        self, result: BatchResult, request: KroneckerStatistics, layer: Layer
+        self, result: BatchResult, request: KroneckerStatistics, layer: Layer, k: int
     ) -> KroneckerBatch:
         module = layer.module
         if not isinstance(module, rnn_rules.RecurrentAffine):
-            return super()._layer_batch(result, request, layer)
+            return super()._layer_batch(result, request, layer, k)
         found = self._recurrent_batch(result, module)
-        return _unused_layer_batch(module) if found is None else found.kron
+        return self._unused_layer_batch(k) if found is None else found.kron
 
     def _accumulate(self, result: BatchResult, weight: float) -> None:
         super()._accumulate(result, weight)
@@ -427,18 +449,52 @@ class KFAC(BlockDiagonalKronecker):
         self._lag_loaded = {int(k): tuple(t.clone() for t in v) for k, v in loaded.items()}
 
     def _layer_eigen(self, k: int) -> _LayerEigen:
+        if self._is_structured(k):
+            raise NotImplementedError(
+                f"{type(self).__name__}: {self._layer_label(k)} has a structured output "
+                "factor, whose eigendecomposition is not formed (logdet, eigenvalues and "
+                "eigenbases need it). Pass output_factor={'" + self.layers[k].name + "': "
+                "'dense'} where the dense G fits."
+            )
         if self._eigen is None:
             self._eigen = [None] * len(self.layers)
         eig = self._eigen[k]
         if eig is None:
             f = self._factor(k)
+            a = self._in_inverse_dtype(f.A)
             eig = _LayerEigen(
                 G=_psd_eig(self._in_inverse_dtype(f.G), f"{self._layer_label(k)} G"),
-                A=_psd_eig(self._in_inverse_dtype(f.A), f"{self._layer_label(k)} A"),
+                A=a.clamp(min=0.0) if a.ndim == 1 else _psd_eig(a, f"{self._layer_label(k)} A"),
             )
             self._eigen[k] = eig
             self.num_decompositions += 1
         return eig
+
+    def _layer_memory(self, k: int) -> LayerMemory:
+        """The factor sums, and per solve the eigenpairs of ``G`` and ``A`` (``"exact"``;
+        a diagonal ``A``: its clamped diagonal) or the two damped inverses (``"factored"``)
+        in ``inverse_dtype``."""
+        factors = super()._layer_memory(k).factors
+        d_out, d_in = layer_rules.weight_matrix_shape(self.layers[k].module)
+        a_numel, g_numel = self._factor_numel(k)
+        r = self.output_rank
+        if self._is_structured(k):  # A's eigenpairs (or inverse) and r×r capacitances
+            if self.damping_mode == "factored":
+                numel = a_numel + r * r
+            elif self._is_diagonal_factor(k):
+                numel = d_in + d_in * r * r
+            else:
+                numel = d_in + a_numel + d_in * r * r
+        elif self.damping_mode == "factored":
+            numel = g_numel + a_numel
+        else:
+            numel = d_out + g_numel + (d_in if self._is_diagonal_factor(k) else d_in + a_numel)
+        itemsize = (
+            self.inverse_dtype.itemsize
+            if self.inverse_dtype is not None
+            else self._factor_itemsize(k)
+        )
+        return LayerMemory(factors, numel * itemsize)
 
     # --- one layer's block ---------------------------------------------------------------
 
@@ -448,6 +504,10 @@ class KFAC(BlockDiagonalKronecker):
             basis = self._series_basis(k, 0.0)
             out = linalg.series_matvec(basis, _as_matrix(layer, parts).to(basis.z.dtype))
             return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
+        if isinstance(f.G, linalg.DiagonalPlusLowRank):  # G (V Aᵀ), G never dense
+            mat = _as_matrix(layer, parts).to(f.A.dtype)
+            right = mat * f.A if f.A.ndim == 1 else mat @ f.A.mT
+            return layer_rules.from_matrix(layer.module, f.G.matmul(right).to(parts[0].dtype))
         mat = _as_matrix(layer, parts).to(f.G.dtype)
         out = linalg.kron_matvec(f.G, f.A, mat).to(parts[0].dtype)
         return layer_rules.from_matrix(layer.module, out)
@@ -459,16 +519,81 @@ class KFAC(BlockDiagonalKronecker):
             basis = self._series_basis(k, damping)
             out = linalg.series_solve(basis, _as_matrix(layer, parts).to(basis.z.dtype))
             return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
+        if self._is_structured(k):
+            return self._structured_solve(k, parts, damping)
         if self.damping_mode == "factored":
-            # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer
+            # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer (a diagonal A: a scaling)
             inv_g, inv_a = self._layer_inverses(k, damping)
-            out = inv_g @ _as_matrix(layer, parts).to(inv_g.dtype) @ inv_a
+            out = linalg.kron_matvec(inv_g, inv_a, _as_matrix(layer, parts).to(inv_g.dtype))
             return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
         eig = self._layer_eigen(k)
         mat = _as_matrix(layer, parts).to(eig.G.eigenvalues.dtype)
         if damping == 0.0:
-            self._check_invertible(k, eig.G, eig.A)
-        out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
+            self._check_invertible(k, eig.G.eigenvalues, _eigenvalues(eig.A))
+        if isinstance(eig.A, Tensor):  # diagonal A: O(D_out² D_in), no [D_in, D_in] matrix
+            out = linalg.kron_eigen_diagonal_damped_solve(eig.G, eig.A, mat, damping)
+        else:
+            out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
+        return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
+
+    def _structured_solve(self, k: int, parts: list[Tensor], damping: float) -> list[Tensor]:
+        """Layer ``k``'s damped solve with a structured ``G = D + U S Uᵀ``, never forming
+        ``[D_out, D_out]`` (concepts/kronecker.md#vocabulary-sized-output-layers).
+
+        exact: in ``A``'s eigenbasis column ``j`` solves ``(d_A[j] G + λ I) x = b`` by
+        Woodbury with the shift ``λ / d_A[j]`` (columns with ``d_A[j] = 0``: ``b / λ``),
+        ``O(D_out · r² · D_in)`` once per damping, then ``O(D_out · r · D_in)``;
+        factored: ``(G + γ/π I)⁻¹ V (A + πγ I)⁻¹``, one shift.
+        """
+        layer = self.layers[k]
+        if damping <= 0.0:
+            raise linalg.LinAlgError(
+                f"{type(self).__name__}.solve: {self._layer_label(k)} has a structured output "
+                "factor, which is solved with damping > 0 only."
+            )
+        f = self._factor(k)
+        G = f.G.to(self._in_inverse_dtype(f.G.d).dtype)
+        a = self._in_inverse_dtype(f.A)
+        mat = _as_matrix(layer, parts).to(G.d.dtype)
+        cached = self._structured_cache.get(k)
+        if self.damping_mode == "factored":
+            pi = linalg.pi_correction(torch.diag(G.diagonal()), a)
+            gamma = damping**0.5
+            shifts = (gamma / pi).reshape(1).to(G.d.dtype)
+            if cached is None or cached[0] != damping:
+                damped_a = (
+                    a + pi * gamma
+                    if a.ndim == 1
+                    else a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+                )
+                inv_a = (
+                    _diagonal_inverse(damped_a, f"{self._layer_label(k)} A + πγ I")
+                    if a.ndim == 1
+                    else _spd_inverse(damped_a, f"{self._layer_label(k)} A + πγ I")
+                )
+                cached = (damping, inv_a, G.capacitances(shifts))
+                self._structured_cache[k] = cached
+                self.num_decompositions += 1
+            inv_a, caps = cached[1], cached[2]
+            right = mat * inv_a if inv_a.ndim == 1 else mat @ inv_a
+            m = right.shape[1]
+            out = G.shifted_solve(right, shifts.expand(m), caps.expand(m, -1, -1))
+            return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
+        if cached is None or cached[0] != damping:
+            eig_a = a.clamp(min=0.0) if a.ndim == 1 else _psd_eig(a, f"{self._layer_label(k)} A")
+            d_a = _eigenvalues(eig_a)
+            shifts = damping / d_a.clamp(min=torch.finfo(d_a.dtype).tiny)
+            cached = (damping, eig_a, G.capacitances(shifts))
+            self._structured_cache[k] = cached
+            self.num_decompositions += 1
+        eig_a, caps = cached[1], cached[2]
+        d_a = _eigenvalues(eig_a)
+        rotated = mat if isinstance(eig_a, Tensor) else mat @ eig_a.eigenvectors  # [V, D_in]
+        positive = d_a > 0
+        shifts = damping / d_a.clamp(min=torch.finfo(d_a.dtype).tiny)
+        solved = G.shifted_solve(rotated / d_a.clamp(min=torch.finfo(d_a.dtype).tiny), shifts, caps)
+        solved = torch.where(positive, solved, rotated / damping)
+        out = solved if isinstance(eig_a, Tensor) else solved @ eig_a.eigenvectors.mT
         return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
 
     def _layer_inverses(self, k: int, damping: float) -> tuple[Tensor, Tensor]:
@@ -483,18 +608,18 @@ class KFAC(BlockDiagonalKronecker):
             label = self._layer_label(k)
             cached = (
                 _spd_inverse(damped_g, f"{label} G + γ/π I"),
-                _spd_inverse(damped_a, f"{label} A + πγ I"),
+                _diagonal_inverse(damped_a, f"{label} A + πγ I")
+                if damped_a.ndim == 1
+                else _spd_inverse(damped_a, f"{label} A + πγ I"),
             )
             self._inverses[1][k] = cached
             self.num_decompositions += 1
         return cached
 
-    def _check_invertible(
-        self, k: int, eig_g: linalg.SymmetricEigen, eig_a: linalg.SymmetricEigen
-    ) -> None:
-        smallest = eig_g.eigenvalues[0] * eig_a.eigenvalues[0]
-        largest = eig_g.eigenvalues[-1] * eig_a.eigenvalues[-1]
-        tiny = torch.finfo(eig_g.eigenvalues.dtype).eps * largest
+    def _check_invertible(self, k: int, d_g: Tensor, d_a: Tensor) -> None:
+        smallest = d_g.min() * d_a.min()
+        largest = d_g.max() * d_a.max()
+        tiny = torch.finfo(d_g.dtype).eps * largest
         if not bool(smallest > tiny):
             raise linalg.LinAlgError(
                 f"{type(self).__name__}.solve: {self._layer_label(k)} kron(G, A) is singular "
@@ -520,7 +645,7 @@ class KFAC(BlockDiagonalKronecker):
                 )
             else:
                 e = self._layer_eigen(k)
-                spectra.append(torch.outer(e.G.eigenvalues, e.A.eigenvalues))
+                spectra.append(torch.outer(e.G.eigenvalues, _eigenvalues(e.A)))
         return spectra
 
     def _layer_diagonal_grid(self, k: int) -> Tensor:
@@ -528,7 +653,7 @@ class KFAC(BlockDiagonalKronecker):
         if self._is_series(k):
             return linalg.series_diagonal(self._series_basis(k, 0.0))
         f = self._factor(k)
-        return torch.outer(torch.diagonal(f.G), torch.diagonal(f.A))
+        return torch.outer(_diag_of(f.G), _diag_of(f.A))
 
     def _trace(self) -> Tensor:
         parts = [self._layer_diagonal_grid(k).sum() for k in range(len(self.layers))]
@@ -549,9 +674,7 @@ class KFAC(BlockDiagonalKronecker):
                 squares.append(linalg.series_frobenius_norm(self._series_basis(k, 0.0)) ** 2)
             else:
                 f = self._factor(k)
-                squares.append(
-                    torch.linalg.matrix_norm(f.G) ** 2 * torch.linalg.matrix_norm(f.A) ** 2
-                )
+                squares.append(_frobenius(f.G) ** 2 * torch.linalg.vector_norm(f.A) ** 2)
         squares += [d.square().sum() for d in self._tail_diagonal()]
         return torch.stack(squares).sum().sqrt()
 
@@ -563,6 +686,8 @@ class KFAC(BlockDiagonalKronecker):
         if self._is_series(index):
             self._series_basis(index, damping)
             return
+        if self._is_structured(index):
+            self._layer_eigen(index)  # raises: not distributed
         if self.damping_mode == "factored":
             self._layer_inverses(index, damping)
         else:
@@ -588,14 +713,23 @@ class KFAC(BlockDiagonalKronecker):
                 raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
             return [
                 NamedTensor(f"{label} (G + γ/π I)⁻¹", pair[0], "symmetric"),
-                NamedTensor(f"{label} (A + πγ I)⁻¹", pair[1], "symmetric"),
+                NamedTensor(
+                    f"{label} (A + πγ I)⁻¹",
+                    pair[1],
+                    "symmetric" if pair[1].ndim == 2 else "general",
+                ),
             ]
         eig = None if self._eigen is None else self._eigen[index]
         if eig is None:
             raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
-        return [
+        g_parts = [
             NamedTensor(f"{label} G eigenvalues", eig.G.eigenvalues),
             NamedTensor(f"{label} G eigenvectors", eig.G.eigenvectors),
+        ]
+        if isinstance(eig.A, Tensor):  # a diagonal A: its diagonal alone
+            return [*g_parts, NamedTensor(f"{label} A (diagonal)", eig.A)]
+        return [
+            *g_parts,
             NamedTensor(f"{label} A eigenvalues", eig.A.eigenvalues),
             NamedTensor(f"{label} A eigenvectors", eig.A.eigenvectors),
         ]
@@ -615,7 +749,9 @@ class KFAC(BlockDiagonalKronecker):
                 self._eigen = [None] * len(self.layers)
             self._eigen[index] = _LayerEigen(
                 G=linalg.SymmetricEigen(tensors[0], tensors[1]),
-                A=linalg.SymmetricEigen(tensors[2], tensors[3]),
+                A=tensors[2]
+                if len(tensors) == 3
+                else linalg.SymmetricEigen(tensors[2], tensors[3]),
             )
 
 
@@ -636,6 +772,34 @@ def _psd_eig(M: Tensor, name: str) -> linalg.SymmetricEigen:
     # The factors are PSD by construction; negative eigenvalues are rounding and are clamped.
     d, q = linalg.symeig(M, name=name)
     return linalg.SymmetricEigen(d.clamp(min=0.0), q)
+
+
+def _eigenvalues(eig: linalg.SymmetricEigen | Tensor) -> Tensor:
+    """A factor's eigenvalues (a diagonal factor's: its diagonal, unsorted)."""
+    return eig if isinstance(eig, Tensor) else eig.eigenvalues
+
+
+def _diag_of(A: Any) -> Tensor:
+    """The diagonal of a factor kept as a matrix, as its diagonal or structured."""
+    if isinstance(A, linalg.DiagonalPlusLowRank):
+        return A.diagonal()
+    return A if A.ndim == 1 else torch.diagonal(A)
+
+
+def _frobenius(G: Any) -> Tensor:
+    if isinstance(G, linalg.DiagonalPlusLowRank):
+        return G.frobenius_norm()
+    return torch.linalg.matrix_norm(G)
+
+
+def _diagonal_inverse(a: Tensor, name: str) -> Tensor:
+    """``1/a`` of a damped diagonal factor (clear error where an entry is not positive)."""
+    if not bool((a > 0).all()):
+        raise linalg.LinAlgError(
+            f"{name} (diagonal [{a.shape[0]}]) is not positive definite: smallest entry "
+            f"{float(a.min()):.3g}; use damping > 0."
+        )
+    return 1.0 / a
 
 
 def _spd_inverse(M: Tensor, name: str) -> Tensor:

@@ -246,6 +246,8 @@ class BlockTridiagonalKFAC(KroneckerFactored):
     structure = "block_tridiagonal"
     damping_mode = "factored"
     _keep_raw = True  # cross moments need the per-sample patches and columns
+    _diagonal_factors = False  # the coupled solve works with dense factors
+    _structured_output = False
 
     def __init__(
         self,
