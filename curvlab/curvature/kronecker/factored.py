@@ -26,20 +26,20 @@ each layer's spectrum. The structures are subclasses: :class:`~curvlab.KFAC` (ei
 Cholesky-damped blocks), :class:`~curvlab.EKFAC` (K-FAC's eigenbasis with a refitted
 diagonal) and :class:`~curvlab.BlockTridiagonalKFAC` (consecutive layers coupled).
 
-**Coverage.** Every trainable parameter is covered by default: layers with a Kronecker
-rule (``Linear``, ``ConvNd``, ``Embedding`` — see ``supported_layers``) get a Kronecker
-block; every other parameter (normalisation layers, raw ``nn.Parameter``s, recurrent
-weights unless ``KFAC(recurrent=...)`` splits them into Kronecker blocks per affine map
-(:meth:`KroneckerFactored._split_layer`), transposed convolutions, parameters shared
-between modules, the projections of ``nn.MultiheadAttention``, which it calls
-functionally) gets a diagonal block of the same Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`: the Fisher's diagonal),
-placed after the Kronecker layers in ``params``. ``strict=True`` refuses such parameters
-instead; ``coverage()`` tells which parameter sits in which kind of block. The one
-approximation: ``KFAC``/``KFC`` take normalisation layers' diagonal from per-sample
-gradients where a BatchNorm in train mode couples the samples (``coverage()`` kind
-:data:`APPROXIMATE_DIAGONAL`; concepts/models.md#rows-samples-and-exactness). A module
-registered twice (the same layer twice in an ``nn.Sequential``) is one layer called
-twice, not a tied parameter.
+**Coverage.** Every trainable parameter is covered by default: layers with a Kronecker rule
+(``Linear``, ``ConvNd``, ``Embedding`` — see ``supported_layers``) get a Kronecker block;
+every other parameter (normalisation layers, raw ``nn.Parameter``s, recurrent weights unless
+``KFAC(recurrent=...)`` splits them into Kronecker blocks per affine map
+(:meth:`KroneckerFactored._split_layer`), transposed convolutions, parameters shared between
+modules, the projections of ``nn.MultiheadAttention``, which it calls functionally) gets a
+diagonal block of the same Fisher type (:class:`~curvlab.curvature.diagonal.DiagonalBlocks`:
+the Fisher's diagonal), placed after the Kronecker layers in ``params``. ``strict=True``
+refuses such parameters instead; ``coverage()`` tells which parameter sits in which kind of
+block. The one approximation: ``KFAC``/``KFC`` take normalisation layers' diagonal from
+per-sample gradients where a BatchNorm in train mode couples the samples (``coverage()``
+kind :data:`APPROXIMATE_DIAGONAL`; concepts/models.md#rows-samples-and-exactness). A module
+registered twice (the same layer twice in an ``nn.Sequential``) is one layer called twice,
+not a tied parameter.
 
 **Ignored rows.** The inputs of loss rows equal to ``ignore_index`` do not enter ``A``
 where rows map to the layer's samples or positions
