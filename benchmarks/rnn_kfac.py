@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import curvlab
-from benchmarks.optimizer_race import corpus
+from benchmarks.optimizer_race import _natural_gradient, corpus
 
 CONTEXT, BATCH = 32, 16
 Step = Callable[[Tensor, Tensor], Tensor]
@@ -53,22 +53,10 @@ def _adam(model: nn.Module, loss_fn: nn.Module) -> Step:
 
 
 def _kfac(recurrent: str) -> Callable[[nn.Module, nn.Module], Step]:
-    def make(model: nn.Module, loss_fn: nn.Module) -> Step:
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        curvature = curvlab.KFAC(model, loss_fn, recurrent=recurrent)
-        precond = curvlab.NaturalGradient(curvature, damping=1e-2, optimizer=opt, invert_every=10)
-
-        def step(x: Tensor, y: Tensor) -> Tensor:
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            precond.backward(loss)
-            precond.step()
-            opt.step()
-            return loss.detach()
-
-        return step
-
-    return make
+    """NaturalGradient(KFAC(recurrent=...)) beside SGD momentum 0.9, as the optimizer race."""
+    make = _natural_gradient(lambda m, loss_fn: curvlab.KFAC(m, loss_fn, recurrent=recurrent))
+    setting = {"lr": 0.1, "damping": 1e-2, "invert_every": 10}
+    return lambda model, loss_fn: make(model, loss_fn, setting)
 
 
 CONTENDERS: dict[str, Callable[[nn.Module, nn.Module], Step]] = {

@@ -156,7 +156,8 @@ def _regression(upper: Tensor, cross: Tensor, lower: Tensor, eps: float) -> tupl
     root = _psd_root(joint)
     c_upper, c_lower = root[:, :size], root[:, size:]
     u, s, vh = torch.linalg.svd(c_lower, full_matrices=False)
-    scale = float(torch.linalg.matrix_norm(root, ord=2)) if root.numel() else 0.0
+    # root's rows are orthogonal (√λ_i v_iᵀ): its spectral norm is its largest row norm
+    scale = float(torch.linalg.vector_norm(root, dim=1).max()) if root.numel() else 0.0
     cutoff = eps**0.35 * scale
     keep = s > cutoff
     u, s, vh = u[:, keep], s[keep], vh[keep]
