@@ -87,14 +87,20 @@ def test_diagonal_estimates_converge(method: str, seed: int, dim: int) -> None:
 @hsettings(30)
 def test_lanczos_matches_eigvalsh_on_exact_rank(seed: int, dim: int, rank: int, k: int) -> None:
     """Rank ``r`` with distinct eigenvalues: the Krylov space is invariant after ``r + 1``
-    steps and the top ``k ≤ r`` Ritz values are the eigenvalues, bounds zero."""
+    steps and the top ``k ≤ r`` Ritz values are the eigenvalues; the bounds hold and are at
+    rounding level, amplified by the Krylov basis' conditioning where eigenvalues cluster
+    (seed 34784, dim 39, rank 6: four of six eigenvalues in [8.6, 9.9] give a last residual
+    of 1e-6 while the Ritz values are exact to 1e-13)."""
     rank = min(rank, dim)
     k = min(k, rank)
     A = _psd(dim, rank, seed)
     est = linalg.lanczos_eigenvalues(_mv(A), dim, k, num_steps=min(dim, rank + 1), seed=seed)
     expected = torch.linalg.eigvalsh(A).flip(0)[:k]
     torch.testing.assert_close(est.value, expected, rtol=1e-8, atol=1e-9)
-    assert float(est.error.max()) <= 1e-6
+    # containment up to eigvalsh's own rounding (both sides are exact to ~1e-15 relative)
+    slack = 1e-12 * float(expected[0])
+    assert bool(((est.value - expected).abs() <= est.error + slack).all())
+    assert float(est.error.max()) <= 1e-4 * float(expected[0])
     assert est.num_matvecs <= rank + 1
 
 
