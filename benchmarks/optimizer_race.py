@@ -402,10 +402,28 @@ def _kfac_optimizer(model: nn.Module, loss_fn: nn.Module, setting: dict) -> Step
     return step
 
 
-def _natural_gradient(curvature: Callable[[nn.Module, nn.Module], curvlab.Curvature]):
+def _base_optimizer(model: nn.Module, base: str, options: dict) -> torch.optim.Optimizer:
+    """The optimizer that applies the natural gradients: SGD with momentum 0.9, AdamW
+    (weight decay 0.01) or Muon (its groups; ``adamw_lr`` for the rest); pops its rates
+    from ``options``."""
+    lr = options.pop("lr")
+    if base == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if base == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    if base == "muon":
+        from pytorch_optimizer import Muon
+
+        return Muon(muon_groups(model, lr, options.pop("adamw_lr")))
+    raise ValueError(f"unknown base optimizer {base!r}")
+
+
+def _natural_gradient(
+    curvature: Callable[[nn.Module, nn.Module], curvlab.Curvature], base: str = "sgd"
+):
     def make(model: nn.Module, loss_fn: nn.Module, setting: dict) -> Step:
         options = dict(setting)
-        opt = torch.optim.SGD(model.parameters(), lr=options.pop("lr"), momentum=0.9)
+        opt = _base_optimizer(model, base, options)
         precond = curvlab.NaturalGradient(curvature(model, loss_fn), optimizer=opt, **options)
 
         def step(x: Tensor, y: Tensor) -> Tensor:
