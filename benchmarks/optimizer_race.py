@@ -488,7 +488,15 @@ CONTENDERS: dict[str, Contender] = {
                 {},
                 {"orthogonalize": True},
                 {"orthogonalize": True, "damping": 1e-3},
-                {"layer_model_every": 5, "update_every": 5},
+                # the cheap step on orthogonalised proposals: the per-layer model and the
+                # statistics every 5 steps (without orthogonalize, 138 steps on the
+                # autoencoder against 17: docs/benchmarks.md, "Optimizer race")
+                {
+                    "orthogonalize": True,
+                    "damping": 1e-3,
+                    "layer_model_every": 5,
+                    "update_every": 5,
+                },
                 {"damping": 1e-3},
             ],
             "curvlab; no learning rate; damping = the initial λ; orthogonalize: polar factors "
@@ -503,6 +511,24 @@ CONTENDERS: dict[str, Contender] = {
             _natural_gradient(lambda model, loss_fn: curvlab.KFC(model, loss_fn)),
             NG_SETTINGS,
             "curvlab NaturalGradient(KFC) beside SGD momentum 0.9; damping 0.1 by default",
+        ),
+        Contender(
+            "ng-kfac-muon",
+            "NG(KFAC)+Muon",
+            # Muon's momentum and polar factor applied to the natural gradient: curvature
+            # shapes the direction, the orthogonalisation its length (no KL clip)
+            _natural_gradient(lambda model, loss_fn: curvlab.KFC(model, loss_fn), "muon"),
+            [
+                {**muon, "damping": damping, "update_every": 10, "kl_clip": None}
+                for muon, damping in (
+                    ({"lr": 0.02, "adamw_lr": 3e-3}, 1e-2),
+                    ({"lr": 0.02, "adamw_lr": 3e-4}, 0.1),
+                    ({"lr": 0.05, "adamw_lr": 3e-3}, 1e-2),
+                    ({"lr": 0.01, "adamw_lr": 1e-3}, 1e-2),
+                )
+            ],
+            "curvlab NaturalGradient(KFC), statistics every 10 steps, beside pytorch-optimizer "
+            "Muon (its groups, as the muon contender)",
         ),
         Contender(
             "ng-ekfac",
