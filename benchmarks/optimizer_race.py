@@ -22,7 +22,8 @@ with decoupled weight decay) and SGD with momentum 0.9 over learning-rate grids;
 Shampoo (``ScalableShampoo``, RMSProp grafting), Muon (AdamW for biases, norms,
 embeddings and the output layer, as its docstring says) and PSGD (``Kron``) from
 pytorch-optimizer; curvlab's ``KFACOptimizer`` (no learning rate; its initial damping)
-and ``NaturalGradient`` over K-FAC and EKFAC beside SGD with momentum (damping × lr).
+and ``NaturalGradient`` over K-FAC and EKFAC beside SGD with momentum (damping × lr), and
+over K-FAC beside Muon (the natural gradient under Muon's momentum and polar factor).
 
 Protocol (as AlgoPerf): the target of a workload is the loss that the best-tuned NAdamW
 reaches (median over seeds) at 80 % of the budget, per thread count; the score of a
