@@ -22,7 +22,8 @@ with decoupled weight decay) and SGD with momentum 0.9 over learning-rate grids;
 Shampoo (``ScalableShampoo``, RMSProp grafting), Muon (AdamW for biases, norms,
 embeddings and the output layer, as its docstring says) and PSGD (``Kron``) from
 pytorch-optimizer; curvlab's ``KFACOptimizer`` (no learning rate; its initial damping)
-and ``NaturalGradient`` over K-FAC and EKFAC beside SGD with momentum (damping × lr).
+and ``NaturalGradient`` over K-FAC and EKFAC beside SGD with momentum (damping × lr), and
+over K-FAC beside Muon (the natural gradient under Muon's momentum and polar factor).
 
 Protocol (as AlgoPerf): the target of a workload is the loss that the best-tuned NAdamW
 reaches (median over seeds) at 80 % of the budget, per thread count; the score of a
@@ -402,10 +403,28 @@ def _kfac_optimizer(model: nn.Module, loss_fn: nn.Module, setting: dict) -> Step
     return step
 
 
-def _natural_gradient(curvature: Callable[[nn.Module, nn.Module], curvlab.Curvature]):
+def _base_optimizer(model: nn.Module, base: str, options: dict) -> torch.optim.Optimizer:
+    """The optimizer that applies the natural gradients: SGD with momentum 0.9, AdamW
+    (weight decay 0.01) or Muon (its groups; ``adamw_lr`` for the rest); pops its rates
+    from ``options``."""
+    lr = options.pop("lr")
+    if base == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    if base == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    if base == "muon":
+        from pytorch_optimizer import Muon
+
+        return Muon(muon_groups(model, lr, options.pop("adamw_lr")))
+    raise ValueError(f"unknown base optimizer {base!r}")
+
+
+def _natural_gradient(
+    curvature: Callable[[nn.Module, nn.Module], curvlab.Curvature], base: str = "sgd"
+):
     def make(model: nn.Module, loss_fn: nn.Module, setting: dict) -> Step:
         options = dict(setting)
-        opt = torch.optim.SGD(model.parameters(), lr=options.pop("lr"), momentum=0.9)
+        opt = _base_optimizer(model, base, options)
         precond = curvlab.NaturalGradient(curvature(model, loss_fn), optimizer=opt, **options)
 
         def step(x: Tensor, y: Tensor) -> Tensor:
@@ -470,7 +489,15 @@ CONTENDERS: dict[str, Contender] = {
                 {},
                 {"orthogonalize": True},
                 {"orthogonalize": True, "damping": 1e-3},
-                {"layer_model_every": 5, "update_every": 5},
+                # the cheap step on orthogonalised proposals: the per-layer model and the
+                # statistics every 5 steps (without orthogonalize, 138 steps on the
+                # autoencoder against 17: docs/benchmarks.md, "Optimizer race")
+                {
+                    "orthogonalize": True,
+                    "damping": 1e-3,
+                    "layer_model_every": 5,
+                    "update_every": 5,
+                },
                 {"damping": 1e-3},
             ],
             "curvlab; no learning rate; damping = the initial λ; orthogonalize: polar factors "
@@ -485,6 +512,24 @@ CONTENDERS: dict[str, Contender] = {
             _natural_gradient(lambda model, loss_fn: curvlab.KFC(model, loss_fn)),
             NG_SETTINGS,
             "curvlab NaturalGradient(KFC) beside SGD momentum 0.9; damping 0.1 by default",
+        ),
+        Contender(
+            "ng-kfac-muon",
+            "NG(KFAC)+Muon",
+            # Muon's momentum and polar factor applied to the natural gradient: curvature
+            # shapes the direction, the orthogonalisation its length (no KL clip)
+            _natural_gradient(lambda model, loss_fn: curvlab.KFC(model, loss_fn), "muon"),
+            [
+                {**muon, "damping": damping, "update_every": 10, "kl_clip": None}
+                for muon, damping in (
+                    ({"lr": 0.02, "adamw_lr": 3e-3}, 1e-2),
+                    ({"lr": 0.02, "adamw_lr": 3e-4}, 0.1),
+                    ({"lr": 0.05, "adamw_lr": 3e-3}, 1e-2),
+                    ({"lr": 0.01, "adamw_lr": 1e-3}, 1e-2),
+                )
+            ],
+            "curvlab NaturalGradient(KFC), statistics every 10 steps, beside pytorch-optimizer "
+            "Muon (its groups, as the muon contender)",
         ),
         Contender(
             "ng-ekfac",

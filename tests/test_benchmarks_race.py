@@ -58,3 +58,62 @@ def test_muon_groups_leave_the_head_and_norms_to_adamw() -> None:
     assert id(model.head.weight) not in hidden and id(model.tok.weight) not in hidden
     assert id(model.pos) not in hidden
     assert len(muon["params"]) + len(adamw["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("base", "setting", "expected"),
+    [
+        ("sgd", {"lr": 0.1}, "SGD"),
+        ("adamw", {"lr": 1e-3}, "AdamW"),
+        ("muon", {"lr": 0.02, "adamw_lr": 3e-3}, "Muon"),
+    ],
+)
+def test_natural_gradient_base_optimizer_applies_the_preconditioned_gradient(
+    base: str, setting: dict, expected: str
+) -> None:
+    """The race's NaturalGradient contender hands the preconditioned gradient to the base
+    optimizer: its first step equals the base optimizer's step on ``(F + λI)⁻¹ g``, the
+    preconditioned gradient computed independently by a second preconditioner."""
+    if base == "muon":
+        pytest.importorskip("pytorch_optimizer")
+    import copy
+
+    import torch
+    from torch import nn
+
+    import curvlab
+    from benchmarks.optimizer_race import _base_optimizer, _natural_gradient
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3))
+    reference = copy.deepcopy(model)
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    options = {**setting, "damping": 1e-2, "kl_clip": None}
+    opt = _base_optimizer(reference, base, dict(options))
+    assert type(opt).__name__ == expected
+    precond = curvlab.NaturalGradient(
+        curvlab.KFC(reference, loss_fn), damping=1e-2, kl_clip=None, optimizer=opt
+    )
+    torch.manual_seed(1)  # the same Monte-Carlo labels for both
+    precond.backward(loss_fn(reference(x), y))
+    precond.step()
+    opt.step()
+
+    before = [p.detach().clone() for p in model.parameters()]
+    step = _natural_gradient(lambda m, f: curvlab.KFC(m, f), base)(model, loss_fn, options)
+    torch.manual_seed(1)
+    loss = step(x, y)
+    assert torch.isfinite(loss)
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_natural_gradient_base_optimizer_rejects_an_unknown_name() -> None:
+    from torch import nn
+
+    from benchmarks.optimizer_race import _base_optimizer
+
+    with pytest.raises(ValueError, match="unknown base optimizer 'lion'"):
+        _base_optimizer(nn.Linear(2, 2), "lion", {"lr": 0.1})
