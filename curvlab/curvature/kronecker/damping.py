@@ -10,10 +10,11 @@
 
 A strategy holds no state: the decompositions it computes are cached on the backend
 (``kfac._eigen``, ``kfac._inverses``, ``kfac._structured_cache``), so one strategy object
-serves any number of backends. Each method is one piece of a damped solve: ``decompose``
-(what a solve needs, cached), ``solve`` (a dense or diagonal-``A`` layer), ``solve_structured``
-(a layer whose ``G`` is diagonal plus low rank), ``export``/``load`` (the decomposition as
-named tensors, for distribution) and ``numel`` (its size, for ``memory_estimate``).
+serves any number of backends; what it reads and writes there is :class:`DampedBackend`.
+Each method is one piece of a damped solve: ``decompose`` (what a solve needs, cached),
+``solve`` (a dense or diagonal-``A`` layer), ``solve_structured`` (a layer whose ``G`` is
+diagonal plus low rank), ``export``/``load`` (the decomposition as named tensors, for
+distribution) and ``numel`` (its size, for ``memory_estimate``).
 ``mat`` is always the layer's ``[W | b]`` gradient matrix ``[D_out, D_in]``.
 """
 
@@ -22,19 +23,18 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from curvlab import linalg
-from curvlab.curvature.base import NamedTensor
-
-if TYPE_CHECKING:
-    from curvlab.curvature.kronecker.kfac import KFAC
+from curvlab.curvature.base import Layer, NamedTensor
+from curvlab.curvature.kronecker.factored import KroneckerFactors
 
 __all__ = [
     "DAMPING_MODES",
+    "DampedBackend",
     "EigenDamping",
     "FactoredDamping",
     "KroneckerDamping",
@@ -51,6 +51,27 @@ class LayerEigen(NamedTuple):
     A: linalg.SymmetricEigen | Tensor
 
 
+class DampedBackend(Protocol):
+    """What a strategy reads from and caches on its backend (:class:`~curvlab.KFAC`)."""
+
+    layers: list[Layer]
+    num_decompositions: int
+    #: per layer, the factors' eigendecompositions (:class:`EigenDamping`; also the spectra)
+    _eigen: list[LayerEigen | None] | None
+    #: ``(damping, per layer ((G + γ/π I)⁻¹, (A + πγ I)⁻¹))`` (:class:`FactoredDamping`)
+    _inverses: tuple[float, list[tuple[Tensor, Tensor] | None]] | None
+    #: per structured layer ``(damping, A's eigenpairs or damped inverse, capacitances)``
+    _structured_cache: dict[int, tuple[float, Any, Tensor]]
+
+    def _factor(self, k: int) -> KroneckerFactors: ...
+
+    def _layer_label(self, k: int) -> str: ...
+
+    def _in_inverse_dtype(self, t: Tensor) -> Tensor: ...
+
+    def _layer_eigen(self, k: int) -> LayerEigen: ...
+
+
 class KroneckerDamping(abc.ABC):
     """One way of damping and inverting K-FAC's layer blocks (see the module docstring)."""
 
@@ -58,25 +79,25 @@ class KroneckerDamping(abc.ABC):
     name: ClassVar[str]
 
     @abc.abstractmethod
-    def decompose(self, kfac: KFAC, k: int, damping: float) -> None:
+    def decompose(self, kfac: DampedBackend, k: int, damping: float) -> None:
         """Compute and cache on ``kfac`` what solving layer ``k`` at ``damping`` needs."""
 
     @abc.abstractmethod
-    def solve(self, kfac: KFAC, k: int, mat: Tensor, damping: float) -> Tensor:
+    def solve(self, kfac: DampedBackend, k: int, mat: Tensor, damping: float) -> Tensor:
         """Layer ``k``'s damped block solved against ``mat`` ``[D_out, D_in]`` (the result
         in the decomposition's dtype)."""
 
     @abc.abstractmethod
-    def solve_structured(self, kfac: KFAC, k: int, mat: Tensor, damping: float) -> Tensor:
+    def solve_structured(self, kfac: DampedBackend, k: int, mat: Tensor, damping: float) -> Tensor:
         """As :meth:`solve`, for a layer whose ``G = D + U S Uᵀ`` is kept structured (never
         forming ``[D_out, D_out]``; ``damping > 0``)."""
 
     @abc.abstractmethod
-    def export(self, kfac: KFAC, k: int, damping: float) -> list[NamedTensor]:
+    def export(self, kfac: DampedBackend, k: int, damping: float) -> list[NamedTensor]:
         """Layer ``k``'s cached decomposition at ``damping`` as named tensors."""
 
     @abc.abstractmethod
-    def load(self, kfac: KFAC, k: int, damping: float, tensors: list[Tensor]) -> None:
+    def load(self, kfac: DampedBackend, k: int, damping: float, tensors: list[Tensor]) -> None:
         """Cache on ``kfac`` the decomposition :meth:`export` gave (possibly elsewhere)."""
 
     @abc.abstractmethod
@@ -97,10 +118,10 @@ class EigenDamping(KroneckerDamping):
 
     name = "exact"
 
-    def decompose(self, kfac: KFAC, k: int, damping: float) -> None:
+    def decompose(self, kfac: DampedBackend, k: int, damping: float) -> None:
         kfac._layer_eigen(k)
 
-    def solve(self, kfac: KFAC, k: int, mat: Tensor, damping: float) -> Tensor:
+    def solve(self, kfac: DampedBackend, k: int, mat: Tensor, damping: float) -> Tensor:
         eig = kfac._layer_eigen(k)
         mat = mat.to(eig.G.eigenvalues.dtype)
         if damping == 0.0:
@@ -109,7 +130,7 @@ class EigenDamping(KroneckerDamping):
             return linalg.kron_eigen_diagonal_damped_solve(eig.G, eig.A, mat, damping)
         return linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
 
-    def solve_structured(self, kfac: KFAC, k: int, mat: Tensor, damping: float) -> Tensor:
+    def solve_structured(self, kfac: DampedBackend, k: int, mat: Tensor, damping: float) -> Tensor:
         """In ``A``'s eigenbasis column ``j`` solves ``(d_A[j] G + λ I) x = b`` by Woodbury
         with the shift ``λ / d_A[j]`` (columns with ``d_A[j] = 0``: ``b / λ``);
         ``O(D_out · r² · D_in)`` once per damping, then ``O(D_out · r · D_in)``."""
@@ -132,7 +153,7 @@ class EigenDamping(KroneckerDamping):
         solved = torch.where(positive, solved, rotated / damping)
         return solved if isinstance(eig_a, Tensor) else solved @ eig_a.eigenvectors.mT
 
-    def export(self, kfac: KFAC, k: int, damping: float) -> list[NamedTensor]:
+    def export(self, kfac: DampedBackend, k: int, damping: float) -> list[NamedTensor]:
         label = kfac._layer_label(k)
         eig = None if kfac._eigen is None else kfac._eigen[k]
         if eig is None:
@@ -149,7 +170,7 @@ class EigenDamping(KroneckerDamping):
             NamedTensor(f"{label} A eigenvectors", eig.A.eigenvectors),
         ]
 
-    def load(self, kfac: KFAC, k: int, damping: float, tensors: list[Tensor]) -> None:
+    def load(self, kfac: DampedBackend, k: int, damping: float, tensors: list[Tensor]) -> None:
         if kfac._eigen is None:
             kfac._eigen = [None] * len(kfac.layers)
         a = tensors[2] if len(tensors) == 3 else linalg.SymmetricEigen(tensors[2], tensors[3])
@@ -170,14 +191,14 @@ class FactoredDamping(KroneckerDamping):
 
     name = "factored"
 
-    def decompose(self, kfac: KFAC, k: int, damping: float) -> None:
+    def decompose(self, kfac: DampedBackend, k: int, damping: float) -> None:
         self._inverses(kfac, k, damping)
 
-    def solve(self, kfac: KFAC, k: int, mat: Tensor, damping: float) -> Tensor:
+    def solve(self, kfac: DampedBackend, k: int, mat: Tensor, damping: float) -> Tensor:
         inv_g, inv_a = self._inverses(kfac, k, damping)
         return linalg.kron_matvec(inv_g, inv_a, mat.to(inv_g.dtype))
 
-    def solve_structured(self, kfac: KFAC, k: int, mat: Tensor, damping: float) -> Tensor:
+    def solve_structured(self, kfac: DampedBackend, k: int, mat: Tensor, damping: float) -> Tensor:
         """One Woodbury shift ``γ/π`` for every column: ``(G + γ/π I)⁻¹ (V (A + πγ I)⁻¹)``."""
         G, a = _structured_factors(kfac, k)
         mat = mat.to(G.d.dtype)
@@ -200,7 +221,7 @@ class FactoredDamping(KroneckerDamping):
         m = right.shape[1]
         return G.shifted_solve(right, shifts.expand(m), caps.expand(m, -1, -1))
 
-    def export(self, kfac: KFAC, k: int, damping: float) -> list[NamedTensor]:
+    def export(self, kfac: DampedBackend, k: int, damping: float) -> list[NamedTensor]:
         label = kfac._layer_label(k)
         pair = None
         if kfac._inverses is not None and kfac._inverses[0] == damping:
@@ -214,7 +235,7 @@ class FactoredDamping(KroneckerDamping):
             ),
         ]
 
-    def load(self, kfac: KFAC, k: int, damping: float, tensors: list[Tensor]) -> None:
+    def load(self, kfac: DampedBackend, k: int, damping: float, tensors: list[Tensor]) -> None:
         if kfac._inverses is None or kfac._inverses[0] != damping:
             kfac._inverses = (damping, [None] * len(kfac.layers))
         kfac._inverses[1][k] = (tensors[0], tensors[1])
@@ -226,7 +247,7 @@ class FactoredDamping(KroneckerDamping):
             return a_numel + rank * rank
         return g_numel + a_numel
 
-    def _inverses(self, kfac: KFAC, k: int, damping: float) -> tuple[Tensor, Tensor]:
+    def _inverses(self, kfac: DampedBackend, k: int, damping: float) -> tuple[Tensor, Tensor]:
         """Layer ``k``'s ``((G + γ/π I)⁻¹, (A + πγ I)⁻¹)``, cached per damping."""
         if kfac._inverses is None or kfac._inverses[0] != damping:
             kfac._inverses = (damping, [None] * len(kfac.layers))
@@ -277,14 +298,14 @@ def damping_strategy(damping_mode: str | KroneckerDamping | None, owner: str) ->
 # --- factor helpers ---------------------------------------------------------------------------
 
 
-def _structured_factors(kfac: KFAC, k: int) -> tuple[linalg.DiagonalPlusLowRank, Tensor]:
+def _structured_factors(kfac: DampedBackend, k: int) -> tuple[linalg.DiagonalPlusLowRank, Tensor]:
     """Layer ``k``'s structured ``G`` and its ``A`` in the inverse dtype (``damping > 0``)."""
     f = kfac._factor(k)
     G = f.G.to(kfac._in_inverse_dtype(f.G.d).dtype)
     return G, kfac._in_inverse_dtype(f.A)
 
 
-def _check_invertible(kfac: KFAC, k: int, d_g: Tensor, d_a: Tensor) -> None:
+def _check_invertible(kfac: DampedBackend, k: int, d_g: Tensor, d_a: Tensor) -> None:
     smallest = d_g.min() * d_a.min()
     largest = d_g.max() * d_a.max()
     tiny = torch.finfo(d_g.dtype).eps * largest
