@@ -36,7 +36,7 @@ def main() -> None:
         loss_fn = nn.CrossEntropyLoss()
         x, y = w.data()
         diag = curvlab.KFAC(model, loss_fn, damping_mode="factored")
-        tri = curvlab.KFAC(model, loss_fn, structure="block_tridiagonal")
+        tri = curvlab.BlockTridiagonalKFAC(model, loss_fn)
         diag.update(x, y)
         tri.update(x, y)
         grads = [torch.randn_like(p) for p in diag.params]

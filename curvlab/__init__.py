@@ -27,6 +27,7 @@ from curvlab.curvature import (
     MatrixFreeHessian,
     NamedTensor,
 )
+from curvlab.curvature.registry import available, make, register
 from curvlab.extraction import FISHER_TYPES, extract
 from curvlab.extraction.policies import (
     CategoricalPolicy,
@@ -44,7 +45,6 @@ from curvlab.optim import (
     load_checkpoint,
     save_checkpoint,
 )
-from curvlab.registry import available, make, register
 
 __version__ = "0.1.0"
 

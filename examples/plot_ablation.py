@@ -37,9 +37,7 @@ approximations = {
     "block-diagonal": "block_diagonal",
     "block-tridiagonal": "block_tridiagonal",
     "K-FAC": curvlab.KFAC(model, loss_fn, fisher_type="exact", damping_mode="factored"),
-    "K-FAC tridiagonal": curvlab.KFAC(
-        model, loss_fn, fisher_type="exact", structure="block_tridiagonal"
-    ),
+    "K-FAC tridiagonal": curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact"),
     "EKFAC": curvlab.EKFAC(model, loss_fn, fisher_type="exact"),
 }
 report = quality(model, loss_fn, (X[:300], y[:300]), approximations, damping=1e-3)

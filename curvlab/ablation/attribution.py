@@ -192,7 +192,7 @@ def attribution_scores(
     against flat ``[N·T]`` targets while the influence's examples keep ``[N, T]``
     (``lambda b: (b[0], b[1].reshape(-1))``). ``fisher_type`` is the backend's, where it
     has one (``"exact"``, ``"mc"``, ``"empirical"``)."""
-    import curvlab
+    from curvlab.curvature.registry import make
     from curvlab.influence import Influence
 
     loader = [
@@ -202,7 +202,7 @@ def attribution_scores(
     start = time.perf_counter()
     if method == IDENTITY:
         # the diagonal's parameter list and per-example gradients only; C = 0
-        influence = Influence(curvlab.make("diagonal", model, loss_fn), damping=1.0, progress=False)
+        influence = Influence(make("diagonal", model, loss_fn), damping=1.0, progress=False)
         fitted = time.perf_counter()
         g_q = influence.query_gradients(query)
         parts: list[Tensor] = []
@@ -214,7 +214,7 @@ def attribution_scores(
             parts.append(dots)
         return torch.cat(parts, dim=1), fitted - start, time.perf_counter() - fitted
     options = {"fisher_type": fisher_type} if "fisher_type" in _parameters(method) else {}
-    curvature = curvlab.make(method, model, loss_fn, **options)
+    curvature = make(method, model, loss_fn, **options)
     fit_loader = loader if fit_batch is None else [fit_batch(b) for b in loader]
     influence = Influence(curvature, damping=1.0, progress=False).fit(fit_loader)
     influence.damping = RELATIVE_DAMPING * float(curvature.trace()) / curvature.num_params
@@ -226,7 +226,7 @@ def attribution_scores(
 def _parameters(method: str) -> Sequence[str]:
     import inspect
 
-    from curvlab.registry import get
+    from curvlab.curvature.registry import get
 
     return list(inspect.signature(get(method)).parameters)
 

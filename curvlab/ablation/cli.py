@@ -62,7 +62,7 @@ from curvlab.ablation.races import (
 )
 from curvlab.ablation.reports import to_jsonable
 from curvlab.ablation.tasks import LOSSES, Task, check_loss, labels_mode, make_task, model_factory
-from curvlab.registry import available
+from curvlab.curvature.registry import available
 
 DEFAULT_BACKENDS = ("kfc", "ekfac", "block_diagonal", "block_tridiagonal")
 #: The approximations ``--task influence`` compares without ``--backends``.

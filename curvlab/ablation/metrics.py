@@ -21,7 +21,7 @@ from curvlab.ablation.measure import PeakTensorMemory, Stopwatch
 from curvlab.ablation.reports import dumps, markdown_table
 from curvlab.curvature.base import Curvature, top_symmetric_eigenvalues
 from curvlab.curvature.dense.exact import ExactFisher
-from curvlab.registry import make
+from curvlab.curvature.registry import make
 
 Batch = tuple[Tensor, Tensor]
 Backends = Mapping[str, str | Curvature] | Sequence[str | Curvature]

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from curvlab.ablation.imports import import_object, is_import_path
 from curvlab.ablation.measure import Stopwatch
 from curvlab.ablation.reports import dumps, format_value, markdown_table
+from curvlab.curvature.registry import available, make
 from curvlab.optim.kfac_optimizer import KFACOptimizer
 from curvlab.optim.natural_gradient import NaturalGradient
-from curvlab.registry import available, make
 
 Data = tuple[Tensor, Tensor]
 

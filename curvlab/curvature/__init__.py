@@ -14,16 +14,21 @@ from curvlab.curvature.dense.empirical import EmpiricalFisher
 from curvlab.curvature.dense.exact import ExactFisher
 from curvlab.curvature.diagonal import DiagonalFisher
 from curvlab.curvature.kronecker import (
+    DAMPING_MODES,
     EKFAC,
     KFAC,
     KFC,
     BlockTridiagonalKFAC,
+    EigenDamping,
+    FactoredDamping,
+    KroneckerDamping,
     KroneckerFactored,
     KroneckerFactors,
 )
 from curvlab.curvature.matrix_free import MatrixFreeGGN, MatrixFreeHessian
 
 __all__ = [
+    "DAMPING_MODES",
     "EKFAC",
     "KFAC",
     "KFC",
@@ -33,8 +38,11 @@ __all__ = [
     "Curvature",
     "DecompositionBlock",
     "DiagonalFisher",
+    "EigenDamping",
     "EmpiricalFisher",
     "ExactFisher",
+    "FactoredDamping",
+    "KroneckerDamping",
     "KroneckerFactored",
     "KroneckerFactors",
     "Layer",

@@ -737,7 +737,8 @@ class Curvature(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict()`` returned (for the same backend and model)."""
-        if not self._owns_state(state):
+        state = migrate_state(state)
+        if state.get("backend") != type(self).__name__:
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: the state belongs to "
                 f"{state.get('backend')!r}."
@@ -747,10 +748,6 @@ class Curvature(abc.ABC):
         self.num_samples = int(state["num_samples"])
         self._weight_sum = float(state["weight_sum"])
         self._statistics_changed()
-
-    def _owns_state(self, state: dict[str, Any]) -> bool:
-        """Whether ``state`` (a ``state_dict()``) was written by this kind of backend."""
-        return bool(state.get("backend") == type(self).__name__)
 
     def _check_damping(self, damping: float, op: str) -> float:
         if isinstance(damping, bool) or not isinstance(damping, (int, float)):
@@ -919,3 +916,19 @@ def top_symmetric_eigenvalues(matrix: Tensor, k: int | None) -> Tensor:
     start = np.random.default_rng(0).standard_normal(n)
     top = eigsh(dense.cpu().numpy(), k=k, which="LA", v0=start, return_eigenvectors=False)
     return torch.as_tensor(np.sort(top)[::-1].copy(), dtype=matrix.dtype, device=matrix.device)
+
+
+def migrate_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A :meth:`Curvature.state_dict` written by an earlier curvlab, in today's layout (the
+    one place old checkpoints are translated; today's states pass through unchanged).
+
+    * Format-2 checkpoints of a block-tridiagonal K-FAC, built then as
+      ``KFAC``/``KFC(structure="block_tridiagonal")``, name ``"KFAC"``/``"KFC"`` as their
+      backend; their statistics carry the cross-layer ``"chain"``. They are
+      ``BlockTridiagonalKFAC``'s.
+    """
+    statistics = state.get("statistics")
+    chained = isinstance(statistics, dict) and "chain" in statistics
+    if state.get("backend") in ("KFAC", "KFC") and chained:
+        return {**state, "backend": "BlockTridiagonalKFAC"}
+    return state

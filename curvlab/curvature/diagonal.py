@@ -36,10 +36,10 @@ from curvlab.curvature.base import (
     NamedTensor,
     Vector,
 )
+from curvlab.curvature.registry import register
 from curvlab.extraction import BatchResult, Request, check_fisher_type, check_mc_samples
 from curvlab.extraction import layers as layer_rules
 from curvlab.extraction.requests import DiagonalStatistics, ParameterDiagonal
-from curvlab.registry import register
 
 
 class DiagonalBlocks:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import curvlab
-from curvlab import registry
+from curvlab.curvature import registry
 from tests.cases import CASES, Case
 
 ALL_FISHER_TYPES = ("exact", "mc", "empirical")
@@ -150,9 +150,8 @@ def _zeros(c: curvlab.Curvature) -> list[torch.Tensor]:
 
 
 def _owner(info: BackendInfo) -> str:
-    """Messages name the registered class (option checks) or the class make() builds from
-    it (e.g. ``KFAC(structure="block_tridiagonal")`` builds a ``BlockTridiagonalKFAC``)."""
-    return f"(?:{info.cls.__name__}|{type(_fresh(info)).__name__})"
+    """Messages name the registered class, which ``make()`` builds."""
+    return info.cls.__name__
 
 
 def _foreign_state(info: BackendInfo) -> dict[str, Any]:
@@ -511,13 +510,13 @@ def kronecker_error_inputs(info: BackendInfo) -> list[ErrorInput]:
     """The Kronecker-factored backends (K-FAC, KFC, EKFAC, their block-tridiagonal
     structure): the options of the factors and of the layer selection."""
     owner = _owner(info)
-    tridiagonal = info.kwargs.get("structure") == "block_tridiagonal"
+    tridiagonal = info.name == "block_tridiagonal_kfac"
     out: list[ErrorInput] = []
 
     def construction(description: str, construct: Callable[[], Any], match: str) -> None:
         out.append(ErrorInput(description, "construction", ValueError, match, construct, None))
 
-    for argument in ("kfac_approx", "damping_mode", "structure"):
+    for argument in ("kfac_approx", "damping_mode"):
         if info.accepts(argument):
             construction(
                 f"{argument}='bogus'",
@@ -525,17 +524,19 @@ def kronecker_error_inputs(info: BackendInfo) -> list[ErrorInput]:
                 rf"{owner}: (unknown {argument} 'bogus'; choose one of"
                 rf"|.*{argument}='bogus' is not)",
             )
+    if info.accepts("damping_mode"):
+        out.append(
+            ErrorInput(
+                "damping_mode=1.0 (neither a name nor a strategy)",
+                "construction",
+                TypeError,
+                rf"{owner}: damping_mode must be one of \('exact', 'factored'\) or a "
+                r"KroneckerDamping strategy, got float",
+                lambda: _fresh(info, damping_mode=1.0),
+                None,
+            )
+        )
     if tridiagonal:
-        construction(
-            "damping_mode='exact' with the block-tridiagonal structure",
-            lambda: _fresh(info, damping_mode="exact"),
-            rf"{owner}: structure='block_tridiagonal' uses factored damping",
-        )
-        construction(
-            "separate_bias with the block-tridiagonal structure",
-            lambda: _fresh(info, separate_bias=True),
-            rf"{owner}: separate_bias=True is defined for the block-diagonal structure only",
-        )
         construction(
             "a LayerNorm (no Kronecker rule) in the block-tridiagonal chain",
             lambda: _make(
@@ -558,7 +559,7 @@ def kronecker_error_inputs(info: BackendInfo) -> list[ErrorInput]:
             lambda: _fresh(info, statistics_fraction=0.0),
             rf"{owner}: statistics_fraction must lie in \(0, 1\], got 0.0",
         )
-    if info.accepts("factor_dtype") and not tridiagonal:
+    if info.accepts("factor_dtype"):
         construction(
             "factor_dtype=torch.int64",
             lambda: _fresh(info, factor_dtype=torch.int64),
@@ -639,16 +640,10 @@ BACKENDS: list[BackendInfo] = [
     Dense("block_tridiagonal", tikhonov_solve=False),
     Dense("block_tridiagonal", {"fisher_type": "empirical"}, tikhonov_solve=False),
     Kronecker(
-        "kfac",
-        {"fisher_type": "exact", "structure": "block_tridiagonal"},
-        tikhonov_solve=False,
-        supports=MLP_ONLY,
+        "block_tridiagonal_kfac", {"fisher_type": "exact"}, tikhonov_solve=False, supports=MLP_ONLY
     ),
     Kronecker(
-        "kfc",
-        {"fisher_type": "mc", "structure": "block_tridiagonal"},
-        deterministic=False,
-        tikhonov_solve=False,
+        "block_tridiagonal_kfac", {"fisher_type": "mc"}, deterministic=False, tikhonov_solve=False
     ),
     Kronecker("ekfac", {"fisher_type": "exact"}, additive_statistics=False),
     Kronecker(

@@ -77,5 +77,3 @@ def test_bad_dtypes_are_refused() -> None:
         curvlab.KFAC(model, loss_fn, factor_dtype=torch.int64)
     with pytest.raises(ValueError, match="inverse_dtype must be one of"):
         curvlab.KFC(model, loss_fn, inverse_dtype="float64")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="block-diagonal structure only"):
-        curvlab.KFAC(model, loss_fn, structure="block_tridiagonal", inverse_dtype=torch.float64)

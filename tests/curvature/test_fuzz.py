@@ -296,6 +296,7 @@ def model_specs(draw: st.DrawFn, batch_size: int) -> ModelSpec | TokenSpec:
 # --- backends ----------------------------------------------------------------------------
 
 FISHER_TYPES = {info.name: info.fisher_types for info in BACKENDS}
+KRONECKER = ("kfac", "kfc", "ekfac", "block_tridiagonal_kfac")
 
 
 @dataclass(frozen=True)
@@ -322,10 +323,8 @@ def backend_specs(draw: st.DrawFn, family: str = "mlp") -> BackendSpec:
         kwargs["fisher_type"] = draw(st.sampled_from(FISHER_TYPES[name]))
         if kwargs["fisher_type"] == "mc":
             kwargs["mc_samples"] = draw(st.integers(1, 3))
-    if name in ("kfac", "kfc", "ekfac"):
+    if name in KRONECKER:
         kwargs["kfac_approx"] = draw(st.sampled_from(("expand", "reduce")))
-    if name in ("kfac", "kfc"):
-        kwargs["structure"] = draw(st.sampled_from(("block_diagonal", "block_tridiagonal")))
     return BackendSpec(name, tuple(kwargs.items()))
 
 
@@ -441,7 +440,7 @@ def _check_against_reference(
         # docstring in curvlab/curvature/chain.py
         band_tol = max(tol, torch.finfo(dense.dtype).eps ** 0.35)
         _close(dense * mask, full * mask, band_tol, name)
-    elif name in ("kfac", "kfc") and backend.options["structure"] == "block_diagonal":
+    elif name in ("kfac", "kfc"):
         approx = str(backend.options["kfac_approx"])
         names = [layer.name for layer in c.layers]
         valid = ref.valid_rows(loss_fn, y, len(y))
@@ -506,7 +505,6 @@ def _targets(loss_fn: nn.Module, n: int, c: int, dtype: torch.dtype, gen: torch.
 
 
 TIKHONOV = {info.name for info in BACKENDS if info.tikhonov_solve}
-KRONECKER = ("kfac", "kfc", "ekfac")
 LOSSES = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
 
 
@@ -606,7 +604,7 @@ def run_scenario(
         # only the backends with per-sample statistics (EKFAC, the block-tridiagonal
         # K-FAC) need every layer called; K-FAC/KFC skip the unused branch as torch.optim
         # does: zero blocks there, and the rest as with the branch excluded
-        per_sample = backend.name == "ekfac" or options.get("structure") == "block_tridiagonal"
+        per_sample = backend.name in ("ekfac", "block_tridiagonal_kfac")
         assert not per_sample, f"{backend.name}: unused layer not refused"
         _check_unused_is_skipped(c, backend, model, loss_fn, x, y, seed, dense)
         return
@@ -624,8 +622,7 @@ def run_scenario(
     eigs = torch.linalg.eigvalsh((d64 + d64.T) / 2)
     assert float(eigs.min()) >= -tol * max(float(eigs.max()), 1.0), f"{what}: not PSD {eigs}"
     _close(torch.cat([t.reshape(-1) for t in mv]), dense @ flat_v, tol, f"{what} matvec")
-    tridiagonal = backend.options.get("structure") == "block_tridiagonal"
-    if backend.name in TIKHONOV and not tridiagonal:
+    if backend.name in TIKHONOV:
         damped = d64 + 0.1 * torch.eye(c.num_params, dtype=torch.float64)
         _close(damped @ flat_solved.double(), flat_v, 10 * tol, f"{what} solve")
     if backend.fisher_type != "mc":

@@ -232,7 +232,7 @@ def test_conv1d_conv3d_match_kfc_definition(dims, loss, reduction, approx) -> No
 # --- solves ---------------------------------------------------------------------------------
 
 
-def _fitted_kfc(damping_mode: str) -> curvlab.KFC:
+def _fitted_kfc(damping_mode: str | curvlab.curvature.KroneckerDamping) -> curvlab.KFC:
     case = next(c for c in CASES if c.id == "conv2d-ce-mean")
     model, loss_fn = case.build()
     kfc = curvlab.KFC(model, loss_fn, fisher_type="exact", damping_mode=damping_mode)
@@ -240,17 +240,30 @@ def _fitted_kfc(damping_mode: str) -> curvlab.KFC:
     return kfc
 
 
+def _spelled(name: str, spelling: str) -> str | curvlab.curvature.KroneckerDamping:
+    """``damping_mode`` as its name or as the strategy object the name stands for."""
+    strategy = {
+        "exact": curvlab.curvature.EigenDamping,
+        "factored": curvlab.curvature.FactoredDamping,
+    }
+    return name if spelling == "name" else strategy[name]()
+
+
+@pytest.mark.parametrize("spelling", ["name", "strategy"])
 @pytest.mark.parametrize("damping", [1e-3, 0.5])
-def test_exact_damping_solve_is_the_dense_damped_inverse(damping) -> None:
-    kfc = _fitted_kfc("exact")
+def test_exact_damping_solve_is_the_dense_damped_inverse(damping, spelling) -> None:
+    kfc = _fitted_kfc(_spelled("exact", spelling))
+    assert kfc.damping_mode == "exact"
     dense = kfc.to_dense()
     v = [torch.randn_like(p) for p in kfc.params]
     expected = torch.linalg.solve(dense + damping * torch.eye(len(dense), dtype=DTYPE), _flat(v))
     _close(_flat(kfc.solve(v, damping)), expected, rtol=1e-8)
 
 
-def test_factored_damping_solve_and_pi() -> None:
-    kfc = _fitted_kfc("factored")
+@pytest.mark.parametrize("spelling", ["name", "strategy"])
+def test_factored_damping_solve_and_pi(spelling) -> None:
+    kfc = _fitted_kfc(_spelled("factored", spelling))
+    assert kfc.damping_mode == "factored"
     damping = 0.04
     gamma = damping**0.5
     v = [torch.randn_like(p) for p in kfc.params]
@@ -266,6 +279,40 @@ def test_factored_damping_solve_and_pi() -> None:
         blocks.append(block[perm][:, perm])
     expected = torch.linalg.solve(torch.block_diag(*blocks), _flat(v))
     _close(_flat(kfc.solve(v, damping)), expected, rtol=1e-8)
+
+
+def test_damping_names_are_one_table_of_strategies() -> None:
+    table = curvlab.curvature.DAMPING_MODES
+    assert {name: type(s) for name, s in table.items()} == {
+        "exact": curvlab.curvature.EigenDamping,
+        "factored": curvlab.curvature.FactoredDamping,
+    }
+    assert all(s.name == name for name, s in table.items())
+
+
+def test_a_user_strategy_serves_every_solve_and_decomposition() -> None:
+    """A ``KroneckerDamping`` subclass passed as ``damping_mode`` is the one that solves."""
+    calls: list[str] = []
+
+    class Counting(curvlab.curvature.FactoredDamping):
+        name = "counting"
+
+        def solve(self, kfac, k, mat, damping):
+            calls.append("solve")
+            return super().solve(kfac, k, mat, damping)
+
+    counted, plain = _fitted_kfc(Counting()), _fitted_kfc("factored")
+    assert counted.damping_mode == "counting"
+    v = [torch.randn_like(p) for p in counted.params]
+    _close(_flat(counted.solve(v, 0.1)), _flat(plain.solve(v, 0.1)), rtol=1e-12)
+    assert calls == ["solve"] * len(counted.layers)
+
+
+@pytest.mark.parametrize("bad", [1.0, curvlab.curvature.EigenDamping])
+def test_a_damping_mode_neither_name_nor_strategy_is_refused(bad) -> None:
+    case = next(c for c in CASES if c.id == "mlp-ce-mean")
+    with pytest.raises(TypeError, match=r"KFAC: damping_mode must be one of .* strategy, got"):
+        curvlab.KFAC(*case.build(), damping_mode=bad)
 
 
 def test_undamped_solve_of_singular_factor_is_reported() -> None:
@@ -310,8 +357,6 @@ def test_a_registered_rule_gives_kronecker_blocks_in_every_kronecker_backend(nam
         return nn.Sequential(layer_type(4, 5), nn.Tanh(), layer_type(5, 3)).to(DTYPE)
 
     def make(model: nn.Module):
-        if name == "block_tridiagonal_kfac":
-            return curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact")
         return curvlab.make(name, model, loss_fn, fisher_type="exact")
 
     loss_fn = nn.CrossEntropyLoss()

@@ -291,8 +291,6 @@ def test_unsupported_configurations_raise_naming_the_module() -> None:
         curvlab.KFAC(_net(nn.RNN), nn.MSELoss(), recurrent="both")
     with pytest.raises(ValueError, match=r"'lstm'.*proj_size"):
         curvlab.KFAC(_Projected().to(DTYPE), nn.MSELoss(), recurrent="independent")
-    with pytest.raises(ValueError, match="block-diagonal"):
-        curvlab.KFAC(_net(nn.RNN), nn.MSELoss(), structure="block_tridiagonal", recurrent="series")
     net = _net(nn.GRU)
     net.rnn.weight_hh_l0.requires_grad_(False)
     with pytest.raises(ValueError, match=r"'rnn'.*frozen"):

@@ -79,7 +79,7 @@ def _xi_lambda_xi(diag: list[Tensor], off: list[Tensor], v: Tensor) -> Tensor:
 @pytest.mark.parametrize("loss", ["ce", "mse"])
 def test_solve_equals_the_dense_xi_lambda_xi(loss, fisher_type) -> None:
     model, loss_fn, x, y = _deep(loss)
-    kfac = curvlab.KFAC(model, loss_fn, fisher_type=fisher_type, structure="block_tridiagonal")
+    kfac = curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type=fisher_type)
     kfac.update(x, y)
     assert len(kfac._chain.runs()) == 1
     damping = 0.05
@@ -99,7 +99,7 @@ def test_solve_equals_the_dense_xi_lambda_xi(loss, fisher_type) -> None:
 
 def test_completion_agrees_on_the_tridiagonal_blocks_and_is_psd() -> None:
     model, loss_fn, x, y = _deep("mse")
-    kfac = curvlab.KFAC(model, loss_fn, fisher_type="exact", structure="block_tridiagonal")
+    kfac = curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact")
     kfac.update(x, y)
     dense = kfac.to_dense()
     diag, off = _dense_blocks(kfac, None)
@@ -120,7 +120,7 @@ def test_conv_to_linear_boundary_falls_back_to_block_diagonal() -> None:
     case = next(c for c in CASES if c.id == "conv2d-ce-mean")
     model, loss_fn = case.build()
     x, y = case.data(n=6)
-    tri = curvlab.KFC(model, loss_fn, fisher_type="exact", structure="block_tridiagonal")
+    tri = curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact")
     diag = curvlab.KFC(model, loss_fn, fisher_type="exact", damping_mode="factored")
     curvlab.extract(model, loss_fn, x, y, [tri, diag])
     assert tri._chain.runs() == [[0], [1]]  # the conv sees 9 positions per sample
@@ -130,10 +130,49 @@ def test_conv_to_linear_boundary_falls_back_to_block_diagonal() -> None:
     torch.testing.assert_close(tri.to_dense(), diag.to_dense())
 
 
-def test_structure_arguments() -> None:
+def test_kfac_has_no_structure_switch_and_the_registry_builds_the_class() -> None:
     model, loss_fn, _, _ = _deep()
-    with pytest.raises(ValueError, match="unknown structure"):
-        curvlab.KFAC(model, loss_fn, structure="tridiagonal")
-    with pytest.raises(ValueError, match="damping_mode='exact' is not defined"):
-        curvlab.KFAC(model, loss_fn, structure="block_tridiagonal", damping_mode="exact")
-    assert curvlab.KFAC(model, loss_fn, structure="block_tridiagonal").damping_mode == "factored"
+    with pytest.raises(TypeError, match="structure"):
+        curvlab.KFAC(model, loss_fn, structure="block_tridiagonal")  # type: ignore[call-arg]
+    built = curvlab.make("block_tridiagonal_kfac", model, loss_fn)
+    assert type(built) is curvlab.BlockTridiagonalKFAC
+    assert not isinstance(built, curvlab.KFAC)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"damping_mode": "exact"},
+        {"separate_bias": True},
+        {"recurrent": "series"},
+        {"output_factor": "dense"},
+        {"factor_dtype": torch.float64},
+        {"inverse_dtype": torch.float64},
+    ],
+    ids=lambda option: next(iter(option)),
+)
+def test_block_diagonal_options_are_not_its_arguments(option: dict) -> None:
+    """The chain damps its dense factors the factored way; K-FAC's block-diagonal options
+    are no arguments of it (a TypeError naming the argument, as for any function)."""
+    model, loss_fn, _, _ = _deep()
+    with pytest.raises(TypeError, match=next(iter(option))):
+        curvlab.BlockTridiagonalKFAC(model, loss_fn, **option)
+
+
+@pytest.mark.parametrize("written_by", ["KFAC", "KFC"])
+def test_a_format2_state_of_kfac_with_the_chain_loads_into_the_class(written_by: str) -> None:
+    """Before ``BlockTridiagonalKFAC`` was reached by its own name, its states named the
+    class that built it, ``KFAC``/``KFC``; ``migrate_state`` reads them as its own. A plain
+    K-FAC state (no chain) is still refused."""
+    model, loss_fn, x, y = _deep()
+    fitted = curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact")
+    fitted.update(x, y)
+    old = {**fitted.state_dict(), "backend": written_by}
+    loaded = curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact")
+    loaded.load_state_dict(old)
+    v = [torch.randn_like(p) for p in fitted.params]
+    torch.testing.assert_close(_flat(loaded.solve(v, 0.1)), _flat(fitted.solve(v, 0.1)))
+    plain = curvlab.KFAC(model, loss_fn, fisher_type="exact")
+    plain.update(x, y)
+    with pytest.raises(ValueError, match="the state belongs to 'KFAC'"):
+        loaded.load_state_dict(plain.state_dict())

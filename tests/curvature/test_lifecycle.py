@@ -34,12 +34,10 @@ HOOK_DICTS = (
     "_forward_pre_hooks_with_kwargs",
 )
 
-BACKENDS = [*curvlab.available(), "block_tridiagonal_kfac"]
+BACKENDS = curvlab.available()
 
 
 def _make(name: str, model: nn.Module, loss_fn: nn.Module) -> curvlab.Curvature:
-    if name == "block_tridiagonal_kfac":
-        return curvlab.BlockTridiagonalKFAC(model, loss_fn)
     return curvlab.make(name, model, loss_fn)
 
 

@@ -408,7 +408,7 @@ def test_operators_but_not_registered_backends() -> None:
     """A registered backend takes batch statistics (extract, accumulate, NaturalGradient);
     the matrix-free operators need the batch itself, so they stay out of the registry."""
     assert not {"MatrixFreeGGN", "MatrixFreeHessian"} & {
-        curvlab.registry.get(n).__name__ for n in curvlab.available()
+        curvlab.curvature.registry.get(n).__name__ for n in curvlab.available()
     }
     model, loss_fn, _, _ = _setup(case("mlp"))
     op = curvlab.MatrixFreeGGN(model, loss_fn, fisher_type="empirical", seed=3)

@@ -37,7 +37,7 @@ def test_block_tridiagonal_is_closer_to_the_exact_natural_gradient() -> None:
         "dense": (curvlab.BlockDiagonal(model, loss_fn), curvlab.BlockTridiagonal(model, loss_fn)),
         "kronecker": (
             curvlab.KFAC(model, loss_fn, fisher_type="exact", damping_mode="factored"),
-            curvlab.KFAC(model, loss_fn, fisher_type="exact", structure="block_tridiagonal"),
+            curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact"),
         ),
     }
     curvlab.extract(model, loss_fn, x, x, [exact, *[c for pair in pairs.values() for c in pair]])

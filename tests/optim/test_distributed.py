@@ -71,8 +71,7 @@ TRAINING = [
         ("ekfac", "ekfac", EXACT, "mlp-mse-mean", "ddp", (4, 4)),
         ("exact-fisher", "exact_fisher", {}, "mlp-ce-mean", "ddp", (4, 4)),
         ("block-diagonal-sum", "block_diagonal", {}, "mlp-mse-sum", "manual", (3, 5)),
-        ("kfac-tridiagonal", "kfac", {**EXACT, "structure": "block_tridiagonal"},
-         "mlp-ce-mean", "ddp", (4, 4)),
+        ("kfac-tridiagonal", "block_tridiagonal_kfac", EXACT, "mlp-ce-mean", "ddp", (4, 4)),
         ("block-tridiagonal", "block_tridiagonal", {}, "mlp-bce-mean", "manual", (5, 3)),
     ]
     for dist_ in ("comm_opt", "mem_opt")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from curvlab.curvature.dense.base import DenseCurvature
-from curvlab.registry import register
+from curvlab.curvature.registry import register
 
 
 @register("block_diagonal")

@@ -31,8 +31,8 @@ from curvlab import linalg
 from curvlab.curvature.base import Curvature, DecompositionBlock, NamedTensor, Vector
 from curvlab.curvature.chain import ForwardOrder, chain_completion
 from curvlab.curvature.dense.block_diagonal import BlockDiagonal
+from curvlab.curvature.registry import register
 from curvlab.extraction import BatchResult
-from curvlab.registry import register
 
 
 @register("block_tridiagonal")

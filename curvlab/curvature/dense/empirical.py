@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from curvlab.curvature.dense.base import DenseCurvature
-from curvlab.registry import register
+from curvlab.curvature.registry import register
 
 
 @register("empirical_fisher")

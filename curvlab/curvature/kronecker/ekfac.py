@@ -48,9 +48,9 @@ from curvlab.curvature.kronecker.factored import (
     LayerSpec,
     _as_matrix,
 )
+from curvlab.curvature.registry import register
 from curvlab.extraction import KroneckerBatch
 from curvlab.extraction import layers as layer_rules
-from curvlab.registry import register
 
 #: Per-sample projected gradients are formed for at most this many entries at a time.
 _CHUNK_ELEMENTS = 1 << 24

@@ -2,11 +2,11 @@
 name ``KFC``: one independent block ``kron(G, A)`` per layer of the rule table.
 
 The factors, the layer selection and the diagonal blocks of every other parameter are
-:class:`~curvlab.curvature.kronecker.factored.KroneckerFactored`'s; this module adds how a
-block is damped and solved (exactly in the factors' eigenbases, or with Martens & Grosse's
-factored damping) and the closed forms of the Kronecker identities. The block-tridiagonal
-structure is :class:`~curvlab.BlockTridiagonalKFAC`; ``KFAC(structure="block_tridiagonal")``
-builds one.
+:class:`~curvlab.curvature.kronecker.factored.KroneckerFactored`'s; how a block is damped and
+solved (exactly in the factors' eigenbases, or with Martens & Grosse's factored damping) is
+a strategy of :mod:`~curvlab.curvature.kronecker.damping`; this module adds the closed forms
+of the Kronecker identities. The block-tridiagonal structure is its own class,
+:class:`~curvlab.BlockTridiagonalKFAC`.
 
 With ``recurrent="independent"`` or ``"series"`` each affine map of an ``nn.RNN``/``nn.LSTM``/
 ``nn.GRU`` is a layer of its own (a :class:`~curvlab.extraction.recurrent.RecurrentAffine`
@@ -18,15 +18,21 @@ request; a series map's block is the temporal model of :mod:`curvlab.linalg.kron
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
 from curvlab.curvature.base import BatchResult, Layer, LayerMemory, NamedTensor
+from curvlab.curvature.kronecker.damping import (
+    KroneckerDamping,
+    LayerEigen,
+    damping_strategy,
+    eigenvalues_of,
+    psd_eig,
+)
 from curvlab.curvature.kronecker.factored import (
     BlockDiagonalKronecker,
     KroneckerFactors,
@@ -34,33 +40,22 @@ from curvlab.curvature.kronecker.factored import (
     _as_matrix,
     check_dtype,
 )
-from curvlab.curvature.kronecker.tridiagonal import BlockTridiagonalKFAC
+from curvlab.curvature.registry import register
 from curvlab.extraction import KroneckerBatch, KroneckerStatistics, Request
 from curvlab.extraction import layers as layer_rules
 from curvlab.extraction import recurrent as rnn_rules
 from curvlab.extraction.requests import RecurrentStatistics
-from curvlab.registry import register
 
-DAMPING_MODES = ("exact", "factored")
-STRUCTURES = ("block_diagonal", "block_tridiagonal")
 #: Settings of ``KFAC(recurrent=...)`` (concepts/recurrent.md).
 RECURRENT_MODES = ("diagonal", "independent", "series")
 
 __all__ = [
-    "DAMPING_MODES",
     "KFAC",
     "KFC",
     "RECURRENT_MODES",
-    "STRUCTURES",
     "KroneckerFactors",
     "LayerSpec",
 ]
-
-
-class _LayerEigen(NamedTuple):
-    G: linalg.SymmetricEigen
-    #: a diagonal input factor is its own eigendecomposition: the (clamped) diagonal ``[D_in]``
-    A: linalg.SymmetricEigen | Tensor
 
 
 @register("kfac")
@@ -79,14 +74,16 @@ class KFAC(BlockDiagonalKronecker):
         mc_samples: sampled labels per input for ``"mc"``.
         kfac_approx: ``"expand"`` (positions sharing a weight act like extra samples; KFC
             for convolutions) or ``"reduce"`` (positions are averaged/summed first).
-        damping_mode: how ``solve`` damps: ``"exact"`` (default) applies
-            ``(kron(G, A) + λI)⁻¹`` exactly in the factors' eigenbases; ``"factored"``
+        damping_mode: how ``solve`` damps, a name of
+            :data:`~curvlab.curvature.kronecker.damping.DAMPING_MODES` or a
+            :class:`~curvlab.curvature.kronecker.damping.KroneckerDamping` strategy:
+            ``"exact"`` (default, :class:`~curvlab.curvature.kronecker.damping.EigenDamping`)
+            applies ``(kron(G, A) + λI)⁻¹`` exactly in the factors' eigenbases;
+            ``"factored"`` (:class:`~curvlab.curvature.kronecker.damping.FactoredDamping`)
             applies ``(G + γ/π I)⁻¹ ⊗ (A + πγ I)⁻¹`` with ``γ = √λ`` and π the trace-norm
             correction (concepts/kronecker.md#damped-inverse), the damped inverse Martens &
             Grosse use (two Cholesky factorisations per layer, no eigendecomposition).
-        structure: ``"block_diagonal"`` (this class). ``"block_tridiagonal"`` builds a
-            :class:`~curvlab.BlockTridiagonalKFAC` with the same layer types instead
-            (kept so that ``curvlab.make("kfac", ..., structure=...)`` selects it).
+            The block-tridiagonal structure is :class:`~curvlab.BlockTridiagonalKFAC`.
         layers: only these modules (objects or names from ``model.named_modules()``).
         exclude: modules to leave out (objects, names or glob patterns over names, e.g.
             ``["*norm*", "head"]``); their parameters are not in ``params``.
@@ -130,43 +127,6 @@ class KFAC(BlockDiagonalKronecker):
         output_rank: the rank of a structured ``G``'s low-rank part.
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        if not args and not kwargs:  # copy/pickle: a bare instance
-            return super().__new__(cls)
-        bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
-        if bound.arguments.get("structure", "block_diagonal") != "block_tridiagonal":
-            return super().__new__(cls)
-        options = {k: v for k, v in bound.arguments.items() if k not in ("self", "structure")}
-        damping_mode = options.pop("damping_mode", None)
-        if damping_mode not in (None, "factored"):
-            raise ValueError(
-                f"{cls.__name__}: structure='block_tridiagonal' uses factored damping of the "
-                "diagonal factors (concepts/block_tridiagonal.md#the-math); "
-                f"damping_mode={damping_mode!r} is not defined for it."
-            )
-        if options.pop("recurrent", "diagonal") != "diagonal":
-            raise ValueError(
-                f"{cls.__name__}: recurrent Kronecker blocks are defined for the "
-                "block-diagonal structure only; pass recurrent='diagonal'."
-            )
-        options.pop("output_rank", None)
-        if options.pop("output_factor", "auto") != "auto":
-            raise ValueError(
-                f"{cls.__name__}: output_factor is defined for the block-diagonal structure "
-                "only (the block-tridiagonal one keeps dense factors)."
-            )
-        if options.pop("separate_bias", False):
-            raise ValueError(
-                f"{cls.__name__}: separate_bias=True is defined for the block-diagonal "
-                "structure only."
-            )
-        for arg in ("factor_dtype", "inverse_dtype"):
-            if options.pop(arg, None) is not None:
-                raise ValueError(
-                    f"{cls.__name__}: {arg} is defined for the block-diagonal structure only."
-                )
-        return BlockTridiagonalKFAC(**options, layer_types=cls.supported_layers)
-
     def __init__(
         self,
         model: nn.Module,
@@ -174,10 +134,9 @@ class KFAC(BlockDiagonalKronecker):
         fisher_type: str = "mc",
         mc_samples: int = 1,
         kfac_approx: str = "expand",
-        damping_mode: str | None = None,
+        damping_mode: str | KroneckerDamping | None = None,
         layers: Sequence[LayerSpec] | None = None,
         exclude: Sequence[LayerSpec] | None = None,
-        structure: str = "block_diagonal",
         strict: bool = False,
         engine: str = "auto",
         statistics_fraction: float = 1.0,
@@ -199,15 +158,8 @@ class KFAC(BlockDiagonalKronecker):
         self._lag_loaded: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._series: dict[int, tuple[float, linalg.SeriesBasis]] = {}
         self.inverse_dtype = check_dtype(inverse_dtype, "inverse_dtype", owner)
-        damping_mode = "exact" if damping_mode is None else damping_mode
-        for value, allowed, arg in (
-            (damping_mode, DAMPING_MODES, "damping_mode"),
-            (structure, STRUCTURES, "structure"),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{owner}: unknown {arg} {value!r}; choose one of {allowed}.")
-        self.structure = structure
-        self.damping_mode = damping_mode
+        #: the damped inverse of the Kronecker blocks (``damping_mode``)
+        self.damping_strategy = damping_strategy(damping_mode, owner)
         super().__init__(
             model,
             loss_fn,
@@ -224,10 +176,16 @@ class KFAC(BlockDiagonalKronecker):
             output_factor=output_factor,
             output_rank=output_rank,
         )
-        self._eigen: list[_LayerEigen | None] | None = None  # per layer, computed lazily
+        self._eigen: list[LayerEigen | None] | None = None  # per layer, computed lazily
         #: per structured layer, (damping, A's eigenpairs or damped inverse, capacitances)
         self._structured_cache: dict[int, tuple[float, Any, Tensor]] = {}
         self._inverses: tuple[float, list[tuple[Tensor, Tensor] | None]] | None = None
+
+    @property
+    def damping_mode(self) -> str:
+        """The name of :attr:`damping_strategy` (``"exact"``, ``"factored"``, or a custom
+        strategy's ``name``)."""
+        return self.damping_strategy.name
 
     def _in_inverse_dtype(self, t: Tensor) -> Tensor:
         return t if self.inverse_dtype is None else t.to(self.inverse_dtype)
@@ -448,7 +406,7 @@ class KFAC(BlockDiagonalKronecker):
         loaded = state.get("recurrent_lag_loaded", {})
         self._lag_loaded = {int(k): tuple(t.clone() for t in v) for k, v in loaded.items()}
 
-    def _layer_eigen(self, k: int) -> _LayerEigen:
+    def _layer_eigen(self, k: int) -> LayerEigen:
         if self._is_structured(k):
             raise NotImplementedError(
                 f"{type(self).__name__}: {self._layer_label(k)} has a structured output "
@@ -462,33 +420,29 @@ class KFAC(BlockDiagonalKronecker):
         if eig is None:
             f = self._factor(k)
             a = self._in_inverse_dtype(f.A)
-            eig = _LayerEigen(
-                G=_psd_eig(self._in_inverse_dtype(f.G), f"{self._layer_label(k)} G"),
-                A=a.clamp(min=0.0) if a.ndim == 1 else _psd_eig(a, f"{self._layer_label(k)} A"),
+            eig = LayerEigen(
+                G=psd_eig(self._in_inverse_dtype(f.G), f"{self._layer_label(k)} G"),
+                A=a.clamp(min=0.0) if a.ndim == 1 else psd_eig(a, f"{self._layer_label(k)} A"),
             )
             self._eigen[k] = eig
             self.num_decompositions += 1
         return eig
 
     def _layer_memory(self, k: int) -> LayerMemory:
-        """The factor sums, and per solve the eigenpairs of ``G`` and ``A`` (``"exact"``;
-        a diagonal ``A``: its clamped diagonal) or the two damped inverses (``"factored"``)
-        in ``inverse_dtype``."""
+        """The factor sums, and per solve what the damping strategy keeps (``"exact"``: the
+        eigenpairs of ``G`` and ``A``, a diagonal ``A`` its clamped diagonal; ``"factored"``:
+        the two damped inverses) in ``inverse_dtype``."""
         factors = super()._layer_memory(k).factors
         d_out, d_in = layer_rules.weight_matrix_shape(self.layers[k].module)
         a_numel, g_numel = self._factor_numel(k)
-        r = self.output_rank
-        if self._is_structured(k):  # A's eigenpairs (or inverse) and r×r capacitances
-            if self.damping_mode == "factored":
-                numel = a_numel + r * r
-            elif self._is_diagonal_factor(k):
-                numel = d_in + d_in * r * r
-            else:
-                numel = d_in + a_numel + d_in * r * r
-        elif self.damping_mode == "factored":
-            numel = g_numel + a_numel
-        else:
-            numel = d_out + g_numel + (d_in if self._is_diagonal_factor(k) else d_in + a_numel)
+        numel = self.damping_strategy.numel(
+            d_out,
+            d_in,
+            a_numel,
+            g_numel,
+            self._is_diagonal_factor(k),
+            self.output_rank if self._is_structured(k) else None,
+        )
         itemsize = (
             self.inverse_dtype.itemsize
             if self.inverse_dtype is not None
@@ -519,112 +473,17 @@ class KFAC(BlockDiagonalKronecker):
             basis = self._series_basis(k, damping)
             out = linalg.series_solve(basis, _as_matrix(layer, parts).to(basis.z.dtype))
             return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
-        if self._is_structured(k):
-            return self._structured_solve(k, parts, damping)
-        if self.damping_mode == "factored":
-            # (G + γ/π I)⁻¹ V (A + πγ I)⁻¹: two matmuls per layer (a diagonal A: a scaling)
-            inv_g, inv_a = self._layer_inverses(k, damping)
-            out = linalg.kron_matvec(inv_g, inv_a, _as_matrix(layer, parts).to(inv_g.dtype))
-            return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
-        eig = self._layer_eigen(k)
-        mat = _as_matrix(layer, parts).to(eig.G.eigenvalues.dtype)
-        if damping == 0.0:
-            self._check_invertible(k, eig.G.eigenvalues, _eigenvalues(eig.A))
-        if isinstance(eig.A, Tensor):  # diagonal A: O(D_out² D_in), no [D_in, D_in] matrix
-            out = linalg.kron_eigen_diagonal_damped_solve(eig.G, eig.A, mat, damping)
+        mat = _as_matrix(layer, parts)
+        if self._is_structured(k):  # never a [D_out, D_out] matrix
+            if damping <= 0.0:
+                raise linalg.LinAlgError(
+                    f"{type(self).__name__}.solve: {self._layer_label(k)} has a structured "
+                    "output factor, which is solved with damping > 0 only."
+                )
+            out = self.damping_strategy.solve_structured(self, k, mat, damping)
         else:
-            out = linalg.kron_eigen_damped_solve(eig.G, eig.A, mat, damping)
+            out = self.damping_strategy.solve(self, k, mat, damping)
         return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
-
-    def _structured_solve(self, k: int, parts: list[Tensor], damping: float) -> list[Tensor]:
-        """Layer ``k``'s damped solve with a structured ``G = D + U S Uᵀ``, never forming
-        ``[D_out, D_out]`` (concepts/kronecker.md#vocabulary-sized-output-layers).
-
-        exact: in ``A``'s eigenbasis column ``j`` solves ``(d_A[j] G + λ I) x = b`` by
-        Woodbury with the shift ``λ / d_A[j]`` (columns with ``d_A[j] = 0``: ``b / λ``),
-        ``O(D_out · r² · D_in)`` once per damping, then ``O(D_out · r · D_in)``;
-        factored: ``(G + γ/π I)⁻¹ V (A + πγ I)⁻¹``, one shift.
-        """
-        layer = self.layers[k]
-        if damping <= 0.0:
-            raise linalg.LinAlgError(
-                f"{type(self).__name__}.solve: {self._layer_label(k)} has a structured output "
-                "factor, which is solved with damping > 0 only."
-            )
-        f = self._factor(k)
-        G = f.G.to(self._in_inverse_dtype(f.G.d).dtype)
-        a = self._in_inverse_dtype(f.A)
-        mat = _as_matrix(layer, parts).to(G.d.dtype)
-        cached = self._structured_cache.get(k)
-        if self.damping_mode == "factored":
-            pi = linalg.pi_correction(torch.diag(G.diagonal()), a)
-            gamma = damping**0.5
-            shifts = (gamma / pi).reshape(1).to(G.d.dtype)
-            if cached is None or cached[0] != damping:
-                damped_a = (
-                    a + pi * gamma
-                    if a.ndim == 1
-                    else a + pi * gamma * torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-                )
-                inv_a = (
-                    _diagonal_inverse(damped_a, f"{self._layer_label(k)} A + πγ I")
-                    if a.ndim == 1
-                    else _spd_inverse(damped_a, f"{self._layer_label(k)} A + πγ I")
-                )
-                cached = (damping, inv_a, G.capacitances(shifts))
-                self._structured_cache[k] = cached
-                self.num_decompositions += 1
-            inv_a, caps = cached[1], cached[2]
-            right = mat * inv_a if inv_a.ndim == 1 else mat @ inv_a
-            m = right.shape[1]
-            out = G.shifted_solve(right, shifts.expand(m), caps.expand(m, -1, -1))
-            return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
-        if cached is None or cached[0] != damping:
-            eig_a = a.clamp(min=0.0) if a.ndim == 1 else _psd_eig(a, f"{self._layer_label(k)} A")
-            d_a = _eigenvalues(eig_a)
-            shifts = damping / d_a.clamp(min=torch.finfo(d_a.dtype).tiny)
-            cached = (damping, eig_a, G.capacitances(shifts))
-            self._structured_cache[k] = cached
-            self.num_decompositions += 1
-        eig_a, caps = cached[1], cached[2]
-        d_a = _eigenvalues(eig_a)
-        rotated = mat if isinstance(eig_a, Tensor) else mat @ eig_a.eigenvectors  # [V, D_in]
-        positive = d_a > 0
-        shifts = damping / d_a.clamp(min=torch.finfo(d_a.dtype).tiny)
-        solved = G.shifted_solve(rotated / d_a.clamp(min=torch.finfo(d_a.dtype).tiny), shifts, caps)
-        solved = torch.where(positive, solved, rotated / damping)
-        out = solved if isinstance(eig_a, Tensor) else solved @ eig_a.eigenvectors.mT
-        return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
-
-    def _layer_inverses(self, k: int, damping: float) -> tuple[Tensor, Tensor]:
-        if self._inverses is None or self._inverses[0] != damping:
-            self._inverses = (damping, [None] * len(self.layers))
-        cached = self._inverses[1][k]
-        if cached is None:
-            f = self._factor(k)
-            damped_g, damped_a = linalg.factored_damping(
-                self._in_inverse_dtype(f.G), self._in_inverse_dtype(f.A), damping
-            )
-            label = self._layer_label(k)
-            cached = (
-                _spd_inverse(damped_g, f"{label} G + γ/π I"),
-                _diagonal_inverse(damped_a, f"{label} A + πγ I")
-                if damped_a.ndim == 1
-                else _spd_inverse(damped_a, f"{label} A + πγ I"),
-            )
-            self._inverses[1][k] = cached
-            self.num_decompositions += 1
-        return cached
-
-    def _check_invertible(self, k: int, d_g: Tensor, d_a: Tensor) -> None:
-        smallest = d_g.min() * d_a.min()
-        largest = d_g.max() * d_a.max()
-        tiny = torch.finfo(d_g.dtype).eps * largest
-        if not bool(smallest > tiny):
-            raise linalg.LinAlgError(
-                f"{type(self).__name__}.solve: {self._layer_label(k)} kron(G, A) is singular "
-                f"(smallest eigenvalue {float(smallest):.3g}); use damping > 0."
-            )
 
     def _dense_layer(self, k: int) -> Tensor:
         if self._is_series(k):
@@ -645,7 +504,7 @@ class KFAC(BlockDiagonalKronecker):
                 )
             else:
                 e = self._layer_eigen(k)
-                spectra.append(torch.outer(e.G.eigenvalues, _eigenvalues(e.A)))
+                spectra.append(torch.outer(e.G.eigenvalues, eigenvalues_of(e.A)))
         return spectra
 
     def _layer_diagonal_grid(self, k: int) -> Tensor:
@@ -688,51 +547,22 @@ class KFAC(BlockDiagonalKronecker):
             return
         if self._is_structured(index):
             self._layer_eigen(index)  # raises: not distributed
-        if self.damping_mode == "factored":
-            self._layer_inverses(index, damping)
-        else:
-            self._layer_eigen(index)
+        self.damping_strategy.decompose(self, index, damping)
 
     def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
         if self._is_diagonal_block(index):
             return []
-        label = self._layer_label(index)
         if self._is_series(index):
             cached = self._series.get(index)
             if cached is None or cached[0] != damping:
-                raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
+                raise RuntimeError(
+                    f"{type(self).__name__}: {self._layer_label(index)} is not decomposed yet."
+                )
             return [
-                NamedTensor(f"{label} series {name}", t)
+                NamedTensor(f"{self._layer_label(index)} series {name}", t)
                 for name, t in zip(linalg.SeriesBasis._fields, cached[1])
             ]
-        if self.damping_mode == "factored":
-            if self._inverses is None or self._inverses[0] != damping:
-                raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
-            pair = self._inverses[1][index]
-            if pair is None:
-                raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
-            return [
-                NamedTensor(f"{label} (G + γ/π I)⁻¹", pair[0], "symmetric"),
-                NamedTensor(
-                    f"{label} (A + πγ I)⁻¹",
-                    pair[1],
-                    "symmetric" if pair[1].ndim == 2 else "general",
-                ),
-            ]
-        eig = None if self._eigen is None else self._eigen[index]
-        if eig is None:
-            raise RuntimeError(f"{type(self).__name__}: {label} is not decomposed yet.")
-        g_parts = [
-            NamedTensor(f"{label} G eigenvalues", eig.G.eigenvalues),
-            NamedTensor(f"{label} G eigenvectors", eig.G.eigenvectors),
-        ]
-        if isinstance(eig.A, Tensor):  # a diagonal A: its diagonal alone
-            return [*g_parts, NamedTensor(f"{label} A (diagonal)", eig.A)]
-        return [
-            *g_parts,
-            NamedTensor(f"{label} A eigenvalues", eig.A.eigenvalues),
-            NamedTensor(f"{label} A eigenvectors", eig.A.eigenvectors),
-        ]
+        return self.damping_strategy.export(self, index, damping)
 
     def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
         if self._is_diagonal_block(index):
@@ -740,19 +570,7 @@ class KFAC(BlockDiagonalKronecker):
         if self._is_series(index):
             self._series[index] = (damping, linalg.SeriesBasis(*tensors))
             return
-        if self.damping_mode == "factored":
-            if self._inverses is None or self._inverses[0] != damping:
-                self._inverses = (damping, [None] * len(self.layers))
-            self._inverses[1][index] = (tensors[0], tensors[1])
-        else:
-            if self._eigen is None:
-                self._eigen = [None] * len(self.layers)
-            self._eigen[index] = _LayerEigen(
-                G=linalg.SymmetricEigen(tensors[0], tensors[1]),
-                A=tensors[2]
-                if len(tensors) == 3
-                else linalg.SymmetricEigen(tensors[2], tensors[3]),
-            )
+        self.damping_strategy.load(self, index, damping, tensors)
 
 
 @register("kfc")
@@ -768,17 +586,6 @@ class KFC(KFAC):
     """
 
 
-def _psd_eig(M: Tensor, name: str) -> linalg.SymmetricEigen:
-    # The factors are PSD by construction; negative eigenvalues are rounding and are clamped.
-    d, q = linalg.symeig(M, name=name)
-    return linalg.SymmetricEigen(d.clamp(min=0.0), q)
-
-
-def _eigenvalues(eig: linalg.SymmetricEigen | Tensor) -> Tensor:
-    """A factor's eigenvalues (a diagonal factor's: its diagonal, unsorted)."""
-    return eig if isinstance(eig, Tensor) else eig.eigenvalues
-
-
 def _diag_of(A: Any) -> Tensor:
     """The diagonal of a factor kept as a matrix, as its diagonal or structured."""
     if isinstance(A, linalg.DiagonalPlusLowRank):
@@ -790,19 +597,3 @@ def _frobenius(G: Any) -> Tensor:
     if isinstance(G, linalg.DiagonalPlusLowRank):
         return G.frobenius_norm()
     return torch.linalg.matrix_norm(G)
-
-
-def _diagonal_inverse(a: Tensor, name: str) -> Tensor:
-    """``1/a`` of a damped diagonal factor (clear error where an entry is not positive)."""
-    if not bool((a > 0).all()):
-        raise linalg.LinAlgError(
-            f"{name} (diagonal [{a.shape[0]}]) is not positive definite: smallest entry "
-            f"{float(a.min()):.3g}; use damping > 0."
-        )
-    return 1.0 / a
-
-
-def _spd_inverse(M: Tensor, name: str) -> Tensor:
-    """``M⁻¹`` of a (damped) SPD factor via Cholesky (float64 retry, clear error)."""
-    chol = linalg.cholesky_factor(M, name=name, keep_float64=True)
-    return torch.cholesky_inverse(chol).to(M.dtype)

@@ -1,11 +1,11 @@
 """K-FAC's block-tridiagonal inverse (Martens & Grosse 2015 §4.3, App. B;
 concepts/block_tridiagonal.md#the-math).
 
-:class:`BlockTridiagonalKFAC` (also built by ``KFAC(..., structure="block_tridiagonal")`` and
-``KFC(...)``) holds the factors of every layer and a :class:`KroneckerChain` of the cross
-moments and the damped inverse. Layers are chained in
-forward-call order. Two consecutive layers are *coupled* when both see one position per
-sample (no weight sharing: ``T = 1``), so that their statistics share the sample axis;
+:class:`BlockTridiagonalKFAC` (registry name ``"block_tridiagonal_kfac"``) holds the factors
+of every layer and a :class:`KroneckerChain` of the cross moments and the damped inverse.
+Layers are chained in forward-call order. Two consecutive layers are *coupled* when both
+see one position per sample (no weight sharing: ``T = 1``), so that their statistics share
+the sample axis;
 the cross moments are then accumulated from the same samples and columns, with the same
 averaging, as the diagonal factors (concepts/block_tridiagonal.md#the-math):
 
@@ -41,6 +41,7 @@ from curvlab import linalg
 from curvlab.curvature.base import DecompositionBlock, NamedTensor, Vector
 from curvlab.curvature.chain import ForwardOrder, chain_completion
 from curvlab.curvature.kronecker.factored import KroneckerFactored, LayerSpec, _as_matrix
+from curvlab.curvature.registry import register
 from curvlab.extraction import KroneckerBatch
 from curvlab.extraction import layers as layer_rules
 
@@ -224,6 +225,7 @@ class KroneckerChain:
         return [o for o in out if o is not None]
 
 
+@register("block_tridiagonal_kfac")
 class BlockTridiagonalKFAC(KroneckerFactored):
     """K-FAC with consecutive layers coupled: a block-tridiagonal inverse (Martens & Grosse
     2015 §4.3; concepts/block_tridiagonal.md#the-math).
@@ -234,17 +236,13 @@ class BlockTridiagonalKFAC(KroneckerFactored):
     for it); ``matvec``/``to_dense`` and the spectral quantities use the dense completion
     (small models). Every parameter must sit in a Kronecker block.
 
-    The arguments are :class:`~curvlab.KFAC`'s (without ``damping_mode``, ``structure``
-    and ``separate_bias``), and:
-
-    Args:
-        layer_types: the layer types that get Kronecker blocks (default: ``KFC``'s —
-            Linear, Embedding and convolutions; ``KFAC(structure="block_tridiagonal")``
-            passes ``KFAC``'s).
+    Every layer type of the rule table gets a Kronecker block, as in :class:`~curvlab.KFAC`.
+    The arguments are :class:`~curvlab.KFAC`'s, without the block-diagonal options
+    (``damping_mode``, ``separate_bias``, ``factor_dtype``, ``inverse_dtype``,
+    ``recurrent``, ``output_factor``, ``output_rank``): the chain keeps dense factors in
+    the statistics' dtype and damps them the factored way.
     """
 
-    structure = "block_tridiagonal"
-    damping_mode = "factored"
     _keep_raw = True  # cross moments need the per-sample patches and columns
     _diagonal_factors = False  # the coupled solve works with dense factors
     _structured_output = False
@@ -261,10 +259,7 @@ class BlockTridiagonalKFAC(KroneckerFactored):
         strict: bool = False,
         engine: str = "auto",
         statistics_fraction: float = 1.0,
-        layer_types: tuple[type[nn.Module], ...] | None = None,
     ) -> None:
-        if layer_types is not None:
-            self.supported_layers = tuple(layer_types)
         super().__init__(
             model,
             loss_fn,
@@ -455,12 +450,6 @@ class BlockTridiagonalKFAC(KroneckerFactored):
 
     def _state(self) -> dict[str, Any]:
         return {**super()._state(), "chain": self._chain.state()}
-
-    def _owns_state(self, state: dict[str, Any]) -> bool:
-        # before this class existed, KFAC/KFC(structure="block_tridiagonal") wrote the state
-        written_by = state.get("backend")
-        chained = isinstance(state.get("statistics"), dict) and "chain" in state["statistics"]
-        return super()._owns_state(state) or (written_by in ("KFAC", "KFC") and chained)
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)

@@ -1,4 +1,5 @@
-"""Backend registry: ``curvlab.make(name, model, loss_fn, **kw)`` and ``curvlab.available()``."""
+"""Backend registry: ``curvlab.make(name, model, loss_fn, **kw)`` and ``curvlab.available()``
+(the names and :func:`register` are exported from ``curvlab``)."""
 
 from __future__ import annotations
 
