@@ -43,7 +43,13 @@ from torch.utils.hooks import RemovableHandle
 
 from curvlab.extraction import layers, losses, recurrent
 from curvlab.extraction.losses import BatchScale, batch_scale, loss_rows, output_columns
-from curvlab.extraction.replay import ModelReplay, only_through, per_sample_squares, sample_count
+from curvlab.extraction.replay import (
+    ModelReplay,
+    only_through,
+    per_sample_gradients,
+    per_sample_squares,
+    sample_count,
+)
 from curvlab.extraction.requests import (
     BatchResult,
     DiagonalStatistics,
@@ -593,16 +599,6 @@ def _vjp(outputs: Tensor, inputs: Sequence[Tensor], columns: Tensor) -> list[Ten
     return out
 
 
-def _per_row(columns: Tensor, valid: Tensor | None) -> Tensor:
-    """``[K·N', N, C]``: each column split into one column per (counted) loss row."""
-    _, n, c = columns.shape
-    eye = torch.eye(n, dtype=columns.dtype, device=columns.device)
-    split = columns.unsqueeze(2) * eye.unsqueeze(0).unsqueeze(-1)  # [K, N(row), N, C]
-    if valid is not None:
-        split = split[:, valid]
-    return split.reshape(-1, n, c)
-
-
 def compute(
     loss_fn: nn.Module,
     call: LossCall,
@@ -686,13 +682,9 @@ def compute(
     dense = [r for r in requests if isinstance(r, FactorRows)]
     for key in dict.fromkeys(r.key for r in dense):
         params = list({id(p): p for r in dense if r.key == key for p in r.params}.values())
-        per_row = _per_row(columns_for(key), scale.valid)
-        grads = _vjp(call.outputs, params, per_row)
-        rows_store = result.rows.setdefault(key, {})
-        for p, maybe in zip(params, grads):
-            # None: the loss does not depend on p, its rows are zero
-            rows = per_row.new_zeros(per_row.shape[0], p.numel()) if maybe is None else maybe
-            rows_store[id(p)] = layers.statistics_dtype(rows.reshape(per_row.shape[0], p.numel()))
+        result.rows.setdefault(key, {}).update(
+            _factor_rows(call, params, columns_for(key), scale.valid, replay)
+        )
     squared = [r for r in requests if isinstance(r, ParameterDiagonal)]
     for key in dict.fromkeys(r.columns_key for r in squared):
         params = list(
@@ -778,9 +770,44 @@ def _replayed_squares(
     replay: ModelReplay | None,
 ) -> dict[int, Tensor] | None:
     """The squares of :func:`_parameter_squares` from per-sample gradients, or ``None``
-    where the replay cannot give them: no model call, loss rows that depend on several
-    samples of the model output, parameters used outside the model (or a model output
-    the loss does not depend on)."""
+    where the replay cannot give them (:func:`_replay_rows_per_sample`)."""
+    found = _replay_rows_per_sample(call, params, valid, replay)
+    if found is None:
+        return None
+    output, group = found
+    if fisher_type == "mc" or group == 1:
+        # one column per draw, a sample's rows together (its one row; for "mc", unbiased:
+        # the draws of different rows are independent with zero mean)
+        chunks: Iterator[list[Tensor | None]] = iter([_vjp(call.outputs, [output], columns)])
+    else:
+        # one column per (draw, row of the sample): each sample's slice is one row's alone
+        chunks = (g for _, g in _row_chunks(call.outputs, [output], columns, valid, group))
+    total: dict[int, Tensor] = {}
+    assert replay is not None
+    for (cotangents,) in chunks:
+        if cotangents is None:
+            return None
+        with suspended_hooks(replay.model):  # no recording of the replay, no user hook
+            squares = per_sample_squares(replay, params, cotangents.detach())
+        if squares is None:
+            return None
+        for key, square in squares.items():
+            square = layers.statistics_dtype(square)
+            total[key] = square + total[key] if key in total else square
+    return total
+
+
+def _replay_rows_per_sample(
+    call: LossCall,
+    params: Sequence[Tensor],
+    valid: Tensor | None,
+    replay: ModelReplay | None,
+) -> tuple[Tensor, int] | None:
+    """``(model output, m)`` where per-sample gradients of a replay of the model call can
+    stand for per-row ones: every counted loss row ``n·m + j`` depends on sample ``n`` of
+    the model output only, and ``params`` reach the loss through that output only. ``None``
+    where they cannot: no model call, loss rows that depend on several samples, parameters
+    used outside the model (or a model output the loss does not depend on)."""
     if replay is None or not isinstance(replay.output, Tensor) or replay.output.dim() == 0:
         return None
     output = replay.output
@@ -793,27 +820,73 @@ def _replayed_squares(
     # the model output as a layer whose samples are the model's
     probe = LayerCall(replay.model, output.new_empty(n), output)
     group = _rows_stay_in_their_samples(call.outputs, [probe], valid)
-    if group is None:
-        return None
-    if fisher_type == "mc" or group == 1:
-        # one column per draw, a sample's rows together (its one row; for "mc", unbiased:
-        # the draws of different rows are independent with zero mean)
-        chunks: Iterator[list[Tensor | None]] = iter([_vjp(call.outputs, [output], columns)])
+    return None if group is None else (output, group)
+
+
+def _factor_rows(
+    call: LossCall,
+    params: Sequence[Tensor],
+    columns: Tensor,
+    valid: Tensor | None,
+    replay: ModelReplay | None,
+) -> dict[int, Tensor]:
+    """``{id(p): [K·R', p.numel()]}``: the gradient of every column ``k`` restricted to
+    every counted loss row ``r`` on its own (the dense Fisher is ``Σ VᵀV`` over them).
+
+    Where the rows stay in their samples and the model call replays
+    (:func:`_replay_rows_per_sample`), they are per-sample gradients of the ``K·m``
+    columns ``(k, j)`` of a sample's rows (:func:`~curvlab.extraction.replay.per_sample_gradients`):
+    one backward pass per column of a sample, linear in the batch; the rows of ignored
+    targets are then zero rows. Elsewhere every row's columns are backpropagated through
+    the whole batch (in chunks), whose cost grows with the square of the rows.
+    """
+    found = _replayed_rows(call, params, columns, valid, replay)
+    if found is None:
+        found = {}
+        for _, grads in _row_chunks(call.outputs, params, columns, valid):
+            for p, g in zip(params, grads):
+                if g is not None:
+                    found.setdefault(id(p), []).append(layers.statistics_dtype(g))
+    rows = {key: torch.cat([t.flatten(1) for t in parts]) for key, parts in found.items()}
+    if rows:
+        size = len(next(iter(rows.values())))
     else:
-        # one column per (draw, row of the sample): each sample's slice is one row's alone
-        chunks = (g for _, g in _row_chunks(call.outputs, [output], columns, valid, group))
-    total: dict[int, Tensor] = {}
-    for (cotangents,) in chunks:
+        size = columns.shape[0] * (columns.shape[1] if valid is None else int(valid.sum()))
+    for p in params:
+        if id(p) not in rows:  # the loss does not depend on p: its rows are zero
+            zeros = torch.zeros(size, p.numel(), dtype=p.dtype, device=p.device)
+            rows[id(p)] = layers.statistics_dtype(zeros)
+    return rows
+
+
+def _replayed_rows(
+    call: LossCall,
+    params: Sequence[Tensor],
+    columns: Tensor,
+    valid: Tensor | None,
+    replay: ModelReplay | None,
+) -> dict[int, list[Tensor]] | None:
+    """The factor rows of :func:`_factor_rows` from per-sample gradients of a replayed
+    model call, in chunks ``[c·N, *p.shape]`` per parameter, or ``None`` where the replay
+    cannot give them."""
+    found = _replay_rows_per_sample(call, params, valid, replay)
+    if found is None:
+        return None
+    output, group = found
+    assert replay is not None
+    rows: dict[int, list[Tensor]] = {}
+    # one column per (draw, row of the sample): each sample's slice is one row's alone
+    for _, (cotangents,) in _row_chunks(call.outputs, [output], columns, valid, group):
         if cotangents is None:
             return None
         with suspended_hooks(replay.model):  # no recording of the replay, no user hook
-            found = per_sample_squares(replay, params, cotangents.detach())
-        if found is None:
+            grads = per_sample_gradients(replay, params, cotangents.detach())
+        if grads is None:
             return None
-        for key, square in found.items():
-            square = layers.statistics_dtype(square)
-            total[key] = square + total[key] if key in total else square
-    return total
+        for p in params:
+            g = grads[id(p)]
+            rows.setdefault(id(p), []).append(layers.statistics_dtype(g.flatten(0, 1)))
+    return rows
 
 
 #: one layer's share of a request: (request, layer, its calls, per-row columns needed?)

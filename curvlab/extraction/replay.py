@@ -118,6 +118,40 @@ def per_sample_squares(
     tokens into rows). Raises nothing: any failure of the replay (an operation ``vmap``
     cannot batch, randomness) gives ``None``.
     """
+    found = _per_sample_pullbacks(replay, params, cotangents, squared=True)
+    if found is None:
+        return None
+    return {key: value.sum(0) for key, value in found.items()}
+
+
+def per_sample_gradients(
+    replay: ModelReplay,
+    params: Sequence[Tensor],
+    cotangents: Tensor,
+) -> dict[int, Tensor] | None:
+    """``{id(p): [C, N, *p.shape]}``: per column ``c`` and sample ``n`` of the replayed
+    model call, the gradient ``∂⟨cotangents[c, n], f(x_n)⟩/∂p`` of that sample alone; or
+    ``None`` where the replay is not the recorded function.
+
+    ``cotangents`` as for :func:`per_sample_squares`. The cost is one replayed forward
+    pass and one backward pass per column of each sample: linear in the batch, where
+    backpropagating every sample's columns through the whole batch's graph is quadratic.
+    """
+    found = _per_sample_pullbacks(replay, params, cotangents, squared=False)
+    if found is None:
+        return None
+    return {key: value.transpose(0, 1) for key, value in found.items()}
+
+
+def _per_sample_pullbacks(
+    replay: ModelReplay,
+    params: Sequence[Tensor],
+    cotangents: Tensor,
+    squared: bool,
+) -> dict[int, Tensor] | None:
+    """Per sample ``n`` (leading axis): ``Σ_c g_{c,n}²`` (``squared``) or the gradients
+    ``g_{c,n}`` stacked ``[C, *p.shape]`` of :func:`per_sample_gradients`; ``None`` where
+    the replay fails or is not the recorded function."""
     model, output = replay.model, replay.output
     if not replayable(model):
         return None
@@ -144,6 +178,7 @@ def per_sample_squares(
     sizes = sum(p.numel() for p in params) + output[0].numel()
     step = max(1, _CHUNK_ELEMENTS // max(sizes * n, 1))
     cotangents = cotangents.to(output.dtype)
+    pull = _squared_pullbacks if squared else _pullbacks
 
     def one_sample(sample: tuple[tuple[Any, ...], dict[str, Any]], cot: Tensor) -> Any:
         # the sample's inputs with a batch axis of one, as the model expects
@@ -161,36 +196,50 @@ def per_sample_squares(
             return out.reshape(per_sample)
 
         out, pullback = torch.func.vjp(forward, primals)[:2]
-        squares: dict[str, Tensor] | None = None
+        found: dict[str, Tensor] | None = None
         for start in range(0, cot.shape[0], step):
-            part = _squared_pullbacks(pullback, cot[start : start + step])
-            squares = part if squares is None else {k: squares[k] + part[k] for k in part}
-        return out, squares
+            part = pull(pullback, cot[start : start + step])
+            if found is None:
+                found = part
+            elif squared:
+                found = {k: found[k] + part[k] for k in part}
+            else:
+                found = {k: torch.cat([found[k], part[k]]) for k in part}
+        return out, found
 
     try:
         # grad mode on: some kernels (mkldnn's LSTM) keep what their backward needs only then
         with warnings.catch_warnings(), torch.enable_grad():
             warnings.filterwarnings("ignore", message="There is a performance drop")
             try:  # all samples in one batched replay
-                outs, squares = torch.func.vmap(one_sample, in_dims=(in_dims, 1))(
-                    inputs, cotangents
-                )
-                totals = {k: v.sum(0) for k, v in squares.items()}
+                outs, totals = torch.func.vmap(one_sample, in_dims=(in_dims, 1))(inputs, cotangents)
             except Exception:  # an operation vmap cannot batch (e.g. some RNN kernels)
                 outs_list: list[Tensor] = []
-                totals = {}
+                parts: list[dict[str, Tensor]] = []
                 for i in range(n):
                     sample = tree_unflatten([x[i] if f else x for x, f in zip(leaves, flags)], spec)
                     out, part = one_sample(sample, cotangents[:, i])
                     outs_list.append(out)
-                    totals = {k: totals[k] + v if k in totals else v for k, v in part.items()}
+                    parts.append(part)
                 outs = torch.stack(outs_list)
+                totals = {k: torch.stack([part[k] for part in parts]) for k in parts[0]}
     except Exception:  # any failure means: not replayable, take the exact path
         return None
     reference = output.detach().reshape(n, *per_sample)
     if outs.shape != reference.shape or not _same(outs, reference):
         return None
     return {id(p): totals[str(id(p))] for p in params}
+
+
+def _pullbacks(pullback: Any, cotangents: Tensor) -> dict[str, Tensor]:
+    """``pullback(cotangents[c])`` stacked over the columns ``c`` per parameter name:
+    batched, or one at a time where ``vmap`` cannot batch the backward."""
+    try:
+        (grads,) = torch.func.vmap(pullback)(cotangents)
+        return dict(grads)
+    except Exception:
+        columns = [pullback(column)[0] for column in cotangents]
+        return {k: torch.stack([grad[k] for grad in columns]) for k in columns[0]}
 
 
 def _squared_pullbacks(pullback: Any, cotangents: Tensor) -> dict[str, Tensor]:
@@ -216,4 +265,11 @@ def _same(replayed: Tensor, recorded: Tensor) -> bool:
     return bool(torch.allclose(replayed.to(recorded.dtype), recorded, rtol=tol, atol=tol * scale))
 
 
-__all__ = ["ModelReplay", "only_through", "per_sample_squares", "replayable", "sample_count"]
+__all__ = [
+    "ModelReplay",
+    "only_through",
+    "per_sample_gradients",
+    "per_sample_squares",
+    "replayable",
+    "sample_count",
+]
