@@ -482,7 +482,7 @@ class Influence:
         c = self.curvature
         return {
             "backend": type(c).__name__,
-            "fisher_type": getattr(c, "fisher_type", None),
+            "fisher_type": str(c.fisher_type) if hasattr(c, "fisher_type") else None,
             "damping": self.damping,
             "score_dtype": str(self.score_dtype).removeprefix("torch."),
             "param_dtype": str(c.params[0].dtype).removeprefix("torch."),
