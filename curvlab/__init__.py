@@ -28,7 +28,7 @@ from curvlab.curvature import (
     NamedTensor,
 )
 from curvlab.curvature.registry import available, make, register
-from curvlab.extraction import FISHER_TYPES, extract
+from curvlab.extraction import FISHER_TYPES, FisherType, extract
 from curvlab.extraction.policies import (
     CategoricalPolicy,
     GaussianPolicy,
@@ -63,6 +63,7 @@ __all__ = [
     "DiagonalFisher",
     "EmpiricalFisher",
     "ExactFisher",
+    "FisherType",
     "GaussianPolicy",
     "KFACOptimizer",
     "KroneckerFactors",

@@ -262,7 +262,7 @@ class Curvature(abc.ABC):
         self._request_list = self._requests()
         for request in self._request_list:
             validate_request(request, owner)
-        if engine == "backpack":
+        if engine != "auto":
             extraction.choose_engine(
                 model, self._request_list, engine, loss_fn=loss_fn
             )  # why not, now

@@ -37,7 +37,7 @@ from curvlab.curvature.base import (
     Vector,
 )
 from curvlab.curvature.registry import register
-from curvlab.extraction import BatchResult, Request, check_fisher_type, check_mc_samples
+from curvlab.extraction import BatchResult, FisherType, Request, check_mc_samples
 from curvlab.extraction import layers as layer_rules
 from curvlab.extraction.requests import DiagonalStatistics, ParameterDiagonal
 
@@ -48,7 +48,7 @@ class DiagonalBlocks:
     def __init__(
         self,
         layers: list[Layer],
-        fisher_type: str,
+        fisher_type: FisherType,
         mc_samples: int,
         owner: str,
         at_layers: bool = False,
@@ -164,9 +164,8 @@ class DiagonalFisher(Curvature):
         engine: str = "auto",
     ) -> None:
         owner = type(self).__name__
-        check_fisher_type(fisher_type, ("exact", "mc", "empirical"), owner)
+        self.fisher_type = FisherType.parse(fisher_type, owner)
         check_mc_samples(mc_samples, owner)
-        self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         self._diag: DiagonalBlocks | None = None
         super().__init__(model, loss_fn, engine=engine)

@@ -38,13 +38,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlab import linalg
 from curvlab.curvature.base import Curvature, Vector, top_symmetric_eigenvalues
-from curvlab.extraction import check_fisher_type, check_mc_samples
+from curvlab.extraction import FisherType, check_mc_samples
 from curvlab.extraction.hooks import suspended_hooks
 from curvlab.extraction.losses import (
     BatchScale,
     batch_scale,
     loss_rows,
-    output_columns,
     output_hessian_apply,
 )
 from curvlab.extraction.products import (
@@ -446,9 +445,8 @@ class MatrixFreeGGN(MatrixFreeCurvature):
         **kwargs: Any,
     ) -> None:
         owner = type(self).__name__
-        check_fisher_type(fisher_type, self.fisher_types, owner)
+        self.fisher_type = FisherType.parse(fisher_type, owner, self.fisher_types)
         check_mc_samples(mc_samples, owner)
-        self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         super().__init__(model, loss_fn, **kwargs)
 
@@ -471,11 +469,11 @@ class MatrixFreeGGN(MatrixFreeCurvature):
 
     def _output_matrix(self, rows: Tensor, targets: Tensor, scale: BatchScale, U: Tensor) -> Tensor:
         """``M u`` row by row for ``U`` ``[K, R, C]`` (the batch's scale ``R_b`` included)."""
-        if self.fisher_type == "exact":
+        if self.fisher_type.exact_output_matrix:
             return torch.stack([output_hessian_apply(self.loss_fn, rows, u, targets) for u in U])
-        cols = output_columns(
-            self.loss_fn, rows, targets, self.fisher_type, scale, self.mc_samples
-        ).to(U.dtype)  # [M, R, C], Σ_m cols_m cols_mᵀ = M row by row
+        cols = self.fisher_type.columns(self.loss_fn, rows, targets, scale, self.mc_samples).to(
+            U.dtype
+        )  # [M, R, C], Σ_m cols_m cols_mᵀ = M row by row
         coefficients = torch.einsum("mrc,krc->kmr", cols, U)
         return torch.einsum("mrc,kmr->krc", cols, coefficients)
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from math import sqrt
 from typing import Any, cast
 
@@ -49,8 +50,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab.extraction import layers
-from curvlab.extraction.losses import FISHER_TYPES, batch_scale, loss_rows
+from curvlab.extraction.fisher_types import FisherType
+from curvlab.extraction.losses import LikelihoodLoss, batch_scale, loss_rows
+from curvlab.extraction.replay import replayable
 from curvlab.extraction.requests import (
+    Batch,
     BatchResult,
     FactorRows,
     KroneckerBatch,
@@ -59,16 +63,10 @@ from curvlab.extraction.requests import (
     Request,
 )
 
-_SAVEFIELDS: dict[str, str] = {
-    "exact": "sqrt_ggn_exact",
-    "mc": "sqrt_ggn_mc",
-    "empirical": "grad_batch",
-}
-
 #: BackPACK's active extensions are process-wide: one extraction at a time.
 _LOCK = threading.Lock()
 
-__all__ = ["run", "unsupported_reason"]
+__all__ = ["BackpackEngine", "run", "unsupported_reason"]
 
 
 # --- loss-Hessian square root for multi-output BCE -----------------------------------
@@ -114,20 +112,61 @@ class _BCEWithLogitsDerivatives(BCELossWithLogitsDerivatives):
         return sqrt_h
 
 
-def fisher_extension(fisher_type: str, mc_samples: int = 1) -> BackpropExtension:
+@dataclass(frozen=True)
+class _FisherSupport:
+    """How BackPACK serves one Fisher type (the table :data:`_SUPPORT`)."""
+
+    #: the extension that delivers the factor rows, given ``mc_samples``
+    rows: Callable[[int], BackpropExtension]
+    #: where that extension leaves them on each parameter
+    savefield: str
+    #: the rows are per-sample gradients ``R∇ℓ_n`` (first order), brought onto the loss's
+    #: scale by ``sqrt(1/R)``; otherwise backpropagated loss-Hessian square-root columns
+    gradient_rows: bool
+    #: Kronecker statistics from backpropagated square-root columns with this strategy, or
+    #: (``None``) from the output gradients of the reduced loss
+    kronecker_strategy: str | None
+    #: BackPACK's one backward beats the hooks engine for this type's Kronecker statistics
+    #: of convolutional networks (``benchmarks/kfac_extraction``, docs/benchmarks.md)
+    fast_kronecker: bool
+
+
+#: The Fisher types BackPACK serves; any other is refused by :func:`unsupported_reason`.
+_SUPPORT: dict[FisherType, _FisherSupport] = {
+    FisherType.EXACT: _FisherSupport(
+        lambda mc_samples: SqrtGGNExact(),
+        "sqrt_ggn_exact",
+        gradient_rows=False,
+        kronecker_strategy=LossHessianStrategy.EXACT,
+        fast_kronecker=True,
+    ),
+    FisherType.MC: _FisherSupport(
+        lambda mc_samples: SqrtGGNMC(mc_samples=mc_samples),
+        "sqrt_ggn_mc",
+        gradient_rows=False,
+        kronecker_strategy=LossHessianStrategy.SAMPLING,
+        fast_kronecker=False,
+    ),
+    FisherType.EMPIRICAL: _FisherSupport(
+        lambda mc_samples: BatchGrad(),
+        "grad_batch",
+        gradient_rows=True,
+        kronecker_strategy=None,
+        fast_kronecker=False,
+    ),
+}
+
+
+def fisher_extension(fisher_type: FisherType, mc_samples: int = 1) -> BackpropExtension:
     """The BackPACK extension that delivers ``fisher_type``'s factor rows."""
-    ext: BackpropExtension
-    if fisher_type == "exact":
-        ext = SqrtGGNExact()
-    elif fisher_type == "mc":
-        ext = SqrtGGNMC(mc_samples=mc_samples)
-    elif fisher_type == "empirical":
-        return BatchGrad()
-    else:
-        raise ValueError(f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}.")
-    ext.set_module_extension(
-        nn.BCEWithLogitsLoss, SqrtGGNBaseLossModule(_BCEWithLogitsDerivatives()), overwrite=True
-    )
+    support = _SUPPORT[fisher_type]
+    ext = support.rows(mc_samples)
+    if not support.gradient_rows:
+        ext.set_module_extension(
+            nn.BCEWithLogitsLoss,
+            SqrtGGNBaseLossModule(_BCEWithLogitsDerivatives()),
+            overwrite=True,
+        )
     return ext
 
 
@@ -193,11 +232,13 @@ class KroneckerSqrt(SqrtGGN):
     """``SqrtGGNExact``/``SqrtGGNMC`` whose Linear/Conv hooks store Kronecker factors."""
 
     def __init__(
-        self, fisher_type: str, kfac_approx: str, mc_samples: int = 1, keep_raw: bool = False
+        self,
+        fisher_type: FisherType,
+        strategy: str,
+        kfac_approx: str,
+        mc_samples: int = 1,
+        keep_raw: bool = False,
     ) -> None:
-        strategy = (
-            LossHessianStrategy.EXACT if fisher_type == "exact" else (LossHessianStrategy.SAMPLING)
-        )
         super().__init__(strategy, _kron_savefield(fisher_type, kfac_approx, keep_raw), None)
         self.kfac_approx = kfac_approx
         self.keep_raw = keep_raw
@@ -218,9 +259,9 @@ class KroneckerGradient(FirstOrderBackpropExtension):
     With the observed labels this is the empirical Fisher's K-FAC.
     """
 
-    def __init__(self, kfac_approx: str, keep_raw: bool = False) -> None:
+    def __init__(self, fisher_type: FisherType, kfac_approx: str, keep_raw: bool = False) -> None:
         super().__init__(
-            savefield=_kron_savefield("empirical", kfac_approx, keep_raw),
+            savefield=_kron_savefield(fisher_type, kfac_approx, keep_raw),
             module_exts={cls: _KronFromGradient() for cls in _KRON_DERIVATIVES},
             fail_mode="SILENT",  # applicability is checked up front (unsupported_reason)
         )
@@ -228,21 +269,22 @@ class KroneckerGradient(FirstOrderBackpropExtension):
         self.keep_raw = keep_raw
 
 
-def _kron_savefield(fisher_type: str, kfac_approx: str, keep_raw: bool) -> str:
-    return f"curvlab_kron_{fisher_type}_{kfac_approx}" + ("_raw" if keep_raw else "")
+def _kron_savefield(fisher_type: FisherType, kfac_approx: str, keep_raw: bool) -> str:
+    return f"curvlab_kron_{fisher_type.value}_{kfac_approx}" + ("_raw" if keep_raw else "")
 
 
 def kronecker_extension(
-    fisher_type: str, kfac_approx: str, mc_samples: int = 1, keep_raw: bool = False
+    fisher_type: FisherType, kfac_approx: str, mc_samples: int = 1, keep_raw: bool = False
 ) -> BackpropExtension:
     """The extension that stores ``fisher_type``'s Kronecker factors on each layer's weight.
 
     With ``keep_raw`` it also keeps the layer's homogeneous input patches ``[N, T, D_in]``
     and output columns ``[K, N, T, D_out]`` of the batch (for EKFAC's refit).
     """
-    if fisher_type == "empirical":
-        return KroneckerGradient(kfac_approx, keep_raw)
-    return KroneckerSqrt(fisher_type, kfac_approx, mc_samples, keep_raw)
+    strategy = _SUPPORT[fisher_type].kronecker_strategy
+    if strategy is None:
+        return KroneckerGradient(fisher_type, kfac_approx, keep_raw)
+    return KroneckerSqrt(fisher_type, strategy, kfac_approx, mc_samples, keep_raw)
 
 
 def _extensions(requests: Sequence[Request]) -> list[BackpropExtension]:
@@ -283,8 +325,8 @@ def unsupported_reason(model: nn.Module, requests: Sequence[Request]) -> str | N
     """Why BackPACK cannot serve ``requests`` on ``model``, or ``None`` if it can."""
     names = {id(m): name or "<model>" for name, m in model.named_modules()}
     for r in requests:
-        if r.fisher_type not in FISHER_TYPES:
-            return f"unknown fisher_type {r.fisher_type!r}"
+        if r.fisher_type not in _SUPPORT:
+            return f"BackPACK has no extension for the {r.fisher_type.value!r} Fisher type"
         if not isinstance(r, (FactorRows, KroneckerStatistics, ParameterDiagonal)):
             modules = getattr(r, "modules", ())
             culprit = (
@@ -434,11 +476,11 @@ def _collect(model: nn.Module, requests: Sequence[Request], result: BatchResult)
         if isinstance(r, (FactorRows, ParameterDiagonal)):
             store = result.rows.setdefault(r.key, {})
             for p in r.params:
-                raw = getattr(p, _SAVEFIELDS[r.fisher_type], None)
+                raw = getattr(p, _SUPPORT[r.fisher_type].savefield, None)
                 if raw is None:
                     continue
                 rows = layers.statistics_dtype(raw).reshape(-1, p.numel())
-                if r.fisher_type == "empirical":
+                if _SUPPORT[r.fisher_type].gradient_rows:
                     rows = rows * sqrt(result.scale.inv_reduction)
                 store[id(p)] = rows
             if isinstance(r, ParameterDiagonal):  # the squares of the rows, not the rows
@@ -482,3 +524,64 @@ def _probe_parameters(model: nn.Module) -> list[Tensor]:
         if own:
             probes.append(min(own, key=lambda p: p.numel()))
     return probes
+
+
+# --- the engine -----------------------------------------------------------------------
+
+
+def _rerun_reason(batch: Batch) -> str | None:
+    """Why a recorded batch cannot be run again under BackPACK, or ``None``."""
+    recorded = batch.recorded
+    if batch.inputs is None:
+        return (
+            "BackPACK runs the recorded batch again, which needs a model call with one "
+            "positional input"
+        )
+    if not bool(torch.isfinite(recorded.loss.detach()).all()):
+        return "the recorded loss is not finite"
+    if not replayable(batch.model):
+        return (
+            "BackPACK runs the recorded batch again, and a second forward pass of this model "
+            "differs (dropout or BatchNorm running statistics in training mode)"
+        )
+    return None
+
+
+class BackpackEngine:
+    """BackPACK's one backward pass (module docstring), for plain ``nn.Sequential`` models
+    of supported layers, torch's own losses and ``[N, C]`` outputs."""
+
+    name = "backpack"
+
+    def unable_reason(self, batch: Batch) -> str | None:
+        reason = _rerun_reason(batch) if batch.recorded is not None else None
+        if reason is None:
+            reason = unsupported_reason(batch.model, batch.requests)
+        if reason is None and isinstance(batch.loss_fn, LikelihoodLoss):
+            reason = f"BackPACK knows torch's own losses only, not {type(batch.loss_fn).__name__}"
+        if reason is None and batch.has_ignored_rows():
+            reason = "BackPACK counts targets equal to ignore_index as part of the loss"
+        if reason is None and batch.extra_axes:
+            reason = "curvlab's BackPACK engine takes [N, C] outputs only, not extra axes"
+        return reason
+
+    def preferred(self, batch: Batch) -> bool:
+        """Where BackPACK's one backward beats the hooks engine (``benchmarks/kfac_extraction``,
+        docs/benchmarks.md): dense factor rows (its per-sample Jacobian products are fused
+        into the backward pass) and the exact Fisher's Kronecker statistics of
+        convolutional networks. Monte-Carlo and empirical Kronecker statistics, and the exact
+        ones of fully-connected networks, are faster with the hooks engine, which
+        backpropagates the columns to the layer outputs only and never forms weight
+        gradients."""
+        convolutional = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        for r in batch.requests:
+            if isinstance(r, KroneckerStatistics):
+                if not _SUPPORT[r.fisher_type].fast_kronecker:
+                    return False
+                if not any(isinstance(m, convolutional) for m in r.modules):
+                    return False
+        return True
+
+    def run(self, batch: Batch) -> tuple[Tensor, BatchResult]:
+        assert batch.loss_fn is not None and batch.targets is not None
+        return run(batch.model, batch.loss_fn, batch.inputs, batch.targets, list(batch.requests))

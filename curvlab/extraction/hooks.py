@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from curvlab.extraction import layers, losses, recurrent
-from curvlab.extraction.losses import BatchScale, batch_scale, loss_rows, output_columns
+from curvlab.extraction.fisher_types import FisherType
+from curvlab.extraction.losses import BatchScale, batch_scale, loss_rows
 from curvlab.extraction.replay import (
     ModelReplay,
     only_through,
@@ -51,6 +52,7 @@ from curvlab.extraction.replay import (
     sample_count,
 )
 from curvlab.extraction.requests import (
+    Batch,
     BatchResult,
     DiagonalStatistics,
     FactorRows,
@@ -618,13 +620,11 @@ def compute(
     if scale is None:
         scale = batch_scale(loss_fn, call.outputs, call.targets)
     result = BatchResult(scale=scale, engine="hooks")
-    columns: dict[tuple[str, int], Tensor] = {}
+    columns: dict[tuple[FisherType, int], Tensor] = {}
 
-    def columns_for(key: tuple[str, int]) -> Tensor:
+    def columns_for(key: tuple[FisherType, int]) -> Tensor:
         if key not in columns:
-            columns[key] = output_columns(
-                loss_fn, call.outputs, call.targets, key[0], scale, mc_samples=key[1]
-            )
+            columns[key] = key[0].columns(loss_fn, call.outputs, call.targets, scale, key[1])
         return columns[key]
 
     structure = _RowStructure(call, batch_size)
@@ -741,7 +741,7 @@ def _parameter_squares(
     params: Sequence[Tensor],
     columns: Tensor,
     valid: Tensor | None,
-    fisher_type: str,
+    fisher_type: FisherType,
     replay: ModelReplay | None,
 ) -> dict[int, Tensor]:
     """``{id(p): Σ_{k,r} (∂ℓ/∂p)²_{k,r}}`` (shaped like ``p``): from per-sample gradients of
@@ -766,7 +766,7 @@ def _replayed_squares(
     params: Sequence[Tensor],
     columns: Tensor,
     valid: Tensor | None,
-    fisher_type: str,
+    fisher_type: FisherType,
     replay: ModelReplay | None,
 ) -> dict[int, Tensor] | None:
     """The squares of :func:`_parameter_squares` from per-sample gradients, or ``None``
@@ -775,9 +775,9 @@ def _replayed_squares(
     if found is None:
         return None
     output, group = found
-    if fisher_type == "mc" or group == 1:
-        # one column per draw, a sample's rows together (its one row; for "mc", unbiased:
-        # the draws of different rows are independent with zero mean)
+    if fisher_type.uncorrelated_rows or group == 1:
+        # one column per draw, a sample's rows together (its one row; for sampled labels,
+        # unbiased: the draws of different rows are independent with zero mean)
         chunks: Iterator[list[Tensor | None]] = iter([_vjp(call.outputs, [output], columns)])
     else:
         # one column per (draw, row of the sample): each sample's slice is one row's alone
@@ -934,8 +934,9 @@ class _RowStructure:
             exact_coupled = request.coupled
             if len({c.input.shape[0] if c.input.dim() else 0 for c in calls}) > 1:
                 return True  # per-sample gradients of the calls cannot be added
-        if request.fisher_type == "mc" or self.one_per_sample(calls):
-            # per-sample quantities are per-row (unbiased for "mc") unless samples are coupled
+        if request.fisher_type.uncorrelated_rows or self.one_per_sample(calls):
+            # per-sample quantities are per-row (unbiased for sampled labels) unless samples
+            # are coupled
             return exact_coupled and self.coupled(calls)
         return exact_coupled or not self.coupled(calls)
 
@@ -1286,13 +1287,14 @@ def _low_rank_output_factor(
     """One call's output factor as ``(d, C, sign)``: ``G = diag(d) + sign · C Cᵀ``.
 
     Where the call's output *is* the cross-entropy loss's input (the same memory, at most
-    reshaped) and ``fisher_type`` is ``"exact"`` or ``"mc"``: the softmax structure
+    reshaped) and the Fisher type is a true Fisher (``"exact"``, ``"mc"``;
+    :attr:`~curvlab.extraction.fisher_types.FisherType.true_fisher`): the softmax structure
     ``diag(Σ p) − P Pᵀ`` (:func:`~curvlab.extraction.losses.softmax_output_factor`; for
     ``"mc"`` the expectation of the sampled factor over its labels). Elsewhere: the
     backpropagated columns themselves, ``d = 0`` and ``sign = +1``.
     """
     output = call.output
-    if logits is not None and request.fisher_type in ("exact", "mc"):
+    if logits is not None and request.fisher_type.true_fisher:
         outputs, scale = logits
         same = (
             output.is_contiguous()
@@ -1334,12 +1336,89 @@ class suspended_hooks:
         self.saved = []
 
 
+# --- the engine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class RecordedBatch:
+    """A forward pass already run under a :class:`Recording` (:attr:`Batch.recorded`).
+
+    ``loss``: the loss that was taken; ``call``/``calls``: its loss call and layer calls
+    (:meth:`Recording.take`); ``scale``: the batch's scale; ``replay``: the model call
+    whose output the loss depends on, if recorded; ``batch_size``: its first input's
+    leading size, if known.
+    """
+
+    loss: Tensor
+    call: LossCall
+    calls: list[LayerCall]
+    scale: BatchScale
+    replay: ModelReplay | None = None
+    batch_size: int | None = None
+
+
+def batch_size(inputs: tuple[Any, ...] | None) -> int | None:
+    """The leading size of a model call's first positional input, if it is a tensor."""
+    if not inputs or not isinstance(inputs[0], Tensor) or inputs[0].dim() == 0:
+        return None
+    return int(inputs[0].shape[0])
+
+
+class HooksEngine:
+    """The hooks engine (module docstring): plain autograd, every model and request."""
+
+    name = "hooks"
+
+    def unable_reason(self, batch: Batch) -> str | None:
+        return None
+
+    def preferred(self, batch: Batch) -> bool:
+        return False  # the default: engine="auto" takes it unless another is preferred
+
+    def run(self, batch: Batch) -> tuple[Tensor, BatchResult]:
+        loss_fn, targets = batch.loss_fn, batch.targets
+        assert loss_fn is not None and targets is not None
+        recorded = batch.recorded
+        if recorded is None:
+            with Recording(loss_fn, list(batch.modules), owner="extract") as recording:
+                outputs = batch.model(batch.inputs)
+                # clear errors before PyTorch's
+                scale = batch_scale(loss_fn, *loss_rows(loss_fn, outputs, targets))
+                graph_loss = loss_fn(outputs, targets)
+            if not bool(torch.isfinite(graph_loss.detach()).all()):
+                raise FloatingPointError(
+                    f"The loss is not finite ({graph_loss.detach()}); no curvature taken."
+                )
+            call, calls = recording.take(graph_loss)
+            replay = (
+                ModelReplay(batch.model, (batch.inputs,), outputs)
+                if isinstance(outputs, Tensor)
+                else None
+            )
+            recorded = RecordedBatch(
+                graph_loss, call, calls, scale, replay, batch_size((batch.inputs,))
+            )
+        assert isinstance(recorded, RecordedBatch)
+        result = compute(
+            loss_fn,
+            recorded.call,
+            recorded.calls,
+            batch.requests,
+            scale=recorded.scale,
+            batch_size=recorded.batch_size,
+            replay=recorded.replay,
+        )
+        return recorded.loss.detach(), result
+
+
 __all__ = [
     "HookOwner",
     "HookSet",
+    "HooksEngine",
     "LayerCall",
     "LossCall",
     "ModelCall",
+    "RecordedBatch",
     "Recording",
     "compute",
     "suspended_hooks",

@@ -6,15 +6,11 @@ batch by its row count and the inverse reduction factor ``1/R`` (docs page
 ``ignore_index``), ``N·C`` for ``MSELoss``/``BCEWithLogitsLoss`` with ``mean`` (PyTorch
 divides by ``numel``), ``1`` for ``sum``.
 
-Every Fisher type is delivered to the engines as *output-space columns*: a tensor
-``[K, N, C]`` whose columns ``u_k`` satisfy ``Σ_k u_k[n] u_k[n]ᵀ = R·M_n`` with ``M_n``
-
-* ``"exact"``: the loss Hessian w.r.t. row ``n``'s output (the Fisher's output matrix for
-  these losses; ``K = C``, a symmetric square root);
-* ``"mc"``: its Monte-Carlo estimate ``(1/M) Σ_m g̃_m g̃_mᵀ`` with ``g̃_m = ∇_f ℓ(f_n, ỹ_m)``,
-  ``ỹ_m ~ p(y | f_n)`` (``K = M``);
-* ``"empirical"``: ``∇_f ℓ(f_n, y_n) ∇_f ℓ(f_n, y_n)ᵀ`` at the observed label (``K = 1``).
-
+Every Fisher type is delivered to the engines as *output-space columns* ``[K, N, C]``;
+the rule of each type lives with the type (:mod:`curvlab.extraction.fisher_types`) and
+uses the primitives here: the square root of the loss's output matrix
+(:func:`output_matrix_sqrt`), labels drawn from the model (:func:`sample_targets`), the
+label gradient (:func:`label_gradient`) and the observed labels (:func:`observed_labels`).
 Backpropagating the columns to a layer output gives its ``g`` vectors on the loss's scale;
 to the parameters, the factor rows of the dense Fisher (see
 ``concepts/models.md#extraction-engines``).
@@ -39,18 +35,15 @@ SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (
     nn.BCEWithLogitsLoss,
 )
 SUPPORTED_REDUCTIONS = ("mean", "sum")
-#: The Fisher types every backend understands: the loss Hessian's square root (``"exact"``),
-#: sampled labels (``"mc"``) and the observed labels (``"empirical"``).
-FISHER_TYPES: tuple[str, ...] = ("exact", "mc", "empirical")
 
 
 class LikelihoodLoss(nn.Module):
     """A loss that states its own likelihood: the extension point for non-torch losses.
 
-    A subclass has ``reduction`` (``"mean"`` or ``"sum"``) and defines the five methods
-    below on its ``[N, C]`` rows; the functions of this module then treat it like
-    torch's losses, so every backend and engine (the hooks engine; BackPACK knows only
-    torch's losses) takes it as ``loss_fn``.
+    A subclass has ``reduction`` (``"mean"`` or ``"sum"``) and defines the methods below
+    on its ``[N, C]`` rows (:meth:`observed_labels` has a default); the functions of this
+    module then treat it like torch's losses, so every backend, engine (the hooks engine;
+    BackPACK knows only torch's losses) and Fisher type takes it as ``loss_fn``.
     """
 
     reduction: str
@@ -71,11 +64,19 @@ class LikelihoodLoss(nn.Module):
         """Validate a batch of rows and return its :class:`BatchScale`."""
         raise NotImplementedError
 
-    def columns(
-        self, outputs: Tensor, targets: Tensor, fisher_type: str, scale: BatchScale, mc_samples: int
-    ) -> Tensor:
-        """Output-space columns ``[K, N, C]`` of ``fisher_type`` (module docstring)."""
+    def output_sqrt(self, outputs: Tensor) -> Tensor:
+        """``[K, N, C]`` columns ``s_k`` with ``Σ_k s_k[n] s_k[n]ᵀ = M_n``, the exact output
+        matrix of row ``n`` of the ``sum``-reduced loss."""
         raise NotImplementedError
+
+    def label_gradient(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        """``∇_f log p(y | f_n)`` per row at ``labels`` (of :meth:`sample` or
+        :meth:`observed_labels`; any sign): ``[..., N, C]`` for ``outputs`` ``[..., N, C]``."""
+        raise NotImplementedError
+
+    def observed_labels(self, targets: Tensor) -> Tensor:
+        """The labels inside a batch's ``targets`` (default: the targets themselves)."""
+        return targets
 
     def output_matrix_apply(self, outputs: Tensor, u: Tensor, targets: Tensor | None) -> Tensor:
         """``R·M_n u_n`` per row, ``M_n`` the exact output matrix: ``[N, C]``."""
@@ -218,15 +219,44 @@ def sample_targets(loss_fn: nn.Module, outputs: Tensor, num: int | None = None) 
     return f + torch.randn(shape, dtype=f.dtype, device=f.device) * 0.5**0.5
 
 
-def _row_gradient(loss_fn: nn.Module, f: Tensor, targets: Tensor) -> Tensor:
-    """``∇_f ℓ(f_n, y_n)`` per row (the ``sum``-reduced loss's gradient): ``[..., N, C]``."""
+def label_gradient(loss_fn: nn.Module, f: Tensor, labels: Tensor) -> Tensor:
+    """``∇_f ℓ(f_n, y_n)`` per row at ``labels`` (the ``sum``-reduced loss's gradient, or a
+    :class:`LikelihoodLoss`'s score): ``[..., N, C]`` for ``f`` ``[..., N, C]``."""
+    if isinstance(loss_fn, LikelihoodLoss):
+        return loss_fn.label_gradient(f, labels)
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         p = f.softmax(dim=-1)
-        safe = targets.clamp(min=0, max=f.shape[-1] - 1)
+        safe = labels.clamp(min=0, max=f.shape[-1] - 1)
         return p - nn.functional.one_hot(safe, f.shape[-1]).to(p.dtype)
     if isinstance(loss_fn, nn.BCEWithLogitsLoss):
-        return f.sigmoid() - targets.to(f.dtype)
-    return 2.0 * (f - targets.to(f.dtype))
+        return f.sigmoid() - labels.to(f.dtype)
+    return 2.0 * (f - labels.to(f.dtype))
+
+
+def observed_labels(loss_fn: nn.Module, targets: Tensor) -> Tensor:
+    """The observed labels of a batch's ``targets`` (torch's losses: the targets)."""
+    if isinstance(loss_fn, LikelihoodLoss):
+        return loss_fn.observed_labels(targets.detach())
+    return targets
+
+
+def output_matrix_sqrt(loss_fn: nn.Module, f: Tensor) -> Tensor:
+    """``[K, N, C]`` columns ``s_k`` with ``Σ_k s_k[n] s_k[n]ᵀ = M_n``, the loss Hessian of
+    row ``n`` of the ``sum``-reduced loss, for detached rows ``f`` ``[N, C]``."""
+    if isinstance(loss_fn, LikelihoodLoss):
+        return loss_fn.output_sqrt(f)
+    n, c = f.shape
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        # S = diag(√p) − p √pᵀ: column c is √p_c (e_c − p), and S Sᵀ = diag(p) − p pᵀ
+        p = f.softmax(dim=1)
+        sqrt_p = p.sqrt()
+        eye = torch.eye(c, dtype=f.dtype, device=f.device)
+        return sqrt_p.T.unsqueeze(2) * (eye.unsqueeze(1) - p.unsqueeze(0))  # [C, N, C]
+    if isinstance(loss_fn, nn.BCEWithLogitsLoss):
+        s = f.sigmoid()
+        return torch.diag_embed((s * (1 - s)).sqrt()).permute(1, 0, 2)  # [C, N, C]
+    eye = torch.eye(c, dtype=f.dtype, device=f.device)
+    return (sqrt(2.0) * eye).unsqueeze(1).expand(c, n, c)
 
 
 def softmax_output_factor(logits: Tensor, scale: BatchScale) -> tuple[Tensor, Tensor]:
@@ -244,50 +274,6 @@ def softmax_output_factor(logits: Tensor, scale: BatchScale) -> tuple[Tensor, Te
         p = p[scale.valid]
     w = 1.0 / scale.inv_reduction if scale.inv_reduction > 0 else 0.0
     return p.sum(dim=0) * w, p.T * sqrt(w)
-
-
-def output_columns(
-    loss_fn: nn.Module,
-    outputs: Tensor,
-    targets: Tensor,
-    fisher_type: str,
-    scale: BatchScale,
-    mc_samples: int = 1,
-) -> Tensor:
-    """Output-space columns ``[K, N, C]`` of ``fisher_type`` on the loss's scale (module doc)."""
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}.")
-    if isinstance(loss_fn, LikelihoodLoss):
-        return loss_fn.columns(outputs.detach(), targets, fisher_type, scale, mc_samples)
-    f = outputs.detach()
-    if f.dtype not in (torch.float32, torch.float64):
-        f = f.float()
-    r = 1.0 / scale.inv_reduction if scale.inv_reduction > 0 else 0.0
-    n, c = f.shape
-    if fisher_type == "exact":
-        if isinstance(loss_fn, nn.CrossEntropyLoss):
-            # S = diag(√p) − p √pᵀ: column c is √p_c (e_c − p), and S Sᵀ = diag(p) − p pᵀ
-            p = f.softmax(dim=1)
-            sqrt_p = p.sqrt()
-            eye = torch.eye(c, dtype=f.dtype, device=f.device)
-            cols = sqrt_p.T.unsqueeze(2) * (eye.unsqueeze(1) - p.unsqueeze(0))  # [C, N, C]
-        elif isinstance(loss_fn, nn.BCEWithLogitsLoss):
-            s = f.sigmoid()
-            cols = torch.diag_embed((s * (1 - s)).sqrt()).permute(1, 0, 2)  # [C, N, C]
-        else:
-            eye = torch.eye(c, dtype=f.dtype, device=f.device)
-            cols = (sqrt(2.0) * eye).unsqueeze(1).expand(c, n, c)
-        cols = cols * sqrt(r)
-    elif fisher_type == "mc":
-        draws = sample_targets(loss_fn, f, num=mc_samples)  # [M, N] or [M, N, C]
-        cols = _row_gradient(loss_fn, f.expand(mc_samples, n, c), draws) * sqrt(r / mc_samples)
-    elif fisher_type == "empirical":
-        cols = (_row_gradient(loss_fn, f, targets) * sqrt(r)).unsqueeze(0)
-    else:
-        raise ValueError(f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}.")
-    if scale.valid is not None:
-        cols = cols * scale.valid.to(cols.dtype).unsqueeze(-1)
-    return cols
 
 
 def loss_rows(loss_fn: nn.Module, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from curvlab.extraction.losses import FISHER_TYPES, BatchScale, LikelihoodLoss
+from curvlab.extraction.losses import BatchScale, LikelihoodLoss
 
 __all__ = ["CategoricalPolicy", "GaussianPolicy", "PolicyLoss", "StateIndependentLogStd"]
 
@@ -167,22 +167,14 @@ class PolicyLoss(LikelihoodLoss):
             num_samples=n, inv_reduction=float(n) if self.reduction == "mean" else 1.0
         )
 
-    def columns(
-        self, outputs: Tensor, targets: Tensor, fisher_type: str, scale: BatchScale, mc_samples: int
-    ) -> Tensor:
-        f = outputs.detach()
-        if f.dtype not in (torch.float32, torch.float64):
-            f = f.float()
-        r = 1.0 / scale.inv_reduction
-        if fisher_type == "exact":
-            return self.fisher_sqrt(f) * math.sqrt(r)
-        if fisher_type == "mc":
-            draws = self.sample_actions(f, mc_samples)
-            return self.score(f.expand(mc_samples, *f.shape), draws) * math.sqrt(r / mc_samples)
-        if fisher_type == "empirical":
-            actions = self.unpack(targets.detach())[0].to(f.dtype)
-            return (self.score(f, actions) * math.sqrt(r)).unsqueeze(0)
-        raise ValueError(f"unknown fisher_type {fisher_type!r}; choose one of {FISHER_TYPES}.")
+    def output_sqrt(self, outputs: Tensor) -> Tensor:
+        return self.fisher_sqrt(outputs)
+
+    def label_gradient(self, outputs: Tensor, labels: Tensor) -> Tensor:
+        return self.score(outputs, labels)
+
+    def observed_labels(self, targets: Tensor) -> Tensor:
+        return self.unpack(targets)[0]
 
     def output_matrix_apply(self, outputs: Tensor, u: Tensor, targets: Tensor | None) -> Tensor:
         n = outputs.shape[0]

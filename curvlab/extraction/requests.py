@@ -10,15 +10,19 @@ tensors keyed by the request; nothing is stored on ``Parameter`` or module objec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
-from curvlab.extraction.losses import FISHER_TYPES, BatchScale
+from curvlab.extraction.fisher_types import FisherType
+from curvlab.extraction.losses import BatchScale
 
 __all__ = [
+    "Batch",
     "BatchResult",
     "DiagonalStatistics",
+    "Engine",
     "FactorRows",
     "KroneckerBatch",
     "KroneckerStatistics",
@@ -26,17 +30,8 @@ __all__ = [
     "RecurrentBatch",
     "RecurrentStatistics",
     "Request",
-    "check_fisher_type",
     "check_mc_samples",
 ]
-
-
-def check_fisher_type(fisher_type: str, allowed: tuple[str, ...], owner: str) -> None:
-    """Raise a ``ValueError`` naming ``owner`` unless ``fisher_type`` is in ``allowed``."""
-    if fisher_type not in allowed:
-        raise ValueError(
-            f"{owner}: unknown fisher_type {fisher_type!r}; choose one of {list(allowed)}."
-        )
 
 
 def check_mc_samples(mc_samples: int, owner: str) -> None:
@@ -45,29 +40,40 @@ def check_mc_samples(mc_samples: int, owner: str) -> None:
         raise ValueError(f"{owner}: mc_samples must be a positive integer, got {mc_samples!r}.")
 
 
+class _FisherTyped:
+    """A request's ``fisher_type``: a :class:`FisherType` or its string, converted (and
+    refused with a ``ValueError`` if unknown) when the request is built."""
+
+    fisher_type: FisherType
+
+    def __post_init__(self) -> None:
+        member = FisherType.parse(self.fisher_type, type(self).__name__)
+        object.__setattr__(self, "fisher_type", member)
+
+
 @dataclass(frozen=True, eq=False)
-class FactorRows:
+class FactorRows(_FisherTyped):
     """Per parameter ``p``, rows ``V_p`` ``[K, p.numel()]`` with ``V_pᵀ V_q`` the batch's
     curvature block between ``p`` and ``q`` on the loss's scale (``K``: one row per loss
     row and output column, MC sample or observed label)."""
 
-    fisher_type: str
+    fisher_type: FisherType
     params: tuple[nn.Parameter, ...]
     mc_samples: int = 1
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+    def key(self) -> tuple[FisherType, int]:
+        return (self.fisher_type, self.fisher_type.draws(self.mc_samples))
 
 
 @dataclass(frozen=True, eq=False)
-class KroneckerStatistics:
+class KroneckerStatistics(_FisherTyped):
     """Per module, its Kronecker statistics (:class:`KroneckerBatch`) for ``fisher_type``.
 
     ``keep_raw``: also the homogeneous input patches and output columns of the batch.
     """
 
-    fisher_type: str
+    fisher_type: FisherType
     modules: tuple[nn.Module, ...]
     kfac_approx: str = "expand"
     mc_samples: int = 1
@@ -84,9 +90,9 @@ class KroneckerStatistics:
     low_rank_output: tuple[nn.Module, ...] = ()
 
     @property
-    def columns_key(self) -> tuple[str, int]:
+    def columns_key(self) -> tuple[FisherType, int]:
         """Requests with the same key share the backpropagated columns (and MC draws)."""
-        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+        return (self.fisher_type, self.fisher_type.draws(self.mc_samples))
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -101,7 +107,7 @@ class KroneckerStatistics:
 
 
 @dataclass(frozen=True, eq=False)
-class DiagonalStatistics:
+class DiagonalStatistics(_FisherTyped):
     """Per parameter of ``modules``, ``Σ_{k,r} (∂ℓ/∂θ)_{k,r}²``: the diagonal of the Fisher
     from per-row gradients formed *at the layer* (its recorded input and the output
     gradients of each loss row's columns), for layers with a diagonal rule
@@ -118,23 +124,23 @@ class DiagonalStatistics:
     coupling the per-sample squares are an unbiased estimate and are kept.
     """
 
-    fisher_type: str
+    fisher_type: FisherType
     modules: tuple[nn.Module, ...]
     mc_samples: int = 1
     #: exact per-row gradients also where the samples are coupled after the layer
     coupled: bool = True
 
     @property
-    def columns_key(self) -> tuple[str, int]:
-        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+    def columns_key(self) -> tuple[FisherType, int]:
+        return (self.fisher_type, self.fisher_type.draws(self.mc_samples))
 
     @property
-    def key(self) -> tuple[str, int, bool]:
+    def key(self) -> tuple[FisherType, int, bool]:
         return (*self.columns_key, self.coupled)
 
 
 @dataclass(frozen=True, eq=False)
-class ParameterDiagonal:
+class ParameterDiagonal(_FisherTyped):
     """Per parameter, ``Σ_{k,r} (∂ℓ/∂θ)_{k,r}²`` over the loss rows ``r`` and output
     columns ``k``: the diagonal of the Fisher of parameters that no layer rule serves (raw
     parameters, tied weights, recurrent weights), as the squares of
@@ -147,16 +153,16 @@ class ParameterDiagonal:
     independent with zero mean, so the per-sample squares are an unbiased estimate.
     """
 
-    fisher_type: str
+    fisher_type: FisherType
     params: tuple[nn.Parameter, ...]
     mc_samples: int = 1
 
     @property
-    def columns_key(self) -> tuple[str, int]:
-        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+    def columns_key(self) -> tuple[FisherType, int]:
+        return (self.fisher_type, self.fisher_type.draws(self.mc_samples))
 
     @property
-    def key(self) -> tuple[str, str, int]:
+    def key(self) -> tuple[str, FisherType, int]:
         return ("parameters", *self.columns_key)
 
     def rows(self) -> FactorRows:
@@ -165,14 +171,14 @@ class ParameterDiagonal:
 
 
 @dataclass(frozen=True, eq=False)
-class RecurrentStatistics:
+class RecurrentStatistics(_FisherTyped):
     """Per recurrent module (``nn.RNN``/``nn.LSTM``/``nn.GRU``) of ``modules``, the sums of
     each of its affine maps (:class:`RecurrentBatch`, keyed by the map's block name such as
     ``"ih_l0"``; concepts/recurrent.md). ``lagged``: also the lag-one sums of the series
     model. Served by the hooks engine (:mod:`curvlab.extraction.recurrent`).
     """
 
-    fisher_type: str
+    fisher_type: FisherType
     modules: tuple[nn.Module, ...]
     mc_samples: int = 1
     lagged: bool = False
@@ -181,8 +187,8 @@ class RecurrentStatistics:
     names: tuple[str, ...] = ()
 
     @property
-    def columns_key(self) -> tuple[str, int]:
-        return (self.fisher_type, self.mc_samples if self.fisher_type == "mc" else 1)
+    def columns_key(self) -> tuple[FisherType, int]:
+        return (self.fisher_type, self.fisher_type.draws(self.mc_samples))
 
     def name_of(self, module: nn.Module) -> str:
         """``module``'s name in the model (its type's name if not given)."""
@@ -192,7 +198,7 @@ class RecurrentStatistics:
         return type(module).__name__
 
     @property
-    def key(self) -> tuple[str, str, int, bool, float]:
+    def key(self) -> tuple[str, FisherType, int, bool, float]:
         return ("recurrent", *self.columns_key, self.lagged, self.sample_fraction)
 
 
@@ -292,6 +298,69 @@ class BatchResult:
         return found
 
 
+@dataclass(eq=False)
+class Batch:
+    """One batch whose requests an :class:`Engine` answers.
+
+    Either a *fresh* batch — the engine runs the forward pass ``model(inputs)`` itself —
+    or a *recorded* one: the forward pass already ran under a recording of the hooks
+    engine (``recorded``: a :class:`curvlab.extraction.hooks.RecordedBatch`); an engine
+    that needs a forward pass of its own then runs ``model(inputs)`` again with the
+    recorded call's one positional input (``None`` when it had several or none).
+    """
+
+    model: nn.Module
+    #: ``None`` only when an engine is chosen without a batch (:func:`choose_engine`)
+    loss_fn: nn.Module | None
+    requests: tuple[Request, ...]
+    inputs: Any = None
+    targets: Tensor | None = None
+    #: the modules the backends record (their calls in the forward pass)
+    modules: tuple[nn.Module, ...] = ()
+    recorded: Any = None
+    #: the model output has axes beyond ``[N, C]`` (tokens, pixels)
+    extra_axes: bool = False
+    #: some targets equal the loss's ``ignore_index`` (``None``: not looked at yet)
+    ignored_rows: bool | None = None
+
+    def has_ignored_rows(self) -> bool:
+        """Whether some targets equal the loss's ``ignore_index``: one look at the targets
+        (a host synchronisation), only when an engine asks."""
+        if self.ignored_rows is None:
+            self.ignored_rows = (
+                isinstance(self.loss_fn, nn.CrossEntropyLoss)
+                and self.targets is not None
+                and bool((torch.as_tensor(self.targets) == self.loss_fn.ignore_index).any())
+            )
+        return self.ignored_rows
+
+
+class Engine(Protocol):
+    """An extraction engine: answers a :class:`Batch`'s requests with a :class:`BatchResult`.
+
+    The engines ``engine=`` can name are the entries of
+    :data:`curvlab.extraction.engines.ENGINE_TABLE`.
+    """
+
+    #: the name ``engine=`` takes
+    name: str
+
+    def unable_reason(self, batch: Batch) -> str | None:
+        """Why this engine cannot serve ``batch`` (shown in errors), or ``None`` if it can.
+        Called before any forward pass; it must not run the model."""
+        ...
+
+    def preferred(self, batch: Batch) -> bool:
+        """Whether ``engine="auto"`` should take this engine for ``batch`` (when it can serve
+        it) over the first engine of the table that can."""
+        ...
+
+    def run(self, batch: Batch) -> tuple[Tensor, BatchResult]:
+        """The batch's detached loss and the answer to its requests; parameter gradients
+        (``.grad``) are left as they were."""
+        ...
+
+
 def validate_request(request: Any, owner: str) -> None:
     """Raise a ``TypeError``/``ValueError`` naming ``owner`` for a malformed request."""
     if not isinstance(
@@ -305,5 +374,4 @@ def validate_request(request: Any, owner: str) -> None:
         ),
     ):
         raise TypeError(f"{owner}: unknown request {request!r}.")
-    check_fisher_type(request.fisher_type, FISHER_TYPES, owner)
     check_mc_samples(request.mc_samples, owner)

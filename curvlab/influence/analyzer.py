@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map
 
 from curvlab.curvature.base import Curvature, Layer
+from curvlab.curvature.kronecker.damping import EigenDamping
 from curvlab.curvature.kronecker.ekfac import EKFAC
 from curvlab.curvature.kronecker.factored import KroneckerFactored
 from curvlab.curvature.kronecker.kfac import KFAC
@@ -204,8 +205,8 @@ class Influence:
         if isinstance(c, EKFAC):
             return [(q_g, q_a, s) for (q_g, q_a), s in zip(c.eigenbasis(), c.scalings())]
         if isinstance(c, KFAC) and type(c)._solve_layer is KFAC._solve_layer:
-            if c.damping_mode != "exact":
-                return None
+            if not isinstance(c.damping_strategy, EigenDamping):
+                return None  # the scores' eigenbasis form is the eigen-damped inverse's
             out = []
             for k in range(len(c.layers)):
                 eig = c._layer_eigen(k)
@@ -482,7 +483,7 @@ class Influence:
         c = self.curvature
         return {
             "backend": type(c).__name__,
-            "fisher_type": getattr(c, "fisher_type", None),
+            "fisher_type": str(c.fisher_type) if hasattr(c, "fisher_type") else None,
             "damping": self.damping,
             "score_dtype": str(self.score_dtype).removeprefix("torch."),
             "param_dtype": str(c.params[0].dtype).removeprefix("torch."),

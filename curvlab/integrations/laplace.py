@@ -40,6 +40,7 @@ from curvlab.curvature.dense.empirical import EmpiricalFisher
 from curvlab.curvature.dense.exact import ExactFisher
 from curvlab.curvature.diagonal import DiagonalFisher
 from curvlab.curvature.kronecker.kfac import KFC
+from curvlab.extraction import FisherType
 from curvlab.extraction import layers as layer_rules
 
 __all__ = ["CurvlabEF", "CurvlabGGN"]
@@ -80,7 +81,7 @@ class _CurvlabInterface(CurvatureInterface):
         return (self.factor * loss).to(self._dtype)
 
     def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if self.fisher_type == "empirical":
+        if FisherType(self.fisher_type) is FisherType.EMPIRICAL:
             c: Curvature = EmpiricalFisher(self.model, self._loss)
         else:
             c = ExactFisher(

@@ -138,12 +138,13 @@ def test_low_rank_update_identities(
 
 def test_softmax_identity() -> None:
     """The exact columns' outer products sum to ``diag(Σ p) − PᵀP`` (per row and scale)."""
-    from curvlab.extraction.losses import batch_scale, output_columns, softmax_output_factor
+    from curvlab.extraction.fisher_types import FisherType
+    from curvlab.extraction.losses import batch_scale, softmax_output_factor
 
     logits = torch.randn(5, VOCAB, dtype=DTYPE)
     y = torch.randint(0, VOCAB, (5,))
     scale = batch_scale(nn.CrossEntropyLoss(), logits, y)
-    cols = output_columns(nn.CrossEntropyLoss(), logits, y, "exact", scale)  # [C, N, C]
+    cols = FisherType.EXACT.columns(nn.CrossEntropyLoss(), logits, y, scale)  # [C, N, C]
     flat = cols.reshape(-1, VOCAB)
     d, p = softmax_output_factor(logits, scale)
     torch.testing.assert_close(torch.diag(d) - p @ p.T, flat.T @ flat, rtol=1e-10, atol=1e-14)

@@ -25,7 +25,7 @@ from curvlab.curvature.base import (
     Vector,
     top_symmetric_eigenvalues,
 )
-from curvlab.extraction import BatchResult, FactorRows, Request, check_fisher_type, check_mc_samples
+from curvlab.extraction import BatchResult, FactorRows, FisherType, Request, check_mc_samples
 
 
 class DenseCurvature(Curvature):
@@ -43,9 +43,8 @@ class DenseCurvature(Curvature):
         engine: str = "auto",
     ) -> None:
         owner = type(self).__name__
-        check_fisher_type(fisher_type, self.fisher_types, owner)
+        self.fisher_type = FisherType.parse(fisher_type, owner, self.fisher_types)
         check_mc_samples(mc_samples, owner)
-        self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         super().__init__(model, loss_fn, engine=engine)
         offsets = [0]

@@ -72,10 +72,10 @@ from curvlab.curvature.base import (
 from curvlab.curvature.diagonal import DiagonalBlocks
 from curvlab.extraction import (
     BatchResult,
+    FisherType,
     KroneckerBatch,
     KroneckerStatistics,
     Request,
-    check_fisher_type,
     check_mc_samples,
 )
 from curvlab.extraction import layers as layer_rules
@@ -173,7 +173,7 @@ class KroneckerFactored(Curvature):
             raise ValueError(
                 f"{owner}: statistics_fraction must lie in (0, 1], got {statistics_fraction}."
             )
-        check_fisher_type(fisher_type, ("exact", "mc", "empirical"), owner)
+        self.fisher_type = FisherType.parse(fisher_type, owner)
         check_mc_samples(mc_samples, owner)
         if kfac_approx not in layer_rules.KFAC_APPROXES:
             raise ValueError(
@@ -182,7 +182,6 @@ class KroneckerFactored(Curvature):
             )
         self.separate_bias = bool(separate_bias)
         self.statistics_fraction = float(statistics_fraction)
-        self.fisher_type = fisher_type
         self.mc_samples = mc_samples
         self.kfac_approx = kfac_approx
         self._layer_choice = (layers, exclude)
