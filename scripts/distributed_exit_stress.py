@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,8 +97,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def one_run(args: argparse.Namespace) -> list[tuple[int, str, str]]:
-    """Start the two processes of one run; their (return code, stdout, stderr)."""
+def run_pair(
+    command: list[str],
+    timeout: float,
+    cwd: str | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> list[tuple[int, str, str]]:
+    """Start ``command`` as the two processes of an ``env://`` gloo run (process 0 hosts the
+    store on a free port); their (return code, stdout, stderr). A process that does not exit
+    within ``timeout`` seconds gets ``SIGABRT`` (so ``faulthandler`` prints its stacks), then
+    is killed; its stderr ends with ``(hung: ...)``. Also used by
+    tests/optim/test_distributed_exit.py."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -106,18 +116,11 @@ def one_run(args: argparse.Namespace) -> list[tuple[int, str, str]]:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
     }
-    if args.example:
-        command = [sys.executable, str(ROOT / "examples" / "distributed_kfac.py")]
-    else:
-        command = [sys.executable, __file__, "--worker", "--steps", str(args.steps)]
-        command += ["--curvlab"] * args.curvlab + ["--dynamo"] * args.dynamo
-    if shutil.which("taskset"):
-        command = ["taskset", "-c", args.cpus, *command]
     procs = [
         subprocess.Popen(
             command,
-            cwd=args.core_dir or None,
-            preexec_fn=_allow_core_dumps if args.core_dir else None,
+            cwd=cwd or ROOT,
+            preexec_fn=preexec_fn,
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -128,7 +131,7 @@ def one_run(args: argparse.Namespace) -> list[tuple[int, str, str]]:
     out = []
     for p in procs:
         try:
-            stdout, stderr = p.communicate(timeout=args.timeout)
+            stdout, stderr = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:  # a hang: SIGABRT for the stacks, then kill
             p.send_signal(signal.SIGABRT)
             try:
@@ -136,9 +139,28 @@ def one_run(args: argparse.Namespace) -> list[tuple[int, str, str]]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 stdout, stderr = p.communicate()
-            stderr += f"\n(hung: no exit within {args.timeout:g} s, aborted by the driver)"
-            hangs.append(stderr)
+            stderr += f"\n(hung: no exit within {timeout:g} s, aborted by the driver)"
         out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def one_run(args: argparse.Namespace) -> list[tuple[int, str, str]]:
+    """The two processes of one run of the variant ``args`` selects (see the module
+    docstring), pinned to ``args.cpus``."""
+    if args.example:
+        command = [sys.executable, str(ROOT / "examples" / "distributed_kfac.py")]
+    else:
+        command = [sys.executable, __file__, "--worker", "--steps", str(args.steps)]
+        command += ["--curvlab"] * args.curvlab + ["--dynamo"] * args.dynamo
+    if shutil.which("taskset"):
+        command = ["taskset", "-c", args.cpus, *command]
+    out = run_pair(
+        command,
+        args.timeout,
+        cwd=args.core_dir,
+        preexec_fn=_allow_core_dumps if args.core_dir else None,
+    )
+    hangs.extend(stderr for _, _, stderr in out if "(hung:" in stderr)
     return out
 
 

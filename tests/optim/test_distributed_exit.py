@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -77,43 +76,19 @@ def test_every_phase_is_described() -> None:
     assert _describe(_row("step", 4, 1)) == "starting step 4 after 1 backward call"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _stress_script() -> ModuleType:
+    """scripts/distributed_exit_stress.py, whose ``run_pair`` starts the two processes."""
+    path = ROOT / "scripts" / "distributed_exit_stress.py"
+    spec = importlib.util.spec_from_file_location("distributed_exit_stress", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run_example_once() -> list[tuple[int, str, str]]:
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": "2",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
     command = [sys.executable, str(ROOT / "examples" / "distributed_kfac.py")]
-    procs = [
-        subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    results = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=EXAMPLE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-            err += f"\n(no exit within {EXAMPLE_TIMEOUT_S} s)"
-        results.append((p.returncode, out, err))
-    return results
+    return list(_stress_script().run_pair(command, EXAMPLE_TIMEOUT_S))
 
 
 @pytest.mark.slow  # five runs of the example: 1-2 minutes
