@@ -66,7 +66,8 @@ class FisherType(str, Enum):
     ``FisherType.MC == "mc"`` and ``{"mc": ...}[FisherType.MC]`` all work.
 
     Public arguments take the member or its string; :meth:`parse` validates and converts
-    once, where a backend or a request is built.
+    once, where a backend or a request is built. The members are the built-in types;
+    :meth:`register` adds one from outside the library (module docstring).
     """
 
     EXACT = "exact"
