@@ -434,8 +434,6 @@ class MatrixFreeGGN(MatrixFreeCurvature):
     :class:`MatrixFreeCurvature`.
     """
 
-    fisher_types = ("exact", "mc", "empirical")
-
     def __init__(
         self,
         model: nn.Module,
@@ -445,7 +443,7 @@ class MatrixFreeGGN(MatrixFreeCurvature):
         **kwargs: Any,
     ) -> None:
         owner = type(self).__name__
-        self.fisher_type = FisherType.parse(fisher_type, owner, self.fisher_types)
+        self.fisher_type = FisherType.parse(fisher_type, owner)
         check_mc_samples(mc_samples, owner)
         self.mc_samples = mc_samples
         super().__init__(model, loss_fn, **kwargs)

@@ -35,7 +35,7 @@ from curvlab.extraction.engines import (
     register_engine,
     select_engine,
 )
-from curvlab.extraction.fisher_types import FISHER_TYPES, FisherType
+from curvlab.extraction.fisher_types import FISHER_TYPES, ColumnRule, FisherType
 from curvlab.extraction.losses import batch_scale, has_extra_axes
 from curvlab.extraction.replay import ModelReplay
 from curvlab.extraction.requests import (
@@ -74,6 +74,7 @@ __all__ = [
     "FISHER_TYPES",
     "Batch",
     "BatchResult",
+    "ColumnRule",
     "Consumer",
     "Engine",
     "FactorRows",

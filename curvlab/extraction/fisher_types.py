@@ -18,17 +18,26 @@ rules use only the loss primitives of :mod:`curvlab.extraction.losses` (square r
 output matrix, label sampling, label gradient, observed labels), which every supported
 loss and every :class:`~curvlab.extraction.losses.LikelihoodLoss` provides.
 
-**Adding a Fisher type** (the enum is closed by design: a type is a statement about the
-curvature every engine must honour, not a user option):
+**Adding a Fisher type**. A type is a statement about the curvature every engine must
+honour, so it is a :class:`ColumnRule` and nothing else: the engines and backends derive
+everything from the rule (its columns, whether they are sampled, whether they estimate
+the true Fisher).
 
-1. here: a member, and its :class:`ColumnRule` in :data:`_RULES` (the import fails if a
-   member has no rule);
-2. optionally :mod:`curvlab.extraction.backpack_engine`: its BackPACK extensions in that
-   module's table. Without an entry the BackPACK engine refuses the type with a reason,
-   so ``engine="auto"`` uses the hooks engine and ``engine="backpack"`` raises.
+* In the library: a member of :class:`FisherType` and its rule in :data:`_RULES` (the
+  import fails if a member has no rule); optionally its BackPACK extensions in the table
+  of :mod:`curvlab.extraction.backpack_engine`. Without an entry there the BackPACK engine
+  refuses the type with a reason, so ``engine="auto"`` uses the hooks engine and
+  ``engine="backpack"`` raises. Two files at most.
+* From outside the library: :meth:`FisherType.register` with a value and a rule. The
+  returned object is a :class:`FisherType` (``FisherType("value")`` and every backend's
+  ``fisher_type="value"`` find it) that is not one of the enum's members (iterating
+  ``FisherType`` and :data:`FISHER_TYPES` list the built-in types; :meth:`FisherType.known`
+  lists all). :meth:`FisherType.unregister` removes it again.
 
-Nothing else in the library names a Fisher type (``tests/extraction/test_fisher_types.py``
-checks this).
+An unknown value is refused with a ``ValueError`` naming the argument's owner and the
+known types (:meth:`FisherType.parse`), where a backend or a request is built; no engine
+computes it as another type. Nothing else in the library branches on a Fisher type's
+name (``tests/extraction/test_fisher_types.py`` checks this).
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ from curvlab.extraction.losses import (
     sample_targets,
 )
 
-__all__ = ["FISHER_TYPES", "ColumnRule", "FisherType"]
+__all__ = ["FISHER_TYPES", "ColumnFunction", "ColumnRule", "FisherType"]
 
 
 class FisherType(str, Enum):
@@ -57,7 +66,8 @@ class FisherType(str, Enum):
     ``FisherType.MC == "mc"`` and ``{"mc": ...}[FisherType.MC]`` all work.
 
     Public arguments take the member or its string; :meth:`parse` validates and converts
-    once, where a backend or a request is built.
+    once, where a backend or a request is built. The members are the built-in types;
+    :meth:`register` adds one from outside the library (module docstring).
     """
 
     EXACT = "exact"
@@ -74,10 +84,28 @@ class FisherType(str, Enum):
         return format(self.value, format_spec)
 
     @classmethod
-    def parse(cls, value: object, owner: str, allowed: Iterable[str] | None = None) -> FisherType:
-        """``value`` (a member or its string) as a member; a ``ValueError`` naming ``owner``
-        if it is no Fisher type, or not one of ``allowed`` (default: every type)."""
-        choices = [cls(a).value for a in allowed] if allowed is not None else list(FISHER_TYPES)
+    def known(cls) -> tuple[FisherType, ...]:
+        """Every Fisher type: the built-in members, then the registered types in the order
+        of :meth:`register`."""
+        return tuple(_RULES)
+
+    @classmethod
+    def parse(
+        cls,
+        value: object,
+        owner: str,
+        allowed: Iterable[str] | Callable[[FisherType], bool] | None = None,
+    ) -> FisherType:
+        """``value`` (a type or its string) as a :class:`FisherType`; a ``ValueError``
+        naming ``owner`` and the allowed values if it is no known type, or not one of
+        ``allowed``: values, or a test of the type (default: every known type)."""
+        known = cls.known()
+        if allowed is None:
+            choices = [t.value for t in known]
+        elif callable(allowed):
+            choices = [t.value for t in known if allowed(t)]
+        else:
+            choices = [cls(a).value for a in allowed]
         member = None
         if isinstance(value, cls):
             member = value
@@ -87,6 +115,44 @@ class FisherType(str, Enum):
             shown = repr(value.value) if isinstance(value, cls) else repr(value)
             raise ValueError(f"{owner}: unknown fisher_type {shown}; choose one of {choices}.")
         return member
+
+    @classmethod
+    def register(cls, value: str, rule: ColumnRule) -> FisherType:
+        """A new Fisher type ``value`` whose columns follow ``rule``, from outside the
+        library (module docstring); every backend and the hooks engine then take
+        ``fisher_type=value``. A ``ValueError`` if ``value`` is empty or taken.
+
+        The type is a *pseudo-member*, as :class:`enum.Flag` makes for its combinations:
+        an instance of :class:`FisherType` in the enum's value map, not one of its
+        members (``list(FisherType)`` is unchanged).
+        """
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"FisherType.register: value must be a non-empty str, got {value!r}.")
+        if value in cls._value2member_map_:
+            raise ValueError(f"FisherType.register: a Fisher type {value!r} already exists.")
+        if not isinstance(rule, ColumnRule):
+            raise TypeError(
+                f"FisherType.register: rule must be a ColumnRule, got {type(rule).__name__}."
+            )
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member._name_ = value
+        cls._value2member_map_[value] = member
+        _RULES[member] = rule
+        return member
+
+    @classmethod
+    def unregister(cls, value: str | FisherType) -> None:
+        """Remove a type added by :meth:`register` (a ``ValueError`` for a built-in
+        member or an unknown value)."""
+        key = value.value if isinstance(value, cls) else value
+        builtin = isinstance(key, str) and key in FISHER_TYPES
+        if builtin or not isinstance(key, str) or key not in cls._value2member_map_:
+            raise ValueError(
+                f"FisherType.unregister: {key!r} is not a registered Fisher type (registered: "
+                f"{[t.value for t in cls.known() if t.value not in FISHER_TYPES]})."
+            )
+        del _RULES[cls._value2member_map_.pop(key)]  # type: ignore[arg-type]
 
     @property
     def rule(self) -> ColumnRule:
@@ -144,7 +210,8 @@ class FisherType(str, Enum):
         return cols
 
 
-#: The values of every Fisher type, as plain strings.
+#: The values of the built-in Fisher types, as plain strings (with the registered ones:
+#: :meth:`FisherType.known`).
 FISHER_TYPES: tuple[str, ...] = tuple(t.value for t in FisherType)
 
 #: ``(loss_fn, f [N, C] detached, targets, r, mc_samples) -> columns [K, N, C]`` with

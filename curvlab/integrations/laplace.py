@@ -40,7 +40,6 @@ from curvlab.curvature.dense.empirical import EmpiricalFisher
 from curvlab.curvature.dense.exact import ExactFisher
 from curvlab.curvature.diagonal import DiagonalFisher
 from curvlab.curvature.kronecker.kfac import KFC
-from curvlab.extraction import FisherType
 from curvlab.extraction import layers as layer_rules
 
 __all__ = ["CurvlabEF", "CurvlabGGN"]
@@ -80,13 +79,14 @@ class _CurvlabInterface(CurvatureInterface):
             )
         return (self.factor * loss).to(self._dtype)
 
+    def _full_curvature(self) -> Curvature:
+        """The dense backend of ``full`` (the empirical interface overrides it)."""
+        return ExactFisher(
+            self.model, self._loss, fisher_type=self.fisher_type, mc_samples=self.mc_samples
+        )
+
     def full(self, x: Any, y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if FisherType(self.fisher_type) is FisherType.EMPIRICAL:
-            c: Curvature = EmpiricalFisher(self.model, self._loss)
-        else:
-            c = ExactFisher(
-                self.model, self._loss, fisher_type=self.fisher_type, mc_samples=self.mc_samples
-            )
+        c = self._full_curvature()
         loss = self._fit(c, x, y)
         return loss, (self.factor * c.to_dense()).to(self._dtype)
 
@@ -186,3 +186,6 @@ class CurvlabEF(_CurvlabInterface, EFInterface):
     """laplace-torch's empirical-Fisher interface on curvlab."""
 
     fisher_type = "empirical"
+
+    def _full_curvature(self) -> Curvature:
+        return EmpiricalFisher(self.model, self._loss)

@@ -12,6 +12,7 @@ factor of each damped block, cached until the statistics or the damping change.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,8 +32,9 @@ from curvlab.extraction import BatchResult, FactorRows, FisherType, Request, che
 class DenseCurvature(Curvature):
     """Dense symmetric blocks on contiguous ranges of the flat parameter vector."""
 
-    #: Fisher types the backend accepts.
-    fisher_types: tuple[str, ...] = ("exact", "mc", "empirical")
+    #: Fisher types the backend accepts: their values, or a test of the type (``None``:
+    #: every known type, registered ones included; :class:`~curvlab.FisherType`).
+    fisher_types: tuple[str, ...] | Callable[[FisherType], bool] | None = None
 
     def __init__(
         self,
@@ -43,7 +45,7 @@ class DenseCurvature(Curvature):
         engine: str = "auto",
     ) -> None:
         owner = type(self).__name__
-        self.fisher_type = FisherType.parse(fisher_type, owner, self.fisher_types)
+        self.fisher_type = FisherType.parse(fisher_type, owner, type(self).fisher_types)
         check_mc_samples(mc_samples, owner)
         self.mc_samples = mc_samples
         super().__init__(model, loss_fn, engine=engine)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 from curvlab.curvature.dense.base import DenseCurvature
 from curvlab.curvature.registry import register
 
@@ -16,7 +18,9 @@ class ExactFisher(DenseCurvature):
     cross-layer block; meant for small models and as the reference of ablations.
     """
 
-    fisher_types = ("exact", "mc")
+    #: the types whose columns estimate the true Fisher (:attr:`FisherType.true_fisher
+    #: <curvlab.FisherType.true_fisher>`): ``"exact"``, ``"mc"`` and registered ones
+    fisher_types = operator.attrgetter("true_fisher")
 
     def _partition(self) -> list[tuple[int, int]]:
         return [(0, len(self.params))]
