@@ -272,6 +272,23 @@ def test_replayed_rows_give_the_reference_fisher(
         _close(got, expected)
 
 
+@pytest.mark.parametrize("name", ["pixels", "tokens"])
+def test_replayed_mc_rows_estimate_the_reference_fisher(name: str, monkeypatch) -> None:
+    """``"mc"``: with many draws the replayed rows' Fisher approaches the exact one (the
+    draws are random, so the test above pins them to the per-row passes' with the same
+    draws; this one pins their distribution)."""
+    case = _make(name, "mean", True)
+    replays = _spy_replay(monkeypatch)
+    torch.manual_seed(0)
+    c = curvlab.ExactFisher(case.model, case.loss_fn, fisher_type="mc", mc_samples=200)
+    _accumulate(c, case)
+    assert replays and all(replays)
+    full = ref.ggn(case.reference_model, case.loss_fn, case.x, case.reference_y)
+    expected = _in_order(full, c, case.model)
+    error = torch.linalg.matrix_norm(c.to_dense() - expected) / torch.linalg.matrix_norm(expected)
+    assert float(error) < 0.1  # 0.04 here; the error falls like 1/sqrt(mc_samples)
+
+
 class _Shifted(nn.Module):
     """``inner`` with its output rows moved to the next sample (``roll`` over the batch):
     the reference's model for a loss taken on the rolled output."""
