@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -126,11 +126,6 @@ def assign_blocks(costs: Sequence[float], world_size: int) -> list[int]:
 class DistributedFailure(RuntimeError):
     """Raised on every process when the processes disagree (model structure, damping, step),
     and on the survivors when a collective fails (a process died or the timeout passed)."""
-
-
-def deferred(comm: Communicator | None) -> AbstractContextManager[None]:
-    """``comm.deferred()``, or nothing without distribution."""
-    return comm.deferred() if comm is not None else nullcontext()
 
 
 def _timeout_advice() -> str:
