@@ -89,6 +89,8 @@ class NaturalGradient:
             {10⁻³, 10⁻², 3·10⁻², 0.1} with which the documented loop (SGD, lr 0.1, momentum
             0.9) trained every model of the test zoo
             (concepts/natural_gradient.md#defaults-of-the-preconditioner-and-why).
+            A :class:`~curvlab.optim.damping.Damping` policy object is used as it is (e.g.
+            ``Damping(schedule, hold=True)``: ``λ`` read on inversion steps only).
         update_every: take curvature statistics every this many steps.
         invert_every: refresh the decompositions every this many steps.
         ema_decay: decay of the moving average of the statistics (0: the last step only).
@@ -149,7 +151,7 @@ class NaturalGradient:
     def __init__(
         self,
         curvature: Curvature,
-        damping: float | DampingSchedule | LevenbergMarquardt = 0.1,
+        damping: float | DampingSchedule | LevenbergMarquardt | Damping = 0.1,
         update_every: int = 1,
         invert_every: int = 10,
         ema_decay: float = 0.95,
@@ -170,14 +172,17 @@ class NaturalGradient:
             raise ValueError(f"NaturalGradient: ema_decay must lie in [0, 1), got {ema_decay}.")
         self.average = MovingAverage(ema_decay)
         self.clip = None if kl_clip is None else KLClip(kl_clip)
-        self.damping_policy = Damping(damping)
+        self.damping_policy = damping if isinstance(damping, Damping) else Damping(damping)
         self.learning_rate = LearningRate(curvature.params, curvature.param_names, lr, optimizer)
         if not self.learning_rate.known:
             needs = [
                 name
                 for name, used in (
                     (f"kl_clip={kl_clip}", kl_clip is not None),
-                    ("Levenberg–Marquardt damping", isinstance(damping, LevenbergMarquardt)),
+                    (
+                        "Levenberg–Marquardt damping",
+                        isinstance(self.damping_policy.policy, LevenbergMarquardt),
+                    ),
                 )
                 if used
             ]
@@ -334,7 +339,8 @@ class NaturalGradient:
         _backward(loss)
 
     def current_damping(self) -> float:
-        """``λ`` of the current step (evaluates a schedule)."""
+        """``λ`` of the current step (evaluates a schedule; a held damping: the value of
+        the last inversion)."""
         return self.damping_policy.at(self.steps)
 
     @torch.no_grad()
@@ -398,14 +404,16 @@ class NaturalGradient:
         """Make the curvature's statistics the average when an inversion is due (else the
         held ones), share the decompositions when they changed; the step's ``λ``."""
         # a restarted average cannot be mixed with the held statistics either: invert now
-        if restarted or self.schedule.inversion_due(self.steps) or self._inverted is None:
+        inverting = restarted or self.schedule.inversion_due(self.steps) or self._inverted is None
+        if inverting:
             self._inverted = self.average.value
             self.curvature.load_statistics(self._inverted)
             self.curvature.refresh()
             self._decompositions_due = True
-        else:
-            self.curvature.load_statistics(self._inverted)  # decompositions are held
-        damping = self.current_damping()
+        else:  # the held statistics, whose decompositions are held
+            assert self._inverted is not None
+            self.curvature.load_statistics(self._inverted)
+        damping = self.damping_policy.at(self.steps, inverting=inverting)
         if self._decompositions_due:
             self.strategy.share_decompositions(damping)
             self._decompositions_due = False
@@ -441,8 +449,7 @@ class NaturalGradient:
         with several processes, ``ρ`` of the union of their batches (equal weights)."""
         lrs = self.learning_rate.per_parameter(self.steps)
         terms = self.strategy.average_values(self._reduction_terms(closure, grads, natural, lrs))
-        before, after, change = terms
-        self.damping_policy.adapt((after - before) / change if change < 0 else float("nan"))
+        self.damping_policy.observe(*terms)
 
     def _reduction_terms(
         self,

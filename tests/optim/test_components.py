@@ -121,8 +121,10 @@ def test_damping_policies() -> None:
         Damping("0.1")  # type: ignore[arg-type]
     lm = Damping(LevenbergMarquardt(initial=1.0, interval=2))
     assert lm.adaptation_due(0) and not lm.adaptation_due(1) and not Damping(0.1).adaptation_due(0)
-    lm.adapt(0.9)  # a good model: λ shrinks
+    assert lm.observe(1.0, 0.1, -1.0) == pytest.approx(0.9)  # a good model: λ shrinks
     assert lm.at(0) < 1.0
+    with pytest.raises(TypeError, match="only a LevenbergMarquardt damping adapts"):
+        Damping(0.1).observe(1.0, 0.1, -1.0)
     state = lm.state_dict()
     other = Damping(LevenbergMarquardt(initial=1.0, interval=2))
     other.load_state_dict(state)
