@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+
+from curvlab.linalg.damping import check_damping
 
 
 @dataclass
@@ -140,7 +141,7 @@ class Damping:
         self, policy: float | DampingSchedule | LevenbergMarquardt, hold: bool = False
     ) -> None:
         if not callable(policy) and not isinstance(policy, LevenbergMarquardt):
-            check_damping(policy, "NaturalGradient", "damping")
+            check_damping(policy, "NaturalGradient")
         self.policy = policy
         self.hold = hold
         self.held: float | None = None
@@ -152,7 +153,7 @@ class Damping:
         if isinstance(self.policy, LevenbergMarquardt):
             value = self.policy.value
         elif callable(self.policy):
-            value = check_damping(self.policy(step), "NaturalGradient", "damping")
+            value = check_damping(self.policy(step), "NaturalGradient")
         else:
             value = float(self.policy)
         if self.hold:
@@ -187,12 +188,3 @@ class Damping:
         if self.hold:
             held = None if state is None else state.get("held")
             self.held = None if held is None else float(held)
-
-
-def check_damping(value: Any, owner: str, name: str) -> float:
-    """``value`` as a float if it is a finite, non-negative number (clear error otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: {name} must be a float, got {type(value).__name__}.")
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise ValueError(f"{owner}: {name} must be finite and >= 0, got {value}.")
-    return float(value)
