@@ -22,6 +22,7 @@ from curvlab.ablation.imports import import_object, is_import_path
 from curvlab.ablation.measure import Stopwatch
 from curvlab.ablation.reports import dumps, format_value, markdown_table
 from curvlab.curvature.registry import available, make
+from curvlab.linalg.damping import check_damping
 from curvlab.optim.kfac_optimizer import KFACOptimizer
 from curvlab.optim.natural_gradient import NaturalGradient
 
@@ -95,10 +96,8 @@ class Contender:
             raise ValueError(
                 f"Contender {self.name!r}: lr must be a positive float, got {self.lr}."
             )
-        if self.damping is not None and not (self.damping >= 0 and math.isfinite(self.damping)):
-            raise ValueError(
-                f"Contender {self.name!r}: damping must be finite and >= 0, got {self.damping}."
-            )
+        if self.damping is not None:
+            check_damping(self.damping, f"Contender {self.name!r}")
         if self.curvature is not None and self.curvature not in available():
             raise ValueError(
                 f"Contender {self.name!r}: unknown curvature backend {self.curvature!r}. "

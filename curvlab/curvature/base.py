@@ -39,6 +39,7 @@ from curvlab.extraction.requests import (
     Request,
     validate_request,
 )
+from curvlab.linalg.damping import check_damping
 
 Vector = list[Tensor]
 
@@ -750,13 +751,7 @@ class Curvature(abc.ABC):
         self._statistics_changed()
 
     def _check_damping(self, damping: float, op: str) -> float:
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
-            raise TypeError(f"{type(self).__name__}.{op}: damping must be a float.")
-        if not damping >= 0.0 or damping == float("inf"):
-            raise ValueError(
-                f"{type(self).__name__}.{op}: damping must be finite and >= 0, got {damping}."
-            )
-        return float(damping)
+        return check_damping(damping, f"{type(self).__name__}.{op}")
 
     # --- helpers shared by backends -------------------------------------------------
 

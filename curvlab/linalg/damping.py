@@ -10,7 +10,22 @@ from torch import Tensor
 
 from ._checks import check_finite, check_same_dtype_device, check_scalar, check_square
 
-__all__ = ["factored_damping", "pi_correction"]
+__all__ = ["check_damping", "factored_damping", "pi_correction"]
+
+
+def check_damping(value: object, owner: str, name: str = "damping") -> float:
+    """``value`` as a float if it is a real number, finite and ``>= 0``; otherwise a
+    ``TypeError`` (not a number) or ``ValueError`` worded ``"{owner}: {name} must ..."``.
+
+    The one check of a damping value (``λ`` of a solve, of a preconditioner, of a noisy
+    natural gradient); ``owner`` names the call (e.g. ``"KFAC.solve"``), ``name`` the
+    argument.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a float, got {type(value).__name__}.")
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"{owner}: {name} must be finite and >= 0, got {value}.")
+    return float(value)
 
 
 def pi_correction(G: Tensor, A: Tensor) -> Tensor:

@@ -9,7 +9,9 @@
 * :class:`LevenbergMarquardt` — the damping rule both use;
 * :class:`NoisyKFAC` — noisy natural gradient: variational inference with a
   Kronecker-factored Gaussian posterior (concepts/noisy_natural_gradient.md);
-* :mod:`curvlab.optim.distributed` — data-parallel statistics and decompositions;
+* :class:`Distribution` — how a :class:`NaturalGradient` shares its work over processes:
+  :class:`Local`, :class:`CommOpt`, :class:`MemOpt` (:mod:`curvlab.optim.strategies`; their
+  collectives: :mod:`curvlab.optim.distributed`);
 * :func:`save_checkpoint` / :func:`load_checkpoint` — atomic checkpoint files, clear errors.
 
 The math of each piece is on the docs page ``concepts/natural_gradient.md``.
@@ -22,11 +24,16 @@ from curvlab.optim.damping import LevenbergMarquardt
 from curvlab.optim.kfac_optimizer import KFACOptimizer
 from curvlab.optim.natural_gradient import NaturalGradient
 from curvlab.optim.noisy import NoisyKFAC
+from curvlab.optim.strategies import CommOpt, Distribution, Local, MemOpt
 
 __all__ = [
     "ACKTR",
+    "CommOpt",
+    "Distribution",
     "KFACOptimizer",
     "LevenbergMarquardt",
+    "Local",
+    "MemOpt",
     "NaturalGradient",
     "NoisyKFAC",
     "distributed",

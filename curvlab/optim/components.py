@@ -8,12 +8,15 @@
 * :class:`KLClip` — scales a preconditioned gradient so that the step's KL change stays
   below a bound (concepts/natural_gradient.md#kl-clipping);
 * :func:`missing_gradient` and :func:`non_finite_gradient` — what is wrong with a gradient
-  that cannot be preconditioned (one wording for one process and for several).
+  that cannot be preconditioned (one wording for one process and for several);
+* :class:`graph_used_once` — autograd's "backward through the graph a second time" as a
+  clear error.
 
 The damping policy (a constant, a schedule or Levenberg–Marquardt adaptation) is
-:class:`curvlab.optim.damping.Damping`; the distribution over processes is
-:mod:`curvlab.optim.distributed`. Each piece is a small object with plain state, tested on
-its own; none knows the backend's type — statistics are pytrees of tensors.
+:class:`curvlab.optim.damping.Damping`; the distribution over processes is a strategy of
+:mod:`curvlab.optim.strategies` (collectives: :mod:`curvlab.optim.distributed`). Each piece
+is a small object with plain state, tested on its own; none knows the backend's type —
+statistics are pytrees of tensors.
 """
 
 from __future__ import annotations
@@ -226,3 +229,18 @@ def non_finite_gradient(names: Sequence[str]) -> str:
         f"the gradient is not finite in {shown}; the parameters were not changed. Check the "
         "batch for NaN/Inf, lower the learning rate or raise the damping."
     )
+
+
+class graph_used_once:
+    """Turn autograd's "backward through the graph a second time" into a clear error."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
+        if isinstance(err, RuntimeError) and "second time" in str(err):
+            raise RuntimeError(
+                "NaturalGradient.backward: this loss was already backpropagated (e.g. by "
+                "another preconditioner or a loss.backward() call); build each loss once per "
+                "backward, or combine the curvatures in one preconditioner."
+            ) from err

@@ -2,6 +2,11 @@
 schedule, or Levenberg–Marquardt adaptation — Martens & Grosse 2015 §6.5;
 concepts/natural_gradient.md#levenberg-marquardt-damping).
 
+The Levenberg–Marquardt rule lives here once: :meth:`LevenbergMarquardt.observe` turns the
+measured and predicted changes of a step into ``ρ`` and adapts ``λ``; both
+:class:`~curvlab.NaturalGradient` (``step(closure)``) and :class:`~curvlab.KFACOptimizer`
+(its quadratic model) call it.
+
 How a backend applies ``λ`` to its blocks (exactly, or factored as ``A + πγI``,
 ``G + γ/π I``) is linear algebra: :mod:`curvlab.linalg.damping`."""
 
@@ -10,7 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+
+from curvlab.linalg.damping import check_damping
 
 
 @dataclass
@@ -58,6 +64,15 @@ class LevenbergMarquardt:
         """Whether ``ρ`` is measured at ``step`` (0-based)."""
         return step % self.interval == 0
 
+    def observe(self, before: float, after: float, predicted_change: float) -> float:
+        """Adapt ``λ`` to a step that took the objective from ``before`` to ``after`` where
+        the quadratic model predicted ``predicted_change = M(δ) − M(0)``; returns
+        ``ρ = (after − before) / predicted_change`` (NaN unless the model predicted a
+        decrease, which counts as a poor ``ρ``)."""
+        rho = reduction_ratio(before, after, predicted_change)
+        self.update(rho)
+        return rho
+
     def update(self, rho: float) -> float:
         """Adapt ``λ`` to the measured ``ρ``; returns the new value."""
         if not math.isfinite(rho) or rho < self.lower:
@@ -81,7 +96,26 @@ class LevenbergMarquardt:
         self.value = float(state["value"])
 
 
+def reduction_ratio(before: float, after: float, predicted_change: float) -> float:
+    """``ρ = (after − before) / predicted_change``: the share of the decrease the quadratic
+    model predicted that the step achieved; NaN unless ``predicted_change < 0``."""
+    return (after - before) / predicted_change if predicted_change < 0 else float("nan")
+
+
 DampingSchedule = Callable[[int], float]
+
+
+@dataclass(frozen=True)
+class OffsetDamping:
+    """The schedule ``step -> source.value + offset``: a Levenberg–Marquardt ``λ`` adapted
+    elsewhere plus a constant — :class:`~curvlab.KFACOptimizer` preconditions with
+    ``λ + η`` (its ℓ2 term ``η``) while its quadratic model adapts ``λ``."""
+
+    source: LevenbergMarquardt
+    offset: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        return self.source.value + self.offset
 
 
 class Damping:
@@ -90,46 +124,67 @@ class Damping:
     * a float: constant;
     * a callable ``step -> float``: a schedule (evaluated and checked each step);
     * a :class:`LevenbergMarquardt`: adapted from the reduction ratio ``ρ`` measured on its
-      due steps (:meth:`adaptation_due`, :meth:`adapt`).
+      due steps (:meth:`adaptation_due`, :meth:`observe`).
+
+    With ``hold=True`` the policy is read only on the preconditioner's inversion steps
+    (and before its first value) and held in between, so that damped inverses are computed
+    once per inversion (Martens & Grosse's ``T3``); :class:`~curvlab.KFACOptimizer` passes
+    ``Damping(OffsetDamping(lm, η), hold=True)`` as a ``NaturalGradient``'s ``damping``.
+
+    Attributes:
+        policy: as given.
+        hold: whether ``λ`` is held between inversions.
+        held: the held ``λ`` (``None`` before the first read, or without ``hold``).
     """
 
-    def __init__(self, policy: float | DampingSchedule | LevenbergMarquardt) -> None:
+    def __init__(
+        self, policy: float | DampingSchedule | LevenbergMarquardt, hold: bool = False
+    ) -> None:
         if not callable(policy) and not isinstance(policy, LevenbergMarquardt):
-            check_damping(policy)
+            check_damping(policy, "NaturalGradient")
         self.policy = policy
+        self.hold = hold
+        self.held: float | None = None
 
-    def at(self, step: int) -> float:
-        """``λ`` at ``step``."""
+    def at(self, step: int, *, inverting: bool = False) -> float:
+        """``λ`` at ``step``; a held policy returns its held value unless ``inverting``."""
+        if self.hold and self.held is not None and not inverting:
+            return self.held
         if isinstance(self.policy, LevenbergMarquardt):
-            return self.policy.value
-        if callable(self.policy):
-            return check_damping(self.policy(step))
-        return float(self.policy)
+            value = self.policy.value
+        elif callable(self.policy):
+            value = check_damping(self.policy(step), "NaturalGradient")
+        else:
+            value = float(self.policy)
+        if self.hold:
+            self.held = value
+        return value
 
     def adaptation_due(self, step: int) -> bool:
         """Whether ``ρ`` should be measured at ``step`` (Levenberg–Marquardt only)."""
         return isinstance(self.policy, LevenbergMarquardt) and self.policy.due(step)
 
-    def adapt(self, rho: float) -> None:
-        """Adapt a Levenberg–Marquardt ``λ`` to the measured ``ρ``."""
-        assert isinstance(self.policy, LevenbergMarquardt)
-        self.policy.update(rho)
+    def observe(self, before: float, after: float, predicted_change: float) -> float:
+        """Adapt a Levenberg–Marquardt ``λ`` (:meth:`LevenbergMarquardt.observe`); ``ρ``."""
+        if not isinstance(self.policy, LevenbergMarquardt):
+            raise TypeError(
+                f"Damping.observe: only a LevenbergMarquardt damping adapts, this one is "
+                f"{type(self.policy).__name__}."
+            )
+        return self.policy.observe(before, after, predicted_change)
 
     def state_dict(self) -> dict[str, float] | None:
-        """The adapted state (``None`` unless Levenberg–Marquardt)."""
+        """The adapted and held state (``None`` without either)."""
+        state: dict[str, float] = {}
         if isinstance(self.policy, LevenbergMarquardt):
-            return self.policy.state_dict()
-        return None
+            state.update(self.policy.state_dict())
+        if self.hold and self.held is not None:
+            state["held"] = self.held
+        return state or None
 
     def load_state_dict(self, state: dict[str, float] | None) -> None:
         if isinstance(self.policy, LevenbergMarquardt) and state is not None:
             self.policy.load_state_dict(state)
-
-
-def check_damping(value: Any) -> float:
-    """``value`` as a float if it is a finite, non-negative number (clear error otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"NaturalGradient: damping must be a float, got {type(value).__name__}.")
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise ValueError(f"NaturalGradient: damping must be finite and >= 0, got {value}.")
-    return float(value)
+        if self.hold:
+            held = None if state is None else state.get("held")
+            self.held = None if held is None else float(held)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -46,7 +46,7 @@ from torch import Tensor
 
 from curvlab import linalg
 from curvlab.curvature.base import TENSOR_STRUCTURES, NamedTensor
-from curvlab.optim.components import missing_gradient, non_finite_gradient
+from curvlab.optim.components import non_finite_gradient
 
 #: How decompositions are shared (``NaturalGradient(distribution=...)``).
 DISTRIBUTIONS = ("comm_opt", "mem_opt", "local")
@@ -126,11 +126,6 @@ def assign_blocks(costs: Sequence[float], world_size: int) -> list[int]:
 class DistributedFailure(RuntimeError):
     """Raised on every process when the processes disagree (model structure, damping, step),
     and on the survivors when a collective fails (a process died or the timeout passed)."""
-
-
-def deferred(comm: Communicator | None) -> AbstractContextManager[None]:
-    """``comm.deferred()``, or nothing without distribution."""
-    return comm.deferred() if comm is not None else nullcontext()
 
 
 def _timeout_advice() -> str:
@@ -438,16 +433,22 @@ class Communicator:
         the same kind of step (curvature ``statistics`` to all-reduce, a curvature to
         precondition with — ``ready`` —, a Levenberg-Marquardt ``closure`` to evaluate),
         else every process raises :class:`DistributedFailure` naming what each process is
-        doing. Then an error kept by :meth:`deferred` on any process, and a missing or
-        non-finite gradient (checked here, on the device, with the same host read), are
-        raised on every process (:meth:`raise_reported`) — the latter unless a process
-        counted non-finite losses (``bad_losses``, a device tensor): the statistics
-        all-reduce that follows reports those on every process.
+        doing. Then an error kept by :meth:`deferred` on any process, parameters without a
+        gradient that differ across processes, and a non-finite gradient (checked here, on
+        the device, with the same host read), are raised on every process
+        (:meth:`raise_reported`) — the latter two unless a process counted non-finite losses
+        (``bad_losses``, a device tensor): the statistics all-reduce that follows reports
+        those on every process. Parameters without a gradient on every process are skipped
+        by the preconditioner, as ``torch.optim`` skips them.
         """
         self.step = step
         error, self.pending = self.pending, None
         present = [(n, g) for n, g in zip(names, grads) if g is not None]
         missing = [n for n, g in zip(names, grads) if g is None]
+        missing_digest = 0.0  # which parameters lack a gradient, in 48 bits (exact in float64)
+        if missing:
+            digest = hashlib.sha256("\n".join(missing).encode()).digest()
+            missing_digest = float(int.from_bytes(digest[:6], "big"))
         norms = None
         finite = torch.ones(1, dtype=torch.float64, device=self.device)
         if present:
@@ -457,7 +458,7 @@ class Communicator:
             finite = torch.isfinite(norms).all().reshape(1)
         if bad_losses is not None:
             finite = torch.cat([finite.double(), bad_losses.reshape(1).to(finite.device)])
-        values = [backward_calls, statistics, ready, closure, error is not None, len(missing)]
+        values = [backward_calls, statistics, ready, closure, error is not None, missing_digest]
         rows = self._gather_control(self._control_buffer("step", values, finite), "step")
         differing = [i for i in range(2, 6) if any(row[i] != rows[0][i] for row in rows)]
         if differing:
@@ -469,15 +470,22 @@ class Communicator:
             return  # the same on every process: the preconditioner raises its own error
         if any(row[9] for row in rows):
             return  # non-finite losses: reported after the statistics all-reduce
-        failed = [r for r, row in enumerate(rows) if row[7] or not row[8]]
+        failed = [r for r, row in enumerate(rows) if row[7] != rows[0][7]]
         problem: Exception | None = None
         if self.rank in failed:
-            if missing:
-                problem = RuntimeError(missing_gradient(missing[0]))
-            else:
-                assert norms is not None
-                bad = [n for (n, _), v in zip(present, norms.tolist()) if not math.isfinite(v)]
-                problem = FloatingPointError(non_finite_gradient(bad))
+            shown = f"{missing[:5]}{' …' if len(missing) > 5 else ''}" if missing else "none"
+            problem = RuntimeError(
+                f"the parameters without a gradient differ across processes (here: {shown}; "
+                "process 0 differs). Every process must leave the same parameters without "
+                "gradient (they are skipped, as torch.optim skips them); otherwise the "
+                "processes' parameters drift apart."
+            )
+        self.raise_reported(problem, failed, "NaturalGradient.step")
+        failed = [r for r, row in enumerate(rows) if not row[8]]
+        if self.rank in failed:
+            assert norms is not None
+            bad = [n for (n, _), v in zip(present, norms.tolist()) if not math.isfinite(v)]
+            problem = FloatingPointError(non_finite_gradient(bad))
         self.raise_reported(problem, failed, "NaturalGradient.step")
 
     def raise_reported(self, error: BaseException | None, failed: Sequence[int], what: str) -> None:

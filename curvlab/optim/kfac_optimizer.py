@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from curvlab import linalg
 from curvlab.curvature.base import Curvature
 from curvlab.curvature.kronecker.kfac import KFC
-from curvlab.optim.damping import LevenbergMarquardt
+from curvlab.optim.damping import Damping, LevenbergMarquardt, OffsetDamping
 from curvlab.optim.natural_gradient import NaturalGradient
 from curvlab.optim.quadratic import CapturedCall, evaluate_capturing, ggn_gram, row_count
 
@@ -158,7 +158,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.lm = LevenbergMarquardt(initial=damping, interval=damping_interval)
         self.precond = NaturalGradient(
             curvature,
-            damping=self._inversion_damping,
+            # λ + η for the factored inverses: read on inversion steps, held in between; the
+            # preconditioner reads self.lm, never this optimizer
+            damping=Damping(OffsetDamping(self.lm, l2), hold=True),
             update_every=update_every,
             invert_every=invert_every,
             ema_decay=ema_decay,
@@ -175,18 +177,11 @@ class KFACOptimizer(torch.optim.Optimizer):
             if step_sizes == "layer"
             else [list(range(len(names)))]
         )
-        self._held_damping: float | None = None  # λ + η of the last inversion step
         # the last per-layer model's coefficients: the shape the steps in between rescale
         self._held_coeffs: Tensor | None = None
         self.steps = 0
         # α, μ (per-layer means with step_sizes="layer"), ρ, λ of the last step, for logging
         self.last: dict[str, float] = {}
-
-    def _inversion_damping(self, step: int) -> float:
-        """``λ + η`` for the factored inverses: read on inversion steps, held in between."""
-        if self._held_damping is None or self.precond.schedule.inversion_due(step):
-            self._held_damping = self.lm.value + self.l2
-        return self._held_damping
 
     def _objective(self, loss: Tensor, params: Sequence[Tensor]) -> float:
         """``h(θ) = L(θ) + (η/2)‖θ‖²`` for the batch loss ``L(θ)``."""
@@ -306,9 +301,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             rho = float("nan")
             if adapt:
                 assert h0 is not None
-                h1 = self._objective(closure(), params)
-                rho = (h1 - h0) / model_change if model_change < 0 else float("nan")
-                self.lm.update(rho)
+                rho = self.lm.observe(h0, self._objective(closure(), params), model_change)
         self.last = {
             "alpha": float(coeffs[: len(self._groups)].mean()),
             "mu": float(coeffs[-len(self._groups) :].mean()) if use_momentum else 0.0,
@@ -393,7 +386,6 @@ class KFACOptimizer(torch.optim.Optimizer):
         state["kfac"] = {
             "steps": self.steps,
             "lm": self.lm.state_dict(),
-            "held_damping": self._held_damping,
             "held_coeffs": self._held_coeffs,
             "precond": self.precond.state_dict(),
         }
@@ -404,9 +396,10 @@ class KFACOptimizer(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
         self.steps = int(extra["steps"])
         self.lm.load_state_dict(extra["lm"])
-        self._held_damping = extra.get("held_damping")
         self._held_coeffs = extra.get("held_coeffs")
         self.precond.load_state_dict(extra["precond"])
+        if extra.get("held_damping") is not None:  # written before the preconditioner held λ
+            self.precond.damping_policy.held = float(extra["held_damping"])
 
 
 #: How the quadratic model's step sizes are shared: per layer, or one for the network.

@@ -36,7 +36,7 @@ inversion steps check theirs. Statistics are computed in
 the parameters' dtype (float32 or float64), also under autocast.
 
 **Distributed** (``torch.distributed`` initialised with more than one process, or
-``process_group=``; :mod:`curvlab.optim.distributed`, docs page "Distributed K-FAC"): every
+``process_group=``; :mod:`curvlab.optim.strategies`, docs page "Distributed K-FAC"): every
 process feeds its own batch; on curvature steps the statistic sums are all-reduced, so
 every process averages the curvature of the union of all batches; on inversion steps the
 decomposition blocks are spread over the processes by cost and shared (``"comm_opt"``:
@@ -50,7 +50,6 @@ reported at construction.
 
 from __future__ import annotations
 
-import math
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -60,7 +59,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 from torch.utils._pytree import tree_map, tree_map_only
 
-from curvlab.curvature.base import Curvature, NamedTensor
+from curvlab.curvature.base import Curvature
 from curvlab.curvature.distribution import DistributionInterface
 from curvlab.optim import distributed
 from curvlab.optim.components import (
@@ -68,11 +67,12 @@ from curvlab.optim.components import (
     KLClip,
     LearningRate,
     MovingAverage,
+    graph_used_once,
     missing_gradient,
-    non_finite_gradient,
 )
 from curvlab.optim.damping import Damping, DampingSchedule, LevenbergMarquardt
 from curvlab.optim.quadratic import evaluate_capturing, ggn_gram
+from curvlab.optim.strategies import Distribution, make_distribution
 
 
 class NaturalGradient:
@@ -89,6 +89,8 @@ class NaturalGradient:
             {10⁻³, 10⁻², 3·10⁻², 0.1} with which the documented loop (SGD, lr 0.1, momentum
             0.9) trained every model of the test zoo
             (concepts/natural_gradient.md#defaults-of-the-preconditioner-and-why).
+            A :class:`~curvlab.optim.damping.Damping` policy object is used as it is (e.g.
+            ``Damping(schedule, hold=True)``: ``λ`` read on inversion steps only).
         update_every: take curvature statistics every this many steps.
         invert_every: refresh the decompositions every this many steps.
         ema_decay: decay of the moving average of the statistics (0: the last step only).
@@ -116,7 +118,9 @@ class NaturalGradient:
             preconditions everything: least communication per step), ``"mem_opt"`` (the
             owner keeps the decomposition and broadcasts its blocks' preconditioned
             gradient every step: decompositions held once) or ``"local"`` (no
-            communication: every process uses its own batches' curvature).
+            communication: every process uses its own batches' curvature); or a strategy
+            object (:mod:`curvlab.optim.strategies`: ``Local()``, ``CommOpt(group)``,
+            ``MemOpt(group)`` or a subclass of ``Distribution``), which brings its own group.
 
     With several processes every process must construct the same model, backend and
     preconditioner (checked at construction), call ``backward`` and ``step`` on the same
@@ -127,8 +131,9 @@ class NaturalGradient:
     :class:`~curvlab.optim.components.MovingAverage` of the statistics, an
     :class:`~curvlab.optim.components.InversionSchedule`, a
     :class:`~curvlab.optim.damping.Damping` policy and an optional
-    :class:`~curvlab.optim.components.KLClip`; distribution is
-    :mod:`curvlab.optim.distributed`'s.
+    :class:`~curvlab.optim.components.KLClip`; distribution is a strategy object
+    (:mod:`curvlab.optim.strategies`), which ``step`` asks at each point that involves
+    other processes.
 
     Between steps that take curvature the curvature's recording is armed (hooks on the
     model and the loss); ``step`` drops what it recorded. :meth:`close` (or leaving
@@ -138,15 +143,15 @@ class NaturalGradient:
     Attributes:
         average, schedule, damping_policy, clip: the pieces (``clip`` is ``None`` without
             ``kl_clip``).
-        comm: the :class:`curvlab.optim.distributed.Communicator` (byte counters), or ``None``.
+        strategy: the :class:`~curvlab.optim.strategies.Distribution` (``distribution``
+            is its name; ``comm`` and ``owners`` are its communicator and block owners).
         blocks: the curvature's decomposition blocks.
-        owners: per block, the rank that decomposes it (all 0 without distribution).
     """
 
     def __init__(
         self,
         curvature: Curvature,
-        damping: float | DampingSchedule | LevenbergMarquardt = 0.1,
+        damping: float | DampingSchedule | LevenbergMarquardt | Damping = 0.1,
         update_every: int = 1,
         invert_every: int = 10,
         ema_decay: float = 0.95,
@@ -155,7 +160,7 @@ class NaturalGradient:
         lr: float | Callable[[int], float] | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
-        distribution: str = "comm_opt",
+        distribution: str | Distribution = "comm_opt",
     ) -> None:
         if not isinstance(curvature, Curvature):
             raise TypeError(
@@ -167,14 +172,17 @@ class NaturalGradient:
             raise ValueError(f"NaturalGradient: ema_decay must lie in [0, 1), got {ema_decay}.")
         self.average = MovingAverage(ema_decay)
         self.clip = None if kl_clip is None else KLClip(kl_clip)
-        self.damping_policy = Damping(damping)
+        self.damping_policy = damping if isinstance(damping, Damping) else Damping(damping)
         self.learning_rate = LearningRate(curvature.params, curvature.param_names, lr, optimizer)
         if not self.learning_rate.known:
             needs = [
                 name
                 for name, used in (
                     (f"kl_clip={kl_clip}", kl_clip is not None),
-                    ("Levenberg–Marquardt damping", isinstance(damping, LevenbergMarquardt)),
+                    (
+                        "Levenberg–Marquardt damping",
+                        isinstance(self.damping_policy.policy, LevenbergMarquardt),
+                    ),
                 )
                 if used
             ]
@@ -190,35 +198,16 @@ class NaturalGradient:
             )
         self.grad_scaler = grad_scaler
         self.skipped_steps = 0  # steps skipped because the scaled gradients overflowed
-        if distribution not in distributed.DISTRIBUTIONS:
-            raise ValueError(
-                f"NaturalGradient: unknown distribution {distribution!r}; choose one of "
-                f"{distributed.DISTRIBUTIONS}."
-            )
+        self.strategy = make_distribution(distribution, process_group)
         self.curvature = curvature
         self.steps = 0  # completed step() calls
         self._inverted: dict[str, Any] | None = None  # statistics of the last inversion
         self._gathering = False  # statistics of the current step are being accumulated
         curvature.hold_decompositions(True)
-        self._interface = DistributionInterface(curvature)
-        self.blocks = self._interface.decomposition_blocks()
-        self.owners = [0] * len(self.blocks)
-        self.comm: distributed.Communicator | None = None
-        self.distribution = "local"
-        group = None if distribution == "local" else distributed.active_group(process_group)
-        if group is not None:
-            self.distribution = distribution
-            self.comm = distributed.Communicator(group, curvature.params[0].device)
-            self.owners = distributed.assign_blocks(
-                [b.cost for b in self.blocks], self.comm.world_size
-            )
-            self.comm.check_same(
-                self._signature(), "NaturalGradient: the model differs across processes"
-            )
-            comm = self.comm
-            self._interface.set_process_reducer(lambda e: comm.all_reduce_sum(e, "statistics"))
-        self._decompositions_due = True  # distributed: share decompositions at the next step
-        self._bad_losses: Tensor | None = None  # distributed: non-finite losses, not yet read
+        interface = DistributionInterface(curvature)
+        self.blocks = interface.decomposition_blocks()
+        self.strategy.bind(interface, self.blocks, self._signature)
+        self._decompositions_due = True  # share decompositions at the next solve
         self._backward_done = False  # backward() ran since the last step()
         self._loss_overflowed = False  # grad_scaler: a non-finite loss since the last step()
         self._backward_calls = 0  # since the last step(); compared across processes
@@ -302,24 +291,38 @@ class NaturalGradient:
         """Curvature updates blended into the moving average."""
         return self.average.num_updates
 
+    @property
+    def distribution(self) -> str:
+        """The name of the distribution strategy (``"local"``, ``"comm_opt"``, ``"mem_opt"``
+        or a user strategy's :attr:`~curvlab.optim.strategies.Distribution.name`)."""
+        return self.strategy.name
+
+    @property
+    def comm(self) -> distributed.Communicator | None:
+        """The strategy's :class:`~curvlab.optim.distributed.Communicator` (byte
+        counters), or ``None`` without communication."""
+        return self.strategy.comm
+
+    @property
+    def owners(self) -> list[int]:
+        """Per decomposition block, the rank that decomposes it (all 0 without
+        distribution)."""
+        return self.strategy.owners
+
     def backward(self, loss: Tensor) -> None:
         """``loss.backward()``, after accumulating its batch's curvature when due.
 
         ``loss`` must come from the curvature's ``loss_fn`` applied to ``model``'s output.
         """
         self._check_open("backward")
-        if self.comm is not None:  # first collective of the iteration: before DDP's
-            self.comm.agree_on_backward(self.steps, backward_calls=self._backward_calls)
+        # the first collective of the iteration: before the curvature's and DDP's
+        self.strategy.agree_on_backward(self.steps, self._backward_calls)
         self._backward_done = True
         self._backward_calls += 1
         if not self.curvature_due:
             _backward(loss)
             return
-        if self.comm is not None:
-            # every process must reach the all-reduce (and DDP's): the check is in step()
-            bad = (~torch.isfinite(loss.detach())).to(torch.float64).reshape(1)
-            self._bad_losses = bad if self._bad_losses is None else self._bad_losses + bad
-        elif not bool(torch.isfinite(loss)):  # curvature steps only: one host sync
+        if not self.strategy.screen_loss(loss):
             if self.grad_scaler is not None:  # an fp16 overflow: step() skips this step
                 self._loss_overflowed = True
                 _backward(loss)
@@ -332,13 +335,12 @@ class NaturalGradient:
         if not self._gathering:
             self.curvature.reset()
             self._gathering = True
-        # distributed: every process must reach the all-reduce; step() reports the failure
-        with distributed.deferred(self.comm), _graph_used_once():
-            self.curvature.accumulate(loss, check_finite=self.comm is None)
+        self.strategy.accumulate(loss)
         _backward(loss)
 
     def current_damping(self) -> float:
-        """``λ`` of the current step (evaluates a schedule)."""
+        """``λ`` of the current step (evaluates a schedule; a held damping: the value of
+        the last inversion)."""
         return self.damping_policy.at(self.steps)
 
     @torch.no_grad()
@@ -346,23 +348,38 @@ class NaturalGradient:
         """Blend new statistics, invert when due, precondition every covered ``p.grad``.
 
         ``closure`` (re-evaluating the loss on the current batch, without ``backward``)
-        is only used to adapt a :class:`~curvlab.LevenbergMarquardt` damping.
+        is only used to adapt a :class:`~curvlab.LevenbergMarquardt` damping. The steps:
+        agree (every process takes the same kind of step), average (the statistics),
+        invert (when due), solve, clip, adapt (the damping), write (``p.grad``).
         """
         self._check_open("step")
         if self.grad_scaler is not None and self._overflowed():
             self._skip()  # every process alike: DDP gives them the same gradients
             return
-        if self.comm is not None:  # first collective of every step: all in step, no errors
-            self.comm.agree_on_step(
-                self.steps,
-                backward_calls=self._backward_calls,
-                statistics=self._gathering,
-                ready=self.average.value is not None or self._gathering,
-                closure=closure is not None and self.damping_policy.adaptation_due(self.steps),
-                grads=[p.grad for p in self.curvature.params],
-                names=self.curvature.param_names,
-                bad_losses=self._bad_losses,
-            )
+        adapt = closure is not None and self.damping_policy.adaptation_due(self.steps)
+        self._agree(adapt)
+        restarted = self._average()
+        damping = self._invert(restarted)
+        grads, used = self._gradients()
+        natural = self.strategy.solve(grads, damping)
+        natural = self._clip(natural, grads)
+        if adapt:
+            assert closure is not None
+            self._adapt(closure, grads, natural)
+        self._write(grads, natural, used)
+
+    def _agree(self, adapt: bool) -> None:
+        """Check that every process takes the same kind of step, and that this one can be
+        taken (a curvature, a ``backward`` since the last step)."""
+        self.strategy.agree_on_step(
+            self.steps,
+            backward_calls=self._backward_calls,
+            statistics=self._gathering,
+            ready=self.average.value is not None or self._gathering,
+            closure=adapt,
+            grads=[p.grad for p in self.curvature.params],
+            names=self.curvature.param_names,
+        )
         if self.average.value is None and not self._gathering:
             raise RuntimeError(
                 "NaturalGradient.step: no curvature yet; call precond.backward(loss) in the "
@@ -373,48 +390,95 @@ class NaturalGradient:
                 "NaturalGradient.step: no precond.backward(loss) since the last step(); the "
                 "gradients were already preconditioned. Call backward once before each step."
             )
-        if self._gathering:
-            self._gathering = False
-            if self.comm is not None:
-                self._all_reduce_statistics(self.comm)
-            restarted = self.average.update(self.curvature.statistics())
-        else:
-            restarted = False
-        # a restarted average (e.g. EKFAC refitted its basis) cannot be mixed with the held
-        # statistics either: invert now
-        if restarted or self.schedule.inversion_due(self.steps) or self._inverted is None:
+
+    def _average(self) -> bool:
+        """Blend the statistics gathered this step (over every process) into the moving
+        average; whether the average restarted (e.g. EKFAC refitted its basis)."""
+        if not self._gathering:
+            return False
+        self._gathering = False
+        self.strategy.reduce_statistics()
+        return self.average.update(self.curvature.statistics())
+
+    def _invert(self, restarted: bool) -> float:
+        """Make the curvature's statistics the average when an inversion is due (else the
+        held ones), share the decompositions when they changed; the step's ``λ``."""
+        # a restarted average cannot be mixed with the held statistics either: invert now
+        inverting = restarted or self.schedule.inversion_due(self.steps) or self._inverted is None
+        if inverting:
             self._inverted = self.average.value
             self.curvature.load_statistics(self._inverted)
             self.curvature.refresh()
             self._decompositions_due = True
-        else:
-            self.curvature.load_statistics(self._inverted)  # decompositions are held
-        damping = self.current_damping()
-        if self.comm is not None and self._decompositions_due:
-            self._share_decompositions(self.comm, damping)
+        else:  # the held statistics, whose decompositions are held
+            assert self._inverted is not None
+            self.curvature.load_statistics(self._inverted)
+        damping = self.damping_policy.at(self.steps, inverting=inverting)
+        if self._decompositions_due:
+            self.strategy.share_decompositions(damping)
+            self._decompositions_due = False
+        return damping
+
+    def _gradients(self) -> tuple[list[Tensor], list[bool]]:
+        """Every covered gradient (zero for a parameter without one, which is skipped as
+        ``torch.optim`` skips it: its ``.grad`` stays ``None``), and which had one."""
         params = self.curvature.params
-        # a parameter without gradient (a module the forward did not use) is skipped, as
-        # torch.optim skips it: zero in the solve, its .grad left None
         used = [p.grad is not None for p in params]
         if not any(used):
             raise RuntimeError(
                 f"NaturalGradient.step: {missing_gradient(self.curvature.param_names[0])}"
             )
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if self.comm is None:  # distributed: checked by agree_on_step
-            self._check_finite_gradients(grads)
-        adapt = closure is not None and self.damping_policy.adaptation_due(self.steps)
-        if self.comm is not None and self.distribution == "mem_opt":
-            natural = self._solve_by_owners(self.comm, grads, damping)
-        else:
-            natural = self.curvature.solve(grads, damping)
-        if self.clip is not None or adapt:
-            lrs = self.learning_rate.per_parameter(self.steps)
-        if self.clip is not None:
-            natural = self.clip(natural, grads, lrs, self.steps)
-        if adapt:
-            assert closure is not None
-            self.damping_policy.adapt(self._reduction_ratio(closure, grads, natural, lrs))
+        self.strategy.check_gradients(grads, self.curvature.param_names)
+        return grads, used
+
+    def _clip(self, natural: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """KL clipping (``natural`` as it is without ``kl_clip``)."""
+        if self.clip is None:
+            return natural
+        return self.clip(natural, grads, self.learning_rate.per_parameter(self.steps), self.steps)
+
+    def _adapt(
+        self,
+        closure: Callable[[], Tensor],
+        grads: list[Tensor],
+        natural: list[Tensor],
+    ) -> None:
+        """Adapt a Levenberg–Marquardt ``λ`` to ``ρ`` of the plain step ``δ = −lr·ĝ`` on
+        the closure's batch (concepts/natural_gradient.md#levenberg-marquardt-damping);
+        with several processes, ``ρ`` of the union of their batches (equal weights)."""
+        lrs = self.learning_rate.per_parameter(self.steps)
+        terms = self.strategy.average_values(self._reduction_terms(closure, grads, natural, lrs))
+        self.damping_policy.observe(*terms)
+
+    def _reduction_terms(
+        self,
+        closure: Callable[[], Tensor],
+        grads: list[Tensor],
+        natural: list[Tensor],
+        lrs: list[float],
+    ) -> list[float]:
+        """``h(θ)``, ``h(θ + δ)`` and ``M(δ) − M(0) = gᵀδ + ½δᵀFδ`` (exact Fisher) of the
+        plain step ``δ = −lr·ĝ`` on the closure's batch."""
+        model, params = self.curvature.model, self.curvature.params
+        loss_fn = self.curvature.loss_fn
+        loss, call = evaluate_capturing(model, loss_fn, closure, "NaturalGradient.step")
+        before = float(loss)
+        delta = [-lr * n for lr, n in zip(lrs, natural)]
+        saved = [p.detach().clone() for p in params]
+        try:
+            for p, d in zip(params, delta):
+                p.add_(d)
+            after = float(closure())
+        finally:
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        quad = ggn_gram(model, loss_fn, call, params, [delta])
+        change = float(sum((g * d).sum() for g, d in zip(grads, delta)) + 0.5 * quad[0, 0])
+        return [before, after, change]
+
+    def _write(self, grads: list[Tensor], natural: list[Tensor], used: list[bool]) -> None:
+        """``p.grad ← natural`` where the parameter had a gradient; the step is done."""
         for g, n, present in zip(grads, natural, used):
             if present:
                 g.copy_(n)
@@ -445,163 +509,10 @@ class NaturalGradient:
         self._gathering = False
         self.curvature.reset()
         self._loss_overflowed = False
-        self._bad_losses = None
         self._backward_done = False
         self._backward_calls = 0
         self.skipped_steps += 1
         self._arm_recording()
-
-    def _check_finite_gradients(self, grads: list[Tensor]) -> None:
-        """Refuse to precondition a non-finite gradient (one host synchronisation)."""
-        norms = torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads])
-        if not bool(torch.isfinite(norms).all()):
-            bad = [
-                name
-                for name, n in zip(self.curvature.param_names, norms.tolist())
-                if not math.isfinite(n)
-            ]
-            raise FloatingPointError(f"NaturalGradient.step: {non_finite_gradient(bad)}")
-
-    def _reduction_ratio(
-        self,
-        closure: Callable[[], Tensor],
-        grads: list[Tensor],
-        natural: list[Tensor],
-        lrs: list[float],
-    ) -> float:
-        """``ρ`` of the plain step ``δ = −lr·ĝ`` on the closure's batch
-        (concepts/natural_gradient.md#levenberg-marquardt-damping)."""
-        model, params = self.curvature.model, self.curvature.params
-        loss_fn = self.curvature.loss_fn
-        loss, call = evaluate_capturing(model, loss_fn, closure, "NaturalGradient.step")
-        before = float(loss)
-        delta = [-lr * n for lr, n in zip(lrs, natural)]
-        saved = [p.detach().clone() for p in params]
-        try:
-            for p, d in zip(params, delta):
-                p.add_(d)
-            after = float(closure())
-        finally:
-            for p, s in zip(params, saved):
-                p.copy_(s)
-        quad = ggn_gram(model, loss_fn, call, params, [delta])
-        change = float(sum((g * d).sum() for g, d in zip(grads, delta)) + 0.5 * quad[0, 0])
-        if self.comm is not None:  # ρ of the union of the processes' batches (equal weights)
-            rows = self.comm.gather_values([before, after, change], "levenberg_marquardt")
-            before, after, change = (sum(col) / len(rows) for col in zip(*rows))
-        return (after - before) / change if change < 0 else float("nan")
-
-    # --- distribution ----------------------------------------------------------------------
-
-    def _all_reduce_statistics(self, comm: distributed.Communicator) -> None:
-        """Sum the statistic sums over processes; every process checks the same result."""
-        device = self.curvature.params[0].device
-        bad = self._bad_losses
-        self._bad_losses = None
-        if bad is None:
-            bad = torch.zeros(1, dtype=torch.float64, device=device)
-        sums = self._interface.statistic_sums()
-        entries = [*sums, NamedTensor("non-finite losses", bad)]
-        reduced = comm.all_reduce_sum(entries, "statistics")
-        # one host read: finiteness of every entry and the number of non-finite losses
-        status = torch.cat(
-            [torch.stack([torch.isfinite(t).all() for t in reduced[:-1]]).double(), reduced[-1]]
-        ).tolist()
-        world = comm.world_size
-        if status[-1] > 0:
-            raise FloatingPointError(
-                f"NaturalGradient.step: the loss was not finite in {round(status[-1])} "
-                f"curvature batch(es) over the {world} processes; no curvature taken (every "
-                "process raises this error). Lower the learning rate or raise the damping."
-            )
-        bad_names = [e.name for e, ok in zip(sums, status[:-1]) if not ok]
-        if bad_names:
-            shown = ", ".join(bad_names[:6]) + (", ..." if len(bad_names) > 6 else "")
-            raise FloatingPointError(
-                f"NaturalGradient.step: the curvature statistics summed over the {world} "
-                f"processes are not finite (NaN or Inf on at least one process) in: {shown}. "
-                "Every process raises this error."
-            )
-        self._interface.load_statistic_sums(reduced[:-1])
-
-    def _share_decompositions(self, comm: distributed.Communicator, damping: float) -> None:
-        """Owners decompose their blocks; with ``"comm_opt"`` they broadcast the results."""
-        error: Exception | None = None
-        try:
-            for block, owner in zip(self.blocks, self.owners):
-                if owner == comm.rank:
-                    self._interface.decompose(block, damping)
-        except Exception as err:  # reported on every process below
-            error = err
-        rows = comm.gather_values([1.0 if error is not None else 0.0, damping], "decompositions")
-        failed = [rank for rank, (flag, _) in enumerate(rows) if flag]
-        comm.raise_reported(error, failed, "NaturalGradient.step: a decomposition")
-        dampings = [d for _, d in rows]
-        if len(set(dampings)) > 1:
-            raise distributed.DistributedFailure(
-                f"NaturalGradient.step: the damping differs across processes ({dampings}); "
-                "every process must use the same damping."
-            )
-        if self.distribution == "comm_opt":
-            for src in range(comm.world_size):
-                owned = [b for b, o in zip(self.blocks, self.owners) if o == src]
-                if not owned:
-                    continue
-                exported = None
-                if src == comm.rank:
-                    exported = [self._interface.export_decomposition(b, damping) for b in owned]
-                received = comm.broadcast_entries(exported, src, "decompositions")
-                for block, tensors in zip(owned, received):
-                    self._interface.import_decomposition(block, damping, tensors)
-        self._decompositions_due = False
-
-    def _solve_by_owners(
-        self, comm: distributed.Communicator, grads: list[Tensor], damping: float
-    ) -> list[Tensor]:
-        """``"mem_opt"``: each owner solves its blocks and broadcasts the result."""
-        natural: list[Tensor | None] = [None] * len(grads)
-        error: Exception | None = None
-        statuses = []
-        for src in range(comm.world_size):
-            owned = [b for b, o in zip(self.blocks, self.owners) if o == src]
-            if not owned:
-                continue
-            indices = [i for b in owned for i in b.param_indices]
-            solved = [torch.zeros_like(grads[i]) for i in indices]
-            status = 0.0
-            if src == comm.rank:
-                try:
-                    solved = [
-                        t
-                        for b in owned
-                        for t in self._interface.solve_block(
-                            b, [grads[i] for i in b.param_indices], damping
-                        )
-                    ]
-                except Exception as err:  # reported on every process below
-                    error, status = err, 1.0
-            by_dtype: dict[torch.dtype, list[int]] = {}
-            for k, i in enumerate(indices):
-                by_dtype.setdefault(grads[i].dtype, []).append(k)
-            for first, (dtype, ks) in enumerate(by_dtype.items()):
-                parts = [solved[k].reshape(-1) for k in ks]
-                if first == 0:  # the owner's status rides along in its first buffer
-                    parts.append(torch.full((1,), status, dtype=dtype, device=comm.device))
-                buffer = torch.cat(parts)
-                comm.broadcast(buffer, src, "gradients")
-                sizes = [grads[indices[k]].numel() for k in ks]
-                if first == 0:
-                    statuses.append(buffer[-1:].to(torch.float64))
-                    buffer = buffer[:-1]
-                for k, part in zip(ks, buffer.split(sizes)):
-                    i = indices[k]
-                    natural[i] = part.reshape(grads[i].shape)
-        srcs = [s for s in range(comm.world_size) if s in self.owners]
-        flags = torch.cat(statuses).tolist()  # one host read per step
-        comm.raise_reported(
-            error, [s for s, f in zip(srcs, flags) if f], "NaturalGradient.step: preconditioning"
-        )
-        return [n for n in natural if n is not None]
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -630,8 +541,7 @@ class NaturalGradient:
         if self.closed:
             return
         try:
-            if self.comm is not None and not self.comm.broken:
-                self.comm.agree_on_close(self.steps, backward_calls=self._backward_calls)
+            self.strategy.agree_on_close(self.steps, self._backward_calls)
         finally:
             self.curvature.close()
 
@@ -726,7 +636,6 @@ class NaturalGradient:
             self.curvature.load_statistics(_clone(self._inverted))
             self.curvature.refresh()
         self._decompositions_due = True
-        self._bad_losses = None
         self._backward_done = False
         self._loss_overflowed = False
         self._backward_calls = 0
@@ -754,23 +663,8 @@ def _checksum(state: dict[str, Any]) -> int:
     return crc
 
 
-class _graph_used_once:
-    """Turn autograd's "backward through the graph a second time" into a clear error."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
-        if isinstance(err, RuntimeError) and "second time" in str(err):
-            raise RuntimeError(
-                "NaturalGradient.backward: this loss was already backpropagated (e.g. by "
-                "another preconditioner or a loss.backward() call); build each loss once per "
-                "backward, or combine the curvatures in one preconditioner."
-            ) from err
-
-
 def _backward(loss: Tensor) -> None:
-    with _graph_used_once():
+    with graph_used_once():
         loss.backward()
 
 

@@ -34,6 +34,7 @@ from curvlab.curvature.kronecker.factored import KroneckerFactors
 from curvlab.curvature.kronecker.kfac import KFAC, LayerSpec
 from curvlab.extraction import batch_scale
 from curvlab.extraction import layers as layer_rules
+from curvlab.linalg.damping import check_damping
 
 __all__ = ["NOISY_DAMPING_MODES", "NoisyKFAC"]
 
@@ -126,8 +127,7 @@ class NoisyKFAC(torch.optim.Optimizer):
         ):
             if not _is_real(value) or not 0.0 < value < math.inf:
                 raise ValueError(f"{owner}: {name} must be a finite number > 0, got {value!r}.")
-        if not _is_real(damping) or not 0.0 <= damping < math.inf:
-            raise ValueError(f"{owner}: damping must be a finite number >= 0, got {damping!r}.")
+        check_damping(damping, owner)
         if not _is_real(ema_decay) or not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"{owner}: ema_decay must lie in [0, 1), got {ema_decay!r}.")
         for name, count in (("update_every", update_every), ("invert_every", invert_every)):

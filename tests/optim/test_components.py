@@ -121,8 +121,10 @@ def test_damping_policies() -> None:
         Damping("0.1")  # type: ignore[arg-type]
     lm = Damping(LevenbergMarquardt(initial=1.0, interval=2))
     assert lm.adaptation_due(0) and not lm.adaptation_due(1) and not Damping(0.1).adaptation_due(0)
-    lm.adapt(0.9)  # a good model: λ shrinks
+    assert lm.observe(1.0, 0.1, -1.0) == pytest.approx(0.9)  # a good model: λ shrinks
     assert lm.at(0) < 1.0
+    with pytest.raises(TypeError, match="only a LevenbergMarquardt damping adapts"):
+        Damping(0.1).observe(1.0, 0.1, -1.0)
     state = lm.state_dict()
     other = Damping(LevenbergMarquardt(initial=1.0, interval=2))
     other.load_state_dict(state)
@@ -138,3 +140,49 @@ def test_gradient_problems_name_the_parameters() -> None:
     assert message.startswith(f"the gradient is not finite in {names[:5]} …;")
     assert "layer5" not in message
     assert "…" not in non_finite_gradient(names[:2])
+
+
+def _damping_sites() -> dict[str, object]:
+    """Every place a damping value is checked: each builds (or calls) with ``damping``."""
+    import curvlab
+    from curvlab.ablation.races import Contender
+
+    def model() -> tuple[torch.nn.Module, torch.nn.Module]:
+        return torch.nn.Sequential(torch.nn.Linear(3, 2)), torch.nn.CrossEntropyLoss()
+
+    def solve(damping: object) -> None:
+        curvature = curvlab.KFAC(*model())
+        curvature.update(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))
+        curvature.solve([torch.zeros_like(p) for p in curvature.params], damping)  # type: ignore[arg-type]
+
+    return {
+        "NaturalGradient": lambda d: curvlab.NaturalGradient(
+            curvlab.KFAC(*model()), damping=d, kl_clip=None
+        ),
+        "NaturalGradient schedule": lambda d: Damping(lambda step: d).at(0),
+        "NoisyKFAC": lambda d: curvlab.NoisyKFAC(*model(), dataset_size=10, lr=0.1, damping=d),
+        "KFAC.solve": solve,
+        "Contender 'kfac'": lambda d: Contender("kfac", damping=d),
+    }
+
+
+@pytest.mark.parametrize(
+    ("damping", "error", "wording"),
+    [
+        (-1.0, ValueError, "damping must be finite and >= 0, got -1.0"),
+        (math.nan, ValueError, "damping must be finite and >= 0, got nan"),
+        (math.inf, ValueError, "damping must be finite and >= 0, got inf"),
+        ("0.1", TypeError, "damping must be a float, got str"),
+        (True, TypeError, "damping must be a float, got bool"),
+    ],
+)
+@pytest.mark.parametrize("site", list(_damping_sites()))
+def test_one_damping_check_names_the_call_and_the_argument(
+    site: str, damping: object, error: type[Exception], wording: str
+) -> None:
+    """One function (curvlab.linalg.damping.check_damping) checks every damping value: the
+    same rule and wording everywhere, prefixed by the call that got it."""
+    owner = site.removesuffix(" schedule")
+    with pytest.raises(error, match=f"^{owner}: {wording}"):
+        _damping_sites()[site](damping)  # type: ignore[operator]
+    _damping_sites()[site](0.1)  # type: ignore[operator]  # a valid one passes

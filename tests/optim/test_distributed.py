@@ -11,7 +11,11 @@ references computed here, in float64:
   gives it; with ``"comm_opt"`` decompositions travel, with ``"mem_opt"`` gradients;
 * ``examples/distributed_kfac.py`` runs under ``python -m torch.distributed.run``;
 * faults: a NaN loss or Inf statistics on one process, a failing solve on the owner, a
-  damping that differs and a model that differs make every process raise the same error.
+  damping that differs and a model that differs make every process raise the same error;
+* a parameter without gradient on every process is skipped as with one process (as
+  ``torch.optim`` skips it); on one process only, every process raises the same error;
+* strategy objects (:mod:`curvlab.optim.strategies`) passed as ``distribution=`` — also a
+  subclass that assigns the blocks itself — train like the string options.
 """
 
 from __future__ import annotations
@@ -83,10 +87,20 @@ FAULTS = [
     Scenario("damping-differs", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="damping"),
     Scenario("model-differs", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="model"),
     Scenario("weights-differ", "kfac", EXACT, "mlp-ce-mean", grads="manual", variant="weights"),
-]
+    Scenario("grad-none-on-1", "kfac", EXACT, "mlp-ce-mean", grads="manual",
+             variant="grad_none_on_1"),
+]  # fmt: skip
+GRAD_NONE = "0.bias"  # the parameter the "grad_none" variants leave without gradient
 OTHER = [
     Scenario("kfac-lm", "kfac", {**EXACT, "damping_mode": "factored"}, "mlp-ce-mean",
              variant="levenberg_marquardt"),
+    Scenario("grad-none-comm_opt", "kfac", EXACT, "mlp-ce-mean", grads="manual",
+             variant="grad_none"),
+    Scenario("grad-none-mem_opt", "kfac", EXACT, "mlp-ce-mean", "mem_opt", "manual",
+             variant="grad_none"),
+    Scenario("memopt-object", "kfac", EXACT, "mlp-ce-mean", "mem_opt", variant="object"),
+    Scenario("all-blocks-on-1", "kfac", EXACT, "mlp-ce-mean", "comm_opt",
+             variant="custom_strategy"),
     Scenario("kfac-resume-comm_opt", "kfac", EXACT, "mlp-ce-mean", variant="resume"),
     Scenario("kfac-resume-mem_opt", "kfac", EXACT, "mlp-ce-mean", "mem_opt", variant="resume"),
 ]  # fmt: skip
@@ -117,6 +131,25 @@ def _reference(sc: Scenario) -> dict[str, Any]:
     return _REFERENCES[sc.name]
 
 
+class _AllBlocksOnProcess1(curvlab.optim.CommOpt):
+    """A user's strategy: process 1 decomposes every block (the default spreads them)."""
+
+    name = "all_on_1"
+
+    def assign(self, costs, world_size):
+        return [1] * len(costs)
+
+
+def _distribution(sc: Scenario, rank: int | None) -> str | curvlab.optim.Distribution:
+    if rank is None:
+        return "local"
+    if sc.variant == "object":
+        return curvlab.optim.MemOpt()
+    if sc.variant == "custom_strategy":
+        return _AllBlocksOnProcess1()
+    return sc.distribution
+
+
 def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
     """Three steps of SGD on natural gradients; ``rank=None``: the single-process reference
     on the full batch."""
@@ -144,7 +177,7 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
             damping=damping,
             invert_every=INVERT_EVERY,
             lr=LR,
-            distribution=sc.distribution if rank is not None else "local",
+            distribution=_distribution(sc, rank),
             kl_clip=None,
         )
 
@@ -180,10 +213,15 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
             for p in model.parameters():
                 p.grad.mul_(share)
                 dist.all_reduce(p.grad)
+        if sc.variant == "grad_none" or (sc.variant == "grad_none_on_1" and rank == 1):
+            model.get_parameter(GRAD_NONE).grad = None  # e.g. a module this step did not use
         precond.step(lambda x=x, y=y: loss_fn(model(x), y))
         if step == 0:
             result["dense"] = backend.to_dense()
-        result["natural"].append(_flat(p.grad for p in model.parameters()))
+        result["natural"].append(
+            _flat(p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters())
+        )
+        result["grad_none"] = model.get_parameter(GRAD_NONE).grad is None
         opt.step()
     result["params"] = _flat(model.parameters())
     result["decompositions"] = backend.num_decompositions
@@ -191,6 +229,7 @@ def _train(sc: Scenario, rank: int | None) -> dict[str, Any]:
     result["costs"] = [b.cost for b in precond.blocks]
     result["bytes"] = dict(precond.comm.bytes) if precond.comm is not None else {}
     result["damping"] = precond.current_damping()
+    result["distribution"] = precond.distribution
     return result
 
 
@@ -321,6 +360,57 @@ def test_ranks_that_start_from_different_weights_are_reported_at_construction(ru
     assert kind == "DistributedFailure"
     assert "process 1 has 'values of parameter 0.weight: sum" in message
     assert "DistributedDataParallel or broadcast it" in message
+
+
+@pytest.mark.parametrize("name", ["grad-none-comm_opt", "grad-none-mem_opt"])
+def test_a_parameter_without_gradient_is_skipped_as_with_one_process(runs, name) -> None:
+    """Left without ``.grad`` on every process, a parameter is skipped as ``torch.optim``
+    skips it (and as one process does): the same steps as the single-process run."""
+    results = _ok(runs, name)
+    reference = _reference(next(sc for sc in SCENARIOS if sc.name == name))
+    assert reference["grad_none"] and all(res["grad_none"] for res in results)
+    for res in results:
+        for got, expected in zip(res["natural"], reference["natural"]):
+            _close(got, expected)
+        _close(res["params"], reference["params"])
+    assert torch.equal(results[0]["params"], results[1]["params"])
+
+
+def test_a_parameter_without_gradient_on_one_process_raises_on_every_process(runs) -> None:
+    kind, message = _same_error(runs, "grad-none-on-1")
+    assert kind == "RuntimeError"
+    assert "the parameters without a gradient differ across processes (here: ['0.bias']" in (
+        message
+    )
+
+
+def test_comm_opt_and_mem_opt_take_the_same_steps(runs) -> None:
+    for sc in TRAINING:
+        if sc.distribution != "comm_opt":
+            continue
+        comm = _ok(runs, sc.name)[0]
+        mem = _ok(runs, sc.name.replace("comm_opt", "mem_opt"))[0]
+        for a, b in zip(comm["natural"], mem["natural"]):
+            _close(a, b)
+        _close(comm["params"], mem["params"])
+
+
+def test_strategy_objects_train_like_the_string_options(runs) -> None:
+    """``distribution=MemOpt()`` and a subclass of ``CommOpt`` with its own block
+    assignment (process 1 decomposes everything) train like one process."""
+    for name, distribution, owner in (
+        ("memopt-object", "mem_opt", None),
+        ("all-blocks-on-1", "all_on_1", 1),
+    ):
+        results = _ok(runs, name)
+        reference = _reference(next(sc for sc in SCENARIOS if sc.name == name))
+        for res in results:
+            assert res["distribution"] == distribution
+            _close(res["params"], reference["params"])
+        assert torch.equal(results[0]["params"], results[1]["params"])
+        if owner is not None:
+            assert all(set(res["owners"]) == {owner} for res in results)
+            assert results[0]["decompositions"] == 0 and results[1]["decompositions"] > 0
 
 
 def test_without_a_process_group_nothing_is_distributed() -> None:

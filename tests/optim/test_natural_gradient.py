@@ -96,6 +96,42 @@ def test_uncovered_parameters_keep_their_plain_gradient() -> None:
     assert not torch.allclose(model[3].weight.grad, plain[2])
 
 
+@pytest.mark.parametrize("dropped", [["0.bias"], ["2.weight", "2.bias"]])
+def test_parameters_without_gradient_are_skipped_as_torch_optim_skips_them(dropped) -> None:
+    """A covered parameter left without ``.grad`` (a module the step did not use) keeps
+    ``grad=None``; the others get the damped natural gradient of the gradient with zeros
+    there (dense float64 reference). Distributed, the same: tests/optim/test_distributed.py."""
+    model, loss_fn = MLP_CE.build()
+    x, y = MLP_CE.data(n=8)
+    damping = 0.05
+    precond = curvlab.NaturalGradient(
+        curvlab.ExactFisher(model, loss_fn), damping=damping, kl_clip=None
+    )
+    precond.backward(loss_fn(model(x), y))
+    for name in dropped:
+        model.get_parameter(name).grad = None
+    g = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    g = [t.clone() for t in g]
+    precond.step()
+    reference = curvlab.ExactFisher(model, loss_fn)
+    reference.update(x, y)
+    dense = reference.to_dense()
+    expected = torch.linalg.solve(dense + damping * torch.eye(len(dense), dtype=DTYPE), _flat(g))
+    sizes = [p.numel() for p in model.parameters()]
+    for (name, p), part in zip(model.named_parameters(), expected.split(sizes)):
+        if name in dropped:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad.reshape(-1), part)
+    for p in model.parameters():
+        p.grad = None
+    precond.backward(loss_fn(model(x), y))
+    for p in model.parameters():
+        p.grad = None  # no gradient at all: nothing to precondition
+    with pytest.raises(RuntimeError, match=r"parameter '0\.weight' has no gradient"):
+        precond.step()
+
+
 def test_gradient_accumulation_gives_the_union_curvature() -> None:
     model, loss_fn = MLP_CE.build()
     x, y = MLP_CE.data(n=8)
