@@ -7,11 +7,25 @@ hooks; the public methods (validation, accumulation bookkeeping, ``extract``, th
 recording of forward passes) come from the base class. It states what it needs from a
 batch as *requests* (:mod:`curvlab.extraction`) and never names an engine. Here: a
 **layer-wise scaled identity** — each layer's Fisher block replaced by ``(tr F_l / n_l) I``
-— in about 40 lines, and it works with :class:`curvlab.NaturalGradient` at once.
+— in six methods, and it works with :class:`curvlab.NaturalGradient` at once.
 
 A :class:`~curvlab.extraction.FactorRows` request delivers every Fisher type as *factor
 rows* ``V_p`` per parameter, with ``V_pᵀ V_q`` the batch's curvature block — so a layer's
 trace is the sum of squares of its rows.
+
+The backend **declares what it accumulates once**, in ``running_state``: here one
+:class:`~curvlab.curvature.RunningSum`, the weighted sum of the layers' traces, divided by
+the batches' weight sum to give the curvature of their union. ``reset``, ``statistics`` /
+``load_statistics`` (what a moving average mixes), ``state_dict`` / ``load_state_dict``
+and the sums a distributed preconditioner adds over processes all come from that
+declaration; a backend writes none of them. (Sums normalised by their own counters
+declare a :class:`~curvlab.curvature.RunningCount` and name it in ``per``; what a backend
+fixes while accumulating without adding it up, e.g. an eigenbasis, is a
+:class:`~curvlab.curvature.StateTag`.)
+
+Construction: ``super().__init__`` validates the model and loss and runs no hook of the
+backend, so the backend sets its attributes afterwards and ends with ``_cover``: the
+layers it covers and the requests it takes from every batch.
 """
 
 import torch
@@ -19,6 +33,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import curvlab
+from curvlab.curvature import RunningSum, find_layers
 from curvlab.extraction import FactorRows
 
 
@@ -26,13 +41,14 @@ from curvlab.extraction import FactorRows
 class LayerwiseScaledIdentity(curvlab.Curvature):
     """Each layer's Fisher block approximated by its mean eigenvalue times the identity."""
 
-    def __init__(self, model: nn.Module, loss_fn: nn.Module, fisher_type: str = "exact"):
-        self.fisher_type = fisher_type  # set before the base class asks for requests()
-        super().__init__(model, loss_fn)
-        self._traces: torch.Tensor | None = None  # Σ_b w_b tr(F_b) per layer
+    running_state = (RunningSum("traces", "_traces"),)  # Σ_b w_b tr(F_b) per layer
 
-    def _requests(self):
-        return [FactorRows(self.fisher_type, tuple(self.params))]
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, fisher_type: str = "exact"):
+        super().__init__(model, loss_fn)
+        self._traces: torch.Tensor | None = None
+        layers = find_layers(self.model)  # every module with trainable parameters
+        params = tuple(p for layer in layers for p in layer.params)
+        self._cover(layers, [FactorRows(fisher_type, params)])
 
     def _accumulate(self, result, weight):
         request = self.requests()[0]
@@ -49,9 +65,6 @@ class LayerwiseScaledIdentity(curvlab.Curvature):
             * weight
         )
         self._traces = batch if self._traces is None else self._traces + batch
-
-    def _reset(self):
-        self._traces = None
 
     def _scales(self) -> list[torch.Tensor]:
         means = (
@@ -70,18 +83,6 @@ class LayerwiseScaledIdentity(curvlab.Curvature):
             torch.cat([s.expand(p.numel()) for s, p in zip(self._scales(), self.params)])
         )
 
-    def _statistics(self):  # normalised and linear in the data: what an EMA averages
-        return {"traces": self._traces / self._normalizer}
-
-    def _load_statistics(self, stats):  # taken over as one unit-weight batch, not copied
-        self._traces = stats["traces"]
-
-    def _state(self):
-        return {"traces": self._traces}
-
-    def _load_state(self, state):
-        self._traces = state["traces"]
-
 
 # %%
 # The registry line above makes it available by name, next to the built-in backends.
@@ -98,7 +99,8 @@ curvlab.extract(model, loss_fn, X, y, [scaled, exact])
 
 # %%
 # Each layer's scale is its exact Fisher block's mean eigenvalue; the backend inherits
-# accumulation over batches, ``solve``'s validation and ``state_dict`` from the base class.
+# accumulation over batches, ``solve``'s validation and, from its declaration, ``reset``,
+# ``statistics`` and ``state_dict``.
 for k, block in enumerate(exact.blocks()):
     mean = float(torch.trace(block)) / block.shape[0]
     start = sum(layer.numel for layer in exact.layers[:k])
@@ -106,6 +108,11 @@ for k, block in enumerate(exact.blocks()):
         f"layer {k}: mean eigenvalue {mean:.4f}, scale {float(scaled.to_dense()[start, start]):.4f}"
     )
     assert abs(mean - float(scaled.to_dense()[start, start])) < 1e-5 * max(mean, 1.0)
+
+print("statistics:", {k: v.tolist() for k, v in scaled.statistics().items()})
+restored = curvlab.make("scaled_identity_example", model, loss_fn)
+restored.load_state_dict(scaled.state_dict())  # a checkpoint round trip
+assert torch.equal(restored.to_dense(), scaled.to_dense())
 
 # %%
 # The preconditioner needs nothing else: it averages ``statistics()`` over steps and
@@ -129,13 +136,12 @@ print(f"loss {start:.3f} -> {end:.3f} after 20 preconditioned steps")
 # Distributed training needs nothing else either. A distributed preconditioner reaches a
 # backend through :class:`~curvlab.curvature.distribution.DistributionInterface`, an
 # extension interface that is not on the backend's public face: statistic *sums* that
-# add over processes (default: the tensors of ``statistics()`` times the weight sum — exact
-# here, since the traces are normalised by it) and *decomposition blocks* (default: one
-# block, decomposed by ``solve`` itself). A backend with per-layer factorisations overrides
-# the hooks ``_sums``/``_load_sums``, ``_decomposition_blocks``, ``_decompose``,
-# ``_export_decomposition``/``_import_decomposition`` and ``_solve_block`` (the docs page
-# "Distributed K-FAC" lists them with their defaults). Here, the sums of two half batches,
-# added as an all-reduce would, give the curvature of the whole batch:
+# add over processes (the declared running sums and counters, as they are) and
+# *decomposition blocks* (default: one block, decomposed by ``solve`` itself). A backend
+# with per-layer factorisations overrides the hooks ``_decomposition_blocks``,
+# ``_decompose``, ``_export_decomposition``/``_import_decomposition`` and ``_solve_block``
+# (the docs page "Distributed K-FAC" lists them with their defaults). Here, the sums of
+# two half batches, added as an all-reduce would, give the curvature of the whole batch:
 from curvlab.curvature.distribution import DistributionInterface  # noqa: E402
 
 halves = []

@@ -7,6 +7,10 @@ from curvlab.curvature.base import (
     LayerMemory,
     MemoryEstimate,
     NamedTensor,
+    RunningCount,
+    RunningSum,
+    StateTag,
+    find_layers,
 )
 from curvlab.curvature.dense.block_diagonal import BlockDiagonal
 from curvlab.curvature.dense.block_tridiagonal import BlockTridiagonal
@@ -51,4 +55,8 @@ __all__ = [
     "MatrixFreeHessian",
     "MemoryEstimate",
     "NamedTensor",
+    "RunningCount",
+    "RunningSum",
+    "StateTag",
+    "find_layers",
 ]

@@ -1,19 +1,29 @@
 """The ``Curvature`` interface every backend implements (docs/api.rst).
 
 Public methods validate their arguments once and dispatch to small private hooks
-(``_accumulate``, ``_matvec``, ``_solve``, ``_to_dense``, ``_state``, ``_load_state``,
-``_reset``); nothing outside a backend's module knows which backend it holds.
+(``_accumulate``, ``_matvec``, ``_solve``, ``_to_dense``); nothing outside a backend's
+module knows which backend it holds.
+
+**One accumulated state.** A backend declares what it accumulates once, in its class
+attribute :attr:`Curvature.running_state`: its running sums (:class:`RunningSum`), the
+counters that normalise some of them (:class:`RunningCount`) and what it fixes when
+accumulating that does not add (:class:`StateTag`). Everything that reads or writes the
+accumulated state is derived from that declaration here: ``reset``, ``statistics`` and
+``load_statistics`` (what a moving average mixes), ``state_dict`` and
+``load_state_dict`` (checkpoints; :func:`migrate_state` translates older layouts) and the
+distributed sums.
 
 Accumulation over several batches gives the curvature of their union: batch ``b``
 enters with weight ``w_b = 1/R_b`` (its share of the union's reduction) and, for
 ``reduction="mean"``, the sum is divided by ``Σ_b w_b``; for ``"sum"`` the batch
 curvatures simply add (``w_b = 1``, no division).
 
-Distribution is not on this public face: a backend takes part through the hooks
-``_sums``/``_load_sums``, ``_counts``/``_load_counts``, ``_decomposition_blocks``,
-``_decompose``, ``_export_decomposition``, ``_import_decomposition`` and ``_solve_block``
-(all with working defaults), which :class:`curvlab.curvature.distribution.DistributionInterface`
-validates and calls for a distributed preconditioner.
+Distribution is not on this public face: the distributed sums (``_sums``/``_load_sums``,
+``_counts``/``_load_counts``) come from the declaration, and a backend with its own
+factorisations takes part through the hooks ``_decomposition_blocks``, ``_decompose``,
+``_export_decomposition``, ``_import_decomposition`` and ``_solve_block`` (all with working
+defaults), which :class:`curvlab.curvature.distribution.DistributionInterface` validates and
+calls for a distributed preconditioner.
 """
 
 from __future__ import annotations
@@ -194,6 +204,74 @@ def find_layers(model: nn.Module) -> list[Layer]:
     return layers
 
 
+@dataclass(frozen=True)
+class RunningSum:
+    """A running sum ``Σ_b w_b X_b`` that a backend accumulates (see
+    :attr:`Curvature.running_state`).
+
+    Attributes:
+        name: its key in ``statistics()`` and in ``state_dict()["statistics"]["sums"]``.
+        attr: the backend attribute holding it; a dotted path reaches into a part of the
+            backend (``"_diag.sums"``). Its value is ``None`` (nothing accumulated), a
+            tensor, or a list whose entries are tensors, ``None`` (a position without a
+            sum, e.g. a cut chain boundary) or structured values that support ``/`` by a
+            number (:class:`~curvlab.linalg.DiagonalPlusLowRank`).
+        per: what ``statistics()`` divides it by: ``"weight"`` — the union's weight sum for
+            a mean-reduced loss, 1 for a sum — or the ``name`` of a :class:`RunningCount` of
+            the same declaration (a count, or one per list entry; a zero count divides as 1).
+        symmetric: its matrices are symmetric (distribution sends one triangle).
+        label: the name of a backend method that names list entry ``i`` (e.g.
+            ``"_layer_label"``), for messages and the names of the distributed sums.
+        legacy: where the sum sat in the ``state_dict`` layout before declarations (a
+            dotted key path in ``state_dict()["statistics"]``), for :func:`migrate_state`.
+    """
+
+    name: str
+    attr: str
+    per: str = "weight"
+    symmetric: bool = False
+    label: str | None = None
+    legacy: str | None = None
+
+
+@dataclass(frozen=True)
+class RunningCount:
+    """A counter that adds over batches (an ``int`` or a list of them, e.g. K-FAC's
+    per-layer sample counts); a :class:`RunningSum` may be divided by it. ``name``,
+    ``attr`` and ``legacy`` as for :class:`RunningSum`."""
+
+    name: str
+    attr: str
+    legacy: str | None = None
+
+
+@dataclass(frozen=True)
+class StateTag:
+    """Accumulated state that does not add over batches (EKFAC's eigenbasis, the forward
+    order of a chain): saved in checkpoints with the sums, kept by ``reset()`` (a backend
+    that refits it does so in its ``_reset``). With ``in_statistics`` it is also an entry of
+    ``statistics()``, and ``load_statistics`` refuses statistics whose entry differs from
+    the backend's (they were taken in another eigenbasis, say). ``copy``: loading a
+    checkpoint copies its tensors (``False``: data held by reference, e.g. the batches of
+    a matrix-free operator; a list is still a new list). ``name``, ``attr`` and ``legacy``
+    as for :class:`RunningSum`."""
+
+    name: str
+    attr: str
+    in_statistics: bool = False
+    copy: bool = True
+    legacy: str | None = None
+    #: its value where a layout-1 checkpoint has no ``legacy`` entry
+    default: Any = None
+
+
+Declared = RunningSum | RunningCount | StateTag
+
+#: Version of the layout of :meth:`Curvature.state_dict` (1: per-backend keys, before
+#: declared state; :func:`migrate_state` translates it).
+STATE_LAYOUT = 2
+
+
 def _refuse_compiled(model: nn.Module, owner: str) -> None:
     """A ``torch.compile``d model (or submodule) gets a clear error: its compiled graph
     hides the layer inputs and outputs that the curvature's hooks record, so its
@@ -239,7 +317,15 @@ class Curvature(abc.ABC):
     #: Name under which the backend is registered (``curvlab.make(name, ...)``).
     name: ClassVar[str] = ""
 
+    #: What the backend accumulates, declared once: its running sums, the counters that
+    #: normalise some of them and the tags fixed while accumulating (see the module
+    #: docstring). A subclass extends its parent's tuple.
+    running_state: ClassVar[tuple[Declared, ...]] = ()
+
     def __init__(self, model: nn.Module, loss_fn: nn.Module, engine: str = "auto") -> None:
+        """Validate the model, loss and engine; no backend hook runs here. The backend
+        then sets its own attributes and calls :meth:`_cover` with its layers and
+        requests."""
         owner = type(self).__name__
         if isinstance(model, (DataParallel, DistributedDataParallel)):
             model = model.module  # the wrapper replicates and averages; the layers are inside
@@ -253,51 +339,56 @@ class Curvature(abc.ABC):
         self.model = model
         self.loss_fn = loss_fn
         self.engine = engine
-        self.layers: list[Layer] = self._select_layers(model)
-        extra = self._other_layers()
-        if not self.layers and not extra:
-            raise ValueError(f"{owner}: the model has no trainable parameters.")
-        everything = [*self.layers, *extra]
-        self.params: list[nn.Parameter] = [p for layer in everything for p in layer.params]
-        self.param_names: list[str] = [n for layer in everything for n in layer.param_names]
-        self._request_list = self._requests()
-        for request in self._request_list:
-            validate_request(request, owner)
-        if engine != "auto":
-            extraction.choose_engine(
-                model, self._request_list, engine, loss_fn=loss_fn
-            )  # why not, now
+        self.layers: list[Layer] = []
+        self._other: list[Layer] = []
+        self.params: list[nn.Parameter] = []
+        self.param_names: list[str] = []
+        self._request_list: list[Request] = []
         self._recording: hooks.Recording | None = None
         self._closed = False  # see close()
         self.num_batches = 0
         self.num_samples = 0
         self._weight_sum = 0.0
         self._hold = False  # see hold_decompositions()
+        # whether the declared sums may be updated in place: False after any load (the
+        # tensors belong to the caller), set by a backend once it made its own copies
+        self._sums_owned = False
         # sums tensors over processes (DistributionInterface.set_process_reducer)
         self._process_reducer: ProcessReducer | None = None
         #: Blocks decomposed by this object so far (in ``decompose`` or lazily in ``solve``).
         self.num_decompositions = 0
 
+    def _cover(
+        self,
+        layers: Sequence[Layer],
+        requests: Sequence[Request],
+        other_layers: Sequence[Layer] = (),
+    ) -> None:
+        """Fix what the backend covers: ``layers`` (its blocks), ``other_layers`` (covered
+        outside them, after them in ``params``, e.g. a Kronecker backend's diagonal blocks)
+        and the ``requests`` it takes from every batch. Every backend calls it once, at
+        the end of its construction; it validates the requests and an explicit engine."""
+        owner = type(self).__name__
+        if not layers and not other_layers:
+            raise ValueError(f"{owner}: the model has no trainable parameters.")
+        self.layers = list(layers)
+        self._other = list(other_layers)
+        everything = [*self.layers, *self._other]
+        self.params = [p for layer in everything for p in layer.params]
+        self.param_names = [n for layer in everything for n in layer.param_names]
+        self._request_list = list(requests)
+        for request in self._request_list:
+            validate_request(request, owner)
+        if self.engine != "auto":
+            extraction.choose_engine(
+                self.model, self._request_list, self.engine, loss_fn=self.loss_fn
+            )  # why not, now
+
     # --- hooks for backends ----------------------------------------------------------
-
-    def _select_layers(self, model: nn.Module) -> list[Layer]:
-        return find_layers(model)
-
-    def _other_layers(self) -> list[Layer]:
-        """Layers covered outside ``layers`` (after them in ``params``), e.g. the diagonal
-        blocks of a Kronecker backend. Called after ``_select_layers``."""
-        return []
-
-    @abc.abstractmethod
-    def _requests(self) -> list[Request]:
-        """What the backend needs from each batch (fixed at construction)."""
 
     @abc.abstractmethod
     def _accumulate(self, result: BatchResult, weight: float) -> None:
         """Add ``weight`` × this batch's curvature statistics to the running sums."""
-
-    @abc.abstractmethod
-    def _reset(self) -> None: ...
 
     @abc.abstractmethod
     def _matvec(self, v: Vector) -> Vector: ...
@@ -308,48 +399,201 @@ class Curvature(abc.ABC):
     @abc.abstractmethod
     def _to_dense(self) -> Tensor: ...
 
-    @abc.abstractmethod
-    def _state(self) -> dict[str, Any]: ...
-
-    @abc.abstractmethod
-    def _load_state(self, state: dict[str, Any]) -> None: ...
-
     def _invalidate(self) -> None:
         """Drop caches (decompositions) after the statistics changed."""
 
-    @abc.abstractmethod
+    def _reset(self) -> None:
+        """Forget the accumulated state: every declared sum becomes ``None`` and every
+        counter zero (tags stay). A backend that refits a tag at a reset extends this."""
+        for item in self.running_state:
+            if isinstance(item, RunningSum):
+                self._set_declared(item, None)
+            elif isinstance(item, RunningCount):
+                self._set_declared(item, _counts_like(self._get_declared(item), 0))
+
+    def _check_loaded_sums(self) -> None:
+        """Validate sums just loaded (``load_statistics``, ``load_state_dict``, distributed
+        sums) against the model, and bring them into the backend's layout. Default:
+        nothing to check."""
+
+    # --- the declared state: every reader and writer -------------------------------------
+
+    def _declared(self, kind: type) -> list[Any]:
+        return [item for item in self.running_state if isinstance(item, kind)]
+
+    def _resolve(self, path: str) -> Any:
+        """The attribute at a dotted ``path`` from the backend (``"_diag.sums"``)."""
+        found: Any = self
+        for part in path.split("."):
+            found = getattr(found, part)
+        return found
+
+    def _get_declared(self, item: Declared) -> Any:
+        return self._resolve(item.attr)
+
+    def _set_declared(self, item: Declared, value: Any) -> None:
+        owner: Any = self
+        *path, last = item.attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, last, value)
+
+    def _divisor(self, total: RunningSum) -> Any:
+        """What ``total`` is divided by in ``statistics()``: a number or one per entry."""
+        if total.per == "weight":
+            return self._normalizer
+        counts = [c for c in self._declared(RunningCount) if c.name == total.per]
+        if not counts:
+            raise TypeError(
+                f"{type(self).__name__}.running_state: the sum '{total.name}' is divided by "
+                f"'{total.per}', which is not a declared RunningCount."
+            )
+        value = self._get_declared(counts[0])
+        return [max(c, 1) for c in value] if isinstance(value, list) else max(value, 1)
+
     def _statistics(self) -> dict[str, Any]:
-        """Normalised statistics: tensors (or lists of tensors) linear in the data."""
+        """The declared sums divided by their normalisers (and the tags in statistics);
+        a sum that holds nothing is left out."""
+        stats: dict[str, Any] = {}
+        for item in self.running_state:
+            if isinstance(item, RunningSum):
+                value = self._get_declared(item)
+                if value is not None:
+                    stats[item.name] = _divide(value, self._divisor(item))
+            elif isinstance(item, StateTag) and item.in_statistics:
+                stats[item.name] = self._get_declared(item)
+        return stats
 
-    @abc.abstractmethod
     def _load_statistics(self, stats: dict[str, Any]) -> None:
-        """Set the accumulated state to ``stats`` as if it were one unit-weight batch."""
+        """Make ``stats`` (from :meth:`_statistics`) the state, as one unit-weight batch:
+        the sums are taken over (not copied), every counter becomes 1."""
+        owner = f"{type(self).__name__}.load_statistics"
+        if not isinstance(stats, dict):
+            raise TypeError(f"{owner}: expected the dict of statistics(), got {type(stats)}.")
+        names = {item.name for item in self.running_state}
+        unknown = sorted(set(stats) - names)
+        if unknown:
+            raise ValueError(
+                f"{owner}: unknown entries {unknown}; this backend's statistics are "
+                f"{sorted(names)}."
+            )
+        for tag in self._declared(StateTag):
+            if tag.in_statistics and stats.get(tag.name) != self._get_declared(tag):
+                raise ValueError(
+                    f"{owner}: the statistics were taken with another {tag.name} "
+                    f"({stats.get(tag.name)!r}, current {self._get_declared(tag)!r})."
+                )
+        for total in self._declared(RunningSum):
+            value = stats.get(total.name)
+            self._set_declared(total, list(value) if isinstance(value, list) else value)
+        for count in self._declared(RunningCount):
+            self._set_declared(count, _counts_like(self._get_declared(count), 1))
+        self._sums_owned = False
+        self._check_loaded_sums()
 
-    def _sums(self) -> list[NamedTensor]:
-        """Tensor sums that add over batches (see :meth:`statistic_sums`).
+    def _state(self) -> dict[str, Any]:
+        """The declared state as a checkpoint holds it (tensors not copied)."""
+        return {
+            "sums": {s.name: self._get_declared(s) for s in self._declared(RunningSum)},
+            "counts": {c.name: self._get_declared(c) for c in self._declared(RunningCount)},
+            "tags": {t.name: self._get_declared(t) for t in self._declared(StateTag)},
+        }
 
-        Default: every tensor of ``_statistics()`` times ``_normalizer`` — exact for
-        backends whose statistics are all normalised by the base class's weight sum;
-        backends with other normalisations (e.g. K-FAC's ``A`` by its sample count)
-        override this with ``_load_sums`` and ``_counts``/``_load_counts``.
-        """
-        leaves = _tensor_leaves(self._statistics())
-        return [NamedTensor(f"statistics {path}", t * self._normalizer) for path, t in leaves]
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`_state` (copying every tensor)."""
+        owner = f"{type(self).__name__}.load_state_dict"
+        for group, kind in (("sums", RunningSum), ("counts", RunningCount), ("tags", StateTag)):
+            saved = state.get(group)
+            declared = self._declared(kind)
+            if not isinstance(saved, dict) or set(saved) != {d.name for d in declared}:
+                got = sorted(saved) if isinstance(saved, dict) else saved
+                raise ValueError(
+                    f"{owner}: the state's {group} {got} are not this backend's "
+                    f"{sorted(d.name for d in declared)}."
+                )
+            for item in declared:
+                value = saved[item.name]
+                if isinstance(item, StateTag) and not item.copy:
+                    value = list(value) if isinstance(value, list) else value
+                elif isinstance(item, RunningCount) and value is None:  # see migrate_state
+                    value = _counts_like(self._get_declared(item), 0)
+                else:
+                    value = _clone_tree(value)
+                self._set_declared(item, value)
+        self._sums_owned = False
+        self._check_loaded_sums()
+
+    def _sum_entries(self, total: RunningSum) -> list[tuple[int | None, str, Any]]:
+        """``(index, name, value)`` of every entry of ``total`` that holds a sum."""
+        value = self._get_declared(total)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            return [(None, total.name, value)]
+        label = self._resolve(total.label) if total.label is not None else None
+        return [
+            (i, f"{label(i)} {total.name}" if label else f"{total.name}[{i}]", entry)
+            for i, entry in enumerate(value)
+            if entry is not None
+        ]
+
+    def _sums(self, only: Sequence[str] | None = None) -> list[NamedTensor]:
+        """The declared sums (those named in ``only``, if given), entry by entry, as they
+        add over batches (distribution)."""
+        out = []
+        for total in self._declared(RunningSum):
+            if only is not None and total.name not in only:
+                continue
+            for _, name, entry in self._sum_entries(total):
+                if not isinstance(entry, Tensor):
+                    raise NotImplementedError(
+                        f"{type(self).__name__}: {name} is a structured value "
+                        f"({type(entry).__name__}), which cannot be summed entry by entry "
+                        "across processes; construct the backend with a dense one for "
+                        "distributed use (e.g. output_factor='dense')."
+                    )
+                square = entry.ndim == 2 and entry.shape[0] == entry.shape[1]
+                structure = "symmetric" if total.symmetric and square else "general"
+                out.append(NamedTensor(name, entry, structure))
+        return out
 
     def _load_sums(self, sums: list[Tensor]) -> None:
-        """Make ``sums`` (shaped like ``_sums()``) the accumulated state; the base class's
-        counters (``_weight_sum``, ...) already hold the reduced values."""
-        normalizer = self._normalizer
-        stats = _replace_tensor_leaves(self._statistics(), [t / normalizer for t in sums])
-        self._load_statistics(stats)
-        self._weight_sum = 1.0  # loaded statistics are one unit-weight batch
+        """Make ``sums`` (shaped like :meth:`_sums`, e.g. summed over processes) the
+        declared sums; the counters are loaded by :meth:`_load_counts`."""
+        remaining = list(sums)
+        for total in self._declared(RunningSum):
+            value = self._get_declared(total)
+            entries = self._sum_entries(total)
+            if not isinstance(value, list):
+                if entries:
+                    self._set_declared(total, remaining.pop(0))
+                continue
+            value = list(value)
+            for i, _, _ in entries:
+                assert i is not None
+                value[i] = remaining.pop(0)
+            self._set_declared(total, value)
+        self._sums_owned = False
+        self._check_loaded_sums()
 
     def _counts(self) -> list[float]:
-        """Backend counters that add over batches (e.g. K-FAC's per-layer sample counts)."""
-        return []
+        """The declared counters, flattened (distribution)."""
+        out: list[float] = []
+        for count in self._declared(RunningCount):
+            value = self._get_declared(count)
+            out.extend(float(c) for c in (value if isinstance(value, list) else [value]))
+        return out
 
     def _load_counts(self, counts: list[float]) -> None:
-        """Set the counters of ``_counts()`` to (reduced) values."""
+        """Set the counters of :meth:`_counts` to (reduced) values."""
+        remaining = list(counts)
+        for count in self._declared(RunningCount):
+            value = self._get_declared(count)
+            if isinstance(value, list):
+                taken, remaining = remaining[: len(value)], remaining[len(value) :]
+                self._set_declared(count, [round(c) for c in taken])
+            else:
+                self._set_declared(count, round(remaining.pop(0)))
 
     def _decomposition_blocks(self) -> list[DecompositionBlock]:
         """Default: one block, every parameter, cost of a dense factorisation."""
@@ -404,7 +648,7 @@ class Curvature(abc.ABC):
         """``{parameter name: kind of block}`` for every covered parameter, in ``params``
         order (e.g. ``"kronecker"``, ``"diagonal"``, ``"block_diagonal"``)."""
         out: dict[str, str] = {}
-        for layer in [*self.layers, *self._other_layers()]:
+        for layer in [*self.layers, *self._other]:
             kind = self._block_kind(layer)
             out.update({name: kind for name in layer.param_names})
         return out
@@ -727,9 +971,11 @@ class Curvature(abc.ABC):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Accumulated statistics and counters (tensors are not copied)."""
+        """Accumulated statistics and counters (tensors are not copied): the declared
+        state (:attr:`running_state`) in layout :data:`STATE_LAYOUT`."""
         return {
             "backend": type(self).__name__,
+            "layout": STATE_LAYOUT,
             "num_batches": self.num_batches,
             "num_samples": self.num_samples,
             "weight_sum": self._weight_sum,
@@ -737,8 +983,9 @@ class Curvature(abc.ABC):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict()`` returned (for the same backend and model)."""
-        state = migrate_state(state)
+        """Restore what ``state_dict()`` returned (for the same backend and model), also
+        from an earlier curvlab (:func:`migrate_state`)."""
+        state = migrate_state(state, type(self).running_state)
         if state.get("backend") != type(self).__name__:
             raise ValueError(
                 f"{type(self).__name__}.load_state_dict: the state belongs to "
@@ -822,22 +1069,31 @@ class Curvature(abc.ABC):
         )
 
 
-def _tensor_leaves(tree: Any, path: str = "") -> list[tuple[str, Tensor]]:
-    """``(path, tensor)`` of every tensor in a tree of dicts and lists, in order."""
-    if isinstance(tree, dict):
-        return [leaf for k, v in tree.items() for leaf in _tensor_leaves(v, f"{path}[{k!r}]")]
-    if isinstance(tree, (list, tuple)):
-        return [leaf for i, v in enumerate(tree) for leaf in _tensor_leaves(v, f"{path}[{i}]")]
-    return [(path, tree)] if isinstance(tree, Tensor) else []
+def _divide(value: Any, divisor: Any) -> Any:
+    """A declared sum (a tensor or a list of entries) divided by a number or, entry by
+    entry, by a list of numbers; ``None`` entries stay ``None``."""
+    if not isinstance(value, list):
+        return value / divisor
+    divisors = divisor if isinstance(divisor, list) else [divisor] * len(value)
+    return [None if v is None else v / d for v, d in zip(value, divisors, strict=True)]
 
 
-def _replace_tensor_leaves(tree: Any, values: list[Tensor]) -> Any:
-    """``tree`` with its tensors replaced, in order, by ``values`` (consumed from the front)."""
+def _counts_like(value: Any, fill: int) -> Any:
+    """A counter shaped like ``value`` (an int or a list of ints) filled with ``fill``."""
+    return [fill] * len(value) if isinstance(value, list) else fill
+
+
+def _clone_tree(tree: Any) -> Any:
+    """``tree`` with every tensor cloned (lists, tuples, named tuples and dicts rebuilt)."""
+    if isinstance(tree, Tensor):
+        return tree.clone()
     if isinstance(tree, dict):
-        return {k: _replace_tensor_leaves(v, values) for k, v in tree.items()}
+        return {k: _clone_tree(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_clone_tree(v) for v in tree))
     if isinstance(tree, (list, tuple)):
-        return [_replace_tensor_leaves(v, values) for v in tree]
-    return values.pop(0) if isinstance(tree, Tensor) else tree
+        return type(tree)(_clone_tree(v) for v in tree)
+    return tree
 
 
 class DampedInverse:
@@ -913,7 +1169,9 @@ def top_symmetric_eigenvalues(matrix: Tensor, k: int | None) -> Tensor:
     return torch.as_tensor(np.sort(top)[::-1].copy(), dtype=matrix.dtype, device=matrix.device)
 
 
-def migrate_state(state: dict[str, Any]) -> dict[str, Any]:
+def migrate_state(
+    state: dict[str, Any], declared: Sequence[Declared] | None = None
+) -> dict[str, Any]:
     """A :meth:`Curvature.state_dict` written by an earlier curvlab, in today's layout (the
     one place old checkpoints are translated; today's states pass through unchanged).
 
@@ -921,9 +1179,68 @@ def migrate_state(state: dict[str, Any]) -> dict[str, Any]:
       ``KFAC``/``KFC(structure="block_tridiagonal")``, name ``"KFAC"``/``"KFC"`` as their
       backend; their statistics carry the cross-layer ``"chain"``. They are
       ``BlockTridiagonalKFAC``'s.
+    * Layout 1 (no ``"layout"`` entry: per-backend keys) is read through the ``legacy``
+      key paths of the backend's declaration ``declared`` (its
+      :attr:`Curvature.running_state`); a missing legacy entry held nothing (``None``).
+      K-FAC's recurrent lag sums of layout 1 (``"recurrent_lag"``, a dict by layer of
+      ``[a_lag, lag_count, g_lag, sequences]``, and the statistics loaded into it,
+      ``"recurrent_lag_loaded"``: ``(A1, G1, T)``) become its per-layer lag sums; loaded
+      lag statistics are exact where the checkpoint was taken after ``load_statistics``
+      without further batches (as a ``NaturalGradient`` saves it).
     """
     statistics = state.get("statistics")
     chained = isinstance(statistics, dict) and "chain" in statistics
     if state.get("backend") in ("KFAC", "KFC") and chained:
-        return {**state, "backend": "BlockTridiagonalKFAC"}
-    return state
+        state = {**state, "backend": "BlockTridiagonalKFAC"}
+    if state.get("layout", 1) == STATE_LAYOUT or declared is None:
+        return state
+    if not isinstance(statistics, dict):
+        raise ValueError(
+            f"load_state_dict: the state's statistics are a {type(statistics).__name__}, "
+            "not a dict; is this the result of a curvature's state_dict()?"
+        )
+    old = _legacy_lag_sums(statistics)
+    groups: dict[str, dict[str, Any]] = {"sums": {}, "counts": {}, "tags": {}}
+    for item in declared:
+        group = {RunningSum: "sums", RunningCount: "counts", StateTag: "tags"}[type(item)]
+        # a missing counter stays None: loading makes it zero (its length is the backend's)
+        value = _legacy_lookup(old, item.legacy) if item.legacy is not None else None
+        if isinstance(item, StateTag) and value is None:
+            value = item.default
+        groups[group][item.name] = value
+    return {**state, "layout": STATE_LAYOUT, "statistics": groups}
+
+
+def _legacy_lookup(tree: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _legacy_lag_sums(statistics: dict[str, Any]) -> dict[str, Any]:
+    """Layout-1 K-FAC lag sums as per-layer lists (see :func:`migrate_state`)."""
+    lag, loaded = statistics.get("recurrent_lag") or {}, statistics.get("recurrent_lag_loaded")
+    if not lag and not loaded:
+        return statistics
+    layers = len(statistics["a_sum"]) if statistics.get("a_sum") is not None else 0
+    lag_a: list[Any] = [None] * layers
+    lag_g: list[Any] = [None] * layers
+    steps: list[Any] = [None] * layers
+    sequences = [0] * layers
+    for k, (a_lag, lag_count, g_lag, seq) in lag.items():
+        k = int(k)
+        lag_a[k], lag_g[k], sequences[k] = a_lag, g_lag, int(seq)
+        steps[k] = a_lag.new_tensor(float(lag_count))
+    for k, (a1, g1, t) in (loaded or {}).items():
+        k = int(k)  # loaded statistics won: one unit-weight batch, one sequence
+        lag_a[k], steps[k], sequences[k] = a1 * (t - 1.0), t - 1.0, 1
+        lag_g[k] = g1 * (t - 1.0) / t
+    return {
+        **statistics,
+        "lag_A": lag_a,
+        "lag_G": lag_g,
+        "lag_steps": steps,
+        "lag_sequences": sequences,
+    }

@@ -21,8 +21,6 @@ approximation the backend's ``coverage()`` reports.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -33,8 +31,9 @@ from curvlab.curvature.base import (
     Layer,
     LayerMemory,
     MemoryEstimate,
-    NamedTensor,
+    RunningSum,
     Vector,
+    find_layers,
 )
 from curvlab.curvature.registry import register
 from curvlab.extraction import BatchResult, FisherType, Request, check_mc_samples
@@ -94,9 +93,6 @@ class DiagonalBlocks:
         ]
         self.sums = batch if self.sums is None else [a + b for a, b in zip(self.sums, batch)]
 
-    def reset(self) -> None:
-        self.sums = None
-
     def memory(self) -> dict[str, LayerMemory]:
         """Per parameter the bytes of its diagonal (in the statistics' dtype); no inverse
         is kept (``(d + λ)⁻¹`` is formed per solve)."""
@@ -130,20 +126,19 @@ class DiagonalBlocks:
     def to_dense(self, normalizer: float) -> Tensor:
         return torch.diag(torch.cat([d.reshape(-1) for d in self.diagonals(normalizer)]))
 
-    def named_sums(self) -> list[NamedTensor]:
-        assert self.sums is not None
-        return [NamedTensor(f"diagonal of '{n}'", d) for n, d in zip(self.names, self.sums)]
+    def label(self, i: int) -> str:
+        """Parameter ``i``'s name, for messages and distributed sums."""
+        return f"'{self.names[i]}'"
 
-    def adopt(self, sums: list[Tensor] | None) -> None:
-        """Take ``sums`` over (validated, not copied)."""
-        if sums is not None:
-            shapes = [tuple(t.shape) for t in sums]
+    def check_loaded(self) -> None:
+        """Loaded sums must be shaped like the parameters (a clear error otherwise)."""
+        if self.sums is not None:
+            shapes = [tuple(t.shape) for t in self.sums]
             expected = [tuple(p.shape) for p in self.params]
             if shapes != expected:
                 raise ValueError(
                     f"{self.owner}: diagonal shapes {shapes} do not match this model's {expected}."
                 )
-        self.sums = sums
 
 
 @register("diagonal")
@@ -155,6 +150,8 @@ class DiagonalFisher(Curvature):
     correlation between parameters.
     """
 
+    running_state = (RunningSum("diagonal", "_diag.sums", label="_diag.label", legacy="sums"),)
+
     def __init__(
         self,
         model: nn.Module,
@@ -163,18 +160,16 @@ class DiagonalFisher(Curvature):
         mc_samples: int = 1,
         engine: str = "auto",
     ) -> None:
+        super().__init__(model, loss_fn, engine=engine)
         owner = type(self).__name__
         self.fisher_type = FisherType.parse(fisher_type, owner)
         check_mc_samples(mc_samples, owner)
         self.mc_samples = mc_samples
-        self._diag: DiagonalBlocks | None = None
-        super().__init__(model, loss_fn, engine=engine)
+        layers = find_layers(self.model)
+        self._diag = DiagonalBlocks(layers, self.fisher_type, mc_samples, owner)
+        self._cover(layers, self._diag.requests)
 
     def _blocks(self) -> DiagonalBlocks:
-        if self._diag is None:
-            self._diag = DiagonalBlocks(
-                self.layers, self.fisher_type, self.mc_samples, type(self).__name__
-            )
         return self._diag
 
     def _block_kind(self, layer: Layer) -> str:
@@ -183,14 +178,8 @@ class DiagonalFisher(Curvature):
     def _memory_estimate(self) -> MemoryEstimate:
         return MemoryEstimate(self._blocks().memory())
 
-    def _requests(self) -> list[Request]:
-        return list(self._blocks().requests)
-
     def _accumulate(self, result: BatchResult, weight: float) -> None:
         self._blocks().accumulate(result, weight)
-
-    def _reset(self) -> None:
-        self._blocks().reset()
 
     def _matvec(self, v: Vector) -> Vector:
         return self._blocks().matvec(v, self._normalizer)
@@ -216,17 +205,8 @@ class DiagonalFisher(Curvature):
     def _eigenvalues(self, k: int | None) -> Tensor:
         return torch.sort(self._diagonal(), descending=True).values
 
-    def _statistics(self) -> dict[str, Any]:
-        return {"diagonal": self._blocks().diagonals(self._normalizer)}
-
-    def _load_statistics(self, stats: dict[str, Any]) -> None:
-        self._blocks().adopt(list(stats["diagonal"]))
-
-    def _sums(self) -> list[NamedTensor]:
-        return self._blocks().named_sums()
-
-    def _load_sums(self, sums: list[Tensor]) -> None:
-        self._blocks().adopt(list(sums))
+    def _check_loaded_sums(self) -> None:
+        self._diag.check_loaded()
 
     def _decomposition_blocks(self) -> list[DecompositionBlock]:
         return [
@@ -237,10 +217,3 @@ class DiagonalFisher(Curvature):
                 cost=float(self.num_params),
             )
         ]
-
-    def _state(self) -> dict[str, Any]:
-        return {"sums": self._blocks().sums}
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        sums = state["sums"]
-        self._blocks().adopt(None if sums is None else [t.clone() for t in sums])

@@ -10,13 +10,15 @@ Two groups of operations, on any :class:`~curvlab.Curvature`:
   matrix) that can be decomposed on one process, exported, imported on the others, or
   solved with on their own.
 
-This is an extension interface, not part of a backend's public face: a backend writer
-implements the hooks (``_sums``, ``_load_sums``, ``_counts``, ``_load_counts``,
-``_decomposition_blocks``, ``_decompose``, ``_export_decomposition``,
-``_import_decomposition``, ``_solve_block``; every one has a working default — see the
-docs page "Distributed K-FAC" and the ``plot_new_backend`` tutorial), and
-:class:`~curvlab.NaturalGradient` reaches them through :class:`DistributionInterface`,
-which validates every argument first.
+This is an extension interface, not part of a backend's public face. The statistic sums
+come from what a backend declares it accumulates
+(:attr:`~curvlab.Curvature.running_state`; the base class's ``_sums``, ``_load_sums``,
+``_counts``, ``_load_counts``), so a backend writer implements none of them; the
+decomposition hooks (``_decomposition_blocks``, ``_decompose``, ``_export_decomposition``,
+``_import_decomposition``, ``_solve_block``) have working defaults that a backend with its
+own factorisations overrides — see the docs page "Distributed K-FAC" and the
+``plot_new_backend`` tutorial. :class:`~curvlab.NaturalGradient` reaches them through
+:class:`DistributionInterface`, which validates every argument first.
 """
 
 from __future__ import annotations

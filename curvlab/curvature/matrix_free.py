@@ -37,7 +37,13 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlab import linalg
-from curvlab.curvature.base import Curvature, Vector, top_symmetric_eigenvalues
+from curvlab.curvature.base import (
+    Curvature,
+    StateTag,
+    Vector,
+    find_layers,
+    top_symmetric_eigenvalues,
+)
 from curvlab.extraction import FisherType, check_mc_samples
 from curvlab.extraction.hooks import suspended_hooks
 from curvlab.extraction.losses import (
@@ -52,7 +58,7 @@ from curvlab.extraction.products import (
     transposed_jacobian,
     vector_jacobian_products,
 )
-from curvlab.extraction.requests import BatchResult, Request
+from curvlab.extraction.requests import BatchResult
 from curvlab.linalg import Estimate, SpectralDensity
 
 Batch = tuple[Any, Tensor]
@@ -75,6 +81,9 @@ class MatrixFreeCurvature(Curvature):
             default ``P``).
     """
 
+    #: The held batches (data sources) are its state: checkpoints carry them as they are.
+    running_state = (StateTag("sources", "_sources", copy=False, legacy="sources"),)
+
     def __init__(
         self,
         model: nn.Module,
@@ -95,6 +104,7 @@ class MatrixFreeCurvature(Curvature):
         if not (isinstance(cg_tol, (int, float)) and cg_tol > 0):
             raise ValueError(f"{owner}: cg_tol must be a positive float, got {cg_tol!r}.")
         super().__init__(model, loss_fn, engine="auto")
+        self._cover(find_layers(self.model), [])  # no statistics: products from the data
         self.seed = seed
         self.num_matvecs = num_matvecs
         self.block_size = block_size
@@ -105,9 +115,6 @@ class MatrixFreeCurvature(Curvature):
         self.last_cg: tuple[int, float] | None = None
 
     # --- data ----------------------------------------------------------------------------
-
-    def _requests(self) -> list[Request]:
-        return []  # no statistics: the products are computed from the data
 
     def _update(self, inputs: Any, targets: Tensor | None, progress: bool) -> Tensor:
         owner = f"{type(self).__name__}.update"
@@ -405,20 +412,16 @@ class MatrixFreeCurvature(Curvature):
     def _accumulate(self, result: BatchResult, weight: float) -> None:
         raise self._not_statistics("accumulate")
 
-    def _statistics(self) -> dict[str, Any]:
+    def statistics(self) -> dict[str, Any]:
+        """Not available: a matrix-free operator holds batches, not statistics."""
         raise self._not_statistics("statistics")
 
-    def _load_statistics(self, stats: dict[str, Any]) -> None:
+    def load_statistics(self, stats: dict[str, Any]) -> None:
+        """Not available: a matrix-free operator holds batches, not statistics."""
         raise self._not_statistics("load_statistics")
 
     def _reset(self) -> None:
         self._sources = []
-
-    def _state(self) -> dict[str, Any]:
-        return {"sources": list(self._sources)}
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        self._sources = list(state["sources"])
 
 
 class MatrixFreeGGN(MatrixFreeCurvature):

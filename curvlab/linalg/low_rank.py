@@ -42,6 +42,10 @@ class DiagonalPlusLowRank(NamedTuple):
         """``c · M``."""
         return DiagonalPlusLowRank(self.d * c, self.U, self.s * c)
 
+    def __truediv__(self, c: float) -> DiagonalPlusLowRank:
+        """``M / c`` (a declared running sum divided by its normaliser)."""
+        return self.scaled(1.0 / c)
+
     def to(self, dtype: torch.dtype) -> DiagonalPlusLowRank:
         """The three tensors in ``dtype``."""
         return DiagonalPlusLowRank(self.d.to(dtype), self.U.to(dtype), self.s.to(dtype))

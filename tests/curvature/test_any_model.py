@@ -126,7 +126,7 @@ def test_kronecker_backends_equal_their_definition(
         _close(f.G, g, rtol=1e-7)
     # the dense matrix: Kronecker blocks in parameter order, then the diagonal blocks
     expected = _in_curvature_order(ref.kfac_dense(model, factors), kfc, model)
-    tail = [p for layer in kfc._other_layers() for p in layer.params]
+    tail = [p for layer in kfc._other for p in layer.params]
     actual = kfc.to_dense()
     if tail:
         full = _in_curvature_order(_reference(fisher_type, model, loss_fn, x, y), kfc, model)

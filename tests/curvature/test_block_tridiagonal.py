@@ -114,7 +114,7 @@ def test_chain_follows_the_forward_order_not_the_registration_order() -> None:
     exact = curvlab.ExactFisher(model, loss_fn)
     curvlab.extract(model, loss_fn, x, y, [tri, exact])
     assert [layer.name for layer in tri.layers] == ["last", "first"]
-    assert tri._order == [1, 0]
+    assert tri._order == (1, 0)
     # two layers: the completion is the whole matrix
     torch.testing.assert_close(tri.to_dense(), exact.to_dense(), rtol=1e-9, atol=1e-12)
 
@@ -135,7 +135,7 @@ def test_a_layer_called_twice_is_one_block_placed_at_its_first_call() -> None:
     x, y = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
     tri, exact = curvlab.BlockTridiagonal(model, loss_fn), curvlab.ExactFisher(model, loss_fn)
     curvlab.extract(model, loss_fn, x, y, [tri, exact])
-    assert tri._order == [1, 0]  # lin (first called) — head
+    assert tri._order == (1, 0)  # lin (first called) — head
     # two blocks: the completion is the whole matrix, with both calls' contributions
     torch.testing.assert_close(tri.to_dense(), exact.to_dense(), rtol=1e-9, atol=1e-12)
 

@@ -135,27 +135,3 @@ def test_interface_errors_name_the_argument() -> None:
         NamedTensor("M", torch.zeros(2, 3), "symmetric")
     with pytest.raises(TypeError, match="reduce must be callable"):
         ops(c).set_process_reducer(3)  # type: ignore[arg-type]
-
-
-def test_a_backend_without_its_own_hooks_gets_the_generic_sums() -> None:
-    """The base class's default sums (statistics × weight sum) add up for a backend whose
-    statistics are normalised by the weight sum (e.g. the diagonal-Fisher tutorial's)."""
-
-    class Diagonal(curvlab.ExactFisher):
-        # only the generic hooks of the base class
-        _sums = curvlab.Curvature._sums
-        _load_sums = curvlab.Curvature._load_sums
-
-    case = next(c for c in CASES if c.id == "conv1d-ce-mean")
-    (x1, y1), (x2, y2) = case.data(n=3, seed=1), case.data(n=5, seed=2)
-    builds = [Diagonal(*case.build()) for _ in range(3)]
-    first, second, target = builds
-    first.update(x1, y1)
-    second.update(x2, y2)
-    target.update(x1, y1)
-    a, b = ops(first).statistic_sums(), ops(second).statistic_sums()
-    ops(target).load_statistic_sums([ea.tensor + eb.tensor for ea, eb in zip(a, b)])
-    union = curvlab.ExactFisher(*case.build())
-    union.update(x1, y1)
-    union.update(x2, y2)
-    _close(target.to_dense(), union.to_dense())

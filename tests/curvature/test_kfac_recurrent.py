@@ -347,8 +347,11 @@ def test_series_statistics_round_trip_as_a_moving_average_uses_them() -> None:
     kfac.update(torch.cat([x] * 8), torch.cat([y] * 8))
     before = kfac.to_dense()
     stats = kfac.statistics()
-    assert len(stats["A1"]) == len(stats["G1"]) == len(stats["T"]) == 2
-    assert float(stats["T"][0]) == T
+    # the lag sums per layer (None but for the two series maps), per sequence: the step
+    # pairs per sequence are T - 1
+    series = [k for k, s in enumerate(stats["lag_steps"]) if s is not None]
+    assert len(series) == 2 and all(stats["lag_A"][k] is not None for k in series)
+    assert 1.0 + float(stats["lag_steps"][series[0]]) == T
     kfac.load_statistics(stats)
     torch.testing.assert_close(kfac.to_dense(), before)
 

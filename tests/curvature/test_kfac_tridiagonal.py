@@ -167,7 +167,24 @@ def test_a_format2_state_of_kfac_with_the_chain_loads_into_the_class(written_by:
     model, loss_fn, x, y = _deep()
     fitted = curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact")
     fitted.update(x, y)
-    old = {**fitted.state_dict(), "backend": written_by}
+    state = fitted.state_dict()
+    sums, counts, tags = (state["statistics"][k] for k in ("sums", "counts", "tags"))
+    old = {  # the layout of those states: per-backend keys, no "layout" entry
+        **{k: v for k, v in state.items() if k != "layout"},
+        "backend": written_by,
+        "statistics": {
+            "a_sum": sums["A"],
+            "a_count": counts["a_count"],
+            "g_sum": sums["G"],
+            "chain": {
+                "order": tags["order"],
+                "coupled": tags["coupled"],
+                "a_cross": sums["A_cross"],
+                "a_cross_count": counts["a_cross_count"],
+                "g_cross": sums["G_cross"],
+            },
+        },
+    }
     loaded = curvlab.BlockTridiagonalKFAC(model, loss_fn, fisher_type="exact")
     loaded.load_state_dict(old)
     v = [torch.randn_like(p) for p in fitted.params]

@@ -177,9 +177,9 @@ def test_memory_estimate_of_a_structured_layer_matches() -> None:
         k.update(x, y)
         k.solve([torch.ones_like(p) for p in k.params], 0.1)
         est = k.memory_estimate()
-        state = k.state_dict()["statistics"]
-        held = sum(t.numel() * t.element_size() for t in state["a_sum"])
-        held += sum(sum(t.numel() * t.element_size() for t in g) for g in state["g_sum"])
+        sums = k.state_dict()["statistics"]["sums"]
+        held = sum(t.numel() * t.element_size() for t in sums["A"])
+        held += sum(sum(t.numel() * t.element_size() for t in g) for g in sums["G"])
         assert held == est.factors
         cache = sum(
             sum(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -21,12 +21,15 @@ from torch import Tensor, nn
 from curvlab import linalg
 from curvlab.curvature.base import (
     Curvature,
+    Declared,
     DecompositionBlock,
     NamedTensor,
+    RunningSum,
     Vector,
+    find_layers,
     top_symmetric_eigenvalues,
 )
-from curvlab.extraction import BatchResult, FactorRows, FisherType, Request, check_mc_samples
+from curvlab.extraction import BatchResult, FactorRows, FisherType, check_mc_samples
 
 
 class DenseCurvature(Curvature):
@@ -36,6 +39,10 @@ class DenseCurvature(Curvature):
     #: every known type, registered ones included; :class:`~curvlab.FisherType`).
     fisher_types: tuple[str, ...] | Callable[[FisherType], bool] | None = None
 
+    running_state: ClassVar[tuple[Declared, ...]] = (
+        RunningSum("blocks", "_blocks", symmetric=True, label="_block_name", legacy="blocks"),
+    )
+
     def __init__(
         self,
         model: nn.Module,
@@ -44,26 +51,25 @@ class DenseCurvature(Curvature):
         mc_samples: int = 1,
         engine: str = "auto",
     ) -> None:
+        super().__init__(model, loss_fn, engine=engine)
         owner = type(self).__name__
         self.fisher_type = FisherType.parse(fisher_type, owner, type(self).fisher_types)
         check_mc_samples(mc_samples, owner)
         self.mc_samples = mc_samples
-        super().__init__(model, loss_fn, engine=engine)
+        layers = find_layers(self.model)
+        params = tuple(p for layer in layers for p in layer.params)
+        self._cover(layers, [FactorRows(self.fisher_type, params, mc_samples)])
         offsets = [0]
         for p in self.params:
             offsets.append(offsets[-1] + p.numel())
         self._offsets = offsets
         self._ranges: list[tuple[int, int]] = self._partition()
         self._blocks: list[Tensor] | None = None
-        self._owned = True  # False after load_statistics: copy before updating in place
         self._cholesky: tuple[float, list[Tensor | None]] | None = None  # lazily per block
 
     @abc.abstractmethod
     def _partition(self) -> list[tuple[int, int]]:
         """Contiguous parameter-index ranges ``[start, stop)`` forming the blocks."""
-
-    def _requests(self) -> list[Request]:
-        return [FactorRows(self.fisher_type, tuple(self.params), self.mc_samples)]
 
     def _rows(self, result: BatchResult) -> list[Tensor]:
         """This batch's factor rows ``[K, p.numel()]`` per parameter."""
@@ -75,9 +81,9 @@ class DenseCurvature(Curvature):
         rows = self._rows(result)
         if self._blocks is None:
             self._blocks = [self._zeros(start, stop, rows[0]) for start, stop in self._ranges]
-        elif not self._owned:
+        elif not self._sums_owned:
             self._blocks = [b.clone() for b in self._blocks]
-        self._owned = True
+        self._sums_owned = True
         for block, (start, stop) in zip(self._blocks, self._ranges):
             base = self._offsets[start]
             for i in range(start, stop):
@@ -91,15 +97,6 @@ class DenseCurvature(Curvature):
     def _zeros(self, start: int, stop: int, like: Tensor) -> Tensor:
         size = self._offsets[stop] - self._offsets[start]
         return torch.zeros(size, size, dtype=like.dtype, device=like.device)
-
-    def _reset(self) -> None:
-        self._blocks = None
-
-    def _statistics(self) -> dict[str, Any]:
-        return {"blocks": self.blocks()}
-
-    def _load_statistics(self, stats: dict[str, Any]) -> None:
-        self._adopt(stats["blocks"])
 
     def _invalidate(self) -> None:
         self._cholesky = None
@@ -147,15 +144,6 @@ class DenseCurvature(Curvature):
         return chol
 
     # --- distribution: one block per dense block (range) -----------------------------------
-
-    def _sums(self) -> list[NamedTensor]:
-        assert self._blocks is not None
-        return [
-            NamedTensor(self._block_name(k), b, "symmetric") for k, b in enumerate(self._blocks)
-        ]
-
-    def _load_sums(self, sums: list[Tensor]) -> None:
-        self._adopt(list(sums))
 
     def _decomposition_blocks(self) -> list[DecompositionBlock]:
         blocks = []
@@ -237,22 +225,13 @@ class DenseCurvature(Curvature):
             dense[lo:hi, lo:hi] = block
         return dense
 
-    def _state(self) -> dict[str, Any]:
-        return {"blocks": self._blocks}
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        blocks = state["blocks"]
-        self._adopt(None if blocks is None else [t.clone() for t in blocks])
-
-    def _adopt(self, blocks: list[Tensor] | None) -> None:
-        """Take ``blocks`` over (validated, not copied, never updated in place)."""
-        if blocks is not None:
+    def _check_loaded_sums(self) -> None:
+        """Loaded blocks must match this model's ranges (a clear error otherwise)."""
+        if self._blocks is not None:
             expected = [self._offsets[b] - self._offsets[a] for a, b in self._ranges]
-            shapes = [tuple(t.shape) for t in blocks]
+            shapes = [tuple(t.shape) for t in self._blocks]
             if shapes != [(n, n) for n in expected]:
                 raise ValueError(
                     f"{type(self).__name__}: block shapes {shapes} do not match this "
                     f"model's {[(n, n) for n in expected]}."
                 )
-        self._blocks = blocks
-        self._owned = False

@@ -22,13 +22,18 @@ blocks; it is not ``F̂ + λI``. Every ``Σ_i`` is then a Schur complement of a 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import Curvature, DecompositionBlock, NamedTensor, Vector
+from curvlab.curvature.base import (
+    Curvature,
+    DecompositionBlock,
+    NamedTensor,
+    RunningSum,
+    StateTag,
+    Vector,
+)
 from curvlab.curvature.chain import ForwardOrder, chain_completion
 from curvlab.curvature.dense.block_diagonal import BlockDiagonal
 from curvlab.curvature.registry import register
@@ -43,6 +48,12 @@ class BlockTridiagonal(BlockDiagonal):
     :class:`BlockDiagonal`. Meant for small models and ablations (dense blocks).
     """
 
+    running_state = (
+        *BlockDiagonal.running_state,
+        RunningSum("off", "_off", legacy="off"),  # Σ_b w_b F_{i,i+1} (forward order)
+        StateTag("order", "_order", legacy="order"),  # layer indices in forward order (a tuple)
+    )
+
     def __init__(
         self,
         model: nn.Module,
@@ -54,7 +65,7 @@ class BlockTridiagonal(BlockDiagonal):
         super().__init__(
             model, loss_fn, fisher_type=fisher_type, mc_samples=mc_samples, engine=engine
         )
-        self._off: list[Tensor] | None = None  # Σ_b w_b F_{i,i+1} (forward order)
+        self._off: list[Tensor] | None = None
         self._forward = ForwardOrder(
             self.model,
             [layer.module for layer in self.layers],
@@ -62,14 +73,14 @@ class BlockTridiagonal(BlockDiagonal):
             owner=type(self).__name__,
             strict=False,
         )
-        self._order: list[int] | None = None  # layer indices in forward call order
+        self._order: tuple[int, ...] | None = None
         self._inverse: tuple[float, list[Tensor], list[Tensor]] | None = None
 
     # --- statistics -----------------------------------------------------------------------
 
     def _accumulate(self, result: BatchResult, weight: float) -> None:
         super()._accumulate(result, weight)
-        self._order = self._forward.confirm()
+        self._order = tuple(self._forward.confirm())
         per_param = self._rows(result)
         rows, start = [], 0
         for layer in self.layers:
@@ -82,10 +93,6 @@ class BlockTridiagonal(BlockDiagonal):
             self._off = off
         else:
             self._off = [a + b for a, b in zip(self._off, off)]
-
-    def _reset(self) -> None:
-        super()._reset()
-        self._off = None
 
     def _invalidate(self) -> None:
         super()._invalidate()
@@ -181,19 +188,6 @@ class BlockTridiagonal(BlockDiagonal):
 
     # --- distribution: the chain is factorised as one block ------------------------------
 
-    def _sums(self) -> list[NamedTensor]:
-        assert self._off is not None
-        off = [
-            NamedTensor(f"BlockTridiagonal off-diagonal block {k}", t)
-            for k, t in enumerate(self._off)
-        ]
-        return [*super()._sums(), *off]
-
-    def _load_sums(self, sums: list[Tensor]) -> None:
-        count = len(self._ranges)
-        super()._load_sums(sums[:count])
-        self._off = list(sums[count:])
-
     def _decomposition_blocks(self) -> list[DecompositionBlock]:
         sizes = [layer.numel for layer in self.layers]
         return [
@@ -226,22 +220,3 @@ class BlockTridiagonal(BlockDiagonal):
 
     def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
         return self._solve(v, damping)
-
-    # --- state ----------------------------------------------------------------------------
-
-    def _statistics(self) -> dict[str, Any]:
-        return {"blocks": self.blocks(), "off": self._chain()[1]}
-
-    def _load_statistics(self, stats: dict[str, Any]) -> None:
-        super()._load_statistics(stats)
-        self._off = stats["off"]
-
-    def _state(self) -> dict[str, Any]:
-        order = None if self._order is None else tuple(self._order)  # metadata, not additive
-        return {**super()._state(), "off": self._off, "order": order}
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        super()._load_state(state)
-        off = state["off"]
-        self._off = None if off is None else [t.clone() for t in off]
-        self._order = None if state["order"] is None else list(state["order"])

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import LayerMemory, NamedTensor
+from curvlab.curvature.base import LayerMemory, RunningSum, StateTag
 from curvlab.curvature.kronecker.factored import (
     BlockDiagonalKronecker,
     KroneckerFactors,
@@ -107,12 +107,21 @@ class EKFAC(BlockDiagonalKronecker):
             engine=engine,
             output_factor=output_factor,
         )
-        self._basis: list[tuple[Tensor, Tensor]] | None = None  # (Q_G, Q_A) per layer
-        self._basis_id = 0  # increases with every new basis (statistics() carries it)
-        self._s_sum: list[Tensor] | None = None  # Σ_b w_b S*_b, [D_out, D_in] per layer
-        self._s_owned = False
+        self._basis: list[tuple[Tensor, Tensor]] | None = None
+        self._basis_id = 0
+        self._s_sum: list[Tensor] | None = None
         self.refit_every = refit_every
         self._resets_held = 0  # resets under hold_decompositions, for refit_every
+
+    running_state = (
+        *BlockDiagonalKronecker.running_state,
+        # Σ_b w_b S*_b, [D_out, D_in] per layer, in the eigenbasis of the tag "basis"
+        RunningSum("S", "_s_sum", label="_layer_label", legacy="s_sum"),
+        # increases with every new basis: statistics of two bases do not mix
+        StateTag("basis_id", "_basis_id", in_statistics=True, legacy="basis_id"),
+        StateTag("basis", "_basis", legacy="basis"),  # (Q_G, Q_A) per layer
+        StateTag("resets_held", "_resets_held", default=0, legacy="resets_held"),
+    )
 
     _keep_raw = True
     _per_row = True
@@ -120,6 +129,7 @@ class EKFAC(BlockDiagonalKronecker):
     _structured_output = False  # nor can G's eigenbasis come from a structured G
 
     def _accumulate_layers(self, batches: list[KroneckerBatch], weight: float) -> None:
+        owned = self._sums_owned  # before the factors below make their own copies
         super()._accumulate_layers(batches, weight)
         if self._basis is None:
             self._basis = self._factor_eigenbases(across_processes=True)
@@ -130,19 +140,19 @@ class EKFAC(BlockDiagonalKronecker):
         ]
         if self._s_sum is None:
             self._s_sum = moments
-        elif self._s_owned:
+        elif owned:
             for total, moment in zip(self._s_sum, moments):
                 total.add_(moment)
         else:
             self._s_sum = [total + moment for total, moment in zip(self._s_sum, moments)]
-        self._s_owned = True
 
     def _factor_eigenbases(self, across_processes: bool = False) -> list[tuple[Tensor, Tensor]]:
         factors = self._unnormalised_factors()
         if across_processes and self._process_reducer is not None:
             # the union's factor sums: every process then fits the same basis
-            summed = self._process_reducer(self._factor_sums())
-            factors = [KroneckerFactors(A=a, G=g) for a, g in zip(summed[::2], summed[1::2])]
+            summed = self._process_reducer(self._sums(only=("A", "G")))
+            count = len(self.layers)
+            factors = [KroneckerFactors(A=a, G=g) for a, g in zip(summed[:count], summed[count:])]
         return [
             (
                 linalg.symeig(f.G, name=f"{self._layer_label(k)} G").eigenvectors,
@@ -176,22 +186,9 @@ class EKFAC(BlockDiagonalKronecker):
                 # the factors held now are the preconditioner's average, equal on every process
                 self._basis = self._factor_eigenbases()
                 self._basis_id += 1
-        super()._reset()
+        super()._reset()  # S* too
         if not self._hold:  # a preconditioner holding decompositions keeps the basis too
             self._basis = None
-        self._s_sum = None
-
-    def _statistics(self) -> dict[str, Any]:
-        return {**super()._statistics(), "S": self.scalings(), "basis_id": self._basis_id}
-
-    def _load_statistics(self, stats: dict[str, Any]) -> None:
-        if stats["basis_id"] != self._basis_id:
-            raise ValueError(
-                "EKFAC.load_statistics: the statistics were fitted in another eigenbasis "
-                f"(id {stats['basis_id']}, current {self._basis_id})."
-            )
-        super()._load_statistics(stats)
-        self._s_sum, self._s_owned = stats["S"], False
 
     def eigenbasis(self) -> list[tuple[Tensor, Tensor]]:
         """Per layer ``(Q_G, Q_A)``: the orthonormal eigenbases in use."""
@@ -250,17 +247,6 @@ class EKFAC(BlockDiagonalKronecker):
     # --- distribution: the basis is fixed when the statistics are taken, so a block has
     # nothing to decompose (Curvature's default); its work is the projection in solve_block
 
-    def _sums(self) -> list[NamedTensor]:
-        scalings = [
-            NamedTensor(f"{self._layer_label(k)} S*", s) for k, s in enumerate(self._s_sum or [])
-        ]
-        return [*scalings, *super()._sums()]
-
-    def _load_sums(self, sums: list[Tensor]) -> None:
-        count = len(self.layers)
-        super()._load_sums(sums[count:])
-        self._s_sum, self._s_owned = list(sums[:count]), False
-
     def _layer_cost(self, d_out: int, d_in: int) -> float:
         """The two-sided projection of one solve: ``O(d_out² d_in + d_out d_in²)``."""
         return float(d_out * d_out * d_in + d_out * d_in * d_in)
@@ -286,24 +272,6 @@ class EKFAC(BlockDiagonalKronecker):
         squares = [s.square().sum() for s in self.scalings()]
         squares += [d.square().sum() for d in self._tail_diagonal()]
         return torch.stack(squares).sum().sqrt()
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            **super()._state(),
-            "basis": self._basis,
-            "basis_id": self._basis_id,
-            "s_sum": self._s_sum,
-            "resets_held": self._resets_held,
-        }
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        super()._load_state(state)
-        basis, s_sum = state["basis"], state["s_sum"]
-        self._basis = None if basis is None else [(g.clone(), a.clone()) for g, a in basis]
-        self._basis_id = int(state["basis_id"])
-        self._s_sum = None if s_sum is None else [s.clone() for s in s_sum]
-        self._s_owned = True
-        self._resets_held = int(state.get("resets_held", 0))  # for refit_every
 
 
 def _projected_second_moment(batch: KroneckerBatch, q_g: Tensor, q_a: Tensor) -> Tensor:

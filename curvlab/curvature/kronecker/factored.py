@@ -52,7 +52,7 @@ import abc
 import fnmatch
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -61,11 +61,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from curvlab import linalg
 from curvlab.curvature.base import (
     Curvature,
+    Declared,
     DecompositionBlock,
     Layer,
     LayerMemory,
     MemoryEstimate,
-    NamedTensor,
+    RunningCount,
+    RunningSum,
     Vector,
     find_layers,
 )
@@ -146,6 +148,20 @@ class KroneckerFactored(Curvature):
     #: (``output_factor="structured"``); otherwise such layers are refused.
     _structured_output: bool = True
 
+    #: Per layer ``Σ ā āᵀ`` (divided by the layer's sample count) and ``Σ_b w_b Σ g gᵀ``
+    #: (a tensor, or a DiagonalPlusLowRank for a structured output factor), the diagonal
+    #: blocks' sums; subclasses add the sums of their structure.
+    running_state: ClassVar[tuple[Declared, ...]] = (
+        RunningSum(
+            "A", "_a_sum", per="a_count", symmetric=True, label="_layer_label", legacy="a_sum"
+        ),
+        RunningSum("G", "_g_sum", symmetric=True, label="_layer_label", legacy="g_sum"),
+        RunningSum(
+            "diagonal", "_diagonal_blocks.sums", label="_diagonal_blocks.label", legacy="diagonal"
+        ),
+        RunningCount("a_count", "_a_count", legacy="a_count"),
+    )
+
     def __init__(
         self,
         model: nn.Module,
@@ -163,6 +179,7 @@ class KroneckerFactored(Curvature):
         output_factor: str | Mapping[str, str] = "auto",
         output_rank: int = 64,
     ) -> None:
+        super().__init__(model, loss_fn, engine=engine)
         owner = type(self).__name__
         self.factor_dtype = check_dtype(factor_dtype, "factor_dtype", owner)
         if isinstance(output_rank, bool) or not isinstance(output_rank, int) or output_rank < 1:
@@ -186,12 +203,13 @@ class KroneckerFactored(Curvature):
         self.kfac_approx = kfac_approx
         self._layer_choice = (layers, exclude)
         self.strict = strict
-        self._diagonal_blocks: DiagonalBlocks | None = None
-        super().__init__(model, loss_fn, engine=engine)
         self._a_sum: list[Tensor] | None = None
-        self._owned = False  # whether the sums may be updated in place (see _add_factors)
-        self._a_count = [0] * len(self.layers)
         self._g_sum: list[Any] | None = None  # per layer a Tensor or DiagonalPlusLowRank
+        self._diagonal_blocks: DiagonalBlocks | None = None
+        kronecker = self._select_layers(self.model)
+        self._a_count = [0] * len(kronecker)
+        self.layers = kronecker  # the requests name the layers' modules
+        self._cover(kronecker, self._requests(), other_layers=self._diag().layers)
 
     # --- layer selection --------------------------------------------------------------
 
@@ -276,9 +294,6 @@ class KroneckerFactored(Curvature):
     def _diag(self) -> DiagonalBlocks:
         assert self._diagonal_blocks is not None
         return self._diagonal_blocks
-
-    def _other_layers(self) -> list[Layer]:
-        return self._diag().layers
 
     def _block_kind(self, layer: Layer) -> str:
         if any(layer is k for k in self.layers):
@@ -371,13 +386,13 @@ class KroneckerFactored(Curvature):
                 for k, b in enumerate(batches)
             ]
             self._a_count = [b.count for b in batches]
-            self._owned = False
+            self._sums_owned = False
             return
         for k, batch in enumerate(batches):
             if self._structured[k]:  # a fresh DiagonalPlusLowRank: nothing shared
                 self._g_sum[k] = self._structured_update(self._g_sum[k], batch, weight)
                 a = self._a_layout(k, self._in_factor_dtype(batch.a_sum))
-                if self._owned:
+                if self._sums_owned:
                     self._a_sum[k].add_(a)
                 else:
                     self._a_sum[k] = self._a_sum[k] + a
@@ -387,14 +402,14 @@ class KroneckerFactored(Curvature):
                 self._a_layout(k, self._in_factor_dtype(batch.a_sum)),
                 self._in_factor_dtype(batch.g),
             )
-            if self._owned:
+            if self._sums_owned:
                 self._a_sum[k].add_(a)
                 self._g_sum[k].add_(g, alpha=weight)
             else:
                 self._a_sum[k] = self._a_sum[k] + a
                 self._g_sum[k] = self._g_sum[k] + weight * g
             self._a_count[k] += batch.count
-        self._owned = True
+        self._sums_owned = True
 
     def _in_factor_dtype(self, t: Tensor) -> Tensor:
         return t if self.factor_dtype is None else t.to(self.factor_dtype)
@@ -495,23 +510,6 @@ class KroneckerFactored(Curvature):
             return torch.diagonal(a) if a.ndim == 2 else a
         return torch.diag(a) if a.ndim == 1 else a
 
-    def _reset(self) -> None:
-        self._a_sum = self._g_sum = None
-        self._a_count = [0] * len(self.layers)
-        self._diag().reset()
-
-    def _statistics(self) -> dict[str, Any]:
-        factors = self.factors()
-        stats: dict[str, Any] = {"A": [f.A for f in factors], "G": [f.G for f in factors]}
-        if len(self._diag()):
-            stats["diagonal"] = self._diag().diagonals(self._normalizer)
-        return stats
-
-    def _load_statistics(self, stats: dict[str, Any]) -> None:
-        self._adopt(stats["A"], [1] * len(self.layers), stats["G"])
-        if len(self._diag()):
-            self._diag().adopt(list(stats["diagonal"]))
-
     def factors(self) -> list[KroneckerFactors]:
         """Per layer ``(A, G)``, normalised as described in the module docstring."""
         self._check_ready("factors")
@@ -608,97 +606,31 @@ class KroneckerFactored(Curvature):
         layer = self.layers[k]
         return f"layer '{layer.name}' ({type(layer.module).__name__})"
 
-    # --- distribution ----------------------------------------------------------------------
+    # --- loaded state ------------------------------------------------------------------
 
-    def _factor_sums(self) -> list[NamedTensor]:
-        """Per layer the unnormalised sums ``Σ ā āᵀ`` and ``Σ g gᵀ`` (``A``, then ``G``)."""
-        sums = []
-        for k, (a, g) in enumerate(zip(self._a_sum or [], self._g_sum or [])):
-            label = self._layer_label(k)
-            if isinstance(g, linalg.DiagonalPlusLowRank):
-                raise NotImplementedError(
-                    f"{type(self).__name__}: {label} has a structured output factor, whose "
-                    "low-rank part cannot be summed entry by entry across processes. Pass "
-                    f"output_factor={{'{self.layers[k].name}': 'dense'}} for distributed use."
-                )
-            # a diagonal factor travels as its vector
-            sums.append(NamedTensor(f"{label} A", a, "symmetric" if a.ndim == 2 else "general"))
-            sums.append(NamedTensor(f"{label} G", g, "symmetric"))
-        return sums
-
-    def _sums(self) -> list[NamedTensor]:
-        sums = self._factor_sums()
-        sums.extend(self._structure_sums())
-        if len(self._diag()):
-            sums.extend(self._diag().named_sums())
-        return sums
-
-    def _structure_sums(self) -> list[NamedTensor]:
-        """Sums of the structure beyond the factors (after them in :meth:`_sums`)."""
-        return []
-
-    def _load_sums(self, sums: list[Tensor]) -> None:
-        if len(self._diag()):
-            self._diag().adopt(sums[len(sums) - len(self._diag()) :])
-            sums = sums[: len(sums) - len(self._diag())]
-        count = len(self.layers)
-        a_sum, g_sum = sums[0 : 2 * count : 2], sums[1 : 2 * count : 2]
-        self._adopt(a_sum, list(self._a_count), g_sum)
-        self._load_structure_sums(sums[2 * count :])
-
-    def _load_structure_sums(self, sums: list[Tensor]) -> None:
-        """Take the (reduced) values of :meth:`_structure_sums`."""
-
-    def _counts(self) -> list[float]:
-        return [float(c) for c in self._a_count]
-
-    def _load_counts(self, counts: list[float]) -> None:
-        self._a_count = [round(c) for c in counts[: len(self.layers)]]
-
-    # --- state ---------------------------------------------------------------------------
-
-    def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "a_sum": self._a_sum,
-            "a_count": list(self._a_count),
-            "g_sum": self._g_sum,
-        }
-        if len(self._diag()):
-            state["diagonal"] = self._diag().sums
-        return state
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        a_sum, g_sum = state["a_sum"], state["g_sum"]
-        if a_sum is not None:
-            a_sum, g_sum = [t.clone() for t in a_sum], [_clone_factor(t) for t in g_sum]
-        self._adopt(a_sum, list(state["a_count"]), g_sum)
-        if len(self._diag()):
-            sums = state.get("diagonal")
-            self._diag().adopt(None if sums is None else [t.clone() for t in sums])
-
-    def _adopt(
-        self, a_sum: list[Tensor] | None, a_count: list[int], g_sum: list[Tensor] | None
-    ) -> None:
-        """Take the sums over (validated, not copied, never updated in place)."""
-        if a_sum is not None and g_sum is not None:
-            expected = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
-            got = [(_factor_size(g), a.shape[0]) for a, g in zip(a_sum, g_sum)]
-            if got != expected:
+    def _check_loaded_sums(self) -> None:
+        """Loaded factor sums must fit this model's layers and output-factor choices; an
+        input factor is brought into the layout this backend keeps (:meth:`_a_layout`)."""
+        self._diag().check_loaded()
+        a_sum, g_sum = self._a_sum, self._g_sum
+        if a_sum is None or g_sum is None:
+            return
+        expected = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
+        got = [(_factor_size(g), a.shape[0]) for a, g in zip(a_sum, g_sum)]
+        if got != expected:
+            raise ValueError(
+                f"{type(self).__name__}: factor sizes {got} do not match this model's "
+                f"layers {expected}."
+            )
+        for k, g in enumerate(g_sum):
+            if self._structured[k] != isinstance(g, linalg.DiagonalPlusLowRank):
+                kind = "structured" if self._structured[k] else "dense"
                 raise ValueError(
-                    f"{type(self).__name__}: factor sizes {got} do not match this model's "
-                    f"layers {expected}."
+                    f"{type(self).__name__}: {self._layer_label(k)} keeps a {kind} "
+                    "output factor, the loaded one is not; construct the backend with "
+                    "the output_factor it was saved with."
                 )
-            a_sum = [self._a_layout(k, a) for k, a in enumerate(a_sum)]
-            for k, g in enumerate(g_sum):
-                if self._structured[k] != isinstance(g, linalg.DiagonalPlusLowRank):
-                    kind = "structured" if self._structured[k] else "dense"
-                    raise ValueError(
-                        f"{type(self).__name__}: {self._layer_label(k)} keeps a {kind} "
-                        "output factor, the loaded one is not; construct the backend with "
-                        "the output_factor it was saved with."
-                    )
-        self._a_sum, self._g_sum, self._a_count = a_sum, g_sum, a_count
-        self._owned = False
+        self._a_sum = [self._a_layout(k, a) for k, a in enumerate(a_sum)]
 
 
 class BlockDiagonalKronecker(KroneckerFactored):
@@ -850,12 +782,6 @@ def _check_output_mode(mode: object, owner: str) -> None:
         raise ValueError(
             f"{owner}: unknown output_factor {mode!r}; choose one of {OUTPUT_FACTORS}."
         )
-
-
-def _clone_factor(g: Any) -> Any:
-    if isinstance(g, linalg.DiagonalPlusLowRank):
-        return linalg.DiagonalPlusLowRank(g.d.clone(), g.U.clone(), g.s.clone())
-    return g.clone()
 
 
 def _factor_size(g: Any) -> int:

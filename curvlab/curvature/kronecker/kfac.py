@@ -25,7 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import BatchResult, Layer, LayerMemory, NamedTensor
+from curvlab.curvature.base import (
+    BatchResult,
+    Layer,
+    LayerMemory,
+    NamedTensor,
+    RunningCount,
+    RunningSum,
+)
 from curvlab.curvature.kronecker.damping import (
     KroneckerDamping,
     LayerEigen,
@@ -127,6 +134,19 @@ class KFAC(BlockDiagonalKronecker):
         output_rank: the rank of a structured ``G``'s low-rank part.
     """
 
+    #: K-FAC's factors and, per map of ``recurrent="series"`` (``None`` elsewhere), the
+    #: lag-one sums (concepts/recurrent.md#the-series-model): ``Σ ā_t ā_{t+1}ᵀ`` and the
+    #: number of step pairs, both per sequence, and ``Σ_b w_b Σ g_t g_{t+1}ᵀ``.
+    running_state = (
+        *BlockDiagonalKronecker.running_state,
+        RunningSum("lag_A", "_lag_a", per="lag_sequences", label="_layer_label", legacy="lag_A"),
+        RunningSum("lag_G", "_lag_g", label="_layer_label", legacy="lag_G"),
+        RunningSum(
+            "lag_steps", "_lag_steps", per="lag_sequences", label="_layer_label", legacy="lag_steps"
+        ),
+        RunningCount("lag_sequences", "_lag_sequences", legacy="lag_sequences"),
+    )
+
     def __init__(
         self,
         model: nn.Module,
@@ -153,9 +173,10 @@ class KFAC(BlockDiagonalKronecker):
                 f"{owner}: unknown recurrent {recurrent!r}; choose one of {RECURRENT_MODES}."
             )
         self.recurrent = recurrent
-        # per recurrent map (by layer index): lag-one sums [a_lag, lag_count, g_lag, sequences]
-        self._lag: dict[int, list[Any]] = {}
-        self._lag_loaded: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        # per layer (None but for the maps of recurrent="series"): the lag-one sums
+        self._lag_a: list[Tensor | None] | None = None
+        self._lag_g: list[Tensor | None] | None = None
+        self._lag_steps: list[Tensor | None] | None = None
         self._series: dict[int, tuple[float, linalg.SeriesBasis]] = {}
         self.inverse_dtype = check_dtype(inverse_dtype, "inverse_dtype", owner)
         #: the damped inverse of the Kronecker blocks (``damping_mode``)
@@ -176,6 +197,7 @@ class KFAC(BlockDiagonalKronecker):
             output_factor=output_factor,
             output_rank=output_rank,
         )
+        self._lag_sequences = [0] * len(self.layers)
         self._eigen: list[LayerEigen | None] | None = None  # per layer, computed lazily
         #: per structured layer, (damping, A's eigenpairs or damped inverse, capacitances)
         self._structured_cache: dict[int, tuple[float, Any, Tensor]] = {}
@@ -287,33 +309,34 @@ class KFAC(BlockDiagonalKronecker):
                 continue
             a_lag = self._in_factor_dtype(found.a_lag)
             g_lag = self._in_factor_dtype(found.g_lag) * weight
-            old = self._lag.get(k)
-            if old is None:
-                self._lag[k] = [a_lag, found.lag_count, g_lag, found.sequences]
-            else:
-                self._lag[k] = [
-                    old[0] + a_lag,
-                    old[1] + found.lag_count,
-                    old[2] + g_lag,
-                    old[3] + found.sequences,
-                ]
-
-    def _reset(self) -> None:
-        super()._reset()
-        self._lag = {}
-        self._lag_loaded = {}
+            steps = a_lag.new_tensor(float(found.lag_count))
+            if self._lag_a is None or self._lag_g is None or self._lag_steps is None:
+                count = len(self.layers)
+                self._lag_a, self._lag_g, self._lag_steps = (
+                    [None] * count,
+                    [None] * count,
+                    [None] * count,
+                )
+            old_a, old_g, old_steps = self._lag_a[k], self._lag_g[k], self._lag_steps[k]
+            self._lag_a[k] = a_lag if old_a is None else old_a + a_lag
+            self._lag_g[k] = g_lag if old_g is None else old_g + g_lag
+            self._lag_steps[k] = steps if old_steps is None else old_steps + steps
+            self._lag_sequences[k] += found.sequences
 
     def _lag_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(A1, G1, T)`` of series map ``k``: the symmetrised lag-one factors (``A1`` per
         step pair, ``G1`` on ``G``'s scale, summed over the steps) and the mean sequence
-        length; loaded statistics (a moving average) win until :meth:`reset`."""
-        if k in self._lag_loaded:
-            return self._lag_loaded[k]
-        lag = self._lag.get(k)
-        if lag is None or lag[1] == 0 or lag[3] == 0:
+        length ``T``, from the lag sums (per sequence: ``Σ ā_t ā_{t+1}ᵀ`` and the step pairs,
+        whose ratio is ``A1``)."""
+        if self._lag_a is None or self._lag_g is None or self._lag_steps is None:
             return None
-        a_lag, lag_count, g_lag, sequences = lag
-        steps = 1.0 + lag_count / sequences
+        a_lag, g_lag, lag_count = self._lag_a[k], self._lag_g[k], self._lag_steps[k]
+        sequences = self._lag_sequences[k]
+        if a_lag is None or g_lag is None or lag_count is None or sequences == 0:
+            return None
+        if float(lag_count) == 0.0:
+            return None
+        steps = 1.0 + float(lag_count) / sequences
         a1 = a_lag / lag_count
         g1 = g_lag / self._normalizer * (steps / (steps - 1.0))
         return (a1 + a1.mT) / 2, (g1 + g1.mT) / 2, a_lag.new_tensor(steps)
@@ -332,29 +355,6 @@ class KFAC(BlockDiagonalKronecker):
     def _series_layers(self) -> list[int]:
         return [k for k in range(len(self.layers)) if self._is_series(k)]
 
-    def _statistics(self) -> dict[str, Any]:
-        stats = super()._statistics()
-        if self._series_layers():
-            lags = []
-            for k in self._series_layers():
-                found = self._lag_factors(k)
-                if found is None:
-                    f = self._factor(k)
-                    found = (torch.zeros_like(f.A), torch.zeros_like(f.G), f.A.new_tensor(1.0))
-                lags.append(found)
-            stats["A1"] = [a for a, _, _ in lags]
-            stats["G1"] = [g for _, g, _ in lags]
-            stats["T"] = [t for _, _, t in lags]
-        return stats
-
-    def _load_statistics(self, stats: dict[str, Any]) -> None:
-        super()._load_statistics(stats)
-        if "A1" in stats:
-            self._lag_loaded = {
-                k: (a, g, t)
-                for k, a, g, t in zip(self._series_layers(), stats["A1"], stats["G1"], stats["T"])
-            }
-
     def _series_basis(self, k: int, damping: float) -> linalg.SeriesBasis:
         cached = self._series.get(k)
         if cached is not None and cached[0] == damping:
@@ -366,45 +366,6 @@ class KFAC(BlockDiagonalKronecker):
         self._series[k] = (damping, basis)
         self.num_decompositions += 1
         return basis
-
-    def _structure_sums(self) -> list[NamedTensor]:
-        sums = []
-        for k, lag in sorted(self._lag.items()):
-            label = self._layer_label(k)
-            sums.append(NamedTensor(f"{label} lag-one A", lag[0]))
-            sums.append(NamedTensor(f"{label} lag-one G", lag[2]))
-        return sums
-
-    def _load_structure_sums(self, sums: list[Tensor]) -> None:
-        for i, k in enumerate(sorted(self._lag)):
-            self._lag[k] = [sums[2 * i], self._lag[k][1], sums[2 * i + 1], self._lag[k][3]]
-
-    def _counts(self) -> list[float]:
-        counts = super()._counts()
-        for _, lag in sorted(self._lag.items()):
-            counts += [float(lag[1]), float(lag[3])]
-        return counts
-
-    def _load_counts(self, counts: list[float]) -> None:
-        super()._load_counts(counts)
-        rest = counts[len(self.layers) :]
-        for i, k in enumerate(sorted(self._lag)):
-            self._lag[k][1], self._lag[k][3] = round(rest[2 * i]), round(rest[2 * i + 1])
-
-    def _state(self) -> dict[str, Any]:
-        state = super()._state()
-        state["recurrent_lag"] = {k: list(v) for k, v in self._lag.items()}
-        state["recurrent_lag_loaded"] = dict(self._lag_loaded)
-        return state
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        super()._load_state(state)
-        lag = state.get("recurrent_lag", {})
-        self._lag = {
-            int(k): [v[0].clone(), int(v[1]), v[2].clone(), int(v[3])] for k, v in lag.items()
-        }
-        loaded = state.get("recurrent_lag_loaded", {})
-        self._lag_loaded = {int(k): tuple(t.clone() for t in v) for k, v in loaded.items()}
 
     def _layer_eigen(self, k: int) -> LayerEigen:
         if self._is_structured(k):

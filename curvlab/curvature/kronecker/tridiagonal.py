@@ -38,7 +38,14 @@ import torch
 from torch import Tensor, nn
 
 from curvlab import linalg
-from curvlab.curvature.base import DecompositionBlock, NamedTensor, Vector
+from curvlab.curvature.base import (
+    DecompositionBlock,
+    NamedTensor,
+    RunningCount,
+    RunningSum,
+    StateTag,
+    Vector,
+)
 from curvlab.curvature.chain import ForwardOrder, chain_completion
 from curvlab.curvature.kronecker.factored import KroneckerFactored, LayerSpec, _as_matrix
 from curvlab.curvature.registry import register
@@ -61,26 +68,28 @@ class KroneckerChain:
     def __init__(self, owner: str, num_layers: int) -> None:
         self.owner = owner
         self.num_layers = num_layers
-        self.order: list[int] | None = None  # layers in forward order
-        self.coupled: list[bool] | None = None  # boundary order[k] → order[k+1] coupled?
-        self.a_sum: list[Tensor | None] = []
+        self.order: tuple[int, ...] | None = None  # layers in forward order
+        self.coupled: tuple[bool, ...] | None = None  # boundary order[k] → order[k+1] coupled?
+        # per boundary (None where cut; None before the first batch): Σ ā_k ā_{k+1}ᵀ over
+        # a_count samples and Σ_b w_b Σ g_k g_{k+1}ᵀ
+        self.a_sum: list[Tensor | None] | None = None
         self.a_count = 0
-        self.g_sum: list[Tensor | None] = []
+        self.g_sum: list[Tensor | None] | None = None
 
     # --- statistics --------------------------------------------------------------------
 
     def accumulate(self, batches: list[KroneckerBatch], weight: float, order: list[int]) -> None:
         """Add one batch's cross moments of every coupled consecutive pair."""
-        coupled = [_shares_samples(batches[i], batches[j]) for i, j in pairwise(order)]
+        coupled = tuple(_shares_samples(batches[i], batches[j]) for i, j in pairwise(order))
         if self.coupled is None:
-            self.order, self.coupled = list(order), coupled
-            self.a_sum = [None] * len(coupled)
-            self.g_sum = [None] * len(coupled)
-        elif coupled != self.coupled or order != self.order:
+            self.order, self.coupled = tuple(order), coupled
+        elif coupled != self.coupled or tuple(order) != self.order:
             raise RuntimeError(
                 f"{self.owner}: the chain of layers changed between batches (order {order}, "
                 f"coupled boundaries {coupled}); it must stay fixed."
             )
+        if self.a_sum is None or self.g_sum is None:
+            self.a_sum, self.g_sum = [None] * len(coupled), [None] * len(coupled)
         count = None
         for k, (i, j) in enumerate(pairwise(order)):
             if not coupled[k]:
@@ -103,15 +112,10 @@ class KroneckerChain:
             count = batches[order[0]].patches.shape[0]  # type: ignore[union-attr]
         self.a_count += count
 
-    def reset(self) -> None:
-        self.a_sum = [None] * len(self.a_sum)
-        self.g_sum = [None] * len(self.g_sum)
-        self.a_count = 0
-
     def cross(self, normalizer: float) -> list[tuple[Tensor, Tensor] | None]:
         """Per boundary (forward order) ``(Ā_{k,k+1}, G_{k,k+1})`` or ``None`` if cut."""
         out: list[tuple[Tensor, Tensor] | None] = []
-        for a, g in zip(self.a_sum, self.g_sum):
+        for a, g in zip(self.a_sum or [], self.g_sum or []):
             out.append(None if a is None or g is None else (a / self.a_count, g / normalizer))
         return out
 
@@ -126,25 +130,6 @@ class KroneckerChain:
             else:
                 runs.append([nxt])
         return runs
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "order": None if self.order is None else tuple(self.order),
-            "coupled": None if self.coupled is None else tuple(self.coupled),
-            "a_cross": list(self.a_sum),
-            "a_cross_count": self.a_count,
-            "g_cross": list(self.g_sum),
-        }
-
-    def load(self, state: dict[str, Any], copy: bool) -> None:
-        def take(t: Tensor | None) -> Tensor | None:
-            return None if t is None else (t.clone() if copy else t)
-
-        self.order = None if state["order"] is None else list(state["order"])
-        self.coupled = None if state["coupled"] is None else list(state["coupled"])
-        self.a_sum = [take(t) for t in state["a_cross"]]
-        self.g_sum = [take(t) for t in state["g_cross"]]
-        self.a_count = int(state["a_cross_count"])
 
     # --- the damped inverse ------------------------------------------------------------
 
@@ -243,6 +228,16 @@ class BlockTridiagonalKFAC(KroneckerFactored):
     the statistics' dtype and damps them the factored way.
     """
 
+    #: K-FAC's factors and the chain's cross moments per boundary (forward order)
+    running_state = (
+        *KroneckerFactored.running_state,
+        RunningSum("A_cross", "_chain.a_sum", per="a_cross_count", legacy="chain.a_cross"),
+        RunningSum("G_cross", "_chain.g_sum", legacy="chain.g_cross"),
+        RunningCount("a_cross_count", "_chain.a_count", legacy="chain.a_cross_count"),
+        StateTag("order", "_chain.order", legacy="chain.order"),
+        StateTag("coupled", "_chain.coupled", legacy="chain.coupled"),
+    )
+
     _keep_raw = True  # cross moments need the per-sample patches and columns
     _diagonal_factors = False  # the coupled solve works with dense factors
     _structured_output = False
@@ -293,23 +288,10 @@ class BlockTridiagonalKFAC(KroneckerFactored):
         super()._accumulate_layers(batches, weight)
         self._chain.accumulate(batches, weight, self._forward.confirm())
 
-    def _reset(self) -> None:
-        super()._reset()
-        self._chain.reset()
-
-    def _statistics(self) -> dict[str, Any]:
-        cross = self._chain.cross(self._normalizer)
-        return {
-            **super()._statistics(),
-            "A_cross": [None if c is None else c[0] for c in cross],
-            "G_cross": [None if c is None else c[1] for c in cross],
-        }
-
-    def _load_statistics(self, stats: dict[str, Any]) -> None:
-        super()._load_statistics(stats)
-        state = self._chain.state()
-        state.update(a_cross=stats["A_cross"], g_cross=stats["G_cross"], a_cross_count=1)
-        self._chain.load(state, copy=False)
+    def _check_loaded_sums(self) -> None:
+        super()._check_loaded_sums()
+        if self._chain.order is not None:  # the loaded chain's order is the forward order
+            self._forward.order = list(self._chain.order)
 
     def _invalidate(self) -> None:
         self._chain_cache = None
@@ -369,27 +351,6 @@ class BlockTridiagonalKFAC(KroneckerFactored):
 
     # --- distribution: the coupled layers are factorised together, as one block ----------
 
-    def _structure_sums(self) -> list[NamedTensor]:
-        sums = []
-        for k, (a_cross, g_cross) in enumerate(zip(self._chain.a_sum, self._chain.g_sum)):
-            if a_cross is not None and g_cross is not None:
-                sums.append(NamedTensor(f"cross-layer boundary {k} A", a_cross))
-                sums.append(NamedTensor(f"cross-layer boundary {k} G", g_cross))
-        return sums
-
-    def _load_structure_sums(self, sums: list[Tensor]) -> None:
-        cross = iter(sums)
-        for k, a in enumerate(self._chain.a_sum):
-            if a is not None:
-                self._chain.a_sum[k], self._chain.g_sum[k] = next(cross), next(cross)
-
-    def _counts(self) -> list[float]:
-        return [*super()._counts(), float(self._chain.a_count)]
-
-    def _load_counts(self, counts: list[float]) -> None:
-        super()._load_counts(counts)
-        self._chain.a_count = round(counts[len(self.layers)])
-
     def _decomposition_blocks(self) -> list[DecompositionBlock]:
         sizes = [layer_rules.weight_matrix_shape(layer.module) for layer in self.layers]
         return [
@@ -445,16 +406,6 @@ class BlockTridiagonalKFAC(KroneckerFactored):
 
     def _solve_block(self, index: int, v: Vector, damping: float) -> Vector:
         return self._solve(v, damping)
-
-    # --- state ---------------------------------------------------------------------------
-
-    def _state(self) -> dict[str, Any]:
-        return {**super()._state(), "chain": self._chain.state()}
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        super()._load_state(state)
-        self._chain.load(state["chain"], copy=True)
-        self._forward.order = self._chain.order
 
 
 def _kept_samples(batch: KroneckerBatch) -> Tensor:
