@@ -438,7 +438,11 @@ def _check_against_reference(
         # out (moving the band by up to √r·‖F‖) or kept (amplifying rounding by eps/r); the
         # cutoff at r = eps^0.7 bounds both at about eps^0.35 (3.6e-6 in float64), its
         # docstring in curvlab/curvature/chain.py
-        band_tol = max(tol, torch.finfo(dense.dtype).eps ** 0.35)
+        # (at the model's precision: the statistics may be held in float64, their rounding is
+        # the float32 model's)
+        model_dtype = next(model.parameters()).dtype
+        eps = max(torch.finfo(dense.dtype).eps, torch.finfo(model_dtype).eps)
+        band_tol = max(tol, eps**0.35)
         _close(dense * mask, full * mask, band_tol, name)
     elif name in ("kfac", "kfc"):
         approx = str(backend.options["kfac_approx"])
