@@ -105,6 +105,23 @@ def reduction_factor(loss_fn: nn.Module, f: Tensor, y: Tensor) -> float:
     return 1.0 / (num_rows * num_out)
 
 
+class RowsInForward(nn.Module):
+    """``inner`` with its output positions flattened into ``[N_rows, C]`` rows inside
+    ``forward`` (classes on dimension 1 moved last first, where ``classes_first``): the
+    same function as ``inner`` with rows the references take as samples."""
+
+    def __init__(self, inner: nn.Module, classes_first: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.classes_first = classes_first
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        out = self.inner(inputs)
+        if self.classes_first:
+            out = out.movedim(1, -1)
+        return out.reshape(-1, out.shape[-1])
+
+
 def outputs(model: nn.Module, X: Tensor) -> Tensor:
     """The float64 ``[N_rows, C]`` output of an unhooked copy of ``model`` (no graph)."""
     with torch.no_grad():

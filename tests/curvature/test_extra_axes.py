@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import curvlab
+from tests.reference_any import RowsInForward
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
@@ -47,21 +48,6 @@ def _network(layout: str) -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
     return embed.double(), nn.BCEWithLogitsLoss(), x, y
 
 
-class _Rows(nn.Module):
-    """The same network with its positions flattened into rows inside ``forward``."""
-
-    def __init__(self, inner: nn.Module, classes_first: bool) -> None:
-        super().__init__()
-        self.inner = inner
-        self.classes_first = classes_first
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        out = self.inner(inputs)
-        if self.classes_first:
-            out = out.movedim(1, -1)
-        return out.reshape(-1, out.shape[-1])
-
-
 def _flat_targets(loss_fn: nn.Module, y: Tensor) -> Tensor:
     return y.reshape(-1) if isinstance(loss_fn, nn.CrossEntropyLoss) else y.reshape(-1, y.shape[-1])
 
@@ -70,7 +56,7 @@ def _flat_targets(loss_fn: nn.Module, y: Tensor) -> Tensor:
 @pytest.mark.parametrize("name", curvlab.available())
 def test_extra_axes_equal_rows_flattened_in_the_model(name: str, layout: str) -> None:
     model, loss_fn, x, y = _network(layout)
-    rows = _Rows(model, isinstance(loss_fn, nn.CrossEntropyLoss))
+    rows = RowsInForward(model, isinstance(loss_fn, nn.CrossEntropyLoss))
     torch.manual_seed(3)  # the default Fisher types (MC ones too): the same draws per row
     direct = curvlab.make(name, model, loss_fn)
     direct.update(x, y)

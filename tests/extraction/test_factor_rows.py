@@ -36,22 +36,6 @@ DTYPE = torch.float64
 FISHER_TYPES = ("exact", "mc", "empirical")
 
 
-class _Rows(nn.Module):
-    """``inner`` with its output positions flattened into ``[N_rows, C]`` rows inside
-    ``forward`` (classes on dimension 1 moved last first, where ``classes_first``)."""
-
-    def __init__(self, inner: nn.Module, classes_first: bool) -> None:
-        super().__init__()
-        self.inner = inner
-        self.classes_first = classes_first
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        out = self.inner(inputs)
-        if self.classes_first:
-            out = out.movedim(1, -1)
-        return out.reshape(-1, out.shape[-1])
-
-
 class _CausalTokens(nn.Module):
     """Token ids ``[N, T]`` to logits ``[N, T, V]``; each token's logits depend on the
     earlier tokens of its sequence (a running mean), so a sample's rows share gradients."""
@@ -153,7 +137,9 @@ def _make(name: str, reduction: str, ignore: bool) -> _Case:
             y[0, 1:3, 2] = -100
             y[2, 0, :] = -100
         loss_fn, model = nn.CrossEntropyLoss(reduction=reduction), model.to(DTYPE)
-        return _Case(model, loss_fn, x, y, _Rows(model, True), y.reshape(-1), _plain_loss)
+        return _Case(
+            model, loss_fn, x, y, ref.RowsInForward(model, True), y.reshape(-1), _plain_loss
+        )
     if name == "tokens":  # [N, T, V] logits, flattened to rows for the loss
         model = _CausalTokens().to(DTYPE)
         x = torch.randint(0, 5, (3, 6), generator=gen)
@@ -162,13 +148,17 @@ def _make(name: str, reduction: str, ignore: bool) -> _Case:
             y[1, 4:] = -100
             y[0, 0] = -100
         loss_fn = nn.CrossEntropyLoss(reduction=reduction)
-        return _Case(model, loss_fn, x, y, _Rows(model, False), y.reshape(-1), _token_loss)
+        return _Case(
+            model, loss_fn, x, y, ref.RowsInForward(model, False), y.reshape(-1), _token_loss
+        )
     assert name == "regressor" and not ignore  # [N, T, 3] under MSELoss
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3)).to(DTYPE)
     x = torch.randn(3, 5, 2, generator=gen, dtype=DTYPE)
     y = torch.randn(3, 5, 3, generator=gen, dtype=DTYPE)
     loss_fn = nn.MSELoss(reduction=reduction)
-    return _Case(model, loss_fn, x, y, _Rows(model, False), y.reshape(-1, 3), _plain_loss)
+    return _Case(
+        model, loss_fn, x, y, ref.RowsInForward(model, False), y.reshape(-1, 3), _plain_loss
+    )
 
 
 CASES = [
@@ -316,7 +306,9 @@ def _fallback_case(name: str) -> _Case:
         x = torch.randn(3, 2, 4, 4, generator=gen, dtype=DTYPE)
         y = torch.randint(0, 3, (3, 4, 4), generator=gen)
         loss_fn = nn.CrossEntropyLoss()
-        return _Case(model, loss_fn, x, y, _Rows(model, True), y.reshape(-1), _plain_loss)
+        return _Case(
+            model, loss_fn, x, y, ref.RowsInForward(model, True), y.reshape(-1), _plain_loss
+        )
     if name in ("batch_mean", "rows_of_other_samples"):
         model = _BatchCentred().to(DTYPE) if name == "batch_mean" else _CausalFree().to(DTYPE)
         x = torch.randn(5, 3, generator=gen, dtype=DTYPE)
@@ -334,11 +326,15 @@ def _fallback_case(name: str) -> _Case:
         model = _Untransformable().to(DTYPE)
         plain = copy.deepcopy(model)
         plain.plain = True
-        return _Case(model, loss_fn, x, y, _Rows(plain, False), y.reshape(-1, 3), _plain_loss)
+        return _Case(
+            model, loss_fn, x, y, ref.RowsInForward(plain, False), y.reshape(-1, 3), _plain_loss
+        )
     model = _DataDependent().to(DTYPE)
     x[0] = x[0].abs() + 5.0  # the batch's sum is positive, the other samples' negative
     x[1:] = -x[1:].abs() - 0.1
-    return _Case(model, loss_fn, x, y, _Rows(model, False), y.reshape(-1, 3), _plain_loss)
+    return _Case(
+        model, loss_fn, x, y, ref.RowsInForward(model, False), y.reshape(-1, 3), _plain_loss
+    )
 
 
 class _CausalFree(nn.Module):
