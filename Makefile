@@ -16,8 +16,9 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e ".[test,dev,laplace,ablate,rl]"
-	# kronfluence (the influence parity tests) without its dependencies, so torch stays put
-	$(PIP) --no-deps kronfluence accelerate safetensors pyyaml psutil
+	# kronfluence (the influence parity tests) and pytorch-optimizer (the race's Muon cell, the
+	# ablation's third-party optimizer cell) without their dependencies, so torch stays put
+	$(PIP) --no-deps kronfluence accelerate safetensors pyyaml psutil pytorch_optimizer
 	touch $(STAMP)
 
 install: $(STAMP)
