@@ -19,7 +19,9 @@ enters with weight ``w_b = 1/R_b`` (its share of the union's reduction) and, for
 curvatures simply add (``w_b = 1``, no division).
 
 Distribution is not on this public face: the distributed sums (``_sums``/``_load_sums``,
-``_counts``/``_load_counts``) come from the declaration, and a backend with its own
+``_counts``/``_load_counts``) come from the declaration — tensors add entry by entry, a
+structured value (K-FAC's ``DiagonalPlusLowRank`` output factor) travels as the parts its
+sum's :class:`StructuredSum` names and is recombined from them — and a backend with its own
 factorisations takes part through the hooks ``_decomposition_blocks``, ``_decompose``,
 ``_export_decomposition``, ``_import_decomposition`` and ``_solve_block`` (all with working
 defaults), which :class:`curvlab.curvature.distribution.DistributionInterface` validates and
@@ -238,13 +240,11 @@ class StructuredSum:
         combine: ``(value, reduced) -> value``: ``reduced[i]`` is part ``i`` summed over
             the processes (``"sum"``) or the ``[processes, *shape]`` stack of every
             process's part (``"gather"``); ``value`` is this process's own, for its layout.
-        description: what :attr:`combine` keeps exactly and what it may truncate (docs).
     """
 
     kind: type
     parts: Callable[[Any], list[tuple[str, Tensor, str]]]
     combine: Callable[[Any, list[Tensor]], Any]
-    description: str = ""
 
 
 def _low_rank_parts(value: DiagonalPlusLowRank) -> list[tuple[str, Tensor, str]]:
@@ -269,17 +269,11 @@ def _low_rank_combine(value: DiagonalPlusLowRank, reduced: list[Tensor]) -> Diag
 #: structured output factor ``G = diag(d) + U diag(s) Uᵀ``): the diagonals ``d`` are
 #: all-reduced, every process's ``U`` and ``s`` are all-gathered, and the low-rank parts
 #: ``Σ_p U_p diag(s_p) U_pᵀ`` are recompressed to the factor's rank
-#: (:func:`~curvlab.linalg.low_rank_sum`, as accumulation compresses each batch).
-LOW_RANK_SUM = StructuredSum(
-    DiagonalPlusLowRank,
-    _low_rank_parts,
-    _low_rank_combine,
-    description=(
-        "diagonal exact; low-rank part exact while the processes' ranks add up to at most "
-        "the factor's rank, otherwise its r eigenpairs of largest magnitude are kept and the "
-        "others' diagonal moved into d"
-    ),
-)
+#: (:func:`~curvlab.linalg.low_rank_sum`, as accumulation compresses each batch). The
+#: diagonal is exact; the low-rank part is exact while the processes' ranks add up to at
+#: most the factor's rank, otherwise its eigenpairs of largest magnitude are kept and the
+#: others' diagonal moved into ``d`` (docs/distributed.md, "Structured output factors").
+LOW_RANK_SUM = StructuredSum(DiagonalPlusLowRank, _low_rank_parts, _low_rank_combine)
 
 
 @dataclass(frozen=True)
