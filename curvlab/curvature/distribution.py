@@ -65,7 +65,7 @@ class DistributionInterface:
         (``NamedTensor.reduction``): ``"sum"`` entries add; ``"gather"`` entries are the
         parts of a structured sum (K-FAC's structured output factor: its ``U`` and ``s``)
         that every process needs from every other, stacked in rank order — what the
-        sum's :class:`~curvlab.curvature.base.StructuredSum` then combines
+        sum's :class:`~curvlab.curvature.StructuredSum` then combines
         (:func:`reduce_locally` does it all in one process). The last entry, ``"counts"``,
         is a float64 vector of the counters (weight sum, samples, batches, then the
         backend's own). Tensors are on the parameters' device; symmetric sums are marked
