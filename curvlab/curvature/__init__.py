@@ -1,6 +1,7 @@
 """Curvature backends: one module per backend, all implementing ``Curvature``."""
 
 from curvlab.curvature.base import (
+    LOW_RANK_SUM,
     Curvature,
     DecompositionBlock,
     Layer,
@@ -10,6 +11,7 @@ from curvlab.curvature.base import (
     RunningCount,
     RunningSum,
     StateTag,
+    StructuredSum,
     find_layers,
 )
 from curvlab.curvature.dense.block_diagonal import BlockDiagonal
@@ -36,6 +38,7 @@ __all__ = [
     "EKFAC",
     "KFAC",
     "KFC",
+    "LOW_RANK_SUM",
     "BlockDiagonal",
     "BlockTridiagonal",
     "BlockTridiagonalKFAC",
@@ -58,5 +61,6 @@ __all__ = [
     "RunningCount",
     "RunningSum",
     "StateTag",
+    "StructuredSum",
     "find_layers",
 ]

@@ -19,7 +19,9 @@ enters with weight ``w_b = 1/R_b`` (its share of the union's reduction) and, for
 curvatures simply add (``w_b = 1``, no division).
 
 Distribution is not on this public face: the distributed sums (``_sums``/``_load_sums``,
-``_counts``/``_load_counts``) come from the declaration, and a backend with its own
+``_counts``/``_load_counts``) come from the declaration — tensors add entry by entry, a
+structured value (K-FAC's ``DiagonalPlusLowRank`` output factor) travels as the parts its
+sum's :class:`StructuredSum` names and is recombined from them — and a backend with its own
 factorisations takes part through the hooks ``_decomposition_blocks``, ``_decompose``,
 ``_export_decomposition``, ``_import_decomposition`` and ``_solve_block`` (all with working
 defaults), which :class:`curvlab.curvature.distribution.DistributionInterface` validates and
@@ -50,11 +52,15 @@ from curvlab.extraction.requests import (
     validate_request,
 )
 from curvlab.linalg.damping import check_damping
+from curvlab.linalg.low_rank import DiagonalPlusLowRank, low_rank_sum
 
 Vector = list[Tensor]
 
 #: How a :class:`NamedTensor` is determined by part of its entries.
 TENSOR_STRUCTURES = ("general", "symmetric", "lower_triangular")
+
+#: How the processes' copies of a :class:`NamedTensor` combine in a distributed sum.
+REDUCTIONS = ("sum", "gather")
 
 
 @dataclass(frozen=True)
@@ -65,17 +71,28 @@ class NamedTensor:
     ``M = Mᵀ``: the upper triangle determines it) or ``"lower_triangular"`` (``[n, n]``,
     zero above the diagonal, e.g. a Cholesky factor). Communication sends only the
     entries that determine the tensor.
+
+    ``reduction`` (for the distributed sums, :data:`REDUCTIONS`): ``"sum"`` — the tensors
+    of the processes add; ``"gather"`` — every process's tensor is kept, stacked in rank
+    order into ``[processes, *shape]`` (a part of a structured sum, which its
+    :class:`StructuredSum` combines).
     """
 
     name: str
     tensor: Tensor
     structure: str = "general"
+    reduction: str = "sum"
 
     def __post_init__(self) -> None:
         if self.structure not in TENSOR_STRUCTURES:
             raise ValueError(
                 f"NamedTensor '{self.name}': unknown structure {self.structure!r}; choose one "
                 f"of {TENSOR_STRUCTURES}."
+            )
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(
+                f"NamedTensor '{self.name}': unknown reduction {self.reduction!r}; choose one "
+                f"of {REDUCTIONS}."
             )
         if self.structure != "general" and (
             self.tensor.ndim != 2 or self.tensor.shape[0] != self.tensor.shape[1]
@@ -159,7 +176,8 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-#: ``reduce(entries)``: the tensors of ``entries`` summed over processes (a collective).
+#: ``reduce(entries)``: the tensors of ``entries`` reduced over processes as their
+#: ``reduction`` says — summed, or gathered into ``[processes, *shape]`` (a collective).
 ProcessReducer = Callable[[list[NamedTensor]], list[Tensor]]
 
 
@@ -205,6 +223,60 @@ def find_layers(model: nn.Module) -> list[Layer]:
 
 
 @dataclass(frozen=True)
+class StructuredSum:
+    """How the structured entries of a :class:`RunningSum` (values that are not tensors)
+    add over processes, declared with the sum (``RunningSum(structured=...)``).
+
+    A structured value travels as tensor parts: :attr:`parts` gives them with how each
+    combines (``"sum"``: added over processes; ``"gather"``: every process's copy, stacked
+    in rank order, :data:`REDUCTIONS`) and :attr:`combine` rebuilds the sum of the
+    processes' values from the reduced parts. Every process combines the same reduced
+    parts in the same order, so every process gets the same value.
+
+    Attributes:
+        kind: the type of the structured values.
+        parts: ``value -> [(suffix, tensor, reduction), ...]``, the same suffixes, shapes
+            and dtypes on every process (the suffix names the part in messages).
+        combine: ``(value, reduced) -> value``: ``reduced[i]`` is part ``i`` summed over
+            the processes (``"sum"``) or the ``[processes, *shape]`` stack of every
+            process's part (``"gather"``); ``value`` is this process's own, for its layout.
+    """
+
+    kind: type
+    parts: Callable[[Any], list[tuple[str, Tensor, str]]]
+    combine: Callable[[Any, list[Tensor]], Any]
+
+
+def _low_rank_parts(value: DiagonalPlusLowRank) -> list[tuple[str, Tensor, str]]:
+    return [("diagonal", value.d, "sum"), ("U", value.U, "gather"), ("s", value.s, "gather")]
+
+
+def _low_rank_combine(value: DiagonalPlusLowRank, reduced: list[Tensor]) -> DiagonalPlusLowRank:
+    d, Us, ss = reduced
+    n, rank = value.U.shape
+    if Us.ndim != 3 or Us.shape[1:] != (n, rank) or ss.shape != (Us.shape[0], rank):
+        raise ValueError(
+            f"a DiagonalPlusLowRank [{n}, {n}] of rank {rank} needs the gathered U as "
+            f"[processes, {n}, {rank}] and s as [processes, {rank}], got {tuple(Us.shape)} and "
+            f"{tuple(ss.shape)}"
+        )
+    zero = d.new_zeros(n)
+    parts = [DiagonalPlusLowRank(d if p == 0 else zero, Us[p], ss[p]) for p in range(Us.shape[0])]
+    return low_rank_sum(parts, rank)
+
+
+#: The distributed sum of a :class:`~curvlab.linalg.DiagonalPlusLowRank` (K-FAC's
+#: structured output factor ``G = diag(d) + U diag(s) Uᵀ``): the diagonals ``d`` are
+#: all-reduced, every process's ``U`` and ``s`` are all-gathered, and the low-rank parts
+#: ``Σ_p U_p diag(s_p) U_pᵀ`` are recompressed to the factor's rank
+#: (:func:`~curvlab.linalg.low_rank_sum`, as accumulation compresses each batch). The
+#: diagonal is exact; the low-rank part is exact while the processes' ranks add up to at
+#: most the factor's rank, otherwise its eigenpairs of largest magnitude are kept and the
+#: others' diagonal moved into ``d`` (docs/distributed.md, "Structured output factors").
+LOW_RANK_SUM = StructuredSum(DiagonalPlusLowRank, _low_rank_parts, _low_rank_combine)
+
+
+@dataclass(frozen=True)
 class RunningSum:
     """A running sum ``Σ_b w_b X_b`` that a backend accumulates (see
     :attr:`Curvature.running_state`).
@@ -220,6 +292,9 @@ class RunningSum:
             a mean-reduced loss, 1 for a sum — or the ``name`` of a :class:`RunningCount` of
             the same declaration (a count, or one per list entry; a zero count divides as 1).
         symmetric: its matrices are symmetric (distribution sends one triangle).
+        structured: how its structured entries (of ``structured.kind``) add over processes
+            (:class:`StructuredSum`, e.g. :data:`LOW_RANK_SUM`); ``None``: its entries are
+            tensors, summed entry by entry, and a structured entry is refused there.
         label: the name of a backend method that names list entry ``i`` (e.g.
             ``"_layer_label"``), for messages and the names of the distributed sums.
         legacy: where the sum sat in the ``state_dict`` layout before declarations (a
@@ -232,6 +307,7 @@ class RunningSum:
     symmetric: bool = False
     label: str | None = None
     legacy: str | None = None
+    structured: StructuredSum | None = None
 
 
 @dataclass(frozen=True)
@@ -539,40 +615,71 @@ class Curvature(abc.ABC):
 
     def _sums(self, only: Sequence[str] | None = None) -> list[NamedTensor]:
         """The declared sums (those named in ``only``, if given), entry by entry, as they
-        add over batches (distribution)."""
+        add over processes (distribution): a tensor entry as itself, reduction ``"sum"``; a
+        structured entry as the parts its declared :class:`StructuredSum` gives."""
         out = []
         for total in self._declared(RunningSum):
             if only is not None and total.name not in only:
                 continue
             for _, name, entry in self._sum_entries(total):
-                if not isinstance(entry, Tensor):
-                    raise NotImplementedError(
-                        f"{type(self).__name__}: {name} is a structured value "
-                        f"({type(entry).__name__}), which cannot be summed entry by entry "
-                        "across processes; construct the backend with a dense one for "
-                        "distributed use (e.g. output_factor='dense')."
-                    )
-                square = entry.ndim == 2 and entry.shape[0] == entry.shape[1]
-                structure = "symmetric" if total.symmetric and square else "general"
-                out.append(NamedTensor(name, entry, structure))
+                if isinstance(entry, Tensor):
+                    square = entry.ndim == 2 and entry.shape[0] == entry.shape[1]
+                    structure = "symmetric" if total.symmetric and square else "general"
+                    out.append(NamedTensor(name, entry, structure))
+                    continue
+                way = self._structured_sum(total, name, entry)
+                for suffix, part, reduction in way.parts(entry):
+                    out.append(NamedTensor(f"{name} {suffix}", part, reduction=reduction))
         return out
 
-    def _load_sums(self, sums: list[Tensor]) -> None:
-        """Make ``sums`` (shaped like :meth:`_sums`, e.g. summed over processes) the
-        declared sums; the counters are loaded by :meth:`_load_counts`."""
+    def _structured_sum(self, total: RunningSum, name: str, entry: Any) -> StructuredSum:
+        """The declared way ``entry`` (not a tensor) of ``total`` adds over processes."""
+        way = total.structured
+        if way is None or not isinstance(entry, way.kind):
+            declared = "none" if way is None else way.kind.__name__
+            raise NotImplementedError(
+                f"{type(self).__name__}: {name} is a structured value "
+                f"({type(entry).__name__}) and the sum '{total.name}' declares no way to add "
+                f"it over processes (RunningSum.structured: {declared})."
+            )
+        return way
+
+    def _reduced_sums(self, sums: list[Tensor]) -> dict[str, Any]:
+        """The declared sums made from ``sums`` (shaped like :meth:`_sums`, reduced over
+        processes: structured entries combined from their parts), by name; nothing is
+        set, so an error leaves the state as it was."""
         remaining = list(sums)
+        values: dict[str, Any] = {}
         for total in self._declared(RunningSum):
             value = self._get_declared(total)
             entries = self._sum_entries(total)
-            if not isinstance(value, list):
-                if entries:
-                    self._set_declared(total, remaining.pop(0))
+            if not entries:
+                values[total.name] = list(value) if isinstance(value, list) else value
                 continue
-            value = list(value)
-            for i, _, _ in entries:
-                assert i is not None
-                value[i] = remaining.pop(0)
-            self._set_declared(total, value)
+            new = list(value) if isinstance(value, list) else [value]
+            for i, name, entry in entries:
+                if isinstance(entry, Tensor):
+                    new[i or 0] = remaining.pop(0)
+                    continue
+                way = self._structured_sum(total, name, entry)
+                count = len(way.parts(entry))
+                taken, remaining = remaining[:count], remaining[count:]
+                try:
+                    new[i or 0] = way.combine(entry, taken)
+                except ValueError as err:
+                    raise ValueError(f"{type(self).__name__}: {name}: {err}") from err
+            values[total.name] = new if isinstance(value, list) else new[0]
+        return values
+
+    def _load_sums(self, sums: list[Tensor]) -> None:
+        """Make ``sums`` (shaped like :meth:`_sums`, e.g. reduced over processes) the
+        declared sums; the counters are loaded by :meth:`_load_counts`."""
+        self._set_sums(self._reduced_sums(sums))
+
+    def _set_sums(self, values: dict[str, Any]) -> None:
+        """Make ``values`` (from :meth:`_reduced_sums`) the declared sums."""
+        for total in self._declared(RunningSum):
+            self._set_declared(total, values[total.name])
         self._sums_owned = False
         self._check_loaded_sums()
 

@@ -60,11 +60,16 @@ class DistributionInterface:
 
         Accumulating batch sets ``X`` and ``Y`` separately and adding the results entry by
         entry gives the accumulation of ``X ∪ Y`` (the union convention of
-        :mod:`curvlab.curvature.base`); summing them over processes therefore gives the
-        curvature of every process's batches together. The last entry, ``"counts"``, is a
-        float64 vector of the counters (weight sum, samples, batches, then the backend's
-        own). Tensors are on the parameters' device; symmetric sums are marked so that only
-        their upper triangle needs sending.
+        :mod:`curvlab.curvature.base`); reducing them over processes therefore gives the
+        curvature of every process's batches together. Each entry says how
+        (``NamedTensor.reduction``): ``"sum"`` entries add; ``"gather"`` entries are the
+        parts of a structured sum (K-FAC's structured output factor: its ``U`` and ``s``)
+        that every process needs from every other, stacked in rank order — what the
+        sum's :class:`~curvlab.curvature.StructuredSum` then combines
+        (:func:`reduce_locally` does it all in one process). The last entry, ``"counts"``,
+        is a float64 vector of the counters (weight sum, samples, batches, then the
+        backend's own). Tensors are on the parameters' device; symmetric sums are marked
+        so that only their upper triangle needs sending.
         """
         c = self.curvature
         c._check_ready("statistic_sums")
@@ -77,8 +82,11 @@ class DistributionInterface:
         return [*c._sums(), NamedTensor("counts", counts)]
 
     def load_statistic_sums(self, sums: Sequence[Tensor]) -> None:
-        """Make ``sums`` — shaped like :meth:`statistic_sums`, e.g. summed over processes —
-        the accumulated state. Reads the counters back to the host (one synchronisation).
+        """Make ``sums`` — shaped like :meth:`statistic_sums` and reduced as its entries say
+        (summed, or a ``"gather"`` entry stacked ``[processes, *shape]``), e.g. over
+        processes — the accumulated state. Structured sums are combined first (their
+        low-rank parts recompressed), so an error there leaves the state unchanged. Reads
+        the counters back to the host (one synchronisation).
         """
         c = self.curvature
         expected = self.statistic_sums()
@@ -86,17 +94,26 @@ class DistributionInterface:
         if len(sums) != len(expected):
             raise ValueError(f"{owner}: expected {len(expected)} tensors, got {len(sums)}.")
         for t, ref in zip(sums, expected):
-            if not isinstance(t, Tensor) or t.shape != ref.tensor.shape:
-                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            shape = tuple(ref.tensor.shape)
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{owner}: '{ref.name}' must be a tensor, got {type(t).__name__}.")
+            if ref.reduction == "gather":
+                if t.ndim != len(shape) + 1 or tuple(t.shape[1:]) != shape or t.shape[0] < 1:
+                    raise ValueError(
+                        f"{owner}: '{ref.name}' is gathered: it must have shape "
+                        f"(processes, {', '.join(map(str, shape))}), got {tuple(t.shape)}."
+                    )
+            elif t.shape != ref.tensor.shape:
                 raise ValueError(
-                    f"{owner}: '{ref.name}' must have shape {tuple(ref.tensor.shape)}, got {shape}."
+                    f"{owner}: '{ref.name}' must have shape {shape}, got {tuple(t.shape)}."
                 )
+        values = c._reduced_sums(list(sums[:-1]))
         counts = [float(n) for n in sums[-1].tolist()]
         c._weight_sum = counts[0]
         c.num_samples = round(counts[1])
         c.num_batches = round(counts[2])
         c._load_counts(counts[3:])
-        c._load_sums(list(sums[:-1]))
+        c._set_sums(values)
         c._statistics_changed()
 
     def set_process_reducer(self, reduce: ProcessReducer | None) -> None:
@@ -111,6 +128,13 @@ class DistributionInterface:
         if reduce is not None and not callable(reduce):
             raise TypeError(f"{type(c).__name__}.set_process_reducer: reduce must be callable.")
         c._process_reducer = reduce
+
+    @staticmethod
+    def combines_parts(entries: Sequence[NamedTensor]) -> bool:
+        """Whether ``entries`` (of :meth:`statistic_sums`) hold parts of a structured sum:
+        :meth:`load_statistic_sums` then does more than copy (it recompresses, which a
+        distributed strategy checks on every process)."""
+        return any(e.reduction == "gather" for e in entries)
 
     # --- decomposition blocks --------------------------------------------------------------
 
@@ -185,3 +209,32 @@ class DistributionInterface:
         if isinstance(block, DecompositionBlock) and block != blocks[index]:
             raise ValueError(f"{owner}: block {block.name!r} belongs to another backend.")
         return index
+
+
+def reduce_locally(per_process: Sequence[Sequence[NamedTensor]]) -> list[Tensor]:
+    """What reducing ``per_process`` (one :meth:`DistributionInterface.statistic_sums` list
+    per process, in rank order) over processes gives, computed in one process: ``"sum"``
+    entries added in rank order, ``"gather"`` entries stacked ``[processes, *shape]``.
+    For tests, and for combining the statistics of several backends by hand."""
+    if not per_process:
+        raise ValueError("reduce_locally: per_process is empty.")
+    first = per_process[0]
+    for rank, entries in enumerate(per_process):
+        if [(e.name, e.reduction, e.tensor.shape) for e in entries] != [
+            (e.name, e.reduction, e.tensor.shape) for e in first
+        ]:
+            raise ValueError(
+                f"reduce_locally: the entries of process {rank} differ from process 0's "
+                "(names, reductions or shapes)."
+            )
+    out = []
+    for i, entry in enumerate(first):
+        tensors = [entries[i].tensor for entries in per_process]
+        if entry.reduction == "gather":
+            out.append(torch.stack(tensors))
+        else:
+            total = tensors[0]
+            for t in tensors[1:]:
+                total = total + t
+            out.append(total)
+    return out

@@ -55,7 +55,7 @@ from .kron_series import (
     series_zeta,
 )
 from .kron_sum import KronSumInverse, kron_sum_solve
-from .low_rank import DiagonalPlusLowRank, low_rank_update
+from .low_rank import DiagonalPlusLowRank, low_rank_sum, low_rank_update
 from .polar import orthogonalize
 
 __all__ = [
@@ -90,6 +90,7 @@ __all__ = [
     "kron_trace",
     "lanczos",
     "lanczos_eigenvalues",
+    "low_rank_sum",
     "low_rank_update",
     "orthogonalize",
     "pi_correction",

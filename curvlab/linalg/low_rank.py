@@ -5,13 +5,15 @@ The output factor ``G`` of a vocabulary-sized layer is a sum of outer products o
 backpropagated columns, ``Σ g gᵀ``; each batch adds a matrix of rank at most its number of
 columns. :func:`low_rank_update` adds such a batch and compresses the low-rank part back
 to ``rank`` columns by a thin eigendecomposition (a QR of ``U`` and the eigenpairs of the
-small ``R diag(s) Rᵀ``). The discarded eigenpairs' diagonal moves into ``d``, so the
-diagonal of ``M`` stays exact. Solves with ``M + μ I`` use the Woodbury identity in
-``O(n·r²)``; an ``[n, n]`` matrix is never formed.
+small ``R diag(s) Rᵀ``); :func:`low_rank_sum` adds several such matrices (the processes'
+factors of a distributed sum) and compresses the same way. The discarded eigenpairs'
+diagonal moves into ``d``, so the diagonal of ``M`` stays exact. Solves with ``M + μ I``
+use the Woodbury identity in ``O(n·r²)``; an ``[n, n]`` matrix is never formed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -19,7 +21,7 @@ from torch import Tensor
 
 from ._checks import LinAlgError, _fmt, working_dtype
 
-__all__ = ["DiagonalPlusLowRank", "low_rank_update"]
+__all__ = ["DiagonalPlusLowRank", "low_rank_sum", "low_rank_update"]
 
 
 class DiagonalPlusLowRank(NamedTuple):
@@ -118,22 +120,35 @@ class DiagonalPlusLowRank(NamedTuple):
 
 
 def low_rank_update(
-    M: DiagonalPlusLowRank | None, columns: Tensor, weight: float, rank: int
+    M: DiagonalPlusLowRank | None, columns: Tensor, weight: float | Tensor, rank: int
 ) -> DiagonalPlusLowRank:
-    """``M + weight · C Cᵀ`` (``M = None``: zero) for ``columns`` ``C`` ``[n, k]``, compressed
-    to ``rank`` columns.
+    """``M + C diag(w) Cᵀ`` (``M = None``: zero) for ``columns`` ``C`` ``[n, k]`` and
+    ``weight`` ``w`` (a number for every column, or one per column ``[k]``), compressed to
+    ``rank`` columns.
 
-    The low-rank part ``[U, C] diag(s, weight) [U, C]ᵀ`` is eigendecomposed thinly
-    (``[U, C] = Q R``, ``R diag(s) Rᵀ = W diag(e) Wᵀ``); the ``rank`` eigenpairs of largest
-    ``|e|`` are kept as ``U = Q W``, and the others' diagonal ``Σ e_i (QW)_{·i}²`` is added to
-    ``d``, so ``diag(M)`` stays exact. Work ``O(n·(rank + k)²)``; runs in float32 at least.
+    The low-rank part ``[U, C] diag(s, w) [U, C]ᵀ`` is eigendecomposed thinly
+    (``[U, C] = Q R``, ``R diag(s, w) Rᵀ = W diag(e) Wᵀ``); the ``rank`` eigenpairs of
+    largest ``|e|`` are kept as ``U = Q W``, and the others' diagonal ``Σ e_i (QW)_{·i}²`` is
+    added to ``d``, so ``diag(M)`` stays exact. What is discarded is the off-diagonal part of
+    ``Σ_dropped e_i (QW)_{·i} (QW)_{·i}ᵀ``, of Frobenius norm at most ``‖e_dropped‖₂``
+    (nothing when the columns of ``[U, C]`` with a non-zero weight number at most
+    ``rank``). Work ``O(n·(rank + k)²)``; runs in float32 at least.
     """
     if columns.ndim != 2:
         raise ValueError(f"low_rank_update: columns must be [n, k], got {_fmt(columns.shape)}")
     if rank < 1:
         raise ValueError(f"low_rank_update: rank must be ≥ 1, got {rank}")
-    n, dtype = columns.shape[0], columns.dtype
+    n, k, dtype = columns.shape[0], columns.shape[1], columns.dtype
     wd = working_dtype(dtype)
+    if isinstance(weight, Tensor):
+        if weight.shape != (k,):
+            raise ValueError(
+                f"low_rank_update: weight must be a number or [{k}] (one per column), got "
+                f"{_fmt(weight.shape)}"
+            )
+        weights = weight.to(device=columns.device, dtype=wd)
+    else:
+        weights = columns.new_full((k,), float(weight), dtype=wd)
     if M is None:
         d = columns.new_zeros(n, dtype=wd)
         U, s = columns.new_zeros(n, 0, dtype=wd), columns.new_zeros(0, dtype=wd)
@@ -143,12 +158,55 @@ def low_rank_update(
         keep = M.s != 0  # padding columns carry nothing
         d, U, s = M.d.to(wd), M.U[:, keep].to(wd), M.s[keep].to(wd)
     U = torch.cat([U, columns.to(wd)], dim=1)
-    s = torch.cat([s, s.new_full((columns.shape[1],), float(weight))])
+    s = torch.cat([s, weights])
+    return _compress(d, U, s, rank, dtype)
+
+
+def low_rank_sum(parts: Sequence[DiagonalPlusLowRank], rank: int) -> DiagonalPlusLowRank:
+    """``Σ_p M_p`` of ``parts`` (all ``[n, n]``, in this order), compressed to ``rank``
+    columns as :func:`low_rank_update` compresses: the diagonals add exactly, the low-rank
+    parts ``Σ_p U_p diag(s_p) U_pᵀ`` (their padding columns, ``s = 0``, left out) are
+    eigendecomposed thinly and the ``rank`` eigenpairs of largest magnitude kept, the
+    diagonal of the others moved into ``d``.
+
+    So ``diag`` of the result is ``Σ_p diag(M_p)``; the result is ``Σ_p M_p`` exactly when
+    the parts' non-padding columns number at most ``rank``, otherwise it differs from it by
+    the off-diagonal part of the discarded eigenpairs, whose Frobenius norm is at most the
+    2-norm of the discarded eigenvalues. The same parts in the same order give the same
+    bits (a distributed sum relies on that). Work ``O(n·(Σ_p r_p)²)``.
+    """
+    if not parts:
+        raise ValueError("low_rank_sum: parts is empty")
+    if rank < 1:
+        raise ValueError(f"low_rank_sum: rank must be ≥ 1, got {rank}")
+    n, dtype = parts[0].size, parts[0].d.dtype
+    for i, part in enumerate(parts):
+        if part.size != n or part.U.shape[0] != n or part.U.shape[1] != part.s.shape[0]:
+            raise ValueError(
+                f"low_rank_sum: part {i} has d {_fmt(part.d.shape)}, U {_fmt(part.U.shape)} "
+                f"and s {_fmt(part.s.shape)}; expected d [{n}], U [{n}, r] and s [r]"
+            )
+    wd = working_dtype(dtype)
+    d = parts[0].d.to(wd)
+    for part in parts[1:]:
+        d = d + part.d.to(wd)
+    keep = [part.s != 0 for part in parts]
+    U = torch.cat([part.U[:, k].to(wd) for part, k in zip(parts, keep)], dim=1)
+    s = torch.cat([part.s[k].to(wd) for part, k in zip(parts, keep)])
+    return _compress(d, U, s, rank, dtype)
+
+
+def _compress(
+    d: Tensor, U: Tensor, s: Tensor, rank: int, dtype: torch.dtype
+) -> DiagonalPlusLowRank:
+    """``diag(d) + U diag(s) Uᵀ`` (working dtype) with the low-rank part brought to exactly
+    ``rank`` columns (see :func:`low_rank_update`), returned in ``dtype``."""
+    n = d.shape[0]
     if U.shape[1] > 0:
         Q, R = torch.linalg.qr(U)  # [n, m], [m, m]
         small = R @ (s[:, None] * R.mT)
         e, W = torch.linalg.eigh((small + small.mT) / 2)
-        order = torch.argsort(e.abs(), descending=True)
+        order = torch.argsort(e.abs(), descending=True, stable=True)
         kept, dropped = order[:rank], order[rank:]
         B = Q @ W
         if dropped.numel():

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from curvlab import linalg
+
 
 class MovingAverage:
     """``average ← ε·average + (1 − ε)·batch`` over the tensors of a statistics pytree.
@@ -37,7 +39,10 @@ class MovingAverage:
     ``ε = min(1 − 1/u, decay)`` with ``u`` the number of updates so far: a plain average
     of the first updates, then an exponential one. A batch whose structure differs from
     the average's (keys, lengths or shapes — e.g. EKFAC refitted its eigenbasis) restarts
-    the average.
+    the average. A structured factor (:class:`~curvlab.linalg.DiagonalPlusLowRank`) mixes
+    as a matrix: ``ε·average + (1 − ε)·batch`` recompressed to its rank
+    (:func:`~curvlab.linalg.low_rank_sum`: diagonal exact, low-rank part exact while the
+    two ranks add up to at most the rank), not factor by factor.
 
     Attributes:
         value: the current average (``None`` before the first update).
@@ -59,11 +64,24 @@ class MovingAverage:
             self.value = batch
             return restarted
         eps = min(1.0 - 1.0 / self.num_updates, self.decay)
-        self.value = pytree.tree_map(lambda a, b: _mix(a, b, eps), self.value, batch)
+        self.value = pytree.tree_map(
+            lambda a, b: _mix(a, b, eps), self.value, batch, is_leaf=_is_low_rank
+        )
         return False
 
 
+def _is_low_rank(x: Any) -> bool:
+    return isinstance(x, linalg.DiagonalPlusLowRank)
+
+
 def _mix(average: Any, batch: Any, eps: float) -> Any:
+    if isinstance(average, linalg.DiagonalPlusLowRank):
+        # the matrices mix, not their factors (U's of two batches are different bases):
+        # ε·avg + (1 − ε)·batch recompressed to the rank, diagonal exact (linalg.low_rank_sum)
+        if eps == 0.0:
+            return batch
+        rank = int(average.U.shape[1])
+        return linalg.low_rank_sum([average.scaled(eps), batch.scaled(1.0 - eps)], rank)
     return torch.lerp(batch, average, eps) if isinstance(average, Tensor) else average
 
 

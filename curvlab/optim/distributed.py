@@ -9,7 +9,9 @@ for any
   over batches, with the sample counts), so every process holds the curvature of the
   union of all processes' batches — weighted by batch size for ``reduction="mean"``, a
   plain sum for ``"sum"``. Symmetric matrices travel as upper triangles; the tensors are
-  packed into one flat buffer per dtype (one collective each).
+  packed into one flat buffer per dtype (one collective each). The low-rank parts of a
+  structured sum (K-FAC's structured output factor) are all-gathered instead, and every
+  process recompresses them the same way (one more control all-gather agrees on errors).
 * **decompositions**: the backend's decomposition blocks (same interface) are assigned to
   processes by estimated cost (:func:`assign_blocks`); on inversion steps each process
   decomposes its own blocks. With ``"comm_opt"`` the owners broadcast the decompositions
@@ -70,7 +72,15 @@ _DTYPES = (
 CONTROL_WIDTH = 10
 
 #: The control exchanges (what the processes are doing), in the header as 1000 + index.
-PHASES = ("construction", "step", "decompositions", "levenberg_marquardt", "backward", "close")
+PHASES = (
+    "construction",
+    "step",
+    "decompositions",
+    "levenberg_marquardt",
+    "backward",
+    "close",
+    "statistics",
+)
 _PHASE_BASE = 1000.0
 
 _T = TypeVar("_T")
@@ -215,12 +225,65 @@ class Communicator:
 
     # --- collectives ---------------------------------------------------------------------
 
+    def reduce_entries(self, entries: Sequence[NamedTensor], category: str) -> list[Tensor]:
+        """Every entry reduced over the processes as its ``reduction`` says (new tensors,
+        identical on every process): ``"sum"`` entries summed (:meth:`all_reduce_sum`),
+        ``"gather"`` entries all-gathered into ``[processes, *shape]`` in rank order
+        (:meth:`all_gather_entries`). One collective per dtype and kind.
+
+        Every process must pass entries with the same names, shapes, dtypes, structures
+        and reductions in the same order.
+        """
+        summed = [i for i, e in enumerate(entries) if e.reduction == "sum"]
+        gathered = [i for i, e in enumerate(entries) if e.reduction == "gather"]
+        out: list[Tensor | None] = [None] * len(entries)
+        for i, t in zip(summed, self.all_reduce_sum([entries[i] for i in summed], category)):
+            out[i] = t
+        if gathered:
+            parts = self.all_gather_entries([entries[i] for i in gathered], category)
+            for i, t in zip(gathered, parts):
+                out[i] = t
+        return [t for t in out if t is not None]
+
+    def all_gather_entries(self, entries: Sequence[NamedTensor], category: str) -> list[Tensor]:
+        """Every entry of every process, stacked in rank order into ``[processes, *shape]``
+        (new tensors, identical on every process; one all-gather per dtype, counted as the
+        buffer this process sends). Every process must pass entries with the same names,
+        shapes, dtypes and structures in the same order."""
+        out: list[Tensor | None] = [None] * len(entries)
+        for indices in self._buckets(entries).values():
+            packed = [self.pack(entries[i]) for i in indices]
+            buffer = torch.cat(packed)
+            received = [torch.empty_like(buffer) for _ in range(self.world_size)]
+            self._count(category, buffer)
+            self._collective(
+                f"{category} all-gather (step {self.step})",
+                dist.all_gather,
+                received,
+                buffer,
+                group=self.group,
+            )
+            split = [r.split([p.numel() for p in packed]) for r in received]
+            for k, i in enumerate(indices):
+                e = entries[i]
+                out[i] = torch.stack(
+                    [self.unpack(parts[k], e.tensor.shape, e.structure) for parts in split]
+                )
+        return [t for t in out if t is not None]
+
     def all_reduce_sum(self, entries: Sequence[NamedTensor], category: str) -> list[Tensor]:
         """Every entry summed over the processes (new tensors, identical on every process).
 
         Every process must pass entries with the same names, shapes, dtypes and
-        structures in the same order.
+        structures in the same order; ``"gather"`` entries go through
+        :meth:`reduce_entries`.
         """
+        gathered = [e.name for e in entries if e.reduction != "sum"]
+        if gathered:
+            raise ValueError(
+                f"Communicator.all_reduce_sum: {gathered} are not summed (reduction "
+                "'gather'); reduce the entries with reduce_entries."
+            )
         out: list[Tensor | None] = [None] * len(entries)
         for indices in self._buckets(entries).values():
             packed = [self.pack(entries[i]) for i in indices]
@@ -548,6 +611,8 @@ def _describe(row: Sequence[float], differing: Sequence[int] = ()) -> str:
         return "building a NaturalGradient"
     if phase == "decompositions":
         return f"sharing the decompositions of step {step}"
+    if phase == "statistics":
+        return f"combining the structured statistics of step {step}"
     if phase == "levenberg_marquardt":
         return f"averaging the Levenberg-Marquardt terms of step {step}"
     calls = round(row[2]) if len(row) > 2 else 0

@@ -268,7 +268,7 @@ class ProcessGroupDistribution(Distribution):
             [*describe(), f"owners {self.owners}"],
             "NaturalGradient: the model differs across processes",
         )
-        interface.set_process_reducer(lambda e: comm.all_reduce_sum(e, "statistics"))
+        interface.set_process_reducer(lambda e: comm.reduce_entries(e, "statistics"))
 
     def owned(self, rank: int) -> list[DecompositionBlock]:
         """The blocks ``rank`` decomposes, in order."""
@@ -322,7 +322,10 @@ class ProcessGroupDistribution(Distribution):
         )
 
     def reduce_statistics(self) -> None:
-        """Sum the statistic sums over processes; every process checks the same result."""
+        """Reduce the statistic sums over processes (summed; the parts of a structured sum
+        all-gathered); every process checks the same result. Where structured sums are
+        combined (a recompression, which could fail), one control all-gather agrees on the
+        outcome, so that an error is raised on every process."""
         comm, interface = self.communicator, self.bound
         bad = self._bad_losses
         self._bad_losses = None
@@ -330,7 +333,7 @@ class ProcessGroupDistribution(Distribution):
             bad = torch.zeros(1, dtype=torch.float64, device=comm.device)
         sums = interface.statistic_sums()
         entries = [*sums, NamedTensor("non-finite losses", bad)]
-        reduced = comm.all_reduce_sum(entries, "statistics")
+        reduced = comm.reduce_entries(entries, "statistics")
         # one host read: finiteness of every entry and the number of non-finite losses
         status = torch.cat(
             [torch.stack([torch.isfinite(t).all() for t in reduced[:-1]]).double(), reduced[-1]]
@@ -350,7 +353,17 @@ class ProcessGroupDistribution(Distribution):
                 f"processes are not finite (NaN or Inf on at least one process) in: {shown}. "
                 "Every process raises this error."
             )
-        interface.load_statistic_sums(reduced[:-1])
+        if not interface.combines_parts(sums):  # the same on every process
+            interface.load_statistic_sums(reduced[:-1])
+            return
+        error: Exception | None = None
+        try:
+            interface.load_statistic_sums(reduced[:-1])  # unchanged if it raises
+        except Exception as err:  # reported on every process below
+            error = err
+        rows = comm.gather_values([1.0 if error is not None else 0.0], "statistics")
+        failed = [rank for rank, (flag,) in enumerate(rows) if flag]
+        comm.raise_reported(error, failed, "NaturalGradient.step: combining the statistics")
 
     def share_decompositions(self, damping: float) -> None:
         """The owners decompose their blocks; every process checks that none failed and

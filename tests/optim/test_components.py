@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from curvlab import linalg
 from curvlab.optim.components import (
     InversionSchedule,
     KLClip,
@@ -49,6 +50,43 @@ def test_the_moving_average_restarts_on_a_new_structure() -> None:
     assert average.update(_stats(5.0, n=3)) is True  # e.g. EKFAC's basis changed
     torch.testing.assert_close(average.value["A"][0], torch.full((3, 3), 5.0, dtype=torch.float64))
     assert not same_structure({"basis_id": 1, "S": []}, {"basis_id": 2, "S": []})
+
+
+def _truncated(low: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rank`` eigenpairs of largest magnitude of a symmetric ``low`` (float64 eigh) and
+    the diagonal of the others: what recompressing a low-rank part to ``rank`` keeps and
+    moves into ``d``."""
+    e, v = torch.linalg.eigh(low)
+    order = torch.argsort(e.abs(), descending=True)
+    kept = v[:, order[:rank]] @ torch.diag(e[order[:rank]]) @ v[:, order[:rank]].T
+    return kept, torch.diagonal(low - kept)
+
+
+@pytest.mark.parametrize(("columns", "rank"), [(2, 6), (3, 4)])
+def test_the_moving_average_mixes_a_structured_factor_as_a_matrix(columns, rank) -> None:
+    """``ε·avg + (1 − ε)·batch`` of ``D + U S Uᵀ`` matrices whose ``U`` are different bases:
+    the matrices mix (not the factors), recompressed to the rank — exact while the ranks
+    fit (2 + 2 ≤ 6), else the best rank-``r`` low-rank part, diagonal exact."""
+    n, decay = 7, 0.6
+    gen = torch.Generator().manual_seed(0)
+    average = MovingAverage(decay)
+    d_ref, low_ref = torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+    zeros = (torch.zeros(n, rank, dtype=torch.float64), torch.zeros(rank, dtype=torch.float64))
+    for u in range(1, 4):
+        d = torch.rand(n, generator=gen, dtype=torch.float64)
+        cols = torch.randn(n, columns, generator=gen, dtype=torch.float64)
+        batch = linalg.low_rank_update(linalg.DiagonalPlusLowRank(d, *zeros), cols, -0.5, rank)
+        eps = min(1.0 - 1.0 / u, decay)
+        low = eps * low_ref + (1 - eps) * (batch.U * batch.s) @ batch.U.T
+        low_ref, moved = _truncated(low, rank)
+        d_ref = eps * d_ref + (1 - eps) * batch.d + moved
+        average.update({"G": [batch]})
+        got = average.value["G"][0]
+        assert isinstance(got, linalg.DiagonalPlusLowRank) and got.U.shape == (n, rank)
+        torch.testing.assert_close(got.d, d_ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close((got.U * got.s) @ got.U.T, low_ref, rtol=1e-10, atol=1e-12)
+        if 2 * columns <= rank:  # nothing dropped: the exact mix
+            assert float(moved.abs().max()) < 1e-12
 
 
 @pytest.mark.parametrize("decay", [-0.1, 1.0])

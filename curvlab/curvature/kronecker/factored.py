@@ -60,6 +60,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlab import linalg
 from curvlab.curvature.base import (
+    LOW_RANK_SUM,
     Curvature,
     Declared,
     DecompositionBlock,
@@ -155,7 +156,14 @@ class KroneckerFactored(Curvature):
         RunningSum(
             "A", "_a_sum", per="a_count", symmetric=True, label="_layer_label", legacy="a_sum"
         ),
-        RunningSum("G", "_g_sum", symmetric=True, label="_layer_label", legacy="g_sum"),
+        RunningSum(
+            "G",
+            "_g_sum",
+            symmetric=True,
+            label="_layer_label",
+            legacy="g_sum",
+            structured=LOW_RANK_SUM,  # a structured G: d all-reduced, U and s gathered
+        ),
         RunningSum(
             "diagonal", "_diagonal_blocks.sums", label="_diagonal_blocks.label", legacy="diagonal"
         ),

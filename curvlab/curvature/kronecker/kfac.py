@@ -507,11 +507,13 @@ class KFAC(BlockDiagonalKronecker):
             self._series_basis(index, damping)
             return
         if self._is_structured(index):
-            self._layer_eigen(index)  # raises: not distributed
+            # its capacitances are formed by the solve that needs them (every process with
+            # comm_opt, from the same reduced statistics; the owner with mem_opt): not shared
+            return
         self.damping_strategy.decompose(self, index, damping)
 
     def _export_decomposition(self, index: int, damping: float) -> list[NamedTensor]:
-        if self._is_diagonal_block(index):
+        if self._is_diagonal_block(index) or self._is_structured(index):
             return []
         if self._is_series(index):
             cached = self._series.get(index)
@@ -526,7 +528,7 @@ class KFAC(BlockDiagonalKronecker):
         return self.damping_strategy.export(self, index, damping)
 
     def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
-        if self._is_diagonal_block(index):
+        if self._is_diagonal_block(index) or self._is_structured(index):
             return
         if self._is_series(index):
             self._series[index] = (damping, linalg.SeriesBasis(*tensors))
