@@ -20,13 +20,17 @@ the model's output only.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from curvlab.extraction.recurrent import unrolled_forward
 
 #: At most this many entries (columns × samples × parameter entries) per replayed chunk.
 _CHUNK_ELEMENTS = 1 << 25
@@ -209,7 +213,7 @@ def _per_sample_pullbacks(
 
     try:
         # grad mode on: some kernels (mkldnn's LSTM) keep what their backward needs only then
-        with warnings.catch_warnings(), torch.enable_grad():
+        with warnings.catch_warnings(), torch.enable_grad(), batchable_recurrences(model):
             warnings.filterwarnings("ignore", message="There is a performance drop")
             try:  # all samples in one batched replay
                 outs, totals = torch.func.vmap(one_sample, in_dims=(in_dims, 1))(inputs, cotangents)
@@ -229,6 +233,39 @@ def _per_sample_pullbacks(
     if outs.shape != reference.shape or not _same(outs, reference):
         return None
     return {id(p): totals[str(id(p))] for p in params}
+
+
+#: The forward methods :func:`batchable_recurrences` replaces (not a subclass's own).
+_RECURRENT_FORWARDS = (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
+
+
+@contextmanager
+def batchable_recurrences(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Inside: every ``nn.RNN``/``nn.LSTM``/``nn.GRU`` of ``model`` computes its forward
+    pass with plain torch operations (:func:`~curvlab.extraction.recurrent.unrolled_forward`,
+    the same function), which ``torch.func.vmap`` batches over the samples; PyTorch's fused
+    kernels have no batching rule, so ``vmap`` would run them one sample at a time.
+
+    Left as they are: a module with dropout between its layers in training mode (random;
+    the replay then fails its check against the recorded output), a subclass that
+    overrides ``forward``, a module whose ``forward`` was replaced on the instance. Yields
+    the modules replaced; each gets its own ``forward`` back on exit.
+    """
+    replaced = [
+        m
+        for m in dict.fromkeys(model.modules())
+        if isinstance(m, nn.RNNBase)
+        and type(m).forward in _RECURRENT_FORWARDS
+        and "forward" not in m.__dict__
+        and not (m.training and m.dropout > 0 and m.num_layers > 1)
+    ]
+    try:
+        for m in replaced:
+            m.forward = partial(unrolled_forward, m)
+        yield replaced
+    finally:
+        for m in replaced:
+            m.__dict__.pop("forward", None)
 
 
 def _pullbacks(pullback: Any, cotangents: Tensor) -> dict[str, Tensor]:
