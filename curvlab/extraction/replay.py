@@ -10,6 +10,11 @@ pass of each sample is replayed with :mod:`torch.func` (``vmap`` over the sample
 its own rows (concepts/models.md#rows-samples-and-exactness). The cost is one more
 forward pass and one backward pass per column of a sample, linear in the batch.
 
+PyTorch's fused recurrent kernels (``nn.RNN``/``nn.LSTM``/``nn.GRU``) have no ``vmap``
+batching rule, so ``vmap`` would run them one sample at a time; inside the replay they
+compute with plain torch operations instead (:func:`batchable_recurrences`), the same
+function, batched over the samples.
+
 The replay is used only when it is the same function: the replayed outputs must equal the
 recorded ones (so dropout, batch statistics, or a model whose samples interact fall back
 to the per-row backward passes, which are exact everywhere), the loss rows must each
@@ -241,7 +246,7 @@ _RECURRENT_FORWARDS = (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
 
 
 @contextmanager
-def batchable_recurrences(model: nn.Module) -> Iterator[list[nn.Module]]:
+def batchable_recurrences(model: nn.Module) -> Iterator[list[nn.RNNBase]]:
     """Inside: every ``nn.RNN``/``nn.LSTM``/``nn.GRU`` of ``model`` computes its forward
     pass with plain torch operations (:func:`~curvlab.extraction.recurrent.unrolled_forward`,
     the same function), which ``torch.func.vmap`` batches over the samples; PyTorch's fused
@@ -316,6 +321,7 @@ def _same(replayed: Tensor, recorded: Tensor, recurrences: bool = False) -> bool
 
 __all__ = [
     "ModelReplay",
+    "batchable_recurrences",
     "only_through",
     "per_sample_gradients",
     "per_sample_squares",
