@@ -18,6 +18,11 @@ recorded call again with plain torch operations (an unrolled cell with PyTorch's
 equations) and backpropagates the columns of the module's outputs (``output``, ``h_n``
 and, for an LSTM, ``c_n``) through it. :func:`statistics` turns them into the sums of the
 independent-time-steps factors and the lag-one sums of the series model.
+
+:func:`unrolled_forward` is the module's whole forward pass with plain torch operations
+(the same function, gradients included), for the per-sample replay of
+:mod:`curvlab.extraction.replay`: ``torch.func.vmap`` batches it over the samples, where
+it runs the fused kernels one sample at a time.
 """
 
 from __future__ import annotations
