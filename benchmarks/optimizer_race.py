@@ -395,7 +395,19 @@ def _psgd(model: nn.Module, s: dict) -> torch.optim.Optimizer:
 
 
 def _kfac_optimizer(model: nn.Module, loss_fn: nn.Module, setting: dict) -> Step:
-    opt = curvlab.KFACOptimizer(model, loss_fn, **setting)
+    options = dict(setting)
+    recurrent = options.pop("recurrent", None)
+    if recurrent is not None:
+        # KFACOptimizer's default curvature, with the given block for recurrent layers
+        options["curvature"] = curvlab.KFC(
+            model,
+            loss_fn,
+            fisher_type="mc",
+            damping_mode="factored",
+            statistics_fraction=options.pop("statistics_fraction", 0.25),
+            recurrent=recurrent,
+        )
+    opt = curvlab.KFACOptimizer(model, loss_fn, **options)
 
     def step(x: Tensor, y: Tensor) -> Tensor:
         return opt.step(lambda: loss_fn(model(x), y)).detach()
@@ -419,13 +431,17 @@ def _base_optimizer(model: nn.Module, base: str, options: dict) -> torch.optim.O
     raise ValueError(f"unknown base optimizer {base!r}")
 
 
-def _natural_gradient(
-    curvature: Callable[[nn.Module, nn.Module], curvlab.Curvature], base: str = "sgd"
-):
+def _natural_gradient(curvature: Callable[..., curvlab.Curvature], base: str = "sgd"):
+    """``make`` of a ``NaturalGradient`` contender; a setting's ``recurrent`` goes to
+    ``curvature(model, loss_fn, recurrent=...)``, the rest to the optimizers."""
+
     def make(model: nn.Module, loss_fn: nn.Module, setting: dict) -> Step:
         options = dict(setting)
         opt = _base_optimizer(model, base, options)
-        precond = curvlab.NaturalGradient(curvature(model, loss_fn), optimizer=opt, **options)
+        extra = {"recurrent": options.pop("recurrent")} if "recurrent" in options else {}
+        precond = curvlab.NaturalGradient(
+            curvature(model, loss_fn, **extra), optimizer=opt, **options
+        )
 
         def step(x: Tensor, y: Tensor) -> Tensor:
             opt.zero_grad()
@@ -509,7 +525,7 @@ CONTENDERS: dict[str, Contender] = {
             "NG(KFAC)+SGD",
             # KFC is KFAC with the convolution rule: the same as curvlab.KFAC on models
             # without convolutions, Kronecker blocks for the ConvNet's kernels
-            _natural_gradient(lambda model, loss_fn: curvlab.KFC(model, loss_fn)),
+            _natural_gradient(lambda model, loss_fn, **kw: curvlab.KFC(model, loss_fn, **kw)),
             NG_SETTINGS,
             "curvlab NaturalGradient(KFC) beside SGD momentum 0.9; damping 0.1 by default",
         ),
@@ -518,7 +534,9 @@ CONTENDERS: dict[str, Contender] = {
             "NG(KFAC)+Muon",
             # Muon's momentum and polar factor applied to the natural gradient: curvature
             # shapes the direction, the orthogonalisation its length (no KL clip)
-            _natural_gradient(lambda model, loss_fn: curvlab.KFC(model, loss_fn), "muon"),
+            _natural_gradient(
+                lambda model, loss_fn, **kw: curvlab.KFC(model, loss_fn, **kw), "muon"
+            ),
             [
                 {**muon, "damping": damping, "update_every": 10, "kl_clip": None}
                 for muon, damping in (
@@ -539,6 +557,51 @@ CONTENDERS: dict[str, Contender] = {
             "curvlab NaturalGradient(EKFAC) beside SGD momentum 0.9; damping 0.1 by default",
         ),
     ]
+}
+
+
+#: Search spaces that replace a contender's own on one workload. On ``lstm`` the curvlab
+#: contenders also try Kronecker blocks for the LSTM's maps (``recurrent="independent"``,
+#: concepts/recurrent.md) instead of their exact diagonal (the default): for
+#: KFACOptimizer the better loss and the cheaper step in the ablations of
+#: docs/benchmarks.md ("Where curvlab wins and where it loses").
+WORKLOAD_SETTINGS: dict[str, dict[str, list[dict]]] = {
+    "lstm": {
+        "kfac": [
+            {},
+            {"recurrent": "independent"},
+            {"recurrent": "independent", "damping": 1e-3},
+            {"recurrent": "independent", "orthogonalize": True, "damping": 1e-3},
+            {
+                "recurrent": "independent",
+                "damping": 1e-3,
+                "layer_model_every": 5,
+                "update_every": 5,
+            },
+        ],
+        "ng-kfac": [
+            {"lr": 0.1},
+            {"damping": 1e-2, "lr": 0.3, "update_every": 10},
+            {"recurrent": "independent", "lr": 0.1, "update_every": 10},
+            {"recurrent": "independent", "damping": 1e-2, "lr": 0.3, "update_every": 10},
+            {"recurrent": "independent", "damping": 1e-3, "lr": 0.1, "update_every": 10},
+        ],
+        "ng-kfac-muon": [
+            {"lr": 0.02, "adamw_lr": 3e-3, "damping": 1e-2, "update_every": 10, "kl_clip": None},
+            *(
+                {"recurrent": "independent", **muon, "update_every": 10, "kl_clip": None}
+                # smaller Muon rates than on the other workloads: (0.02, 3e-3) ended at
+                # 0.047-0.067, (0.01, 1e-3) at 0.028, (0.005 or 0.003, 1e-3) reached
+                # 0.0169 (docs/benchmarks.md, 2026-12-06)
+                for muon in (
+                    {"lr": 0.01, "adamw_lr": 1e-3, "damping": 1e-2},
+                    {"lr": 0.005, "adamw_lr": 1e-3, "damping": 1e-2},
+                    {"lr": 0.005, "adamw_lr": 1e-3, "damping": 1e-3},
+                    {"lr": 0.003, "adamw_lr": 1e-3, "damping": 1e-2},
+                )
+            ),
+        ],
+    },
 }
 
 
@@ -688,7 +751,7 @@ def run_workload(
     for contender in order:
         rows = []
         too_slow = ""  # set when one step alone took the whole budget
-        for setting in chosen(contender, settings):
+        for setting in chosen(contender, settings, workload.key):
             runs = []
             for seed in seeds:
                 if too_slow:
@@ -733,11 +796,14 @@ def run_workload(
     return out
 
 
-def chosen(contender: Contender, settings: str) -> list[dict]:
+def chosen(contender: Contender, settings: str, workload: str | None = None) -> list[dict]:
+    """The settings run: ``"all"``, ``"first"`` or the first ``K`` of the contender's
+    search space on ``workload`` (:data:`WORKLOAD_SETTINGS`, else its own)."""
+    space = WORKLOAD_SETTINGS.get(workload or "", {}).get(contender.key, contender.settings)
     if settings == "all":
-        return contender.settings
+        return space
     count = 1 if settings == "first" else int(settings)
-    return contender.settings[:count]
+    return space[:count]
 
 
 def _progress(
@@ -1004,10 +1070,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         workloads[key] = WORKLOADS[key]()
         if budgets[key] is None:
             budgets[key] = workloads[key].budget
-    planned = sum(len(chosen(c, args.settings)) for c in contenders) * len(args.seeds)
-    worst = planned * sum(budgets.values()) * len(args.threads)
+    planned = {k: sum(len(chosen(c, args.settings, k)) for c in contenders) for k in budgets}
+    worst = sum(planned[k] * budgets[k] for k in budgets) * len(args.seeds) * len(args.threads)
     log(
-        f"{planned} runs per workload and thread count; at most {worst / 60:.0f} min of "
+        f"{sum(planned.values()) * len(args.seeds)} runs per thread count; at most "
+        f"{worst / 60:.0f} min of "
         "training (runs stop at the target), plus evaluations"
     )
     for threads in args.threads:
@@ -1044,6 +1111,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "name": c.name,
                 "note": c.note,
                 "settings": [c.label(s) for s in chosen(c, args.settings)],
+                "settings_by_workload": {
+                    k: [c.label(s) for s in chosen(c, args.settings, k)] for k in budgets
+                },
             }
             for c in contenders
         },

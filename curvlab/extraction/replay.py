@@ -10,6 +10,11 @@ pass of each sample is replayed with :mod:`torch.func` (``vmap`` over the sample
 its own rows (concepts/models.md#rows-samples-and-exactness). The cost is one more
 forward pass and one backward pass per column of a sample, linear in the batch.
 
+PyTorch's fused recurrent kernels (``nn.RNN``/``nn.LSTM``/``nn.GRU``) have no ``vmap``
+batching rule, so ``vmap`` would run them one sample at a time; inside the replay they
+compute with plain torch operations instead (:func:`batchable_recurrences`), the same
+function, batched over the samples.
+
 The replay is used only when it is the same function: the replayed outputs must equal the
 recorded ones (so dropout, batch statistics, or a model whose samples interact fall back
 to the per-row backward passes, which are exact everywhere), the loss rows must each
@@ -20,13 +25,17 @@ the model's output only.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from curvlab.extraction.recurrent import RECURRENCE_TOLERANCE, unrolled_forward
 
 #: At most this many entries (columns × samples × parameter entries) per replayed chunk.
 _CHUNK_ELEMENTS = 1 << 25
@@ -209,7 +218,7 @@ def _per_sample_pullbacks(
 
     try:
         # grad mode on: some kernels (mkldnn's LSTM) keep what their backward needs only then
-        with warnings.catch_warnings(), torch.enable_grad():
+        with warnings.catch_warnings(), torch.enable_grad(), batchable_recurrences(model):
             warnings.filterwarnings("ignore", message="There is a performance drop")
             try:  # all samples in one batched replay
                 outs, totals = torch.func.vmap(one_sample, in_dims=(in_dims, 1))(inputs, cotangents)
@@ -226,14 +235,51 @@ def _per_sample_pullbacks(
     except Exception:  # any failure means: not replayable, take the exact path
         return None
     reference = output.detach().reshape(n, *per_sample)
-    if outs.shape != reference.shape or not _same(outs, reference):
+    recurrences = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    if outs.shape != reference.shape or not _same(outs, reference, recurrences):
         return None
     return {id(p): totals[str(id(p))] for p in params}
+
+
+#: The forward methods :func:`batchable_recurrences` replaces (not a subclass's own).
+_RECURRENT_FORWARDS = (nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward)
+
+
+@contextmanager
+def batchable_recurrences(model: nn.Module) -> Iterator[list[nn.RNNBase]]:
+    """Inside: every ``nn.RNN``/``nn.LSTM``/``nn.GRU`` of ``model`` computes its forward
+    pass with plain torch operations (:func:`~curvlab.extraction.recurrent.unrolled_forward`,
+    the same function), which ``torch.func.vmap`` batches over the samples; PyTorch's fused
+    kernels have no batching rule, so ``vmap`` would run them one sample at a time.
+
+    Left as they are: a module with dropout between its layers in training mode (random;
+    the replay then fails its check against the recorded output), a subclass that
+    overrides ``forward``, a module whose ``forward`` was replaced on the instance. Yields
+    the modules replaced; each gets its own ``forward`` back on exit.
+    """
+    replaced = [
+        m
+        for m in dict.fromkeys(model.modules())
+        if isinstance(m, nn.RNNBase)
+        and type(m).forward in _RECURRENT_FORWARDS
+        and "forward" not in m.__dict__
+        and not (m.training and m.dropout > 0 and m.num_layers > 1)
+    ]
+    try:
+        for m in replaced:
+            m.forward = partial(unrolled_forward, m)
+        yield replaced
+    finally:
+        for m in replaced:
+            m.__dict__.pop("forward", None)
 
 
 def _pullbacks(pullback: Any, cotangents: Tensor) -> dict[str, Tensor]:
     """``pullback(cotangents[c])`` stacked over the columns ``c`` per parameter name:
     batched, or one at a time where ``vmap`` cannot batch the backward."""
+    if len(cotangents) == 1:  # one column (a sampled label): no batching to do
+        (grad,) = pullback(cotangents[0])
+        return {k: g.unsqueeze(0) for k, g in grad.items()}
     try:
         (grads,) = torch.func.vmap(pullback)(cotangents)
         return dict(grads)
@@ -245,6 +291,9 @@ def _pullbacks(pullback: Any, cotangents: Tensor) -> dict[str, Tensor]:
 def _squared_pullbacks(pullback: Any, cotangents: Tensor) -> dict[str, Tensor]:
     """``Σ_c (pullback(cotangents[c]))²`` per parameter name: batched over the columns,
     or one at a time where ``vmap`` cannot batch the backward."""
+    if len(cotangents) == 1:  # one column (a sampled label): no batching to do
+        (grad,) = pullback(cotangents[0])
+        return {k: g.square() for k, g in grad.items()}
     try:
         (grads,) = torch.func.vmap(pullback)(cotangents)
         return {k: g.square().sum(0) for k, g in grads.items()}
@@ -258,15 +307,21 @@ def _squared_pullbacks(pullback: Any, cotangents: Tensor) -> dict[str, Tensor]:
         return total
 
 
-def _same(replayed: Tensor, recorded: Tensor) -> bool:
-    """Equal up to the rounding of a different (per-sample) evaluation order."""
-    tol = 1e-10 if recorded.dtype == torch.float64 else 1e-4
+def _same(replayed: Tensor, recorded: Tensor, recurrences: bool = False) -> bool:
+    """Equal up to the rounding of a different (per-sample) evaluation order; with
+    ``recurrences`` (the model has a recurrent module, whose steps carry the rounding
+    forward), up to :data:`~curvlab.extraction.recurrent.RECURRENCE_TOLERANCE`."""
+    if recurrences:
+        tol = RECURRENCE_TOLERANCE.get(recorded.dtype, 1e-3)
+    else:
+        tol = 1e-10 if recorded.dtype == torch.float64 else 1e-4
     scale = float(recorded.abs().max()) if recorded.numel() else 0.0
     return bool(torch.allclose(replayed.to(recorded.dtype), recorded, rtol=tol, atol=tol * scale))
 
 
 __all__ = [
     "ModelReplay",
+    "batchable_recurrences",
     "only_through",
     "per_sample_gradients",
     "per_sample_squares",
