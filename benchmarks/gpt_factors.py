@@ -41,6 +41,8 @@ def gpt_like() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = CharTransformer(VOCAB, CONTEXT, width=WIDTH, heads=4, layers=LAYERS)
     model.head.weight = model.tok.weight  # tied embedding and output head
+    with torch.no_grad():  # GPT-2's initialisation of the tied weight (see the docstring)
+        model.tok.weight.normal_(0.0, 0.02)
     x = torch.randint(0, VOCAB, (SEQUENCES, CONTEXT))
     y = torch.randint(0, VOCAB, (SEQUENCES * CONTEXT,))
     return model, x, y
