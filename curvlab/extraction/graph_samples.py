@@ -153,7 +153,8 @@ def _masked_backward(
             continue
         c = g.shape[0]
         mask = torch.zeros(count, n, dtype=g.dtype, device=g.device)
-        mask[torch.arange(count), torch.arange(start, stop)] = 1
+        own = torch.arange(count, device=g.device)
+        mask[own, own + start] = 1
         per_sample = g.reshape(c, 1, n, -1) * mask.reshape(1, count, n, 1)
         outputs.append(edge)
         cotangents.append(per_sample.reshape(c * count, *g.shape[1:]))
