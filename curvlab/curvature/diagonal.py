@@ -3,8 +3,8 @@
 :class:`DiagonalBlocks` is the shared piece: the diagonal ``d = Σ_b w_b Σ_k V_{b,k}²`` of a
 set of parameters' curvature, the squares of the per-row gradients ``V`` (one row per loss
 row and output column, MC sample or observed label;
-:class:`~curvlab.extraction.requests.ParameterDiagonal`, from per-sample gradients of a
-replayed forward pass where the model treats its samples independently;
+:class:`~curvlab.extraction.requests.ParameterDiagonal`, from per-sample gradients read
+off the recorded graph, or of a replayed forward pass, where the samples are independent;
 concepts/models.md#extraction-engines). The Kronecker
 backends cover the parameters that have no Kronecker rule (normalisation layers, raw
 ``nn.Parameter``s, recurrent weights, transposed convolutions, tied weights) with it.

@@ -32,6 +32,7 @@ import copy
 import functools
 import math
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,9 +40,10 @@ from typing import Any, SupportsIndex
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 from torch.utils.hooks import RemovableHandle
 
-from curvlab.extraction import layers, losses, recurrent
+from curvlab.extraction import graph_samples, layers, losses, recurrent
 from curvlab.extraction.fisher_types import FisherType
 from curvlab.extraction.losses import BatchScale, batch_scale, loss_rows
 from curvlab.extraction.replay import (
@@ -66,6 +68,8 @@ from curvlab.extraction.requests import (
 
 #: At most this many entries (columns × rows × parameters) per batched product.
 _CHUNK_ELEMENTS = 1 << 26
+#: What gradients are taken with respect to: tensors, or outputs of autograd nodes.
+Input = Tensor | GradientEdge
 
 
 @dataclass(eq=False)
@@ -566,7 +570,13 @@ def _reachable(starts: list[Any]) -> set[Any]:
     return seen
 
 
-def _vjp(outputs: Tensor, inputs: Sequence[Tensor], columns: Tensor) -> list[Tensor | None]:
+def _grad_inputs(inputs: Sequence[Input]) -> Any:
+    """``inputs`` for ``torch.autograd.grad``, which takes tensors and node outputs mixed
+    (its annotation asks for one kind)."""
+    return list(inputs)
+
+
+def _vjp(outputs: Tensor, inputs: Sequence[Input], columns: Tensor) -> list[Tensor | None]:
     """``[K, *input.shape]`` vector-Jacobian products of ``columns`` ``[K, *outputs.shape]``.
 
     ``None`` for inputs the outputs do not depend on. The graph is kept.
@@ -577,17 +587,17 @@ def _vjp(outputs: Tensor, inputs: Sequence[Tensor], columns: Tensor) -> list[Ten
     k = columns.shape[0]
     if k == 1:
         grads = torch.autograd.grad(
-            outputs, list(inputs), columns[0], retain_graph=True, allow_unused=True
+            outputs, _grad_inputs(inputs), columns[0], retain_graph=True, allow_unused=True
         )
         return [None if g is None else g.unsqueeze(0) for g in grads]
-    per_column = outputs.numel() + sum(t.numel() for t in inputs)
+    per_column = outputs.numel() + sum(graph_samples.edge_numel(t) for t in inputs)
     step = max(1, _CHUNK_ELEMENTS // max(per_column, 1))
     chunks: list[tuple[Tensor | None, ...]] = []
     for start in range(0, k, step):
         chunks.append(
             torch.autograd.grad(
                 outputs,
-                list(inputs),
+                _grad_inputs(inputs),
                 columns[start : start + step],
                 retain_graph=True,
                 allow_unused=True,
@@ -628,6 +638,18 @@ def compute(
         return columns[key]
 
     structure = _RowStructure(call, batch_size)
+    squared = [r for r in requests if isinstance(r, ParameterDiagonal)]
+    squared_params = {
+        key: list({id(p): p for r in squared if r.columns_key == key for p in r.params}.values())
+        for key in dict.fromkeys(r.columns_key for r in squared)
+    }
+    # per-sample gradients of the parameter diagonals from the graph (no replay), their
+    # columns' gradients taken in the Kronecker layers' backward pass where they share it
+    planned = {
+        key: _graph_plan(call, params, scale.valid, batch_size)
+        for key, params in squared_params.items()
+    }
+    edge_grads: dict[tuple[FisherType, int], list[Tensor | None]] = {}
     local = [r for r in requests if isinstance(r, (KroneckerStatistics, DiagonalStatistics))]
     for key in dict.fromkeys(r.columns_key for r in local):
         group = [r for r in local if r.columns_key == key]
@@ -648,7 +670,14 @@ def compute(
             for c in mine
         }
         calls = list(together.values())
-        grads = _vjp(call.outputs, [c.output for c in calls], columns_for(key))
+        shared = planned.get(key)
+        extra: list[Input] = []
+        if shared is not None and (key[0].uncorrelated_rows or shared[1] == 1):
+            extra = list(shared[0].edges)
+        inputs: list[Input] = [c.output for c in calls]
+        grads = _vjp(call.outputs, inputs + extra, columns_for(key))
+        if extra:
+            edge_grads[key] = grads[len(calls) :]
         found = {id(c): g for c, g in zip(calls, grads) if g is not None}
         # each row's columns on their own, where the per-sample quantities are not per-row
         row_jobs = {job_key: job for job_key, job in jobs.items() if job[3]}
@@ -685,12 +714,17 @@ def compute(
         result.rows.setdefault(key, {}).update(
             _factor_rows(call, params, columns_for(key), scale.valid, replay)
         )
-    squared = [r for r in requests if isinstance(r, ParameterDiagonal)]
-    for key in dict.fromkeys(r.columns_key for r in squared):
-        params = list(
-            {id(p): p for r in squared if r.columns_key == key for p in r.params}.values()
+    for key, params in squared_params.items():
+        found = _parameter_squares(
+            call,
+            params,
+            columns_for(key),
+            scale.valid,
+            key[0],
+            replay,
+            planned[key],
+            edge_grads.get(key),
         )
-        found = _parameter_squares(call, params, columns_for(key), scale.valid, key[0], replay)
         for r in squared:
             if r.columns_key == key:
                 result.diagonals.setdefault(r.key, {}).update(
@@ -743,11 +777,20 @@ def _parameter_squares(
     valid: Tensor | None,
     fisher_type: FisherType,
     replay: ModelReplay | None,
+    planned: tuple[graph_samples.SamplePlan, int] | None = None,
+    edge_grads: list[Tensor | None] | None = None,
 ) -> dict[int, Tensor]:
-    """``{id(p): Σ_{k,r} (∂ℓ/∂p)²_{k,r}}`` (shaped like ``p``): from per-sample gradients of
-    a replay of the model call where that is the same function (linear in the batch),
-    else from each counted row's columns backpropagated on their own."""
-    found = _replayed_squares(call, params, columns, valid, fisher_type, replay)
+    """``{id(p): Σ_{k,r} (∂ℓ/∂p)²_{k,r}}`` (shaped like ``p``): from per-sample gradients
+    read off the recorded graph where ``planned`` (:func:`_graph_plan`) serves every use
+    of the parameters (``edge_grads``: the columns' gradients at its outputs, if already
+    taken), else of a replay of the model call where
+    that is the same function (both linear in the batch), else from each counted row's
+    columns backpropagated on their own."""
+    found = None
+    if planned is not None:
+        found = _graph_squares(call, planned, columns, valid, fisher_type, edge_grads)
+    if found is None:
+        found = _replayed_squares(call, params, columns, valid, fisher_type, replay)
     if found is None:
         found = {}
         for _, grads in _row_chunks(call.outputs, params, columns, valid):
@@ -759,6 +802,116 @@ def _parameter_squares(
         id(p): found.get(id(p), layers.statistics_dtype(torch.zeros_like(p))).reshape(p.shape)
         for p in params
     }
+
+
+#: The probes' verdicts per graph structure (:func:`_graph_plan`), the latest ones.
+_PROBED: OrderedDict[tuple[Any, ...], tuple[frozenset[int], int] | None] = OrderedDict()
+_PROBED_KEEP = 32
+
+
+def _graph_plan(
+    call: LossCall, params: Sequence[Tensor], valid: Tensor | None, batch_size: int | None
+) -> tuple[graph_samples.SamplePlan, int] | None:
+    """``(plan, m)``: where the per-sample gradients of ``params`` come from in the recorded
+    graph (:func:`~curvlab.extraction.graph_samples.plan`), with ``m`` loss rows per
+    sample, or ``None`` where the graph does not serve every use of ``params`` or the loss
+    rows leave their samples at the plan's outputs.
+
+    The samples are the model call's (``batch_size``). Whether the rows stay in their
+    samples is probed (:func:`_rows_stay_each`: ``2·⌈log₂ N⌉`` columns backpropagated to
+    the plan's outputs, several backward passes' worth); the verdict is kept per graph
+    structure (node kinds, shapes and connections, the batch's counted rows), so the
+    graphs of later batches of the same model take it without probing again. A frontier
+    output whose rows mix samples (e.g. a position parameter ``[T, D]`` with ``T = N``) is
+    looked past, up to twice.
+    """
+    if batch_size is None:
+        return None
+    plan = graph_samples.plan(call.outputs, params, batch_size)
+    if plan is None:
+        return None
+    if not plan.edges:
+        return plan, 1
+    index = {node: i for i, node in enumerate(plan.order)}
+    key = (
+        plan.signature(),
+        batch_size,
+        None if valid is None else tuple(valid.nonzero().flatten().tolist()),
+        tuple((index.get(e.node, -1), e.output_nr) for e in plan.edges),
+    )
+    if key in _PROBED:
+        _PROBED.move_to_end(key)
+        known = _PROBED[key]
+        if known is None:
+            return None
+        lifted_at, group = known
+        if lifted_at:
+            plan = graph_samples.plan(
+                call.outputs, params, batch_size, {plan.order[i] for i in lifted_at}
+            )
+        return None if plan is None else (plan, group)
+    found = _probe_plan(call, params, valid, batch_size, plan)
+    _PROBED[key] = None if found is None else (frozenset(index[n] for n in found[2]), found[1])
+    while len(_PROBED) > _PROBED_KEEP:
+        _PROBED.popitem(last=False)
+    return None if found is None else (found[0], found[1])
+
+
+def _probe_plan(
+    call: LossCall,
+    params: Sequence[Tensor],
+    valid: Tensor | None,
+    batch_size: int,
+    plan: graph_samples.SamplePlan | None,
+) -> tuple[graph_samples.SamplePlan, int, set[Any]] | None:
+    """``(plan, m, nodes looked past)`` once the probe finds every loss row in its sample
+    at the plan's outputs, or ``None`` (see :func:`_graph_plan`)."""
+    lifted: set[Any] = set()  # frontier nodes whose rows mix samples
+    for _ in range(3):
+        if plan is None:
+            return None
+        probed = _rows_stay_each(call.outputs, plan.edges, batch_size, valid)
+        if probed is None:
+            return None
+        group, stays = probed
+        mixed = [e.node for e, ok in zip(plan.edges, stays) if not ok]
+        if not mixed:
+            return plan, group, lifted
+        if not plan.frontier_nodes.issuperset(mixed):  # a product's, an embedding's rows
+            return None
+        lifted.update(mixed)
+        plan = graph_samples.plan(call.outputs, params, batch_size, lifted)
+    return None
+
+
+def _graph_squares(
+    call: LossCall,
+    planned: tuple[graph_samples.SamplePlan, int],
+    columns: Tensor,
+    valid: Tensor | None,
+    fisher_type: FisherType,
+    edge_grads: list[Tensor | None] | None = None,
+) -> dict[int, Tensor]:
+    """The squares of :func:`_parameter_squares` from the per-sample gradients of a
+    :func:`_graph_plan`. Each sample's ``m`` loss rows share the columns as in
+    :func:`_replayed_squares`: one column per draw where the rows are uncorrelated (or
+    ``m = 1``; ``edge_grads``: their gradients at the plan's outputs, if already taken),
+    else one per (draw, row of the sample)."""
+    plan, group = planned
+    if not plan.edges:
+        return {}
+    if fisher_type.uncorrelated_rows or group == 1:
+        if edge_grads is None:
+            edge_grads = _vjp(call.outputs, plan.edges, columns)
+        chunks: Iterator[list[Tensor | None]] = iter([edge_grads])
+    else:
+        chunks = (g for _, g in _row_chunks(call.outputs, plan.edges, columns, valid, group))
+    total: dict[int, Tensor] = {}
+    for grads in chunks:
+        detached = [None if g is None else layers.statistics_dtype(g.detach()) for g in grads]
+        for key, square in plan.squares(detached).items():
+            total[key] = square + total[key] if key in total else square
+    return total
 
 
 def _replayed_squares(
@@ -959,7 +1112,7 @@ def _couples_samples(node: Any) -> bool:
 
 def _row_chunks(
     outputs: Tensor,
-    inputs: Sequence[Tensor],
+    inputs: Sequence[Input],
     columns: Tensor,
     valid: Tensor | None,
     group: int | None = None,
@@ -979,7 +1132,7 @@ def _row_chunks(
     columns = columns.to(outputs.dtype)
     counted = torch.arange(r, device=columns.device) if valid is None else valid.nonzero()[:, 0]
     m = counted.numel() if group is None else group
-    per_column = outputs.numel() + sum(t.numel() for t in inputs)
+    per_column = outputs.numel() + sum(graph_samples.edge_numel(t) for t in inputs)
     step = max(1, _CHUNK_ELEMENTS // max(per_column, 1))
     if group is not None:
         position = torch.arange(r, device=columns.device) % group
@@ -1000,7 +1153,7 @@ def _row_chunks(
             list(
                 torch.autograd.grad(
                     outputs,
-                    list(inputs),
+                    _grad_inputs(inputs),
                     chunk,
                     retain_graph=True,
                     allow_unused=True,
@@ -1025,12 +1178,32 @@ def _rows_stay_in_their_samples(
     exact zeros.
     """
     sizes = {c.input.shape[0] if c.input.dim() else 0 for c in calls}
+    if len(sizes) != 1:
+        return None
+    return _rows_stay(outputs, [call.output for call in calls], sizes.pop(), valid)
+
+
+def _rows_stay(
+    outputs: Tensor, targets: Sequence[Input], n: int, valid: Tensor | None
+) -> int | None:
+    """:func:`_rows_stay_in_their_samples` for any ``targets`` (tensors or node outputs)
+    whose ``N = n`` samples lie sample-major along their entries."""
+    found = _rows_stay_each(outputs, targets, n, valid)
+    return None if found is None or not all(found[1]) else found[0]
+
+
+def _rows_stay_each(
+    outputs: Tensor, targets: Sequence[Input], n: int, valid: Tensor | None
+) -> tuple[int, list[bool]] | None:
+    """``(m, [whether the rows stay in their samples at target i])`` (see
+    :func:`_rows_stay_in_their_samples`), or ``None`` where ``R`` or a target's size is
+    not a multiple of ``n``."""
     r, c = outputs.shape
-    if len(sizes) != 1 or (n := sizes.pop()) < 1 or r % n:
+    if n < 1 or r % n or any(graph_samples.edge_numel(t) % n for t in targets):
         return None
     m, bits = r // n, (n - 1).bit_length()
     if not bits:
-        return m
+        return m, [True] * len(targets)
     device = outputs.device
     sample = torch.arange(r, device=device) // m
     generator = torch.Generator(device=device).manual_seed(0)
@@ -1044,19 +1217,20 @@ def _rows_stay_in_their_samples(
             silent.append(((torch.arange(n, device=device) >> b) & 1) != v)
     grads = torch.autograd.grad(
         outputs,
-        [call.output for call in calls],
+        _grad_inputs(targets),
         torch.stack(probes),
         retain_graph=True,
         allow_unused=True,
         is_grads_batched=True,
     )
-    for g in grads:
-        if g is None:
-            continue
-        for probe, samples in zip(g, silent):  # (a layer's rows may be m per sample)
-            if bool((probe.reshape(n, -1)[samples] != 0).any()):
-                return None
-    return m
+    stays = [
+        g is None
+        or not any(  # (a layer's rows may be m per sample)
+            bool((probe.reshape(n, -1)[samples] != 0).any()) for probe, samples in zip(g, silent)
+        )
+        for g in grads
+    ]
+    return m, stays
 
 
 def _per_row_statistics(

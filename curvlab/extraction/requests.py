@@ -146,9 +146,11 @@ class ParameterDiagonal(_FisherTyped):
     parameters, tied weights, recurrent weights), as the squares of
     :class:`FactorRows` would give it, without forming the rows.
 
-    The hooks engine takes per-sample gradients from a replay of the model's forward pass
-    where the model treats its samples independently (linear in the batch;
-    :mod:`curvlab.extraction.replay`), else one backward pass per loss row. For ``"mc"``
+    The hooks engine takes per-sample gradients from the recorded graph where it serves
+    every use of the parameters (:mod:`curvlab.extraction.graph_samples`), else from a
+    replay of the model's forward pass where the model treats its samples independently
+    (both linear in the batch; :mod:`curvlab.extraction.replay`), else one backward pass
+    per loss row. For ``"mc"``
     the columns of a sample's rows are summed first: the draws of different rows are
     independent with zero mean, so the per-sample squares are an unbiased estimate.
     """

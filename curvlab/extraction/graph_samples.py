@@ -1,0 +1,414 @@
+"""Per-sample gradients of parameters from the recorded graph itself, without a replay.
+
+The diagonal of the Fisher of a parameter no layer rule serves (a raw ``nn.Parameter``, a
+weight tied between an embedding and an output head, the head's bias) needs the squares
+of per-sample gradients. Where the parameter enters the batch through a few operations,
+those gradients follow from the recorded autograd graph and the gradients at the
+operations' outputs, which one batched backward pass of the loss's columns gives (it
+stops there; no weight gradient is formed):
+
+* a matrix product with the parameter as its weight (``nn.Linear``'s ``addmm``/``mm``,
+  also on ``[N·T, D]`` token rows): sample ``n``'s gradient ``Σ_r g_r x_rᵀ`` over its rows,
+  with ``x`` the input the graph saved; its bias: ``Σ_r g_r``;
+* an embedding lookup: sample ``n``'s output gradients added into the rows of its indices;
+* any other use (a position parameter broadcast onto the batch): the nearest outputs
+  above it that carry the batch on their leading axis (the *frontier*); each sample's
+  slice of their gradients is backpropagated to the parameter on its own, through the
+  few operations in between (one batched backward of ``N`` masked columns there).
+
+A use of a weight tied between several operations adds up per sample before squaring.
+The rows of each sample must reach the operations' outputs at that sample's slice only;
+the caller checks it with a probe (:func:`curvlab.extraction.hooks._rows_stay`), and the
+plan is refused (``None``) wherever a use is of another kind than these, the frontier is
+not a clean cut between the parameter and the loss, or the masked backward would cost
+more than a replay (:mod:`curvlab.extraction.replay`) of the whole model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import GradientEdge
+
+#: At most this many entries per per-sample chunk (columns × samples × parameter entries).
+_CHUNK_ELEMENTS = 1 << 25
+#: A frontier use is refused when ``N`` × its outputs' entries (the masked backward of one
+#: column) exceed this; the replay, linear in the batch, is then the cheaper route.
+_FRONTIER_ELEMENTS = 1 << 26
+
+
+@dataclass(eq=False)
+class _Use:
+    """One way a parameter enters the batch. ``kind``: ``"weight"`` (``out = x @ Wᵀ``, ``x``
+    the saved input ``[R', D_in]``), ``"bias"`` (added to every row of ``out``),
+    ``"embedding"`` (``out = W[indices]``), ``"frontier"`` (``edges``: the nearest batched
+    outputs above it)."""
+
+    kind: str
+    edges: list[GradientEdge]
+    saved: Tensor | None = None
+    padding_idx: int | None = None
+
+
+@dataclass(eq=False)
+class SamplePlan:
+    """Where each parameter's per-sample gradients come from (module docstring)."""
+
+    samples: int
+    uses: dict[int, list[_Use]] = field(default_factory=dict)
+    params: dict[int, Tensor] = field(default_factory=dict)
+    edges: list[GradientEdge] = field(default_factory=list)
+    #: the nodes whose outputs are frontier edges
+    frontier_nodes: set[Any] = field(default_factory=set)
+    #: every node of the graph, in a walk that depends on its structure alone
+    order: list[Any] = field(default_factory=list)
+
+    def signature(self) -> tuple[Any, ...]:
+        """The structure of the graph (:func:`_signature`)."""
+        return _signature(self.order)
+
+    def _slot(self, edge: GradientEdge) -> int:
+        for i, known in enumerate(self.edges):
+            if known.node is edge.node and known.output_nr == edge.output_nr:
+                return i
+        self.edges.append(edge)
+        return len(self.edges) - 1
+
+    def squares(self, grads: Sequence[Tensor | None]) -> dict[int, Tensor]:
+        """``{id(p): Σ_{c,n} g_{c,n}²}``: the squared per-sample gradients of the ``C``
+        columns whose gradients at :attr:`edges` are ``grads`` (``[C, *edge shape]``,
+        ``None`` where no row reaches an edge), summed over columns and samples."""
+        out: dict[int, Tensor] = {}
+        for key, uses in self.uses.items():
+            p = self.params[key]
+            columns = next((g.shape[0] for g in grads if g is not None), 0)
+            step = max(1, _CHUNK_ELEMENTS // max(columns * p.numel(), 1))
+            total: Tensor | None = None
+            for start in range(0, self.samples, step):
+                stop = min(start + step, self.samples)
+                part: Tensor | None = None
+                for use in uses:
+                    found = self._per_sample(use, p, grads, start, stop)
+                    if found is not None:
+                        part = found if part is None else part + found
+                if part is None:
+                    continue
+                square = part.square().sum(dim=(0, 1))
+                total = square if total is None else total + square
+            if total is not None:
+                out[key] = total
+        return out
+
+    def _per_sample(
+        self, use: _Use, p: Tensor, grads: Sequence[Tensor | None], start: int, stop: int
+    ) -> Tensor | None:
+        """``[C, stop − start, *p.shape]``: the use's gradients of samples ``start:stop``."""
+        n = self.samples
+        found = [grads[self._slot(e)] for e in use.edges]
+        if all(g is None for g in found):
+            return None
+        if use.kind == "frontier":
+            return _masked_backward(use.edges, found, p, n, start, stop)
+        (g,) = found
+        assert g is not None
+        c = g.shape[0]
+        rows = g.reshape(c, n, -1, g.shape[-1])[:, start:stop]  # [C, n', m, D_out]
+        if use.kind == "bias":
+            return rows.sum(dim=2)
+        assert use.saved is not None
+        if use.kind == "weight":
+            x = use.saved.reshape(n, -1, use.saved.shape[-1])[start:stop].to(g.dtype)
+            return torch.einsum("cnmo,nmi->cnoi", rows, x)
+        # embedding: each sample's output gradients added into the rows of its indices
+        indices = use.saved.reshape(n, -1)[start:stop]  # [n', m]
+        count, vocab = stop - start, p.shape[0]
+        flat = indices + vocab * torch.arange(count, device=indices.device).unsqueeze(1)
+        out = g.new_zeros(c, count * vocab, g.shape[-1])
+        out.index_add_(1, flat.reshape(-1), rows.reshape(c, -1, g.shape[-1]))
+        out = out.reshape(c, count, vocab, g.shape[-1])
+        if use.padding_idx is not None:
+            out[:, :, use.padding_idx] = 0
+        return out
+
+
+def _masked_backward(
+    edges: list[GradientEdge],
+    grads: list[Tensor | None],
+    p: Tensor,
+    n: int,
+    start: int,
+    stop: int,
+) -> Tensor:
+    """Each sample's slice of the frontier gradients backpropagated to ``p`` on its own:
+    ``[C, stop − start, *p.shape]``."""
+    count = stop - start
+    outputs, cotangents = [], []
+    for edge, g in zip(edges, grads):
+        if g is None:
+            continue
+        c = g.shape[0]
+        mask = torch.zeros(count, n, dtype=g.dtype, device=g.device)
+        own = torch.arange(count, device=g.device)
+        mask[own, own + start] = 1
+        per_sample = g.reshape(c, 1, n, -1) * mask.reshape(1, count, n, 1)
+        outputs.append(edge)
+        cotangents.append(per_sample.reshape(c * count, *g.shape[1:]))
+    (found,) = torch.autograd.grad(
+        outputs, [p], cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
+    if found is None:
+        found = torch.zeros(cotangents[0].shape[0], *p.shape, dtype=p.dtype, device=p.device)
+    return found.reshape(-1, count, *p.shape)
+
+
+def edge_numel(edge: Tensor | GradientEdge) -> int:
+    """The number of entries of a tensor or of the output a gradient edge stands for."""
+    if isinstance(edge, Tensor):
+        return edge.numel()
+    return math.prod(_shape(edge.node, edge.output_nr) or ())
+
+
+def _shape(node: Any, output_nr: int) -> tuple[int, ...] | None:
+    try:
+        return tuple(node._input_metadata[output_nr].shape)
+    except (AttributeError, IndexError, RuntimeError, TypeError):  # nested tensors, ...
+        return None
+
+
+def _outputs(node: Any) -> list[GradientEdge] | None:
+    """Every output of ``node`` as a gradient edge (``None`` if their shapes are unknown)."""
+    try:
+        count = len(node._input_metadata)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return [GradientEdge(node, i) for i in range(count)]
+
+
+def _parents(root: Any) -> tuple[dict[Any, list[tuple[Any, int]]], list[Any]]:
+    """``({node: [(consumer, slot)]}, nodes)`` over the graph of ``root``:
+    ``consumer.next_functions[slot]`` is ``node``; ``nodes`` in the order of a walk that
+    depends on the graph's structure alone."""
+    parents: dict[Any, list[tuple[Any, int]]] = {}
+    seen: set[Any] = set()
+    order: list[Any] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        order.append(node)
+        for slot, (nxt, _) in enumerate(node.next_functions):
+            if nxt is not None:
+                parents.setdefault(nxt, []).append((node, slot))
+                stack.append(nxt)
+    return parents, order
+
+
+def _signature(order: list[Any]) -> tuple[Any, ...]:
+    """The graph's structure: per node (in ``order``) its kind, its outputs' shapes and
+    which nodes it feeds on (equal for the graphs of the same model on same-shaped
+    batches)."""
+    index = {node: i for i, node in enumerate(order)}
+    entries = []
+    for node in order:
+        try:
+            shapes = tuple(tuple(m.shape) for m in node._input_metadata)
+        except (AttributeError, RuntimeError, TypeError):
+            shapes = None
+        nexts = tuple(index.get(nxt, -1) for nxt, _ in node.next_functions)
+        entries.append((type(node).__name__, shapes, nexts))
+    return tuple(entries)
+
+
+def plan(
+    rows: Tensor,
+    params: Sequence[Tensor],
+    samples: int,
+    not_batched: set[Any] | frozenset[Any] = frozenset(),
+) -> SamplePlan | None:
+    """Where the per-sample gradients of ``params`` come from in the graph of the loss
+    rows ``rows`` (``samples`` samples on the leading axis of the batch), or ``None`` where
+    one use of a parameter is not served (module docstring). Parameters the rows do not
+    reach have no uses (zero gradients).
+
+    ``not_batched``: nodes whose outputs are not taken for the batch's frontier although
+    their leading size is ``samples`` (the probe found rows of several samples there)."""
+    if rows.grad_fn is None or samples < 1:
+        return None
+    parents, order = _parents(rows.grad_fn)
+    accumulators = {id(n.variable): n for n in parents if hasattr(n, "variable")}
+    found = SamplePlan(samples, order=order)
+    for p in params:
+        key = id(p)
+        found.params[key] = p
+        acc = accumulators.get(key)
+        if acc is None:
+            continue
+        uses: list[_Use] = []
+        for consumer, slot in parents.get(acc, []):
+            use = _known_use(consumer, slot, p, parents, samples)
+            if use is None:
+                frontier = _frontier(acc, consumer, parents, samples, not_batched)
+                if frontier is None:
+                    return None
+                use = _Use("frontier", frontier)
+                found.frontier_nodes.update(e.node for e in frontier)
+            uses.extend(use if isinstance(use, list) else [use])
+        for use in uses:
+            for edge in use.edges:
+                found._slot(edge)
+        found.uses[key] = uses
+    return found
+
+
+def _known_use(
+    consumer: Any,
+    slot: int,
+    p: Tensor,
+    parents: dict[Any, list[tuple[Any, int]]],
+    samples: int,
+) -> _Use | list[_Use] | None:
+    """``p``'s use at ``consumer`` (input ``slot``) as a weight, bias or embedding, or
+    ``None``."""
+    name = type(consumer).__name__
+    if name == "TBackward0" and p.dim() == 2:  # W.t() into matrix products
+        uses = []
+        for product, index in parents.get(consumer, []):
+            use = _weight_use(product, index, samples)
+            if use is None:
+                return None
+            uses.append(use)
+        return uses
+    if name == "AddmmBackward0" and slot == 0 and p.dim() == 1:
+        if _scalar(consumer, "_saved_beta") != 1:
+            return None
+        edge = GradientEdge(consumer, 0)
+        if not _batched_rows(edge, samples, p.shape[0]):
+            return None
+        return _Use("bias", [edge])
+    if name == "EmbeddingBackward0" and p.dim() == 2:
+        if getattr(consumer, "_saved_sparse", True) or getattr(
+            consumer, "_saved_scale_grad_by_freq", True
+        ):
+            return None
+        indices = consumer._saved_indices
+        edge = GradientEdge(consumer, 0)
+        shape = _shape(consumer, 0)
+        if shape is None or indices.dim() == 0 or tuple(shape[:-1]) != tuple(indices.shape):
+            return None
+        if indices.shape[0] % samples:
+            return None
+        padding = int(getattr(consumer, "_saved_padding_idx", -1))
+        return _Use("embedding", [edge], indices, padding if 0 <= padding < p.shape[0] else None)
+    return None
+
+
+def _weight_use(product: Any, index: int, samples: int) -> _Use | None:
+    """``out = x @ Wᵀ`` at ``product`` (``addmm`` with ``mat2 = Wᵀ`` in slot 2, ``mm`` with
+    it in slot 1), or ``None``."""
+    name = type(product).__name__
+    if name == "AddmmBackward0" and index == 2 and _scalar(product, "_saved_alpha") == 1:
+        x = getattr(product, "_saved_mat1", None)
+    elif name == "MmBackward0" and index == 1:
+        x = getattr(product, "_saved_self", None)
+    else:
+        return None
+    edge = GradientEdge(product, 0)
+    if not isinstance(x, Tensor) or x.dim() != 2 or not _batched_rows(edge, samples, None):
+        return None
+    shape = _shape(product, 0)
+    if shape is None or shape[0] != x.shape[0]:
+        return None
+    return _Use("weight", [edge], x.detach())
+
+
+def _scalar(node: Any, name: str) -> float | None:
+    value = getattr(node, name, None)
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _batched_rows(edge: GradientEdge, samples: int, width: int | None) -> bool:
+    """A 2-d output ``[m·N, width]`` (rows sample-major, checked by the caller's probe)."""
+    shape = _shape(edge.node, edge.output_nr)
+    if shape is None or len(shape) != 2 or shape[0] % samples:
+        return False
+    return width is None or shape[1] == width
+
+
+def _frontier(
+    acc: Any,
+    consumer: Any,
+    parents: dict[Any, list[tuple[Any, int]]],
+    samples: int,
+    not_batched: set[Any] | frozenset[Any],
+) -> list[GradientEdge] | None:
+    """The nearest outputs above ``consumer`` whose leading axis is the batch (``samples``),
+    as gradient edges; ``None`` where the walk reaches the loss first, a frontier output
+    reaches the parameter again past the walked operations (no clean cut), or the masked
+    backward would be too large (``_FRONTIER_ELEMENTS``)."""
+    walked: set[Any] = {acc}
+    frontier: list[Any] = []
+    stack = [consumer]
+    while stack:
+        node = stack.pop()
+        if node in walked or node in frontier:
+            continue
+        outputs = _outputs(node)
+        if outputs is None:
+            return None
+        shapes = [_shape(node, i) for i in range(len(outputs))]
+        batched = all(s is not None and len(s) > 0 and s[0] == samples for s in shapes)
+        if shapes and batched and node not in not_batched:
+            frontier.append(node)
+            continue
+        walked.add(node)
+        above = parents.get(node, [])
+        if not above:  # the loss rows themselves, without the batch axis
+            return None
+        stack.extend(up for up, _ in above)
+    # every path from a frontier output down to the parameter stays among the walked nodes
+    for node in frontier:
+        stack = [nxt for nxt, _ in node.next_functions if nxt is not None]
+        seen: set[Any] = set()
+        while stack:
+            below = stack.pop()
+            if below in seen:
+                continue
+            seen.add(below)
+            if below is acc:
+                continue
+            if below not in walked and _reaches(below, acc):
+                return None
+            if below in walked:
+                stack.extend(nxt for nxt, _ in below.next_functions if nxt is not None)
+    edges = [edge for node in frontier for edge in _outputs(node) or []]
+    if samples * sum(edge_numel(e) for e in edges) > _FRONTIER_ELEMENTS:
+        return None
+    return edges
+
+
+def _reaches(start: Any, target: Any) -> bool:
+    """Whether ``target`` is below ``start`` in the graph."""
+    seen: set[Any] = set()
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        if node is target:
+            return True
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return False
+
+
+__all__ = ["SamplePlan", "edge_numel", "plan"]

@@ -1,0 +1,203 @@
+"""Per-sample gradients read off the recorded graph (``curvlab.extraction.graph_samples``).
+
+The diagonal of parameters without a layer rule (a tied embedding/head weight, the head's
+bias, a raw position parameter, every parameter of ``DiagonalFisher``) comes from the
+recorded graph: matrix products and embeddings from the inputs autograd saved, other
+uses by a masked backward from the nearest batched outputs. The numbers are those of the
+dense float64 ``torch.func`` references (exact, empirical; mean and sum reductions; token
+rows ``[N·T, V]``; ignored targets; a padding index), with neither a replay of the model
+nor a backward pass per loss row; for ``"mc"`` they equal the replay's on the same draws.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import curvlab
+from curvlab.extraction import graph_samples, hooks
+from tests import reference_any as ref
+from tests.curvature.test_right_numbers import _in_order, _setup
+from tests.zoo import case
+
+DTYPE = torch.float64
+# tied weights, raw position parameters, token rows, attention, plain layers
+SERVED = ("gpt_char", "gpt_char_tied", "transformer_plain", "mlp", "mixer")
+
+
+def _with_reduction(loss_fn: nn.Module, reduction: str) -> nn.Module:
+    loss_fn.reduction = reduction
+    return loss_fn
+
+
+def _reference_diagonal(fisher_type: str, model, loss_fn, x, y, c) -> Tensor:
+    build = ref.ggn if fisher_type == "exact" else ref.empirical_fisher
+    return torch.diagonal(_in_order(build(model, loss_fn, x, y), c, model))
+
+
+def _count_other_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every answer of the replay and every per-row backward to parameters."""
+    used: list[str] = []
+    replayed, rows = hooks._replayed_squares, hooks._row_chunks
+
+    def replay(*args, **kwargs):
+        used.append("replay")
+        return replayed(*args, **kwargs)
+
+    def row_chunks(outputs, inputs, columns, valid, group=None):
+        if group is None and any(isinstance(t, nn.Parameter) for t in inputs):
+            used.append("rows")
+        return rows(outputs, inputs, columns, valid, group)
+
+    monkeypatch.setattr(hooks, "_replayed_squares", replay)
+    monkeypatch.setattr(hooks, "_row_chunks", row_chunks)
+    return used
+
+
+class PaddedTied(nn.Module):
+    """Tokens with a padding index, the embedding tied to a head with a bias, a raw
+    position parameter, a LayerNorm and a hidden ``nn.Linear`` without bias."""
+
+    def __init__(self, vocab: int = 6, d: int = 4, t: int = 3) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Parameter(0.2 * torch.randn(t, d))
+        self.norm = nn.LayerNorm(d)
+        self.mix = nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(d, vocab)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = self.tok(idx) + self.pos[: idx.shape[1]]
+        h = h + torch.tanh(self.mix(self.norm(h)))
+        return self.head(h).reshape(-1, self.head.out_features)
+
+
+def _padded_setup() -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = PaddedTied().to(DTYPE)
+    x = torch.randint(0, 6, (5, 3))
+    x[0, 2] = x[3, 0] = 0  # padding tokens
+    y = torch.randint(0, 6, (15,))
+    y[4] = y[9] = -100  # ignored rows
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+@pytest.mark.parametrize("name", SERVED)
+def test_graph_diagonal_is_exact_without_replay_or_row_passes(
+    name, fisher_type, reduction, monkeypatch
+):
+    model, loss_fn, x, y = _setup(case(name))
+    loss_fn = _with_reduction(loss_fn, reduction)
+    used = _count_other_paths(monkeypatch)
+    c = curvlab.DiagonalFisher(model, loss_fn, fisher_type=fisher_type, engine="hooks")
+    c.update(x, y)
+    expected = _reference_diagonal(fisher_type, model, loss_fn, x, y, c)
+    torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
+    assert not used, f"the graph should have served every parameter, not {used}"
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+def test_padding_index_tied_head_and_ignored_rows_are_exact(fisher_type, monkeypatch):
+    model, loss_fn, x, y = _padded_setup()
+    used = _count_other_paths(monkeypatch)
+    c = curvlab.DiagonalFisher(model, loss_fn, fisher_type=fisher_type, engine="hooks")
+    c.update(x, y)
+    expected = _reference_diagonal(fisher_type, model, loss_fn, x, y, c)
+    torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
+    assert not used
+
+
+@pytest.mark.parametrize("fisher_type", ["exact", "mc"])
+@pytest.mark.parametrize("name", ["gpt_char_tied", "padded"])
+def test_kfac_diagonal_blocks_match_the_diagonal_fisher(name, fisher_type, monkeypatch):
+    """K-FAC's diagonal blocks (tied weight, head bias, position parameter) take their
+    per-sample gradients from the Kronecker layers' own backward pass."""
+    model, loss_fn, x, y = _padded_setup() if name == "padded" else _setup(case(name))
+    used = _count_other_paths(monkeypatch)
+    kfac = curvlab.KFAC(model, loss_fn, fisher_type=fisher_type)
+    torch.manual_seed(1)
+    kfac.update(x, y)
+    assert not used
+    diagonal = curvlab.DiagonalFisher(model, loss_fn, fisher_type=fisher_type, engine="hooks")
+    torch.manual_seed(1)  # the same draws: the diagonal blocks' columns are the same
+    diagonal.update(x, y)
+    kinds = kfac.coverage()
+    sizes = [p.numel() for p in diagonal.params]
+    want = dict(zip(map(id, diagonal.params), diagonal.diagonal().split(sizes)))
+    got = kfac.diagonal().split([p.numel() for p in kfac.params])
+    checked = 0
+    for p, d, kind in zip(kfac.params, got, kinds.values()):
+        if kind == "diagonal":
+            torch.testing.assert_close(d, want[id(p)], rtol=1e-8, atol=1e-14)
+            checked += 1
+    assert checked >= 3
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", ["gpt_char_tied", "transformer_plain", "padded"])
+def test_mc_squares_equal_the_replays_on_the_same_draws(name, reduction, monkeypatch):
+    model, loss_fn, x, y = _padded_setup() if name == "padded" else _setup(case(name))
+    loss_fn = _with_reduction(loss_fn, reduction)
+    graph = curvlab.DiagonalFisher(model, loss_fn, fisher_type="mc", mc_samples=3, engine="hooks")
+    torch.manual_seed(2)
+    graph.update(x, y)
+    monkeypatch.setattr(hooks, "_graph_plan", lambda *args: None)
+    used = _count_other_paths(monkeypatch)
+    replay = curvlab.DiagonalFisher(model, loss_fn, fisher_type="mc", mc_samples=3, engine="hooks")
+    torch.manual_seed(2)
+    replay.update(x, y)
+    assert used == ["replay"]
+    torch.testing.assert_close(graph.diagonal(), replay.diagonal(), rtol=1e-10, atol=1e-14)
+
+
+def test_a_position_parameter_with_as_many_positions_as_samples_is_looked_past():
+    """``pos[:T]`` is ``[T, D]`` with ``T = N``: its slice looks batched, the probe finds
+    every sample's rows there, and the plan takes the sum with the embeddings instead."""
+    model, loss_fn, x, y = _setup(case("gpt_char"))
+    assert x.shape[0] == x.shape[1]
+    out = model(x)
+    call = hooks.LossCall(out, y, loss_fn(out, y), out)
+    hooks._PROBED.clear()
+    planned = hooks._graph_plan(call, [model.pos], None, x.shape[0])
+    assert planned is not None
+    (use,) = planned[0].uses[id(model.pos)]
+    assert use.kind == "frontier"
+    assert [type(e.node).__name__ for e in use.edges] == ["AddBackward0"]
+
+
+def test_the_probe_verdict_is_kept_per_graph_structure(monkeypatch):
+    """A later batch of the same shapes takes the kept verdict without probing, and its
+    numbers stay exact; a batch of another size is probed again."""
+    model, loss_fn, _, _ = _setup(case("gpt_char_tied"))
+    hooks._PROBED.clear()
+    probes: list[int] = []
+    original = hooks._rows_stay_each
+
+    def counting(*args, **kwargs):
+        probes.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hooks, "_rows_stay_each", counting)
+    # the first batch is probed twice (its position slice [T, D] with T = N is looked past)
+    for seed, batch, expect in [(0, 4, 2), (1, 4, 2), (2, 3, 3)]:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 7, (batch, 4), generator=g)
+        y = torch.randint(0, 7, (batch * 4,), generator=g)
+        c = curvlab.DiagonalFisher(model, loss_fn, engine="hooks")
+        c.update(x, y)
+        expected = _reference_diagonal("exact", model, loss_fn, x, y, c)
+        torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
+        assert len(probes) == expect
+
+
+def test_an_unserved_use_refuses_the_plan():
+    """A parameter used in an operation the plan does not know and with no batched output
+    above it before the loss (a scale applied to the loss rows) is not served."""
+    torch.manual_seed(0)
+    scale = nn.Parameter(torch.ones((), dtype=DTYPE))
+    rows = nn.Linear(3, 2).to(DTYPE)(torch.randn(4, 3, dtype=DTYPE)).sum() * scale
+    assert graph_samples.plan(rows.reshape(1, 1), [scale], 4) is None
