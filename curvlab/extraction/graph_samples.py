@@ -20,7 +20,8 @@ A use of a weight tied between several operations adds up per sample before squa
 The rows of each sample must reach the operations' outputs at that sample's slice only;
 the caller checks it with a probe (:func:`curvlab.extraction.hooks._rows_stay`), and the
 plan is refused (``None``) wherever a use is of another kind than these, the frontier is
-not a clean cut between the parameter and the loss, or the masked backward would cost
+not a clean cut between the parameter and the loss, the cut crosses a fused recurrent
+kernel (no batching rule), or the masked backward would cost
 more than a replay (:mod:`curvlab.extraction.replay`) of the whole model.
 """
 
@@ -37,6 +38,10 @@ from torch.autograd.graph import GradientEdge
 
 #: At most this many entries per per-sample chunk (columns × samples × parameter entries).
 _CHUNK_ELEMENTS = 1 << 25
+#: Fused recurrent kernels (``MkldnnRnnLayerBackward0``, ``CudnnRnnBackward0``, ...) have no
+#: batching rule: a batched backward through them runs the whole batch's kernel once per
+#: masked column (``N`` times), where the replay, which unrolls them, is linear in the batch.
+_UNBATCHED_KERNELS = ("rnn",)
 #: A frontier use is refused when ``N`` × its outputs' entries (the masked backward of one
 #: column) exceed this; the replay, linear in the batch, is then the cheaper route.
 _FRONTIER_ELEMENTS = 1 << 26
@@ -363,7 +368,7 @@ def _frontier(
         if node in walked or node in frontier:
             continue
         outputs = _outputs(node)
-        if outputs is None:
+        if outputs is None or _unbatched(node):
             return None
         shapes = [_shape(node, i) for i in range(len(outputs))]
         batched = all(s is not None and len(s) > 0 and s[0] == samples for s in shapes)
@@ -394,6 +399,12 @@ def _frontier(
     if samples * sum(edge_numel(e) for e in edges) > _FRONTIER_ELEMENTS:
         return None
     return edges
+
+
+def _unbatched(node: Any) -> bool:
+    """Whether ``node``'s backward has no batching rule (``_UNBATCHED_KERNELS``)."""
+    name = node.name().lower() if hasattr(node, "name") else ""
+    return any(kernel in name for kernel in _UNBATCHED_KERNELS)
 
 
 def _reaches(start: Any, target: Any) -> bool:

@@ -201,3 +201,21 @@ def test_an_unserved_use_refuses_the_plan():
     scale = nn.Parameter(torch.ones((), dtype=DTYPE))
     rows = nn.Linear(3, 2).to(DTYPE)(torch.randn(4, 3, dtype=DTYPE)).sum() * scale
     assert graph_samples.plan(rows.reshape(1, 1), [scale], 4) is None
+
+
+def test_a_fused_lstm_kernel_is_left_to_the_replay():
+    """The LSTM's fused kernel has no batching rule: a masked backward through it would run
+    the whole batch once per sample (seconds on the race's row-LSTM, where the replay,
+    which unrolls it, takes tens of milliseconds), so the plan refuses its weights."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    out, _ = lstm(torch.randn(5, 6, 3))
+    rows = out[:, -1]
+    names, stack = set(), [rows.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node.name() not in names:
+            names.add(node.name())
+            stack.extend(n for n, _ in node.next_functions)
+    assert any("rnn" in name.lower() for name in names), names  # the fused kernel is used
+    assert graph_samples.plan(rows, list(lstm.parameters()), 5) is None
