@@ -57,7 +57,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         step_sizes: ``"layer"`` (default): the quadratic model chooses one ``(α_l, μ_l)``
             per layer, ``δ = Σ_l α_l Δ_l + μ_l δ₀_l`` (``Δ_l``: ``Δ`` restricted to layer
             ``l``'s parameters), a per-layer trust region that corrects the block-diagonal
-            approximation's relative scale between layers; ``"global"``: one ``(α, μ)``
+            approximation's relative scale between layers (a module without a weight
+            matrix, such as a normalisation layer, shares the pair of the module before it
+            in the model's parameter order); ``"global"``: one ``(α, μ)``
             for the whole network, as Martens & Grosse. Layers are the modules that own
             parameters; beyond ``max_step_groups`` of them, consecutive layers share a
             coefficient pair (concepts/natural_gradient.md#per-layer-step-sizes).
@@ -173,7 +175,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             for n, p in zip(names, curvature.params)
         ]  # the proposals orthogonalize=True replaces by polar factors
         self._groups = (
-            step_groups(names, max_step_groups, [p.dim() >= 2 for p in curvature.params])
+            _groups_in_model_order(model, names, curvature.params, max_step_groups)
             if step_sizes == "layer"
             else [list(range(len(names)))]
         )
@@ -430,6 +432,20 @@ def step_groups(
     for k, group in enumerate(groups):
         merged[k * limit // len(groups)].extend(group)
     return merged
+
+
+def _groups_in_model_order(
+    model: nn.Module, names: Sequence[str], params: Sequence[Tensor], limit: int
+) -> list[list[int]]:
+    """:func:`step_groups` of the covered parameters taken in the model's order
+    (``named_parameters``), as indices into ``names``: a curvature lists the parameters of
+    its diagonal blocks (normalisation layers, raw parameters) after its Kronecker blocks,
+    and in that order every normalisation layer would join the group of the last
+    Kronecker layer or raw parameter instead of the layer before it in the model."""
+    position = {id(p): k for k, p in enumerate(model.parameters())}
+    order = sorted(range(len(names)), key=lambda i: position.get(id(params[i]), len(position)))
+    groups = step_groups([names[i] for i in order], limit, [params[i].dim() >= 2 for i in order])
+    return [[order[j] for j in group] for group in groups]
 
 
 def _owner(model: nn.Module, name: str) -> nn.Module | None:

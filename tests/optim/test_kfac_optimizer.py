@@ -134,6 +134,56 @@ def test_step_groups_follow_the_modules_and_merge_beyond_the_limit() -> None:
         curvlab.KFACOptimizer(model, loss_fn, orthogonalize="yes")
 
 
+class _NormedMLP(nn.Module):
+    """Linear → LayerNorm → Linear → LayerNorm → Linear, plus a raw ``[4, 6]`` parameter
+    added to the first layer's output (as a position table is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(0.1 * torch.randn(4, 6))
+        self.inp = nn.Linear(5, 6)
+        self.norm1 = nn.LayerNorm(6)
+        self.mid = nn.Linear(6, 6)
+        self.norm2 = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = (self.inp(x) + self.table[: x.shape[1]]).reshape(-1, 6)
+        return self.out(self.norm2(self.mid(self.norm1(h))))
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac", "default"])
+def test_norm_layers_share_the_step_size_of_the_layer_before_them_in_the_model(
+    curvature: str,
+) -> None:
+    """The per-layer groups follow the model's parameter order, not the curvature's (which
+    lists diagonal blocks last): each LayerNorm joins the Linear before it, the raw table
+    has its own pair. Reference: the groups written out by module name."""
+    torch.manual_seed(0)
+    model = _NormedMLP().to(DTYPE)
+    loss_fn = nn.CrossEntropyLoss()
+    backend = {
+        "kfac": lambda: curvlab.KFAC(model, loss_fn),
+        "ekfac": lambda: curvlab.EKFAC(model, loss_fn),
+        "default": lambda: None,
+    }[curvature]()
+    opt = curvlab.KFACOptimizer(model, loss_fn, curvature=backend)
+    names = opt.precond.curvature.param_names
+    assert names.index("table") > names.index("out.weight")  # diagonal blocks come last
+    grouped = [sorted(names[i] for i in group) for group in opt._groups]
+    expected = [
+        ["table"],
+        ["inp.bias", "inp.weight", "norm1.bias", "norm1.weight"],
+        ["mid.bias", "mid.weight", "norm2.bias", "norm2.weight"],
+        ["out.bias", "out.weight"],
+    ]
+    assert grouped == expected
+    x, y = torch.randn(8, 4, 5, dtype=DTYPE), torch.randint(0, 3, (32,))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(lambda: loss_fn(model(x), y))
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 def test_rho_is_one_when_the_quadratic_model_is_exact() -> None:
     # linear least squares: the GGN is the Hessian, so M(δ) − M(0) = h(θ+δ) − h(θ)
     torch.manual_seed(0)
