@@ -34,9 +34,15 @@ step-size rules (the suffix of a variant; none = ``quadratic``):
 * ``/fixed``: ``δ = −lr·(−Δ) + β δ₀`` with a fixed ``--lr`` and ``--beta`` (SGD with
   heavy-ball momentum on the direction).
 
-The damping ``λ`` is fixed per workload (``--damping``) and the same for every direction
-and rule. Per iteration (every ``--cosine-every`` steps for the non-exact directions, as
-the reference costs a CG solve) it logs, at the run's own iterate and batch, the cosine
+The damping ``λ`` is the same for every direction and rule: fixed per workload
+(``--damping``; ``--damping-rule fixed``), or adapted by Levenberg–Marquardt from the
+reduction ratio ``ρ`` of the quadratic model every 5 steps, starting at ``--damping``
+(``--damping-rule lm``, as ``KFACOptimizer``, with its guard: ``λ`` grows while the model
+predicts a decrease larger than the loss); the direction is computed with the current
+``λ`` (``kfac`` holds it between its inversions, as ``KFACOptimizer``).
+
+Per iteration (every ``--cosine-every`` steps for the non-exact directions, as the
+reference costs a CG solve) it logs, at the run's own iterate and batch, the cosine
 between the direction ``Δ`` (before step sizes) and the exact natural gradient ``Δ*``,
 overall and per layer, and the cosine in the metric of ``C = G + λI``,
 ``−gᵀΔ / (‖Δ‖_C ‖Δ*‖_C)``, whose square is the fraction of the exact direction's
@@ -72,6 +78,7 @@ from torch import Tensor, nn
 
 import curvlab
 from curvlab import linalg
+from curvlab.optim.damping import Damping, LevenbergMarquardt
 from curvlab.optim.kfac_optimizer import step_groups
 from curvlab.optim.quadratic import CapturedCall, evaluate_capturing, ggn_gram
 
@@ -237,9 +244,12 @@ class ExactNaturalGradient:
 
 
 def kfac_preconditioner(
-    model: nn.Module, loss_fn: nn.Module, direction: str, damping: float
+    model: nn.Module, loss_fn: nn.Module, direction: str, damping: Callable[[], float]
 ) -> curvlab.NaturalGradient:
-    """K-FAC's natural gradient as ``direction`` asks (fixed damping ``λ``, no KL clip)."""
+    """K-FAC's natural gradient as ``direction`` asks (damping ``λ = damping()`` at each
+    step; ``kfac`` reads it at its inversions only, as ``KFACOptimizer``; no KL clip)."""
+    hold = not direction.startswith("kfac-fresh")
+    policy = Damping(lambda step: damping(), hold=hold)
     if direction.startswith("kfac-fresh"):
         mode = "factored" if direction == "kfac-fresh-factored" else "exact"
         curvature = curvlab.KFC(model, loss_fn, fisher_type="mc", damping_mode=mode)
@@ -250,7 +260,7 @@ def kfac_preconditioner(
         )
         schedule = {"update_every": 1, "invert_every": 20, "ema_decay": 0.95}
     return curvlab.NaturalGradient(
-        curvature, damping=damping, kl_clip=None, distribution="local", **schedule
+        curvature, damping=policy, kl_clip=None, distribution="local", **schedule
     )
 
 
@@ -270,6 +280,7 @@ class RunConfig:
     cg_tol: float
     cg_max_iter: int
     seed: int = 0
+    damping_rule: str = "fixed"  # or "lm"
 
 
 @dataclass
@@ -278,6 +289,8 @@ class RunResult:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, measured loss)
     cosines: list[dict[str, Any]] = field(default_factory=list)
     coefficients: list[list[float]] = field(default_factory=list)
+    dampings: list[float] = field(default_factory=list)  # λ of each step
+    batch_losses: list[float] = field(default_factory=list)  # the training batch's loss
     steps_to_target: int | None = None
     cpu_seconds: float = 0.0  # the run's own steps (direction + step size), one thread
     reference_seconds: float = 0.0  # the exact reference solves for the cosines
@@ -303,6 +316,30 @@ def quadratic_coefficients(
     damping: float,
 ) -> Tensor:
     """The minimiser ``c`` of ``gᵀδ + ½δᵀ(G + λI)δ`` over ``δ = Σ cᵢ vᵢ`` (float64)."""
+    terms = quadratic_terms(model, loss_fn, call, params, grads, vectors)
+    return model_minimum(*terms, damping)[0]
+
+
+def model_minimum(
+    gram: Tensor, inner: Tensor, linear: Tensor, damping: float
+) -> tuple[Tensor, float]:
+    """The coefficients minimising the model with ``C = G + λI`` on the span (``gram``:
+    ``vᵢᵀGvⱼ``, ``inner``: ``vᵢᵀvⱼ``, ``linear``: ``gᵀvᵢ``) and the predicted change
+    ``gᵀδ + ½δᵀGδ`` (without the λ term, as ``KFACOptimizer``'s ρ)."""
+    curvature = gram + damping * inner
+    coeffs = -torch.linalg.pinv(curvature, hermitian=True, rtol=1e-12) @ linear
+    return coeffs, float(coeffs @ linear + 0.5 * coeffs @ gram @ coeffs)
+
+
+def quadratic_terms(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    call: CapturedCall,
+    params: Sequence[nn.Parameter],
+    grads: Sequence[Tensor],
+    vectors: list[list[Tensor | None]],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(vᵢᵀGvⱼ, vᵢᵀvⱼ, gᵀvᵢ)`` in float64, ``G`` the exact GGN of ``call``'s batch."""
     gram = ggn_gram(model, loss_fn, call, params, vectors).double()
     k = len(vectors)
     inner = torch.zeros(k, k, dtype=torch.float64)
@@ -314,8 +351,7 @@ def quadratic_coefficients(
             vb = vectors[b]
             value = sum(dot([x], [z]) for x, z in zip(va, vb) if x is not None and z is not None)
             inner[a, b] = inner[b, a] = value
-    curvature = gram + damping * inner
-    return -torch.linalg.pinv(curvature, hermitian=True, rtol=1e-12) @ linear
+    return gram, inner, linear
 
 
 def measured_loss(
@@ -358,9 +394,20 @@ def run(
     reference = ExactNaturalGradient(
         model, loss_fn, names, config.damping, config.cg_tol, config.cg_max_iter
     )
+    if config.damping_rule not in ("fixed", "lm"):
+        raise ValueError(f"damping_rule must be 'fixed' or 'lm', got {config.damping_rule!r}")
+    lm = (
+        LevenbergMarquardt(initial=config.damping, interval=5)
+        if config.damping_rule == "lm" and rule != "fixed"
+        else None
+    )
+
+    def current_damping() -> float:
+        return lm.value if lm is not None else config.damping
+
     precond = None
     if direction_kind.startswith("kfac"):
-        precond = kfac_preconditioner(model, loss_fn, direction_kind, config.damping)
+        precond = kfac_preconditioner(model, loss_fn, direction_kind, current_damping)
         order = {n: i for i, n in enumerate(precond.curvature.param_names)}
         uncovered = [n for n in names if n not in order]
         if uncovered:
@@ -371,6 +418,7 @@ def run(
     for step in range(1, config.steps + 1):
         x, y = sample(generator)
         start = time.thread_time()
+        lam = reference.damping = current_damping()
 
         def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
             return loss_fn(model(x), y)
@@ -397,6 +445,8 @@ def run(
         if direction_kind.endswith("-orth"):
             proposal = orthogonalized(proposal, matrices)
         # the step
+        adapt = lm is not None and lm.due(step - 1)
+        change = float("nan")
         with torch.no_grad():
             if rule == "fixed":
                 delta = [config.lr * d for d in proposal]
@@ -410,9 +460,14 @@ def run(
                     for v in directions
                     for group in rule_groups
                 ]
-                c = quadratic_coefficients(
-                    model, loss_fn, call, params, grads, vectors, config.damping
-                ).to(params[0].dtype)
+                terms = quadratic_terms(model, loss_fn, call, params, grads, vectors)
+                c64, change = model_minimum(*terms, lam)
+                # the losses are ≥ 0: a model predicting a larger decrease is wrong that far
+                # out; raise λ until it does not (KFACOptimizer's guard; the direction keeps
+                # the λ it was computed with)
+                while lm is not None and -change > float(loss) and lm.value < lm.maximum:
+                    c64, change = model_minimum(*terms, lm.grow())
+                c = c64.to(params[0].dtype)
                 delta = [
                     sum(
                         (c[k] * v[i] for k, v in enumerate(vectors) if v[i] is not None),
@@ -423,8 +478,12 @@ def run(
                 coeffs = c.tolist()
             for p, d in zip(params, delta):
                 p.add_(d)
+            if adapt and lm is not None:  # ρ on the same batch, as KFACOptimizer
+                lm.observe(float(loss), float(loss_fn(model(x), y)), change)
         previous = delta
         result.cpu_seconds += time.thread_time() - start
+        result.dampings.append(lam)
+        result.batch_losses.append(float(loss))
         result.coefficients.append([float(v) for v in coeffs])
         result.steps = step
         # the reference at this iterate and batch (parameters before the step)
@@ -434,6 +493,7 @@ def run(
                     p.sub_(d)  # back to the iterate the direction was computed at
             ref_start = time.thread_time()
             if exact_direction is None:
+                reference.damping = lam
                 exact_direction = [-t for t in reference.solve(x, y, grads, block_diagonal=False)]
                 cg = reference.last_cg
             raw = proposal
@@ -447,7 +507,7 @@ def run(
                 exact_direction,
                 groups,
                 names,
-                config.damping,
+                lam,
             )
             entry.update(step=step, cg_iterations=cg[0], cg_residual=cg[1])
             result.cosines.append(entry)
@@ -613,6 +673,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cg-tol", type=float, default=1e-3)
     parser.add_argument("--cg-max-iter", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--damping-rule",
+        choices=("fixed", "lm"),
+        default="fixed",
+        help="fixed λ, or Levenberg–Marquardt from --damping (not for the /fixed rule)",
+    )
     parser.add_argument("--out", default="")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument(
@@ -657,6 +723,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 args.cg_tol,
                 args.cg_max_iter,
                 args.seed,
+                args.damping_rule,
             )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # CG stops are logged
@@ -676,6 +743,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "max_steps": steps[key],
                 "batch": args.batch or None,
                 "seed": args.seed,
+                "damping_rule": args.damping_rule,
                 "runs": runs,
             }
             if args.out:  # after every run: a long run cut off keeps what it finished
@@ -696,8 +764,10 @@ def print_tables(document: dict[str, Any]) -> None:
     for key, workload in document["workloads"].items():
         print(f"\n### {key}: {workload['title']}\n")
         batch = f"; batch {workload['batch']}" if workload.get("batch") else ""
+        rule = workload.get("damping_rule", "fixed")
+        lam = "λ" if rule == "fixed" else "λ₀ (Levenberg–Marquardt)"
         print(
-            f"Machine: {document['machine']}; λ = {workload['damping']:g}; target "
+            f"Machine: {document['machine']}; {lam} = {workload['damping']:g}; target "
             f"{workload['target']:g} (the race's); at most {workload['max_steps']} steps; "
             f"seed {workload.get('seed', 0)}{batch}\n"
         )
