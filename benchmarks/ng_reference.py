@@ -620,23 +620,35 @@ def table(workload: dict[str, Any]) -> list[str]:
         ),
         [],
     )
+    middle = min(10, workload["max_steps"])  # a step every run reaches unless it stops early
     lines = [
-        "| variant | steps to target | loss at end (step) | mean cos | mean cos_C "
-        "| per-layer mean cos (" + ", ".join(layer_names) + ") | ms / step | CG its |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| variant | steps to target | loss at step {middle} | loss at end (step) "
+        "| batch loss, last 5 steps | mean cos | mean cos_C "
+        "| per-layer mean cos (" + ", ".join(layer_names) + ") | λ at end | ms / step "
+        "| CG its |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, entry in runs.items():
         s = entry["summary"]
         if s["error"]:
-            lines.append(f"| {variant} | **error** {s['error']} | | | | | | |")
+            lines.append(f"| {variant} | **error** {s['error']} |" + " |" * 9)
             continue
         layers = " / ".join(_fmt(s["layer_cosines"].get(n), ".2f") for n in layer_names)
         reached = "—" if s["steps_to_target"] is None else str(s["steps_to_target"])
         note = f" (diverged at {s['diverged_at']})" if s["diverged_at"] else ""
+        at_middle = dict((int(k), v) for k, v in entry["curve"]).get(middle)
+        if at_middle is None and s["steps_to_target"] is not None:
+            mid = "(reached)"
+        else:
+            mid = _fmt(at_middle, ".4g")
+        batch = [v for v in entry.get("batch_losses", []) if v is not None][-5:]
+        dampings = entry.get("dampings") or [workload["damping"]]
         lines.append(
-            f"| {variant} | {reached} | {_fmt(s['final_loss'], '.4g')} ({s['steps']}){note} | "
+            f"| {variant} | {reached} | {mid} | {_fmt(s['final_loss'], '.4g')} "
+            f"({s['steps']}){note} | {_fmt(sum(batch) / len(batch) if batch else None, '.3g')} | "
             f"{_fmt(s['mean_cosine'])} | {_fmt(s['mean_cosine_c'])} | {layers} | "
-            f"{s['ms_per_step']:.0f} | {_fmt(s['cg_iterations'], '.0f')} |"
+            f"{_fmt(dampings[-1], '.2g')} | {s['ms_per_step']:.0f} | "
+            f"{_fmt(s['cg_iterations'], '.0f')} |"
         )
     return lines
 
