@@ -465,7 +465,7 @@ def run(
                 # the losses are ≥ 0: a model predicting a larger decrease is wrong that far
                 # out; raise λ until it does not (KFACOptimizer's guard; the direction keeps
                 # the λ it was computed with)
-                while lm is not None and -change > float(loss) and lm.value < lm.maximum:
+                while lm is not None and -change > float(loss.detach()) and lm.value < lm.maximum:
                     c64, change = model_minimum(*terms, lm.grow())
                 c = c64.to(params[0].dtype)
                 delta = [
@@ -479,11 +479,11 @@ def run(
             for p, d in zip(params, delta):
                 p.add_(d)
             if adapt and lm is not None:  # ρ on the same batch, as KFACOptimizer
-                lm.observe(float(loss), float(loss_fn(model(x), y)), change)
+                lm.observe(float(loss.detach()), float(loss_fn(model(x), y)), change)
         previous = delta
         result.cpu_seconds += time.thread_time() - start
         result.dampings.append(lam)
-        result.batch_losses.append(float(loss))
+        result.batch_losses.append(float(loss.detach()))
         result.coefficients.append([float(v) for v in coeffs])
         result.steps = step
         # the reference at this iterate and batch (parameters before the step)
