@@ -796,6 +796,7 @@ def merge(paths: Sequence[str]) -> dict[str, Any]:
         merged["machine"] = merged["machine"] or document["machine"]
         for key, workload in document["workloads"].items():
             into = merged["workloads"].setdefault(key, {**workload, "runs": {}})
+            into["max_steps"] = max(into["max_steps"], workload["max_steps"])
             into["runs"].update(workload["runs"])
     return merged
 
