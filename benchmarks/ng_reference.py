@@ -97,7 +97,7 @@ DIRECTIONS = (
     "kfac-fresh-factored",
     "kfac",
     "kfac-orth",
-)
+)  # from the reference to KFACOptimizer's proposal
 RULES = ("quadratic", "layer", "fixed")
 DEFAULT_VARIANTS = (
     "exact",
@@ -798,7 +798,14 @@ def merge(paths: Sequence[str]) -> dict[str, Any]:
             into = merged["workloads"].setdefault(key, {**workload, "runs": {}})
             into["max_steps"] = max(into["max_steps"], workload["max_steps"])
             into["runs"].update(workload["runs"])
+    for workload in merged["workloads"].values():  # directions, then rules, in their order
+        workload["runs"] = dict(sorted(workload["runs"].items(), key=lambda kv: _rank(kv[0])))
     return merged
+
+
+def _rank(variant: str) -> tuple[int, int]:
+    direction, rule = parse_variant(variant)
+    return DIRECTIONS.index(direction), RULES.index(rule)
 
 
 def _resized(
