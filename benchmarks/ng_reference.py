@@ -31,7 +31,7 @@ step-size rules (the suffix of a variant; none = ``quadratic``):
   by :func:`curvlab.optim.quadratic.ggn_gram`), as ``KFACOptimizer(step_sizes="global")``;
 * ``/layer``: one ``(α_l, μ_l)`` per layer (``KFACOptimizer``'s default per-layer trust
   region, its groups from :func:`curvlab.optim.kfac_optimizer.step_groups`);
-* ``/fixed``: ``δ = −lr·(−Δ) + β δ₀`` with a fixed ``--lr`` and ``--beta`` (SGD with
+* ``/fixed``: ``δ = lr·Δ + β δ₀`` with a fixed ``--lr`` and ``--beta`` (SGD with
   heavy-ball momentum on the direction).
 
 The damping ``λ`` is the same for every direction and rule: fixed per workload
@@ -212,13 +212,17 @@ class ExactNaturalGradient:
                 outs = []
                 for j in range(columns.shape[1]):
                     spread = masks * columns[:, j : j + 1]  # [P, L]: the vector per layer
-                    outs.append((op @ spread * masks).sum(dim=1))
+                    product = op @ spread
+                    assert isinstance(product, Tensor)  # a tensor in, a tensor out
+                    outs.append((product * masks).sum(dim=1))
                 return torch.stack(outs, dim=1)
 
         else:
 
             def matvec(columns: Tensor) -> Tensor:
-                return op @ columns
+                product = op @ columns
+                assert isinstance(product, Tensor)  # a tensor in, a tensor out
+                return product
 
         solution, iterations, residual = linalg.conjugate_gradient(
             matvec, b, damping=self.damping, tol=self.cg_tol, max_iter=self.cg_max_iter
@@ -253,14 +257,20 @@ def kfac_preconditioner(
     if direction.startswith("kfac-fresh"):
         mode = "factored" if direction == "kfac-fresh-factored" else "exact"
         curvature = curvlab.KFC(model, loss_fn, fisher_type="mc", damping_mode=mode)
-        schedule = {"update_every": 1, "invert_every": 1, "ema_decay": 0.0}
+        invert_every, ema_decay = 1, 0.0
     else:  # KFACOptimizer's default statistics and damping
         curvature = curvlab.KFC(
             model, loss_fn, fisher_type="mc", damping_mode="factored", statistics_fraction=0.25
         )
-        schedule = {"update_every": 1, "invert_every": 20, "ema_decay": 0.95}
+        invert_every, ema_decay = 20, 0.95
     return curvlab.NaturalGradient(
-        curvature, damping=policy, kl_clip=None, distribution="local", **schedule
+        curvature,
+        damping=policy,
+        update_every=1,
+        invert_every=invert_every,
+        ema_decay=ema_decay,
+        kl_clip=None,
+        distribution="local",
     )
 
 
@@ -352,6 +362,18 @@ def quadratic_terms(
             value = sum(dot([x], [z]) for x, z in zip(va, vb) if x is not None and z is not None)
             inner[a, b] = inner[b, a] = value
     return gram, inner, linear
+
+
+def combination(
+    coeffs: Tensor, vectors: list[list[Tensor | None]], index: int, like: Tensor
+) -> Tensor:
+    """``Σ_k c_k v_k`` for parameter ``index`` (a ``None`` entry is zero)."""
+    total = torch.zeros_like(like)
+    for c, vector in zip(coeffs, vectors):
+        piece = vector[index]
+        if piece is not None:
+            total = total + c * piece
+    return total
 
 
 def measured_loss(
@@ -468,13 +490,7 @@ def run(
                 while lm is not None and -change > float(loss.detach()) and lm.value < lm.maximum:
                     c64, change = model_minimum(*terms, lm.grow())
                 c = c64.to(params[0].dtype)
-                delta = [
-                    sum(
-                        (c[k] * v[i] for k, v in enumerate(vectors) if v[i] is not None),
-                        torch.zeros_like(params[i]),
-                    )
-                    for i in range(len(params))
-                ]
+                delta = [combination(c, vectors, i, p) for i, p in enumerate(params)]
                 coeffs = c.tolist()
             for p, d in zip(params, delta):
                 p.add_(d)
