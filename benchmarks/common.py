@@ -6,11 +6,13 @@ Benchmarks print tables; they never assert timings. Run them with ``make bench``
 from __future__ import annotations
 
 import itertools
+import math
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,18 @@ class Workload:
         x = torch.randn(self.batch_size, *self.input_shape, generator=gen)
         y = torch.randint(0, self.num_classes, (self.batch_size,), generator=gen)
         return x.to(device), y.to(device)
+
+
+def json_ready(x: Any) -> Any:
+    """``x`` with every non-finite float as ``None`` (JSON has no infinity: a time never
+    reached, or a diverged loss, is ``null``) and dict keys as strings."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    return x
 
 
 def _mlp(*sizes: int, activation: type[nn.Module] = nn.ReLU) -> Callable[[], nn.Module]:

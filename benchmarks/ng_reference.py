@@ -77,6 +77,7 @@ import torch
 from torch import Tensor, nn
 
 import curvlab
+from benchmarks.common import json_ready
 from curvlab import linalg
 from curvlab.optim.damping import Damping, LevenbergMarquardt
 from curvlab.optim.kfac_optimizer import step_groups
@@ -785,7 +786,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _write(document: dict[str, Any], path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(_finite(document), f, indent=1, allow_nan=False)
+        json.dump(json_ready(document), f, indent=1, allow_nan=False)
 
 
 def print_tables(document: dict[str, Any]) -> None:
@@ -832,16 +833,6 @@ def _resized(
         return x[:size], y[:size]
 
     return batch
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 import curvlab
 from benchmarks.autoencoder_race import deep_autoencoder, mnist
-from benchmarks.common import machine
+from benchmarks.common import json_ready, machine
 
 Step = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
@@ -1123,24 +1123,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump(_finite(document), f, indent=1, allow_nan=False)
+            json.dump(json_ready(document), f, indent=1, allow_nan=False)
         print(f"\nWrote {args.out}")
     if args.figure:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
         figure(results, contenders, args.figure)
         print(f"Wrote {args.figure}")
     return document
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no infinity: a time never reached, or a diverged loss, is ``null``."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 if __name__ == "__main__":
