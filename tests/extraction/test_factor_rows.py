@@ -28,7 +28,7 @@ import curvlab
 from curvlab.extraction import hooks
 from tests import reference_any as ref
 from tests.curvature.test_right_numbers import _in_order
-from tests.extraction.test_replay import _BatchCentred, _count_row_passes
+from tests.extraction.test_replay import _answers, _BatchCentred, _count_row_passes
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
@@ -209,16 +209,7 @@ def _close(actual: Tensor, expected: Tensor) -> None:
 def _spy_replay(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records, per call of ``per_sample_gradients`` by the dense rows, whether it gave
     the rows (``True``) or declined (``None`` result: ``False``)."""
-    answers: list[bool] = []
-    original = hooks.per_sample_gradients
-
-    def spying(*args, **kwargs):
-        found = original(*args, **kwargs)
-        answers.append(found is not None)
-        return found
-
-    monkeypatch.setattr(hooks, "per_sample_gradients", spying)
-    return answers
+    return _answers(monkeypatch, "per_sample_gradients")
 
 
 def _without_replay(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,21 @@ def _count_row_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _answers(monkeypatch: pytest.MonkeyPatch, name: str) -> list[bool]:
+    """Records, per call of ``hooks.<name>`` (a route that may decline with ``None``),
+    whether it answered (``True``) or declined (``False``)."""
+    answers: list[bool] = []
+    original = getattr(hooks, name)
+
+    def spying(*args, **kwargs):
+        found = original(*args, **kwargs)
+        answers.append(found is not None)
+        return found
+
+    monkeypatch.setattr(hooks, name, spying)
+    return answers
+
+
 @pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
 @pytest.mark.parametrize("name", REPLAYED)
 def test_replayed_diagonal_is_exact_without_per_row_passes(name, fisher_type, monkeypatch):
@@ -113,15 +128,7 @@ def test_samples_that_interact_stay_exact(monkeypatch) -> None:
     torch.manual_seed(0)
     model, loss_fn = _BatchCentred().to(DTYPE), nn.CrossEntropyLoss()
     x, y = torch.randn(6, 3, dtype=DTYPE), torch.randint(0, 3, (6,))
-    replayed: list[int] = []
-    original = hooks._replayed_squares
-
-    def counting(*args, **kwargs):
-        found = original(*args, **kwargs)
-        replayed.append(found is not None)
-        return found
-
-    monkeypatch.setattr(hooks, "_replayed_squares", counting)
+    replayed = _answers(monkeypatch, "_replayed_squares")
     c = curvlab.KFAC(model, loss_fn, fisher_type="exact")
     c.update(x, y)
     assert not any(replayed), "the replay is not this function"
