@@ -33,8 +33,10 @@ def pi_correction(G: Tensor, A: Tensor) -> Tensor:
 
     ``π = sqrt( (tr(A) / dim A) / (tr(G) / dim G) )`` for the K-FAC block ``kron(G, A)``
     (``G`` output-gradient factor, ``A`` input factor, dims including a homogeneous bias
-    coordinate). It minimizes the trace norm of the damping error term
-    ``γ (π·(G⊗I) + π^{-1}·(I⊗A))`` (row-major form of §2.3.2).
+    coordinate). Either factor may be given as its diagonal ``[m]`` (only the traces enter:
+    a structured ``G`` passes ``G.diagonal()`` and never forms ``[m, m]``). It minimizes the
+    trace norm of the damping error term ``γ (π·(G⊗I) + π^{-1}·(I⊗A))`` (row-major form of
+    §2.3.2).
 
     Zero traces: if ``tr(A) == 0`` or ``tr(G) == 0`` (e.g. a factor that is still all zeros)
     the formula degenerates to 0 or ∞; this function then returns **π = 1** (plain
@@ -47,12 +49,12 @@ def pi_correction(G: Tensor, A: Tensor) -> Tensor:
         LinAlgError: a factor is non-finite.
         ValueError: a trace is negative (a factor is not PSD), or bad shapes.
     """
-    check_square(G, "G")
+    _check_factor(G, "G")
     _check_factor(A, "A")
     check_same_dtype_device(G=G, A=A)
     check_finite(G, "G")
     check_finite(A, "A")
-    mean_G = torch.trace(G) / G.shape[0]
+    mean_G = (G.sum() if G.ndim == 1 else torch.trace(G)) / G.shape[0]
     mean_A = (A.sum() if A.ndim == 1 else torch.trace(A)) / A.shape[0]
     if bool(mean_G < 0) or bool(mean_A < 0):
         raise ValueError(

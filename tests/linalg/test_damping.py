@@ -126,6 +126,18 @@ def test_pi_override_and_zero_damping() -> None:
         factored_damping(G, A, -1.0)
 
 
+@pytest.mark.parametrize("diagonal", ["G", "A", "both"])
+def test_pi_correction_of_diagonals_equals_the_dense_factors(diagonal: str) -> None:
+    """A factor given as its diagonal ``[m]`` gives the π of ``diag`` of it (only the traces
+    enter), so a structured ``G`` never forms ``[m, m]``."""
+    g = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+    a = torch.tensor([8.0, 2.0], dtype=torch.float64)
+    dense = pi_correction(torch.diag(g), torch.diag(a))
+    G = g if diagonal in ("G", "both") else torch.diag(g)
+    A = a if diagonal in ("A", "both") else torch.diag(a)
+    torch.testing.assert_close(pi_correction(G, A), dense, rtol=0, atol=0)
+
+
 def test_pi_correction_zero_trace_falls_back_to_one() -> None:
     Z2, Z3 = torch.zeros(2, 2), torch.zeros(3, 3)
     assert float(pi_correction(Z2, torch.eye(3))) == 1.0

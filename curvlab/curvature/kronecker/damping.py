@@ -202,7 +202,7 @@ class FactoredDamping(KroneckerDamping):
         """One Woodbury shift ``γ/π`` for every column: ``(G + γ/π I)⁻¹ (V (A + πγ I)⁻¹)``."""
         G, a = _structured_factors(kfac, k)
         mat = mat.to(G.d.dtype)
-        pi = linalg.pi_correction(torch.diag(G.diagonal()), a)
+        pi = linalg.pi_correction(G.diagonal(), a)
         gamma = damping**0.5
         shifts = (gamma / pi).reshape(1).to(G.d.dtype)
         cached = kfac._structured_cache.get(k)
