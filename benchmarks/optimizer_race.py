@@ -570,11 +570,14 @@ CONTENDERS: dict[str, Contender] = {
             "eig-adam",
             "EigenbasisAdam",
             _eigenbasis_adam,
+            # 3e-2 and refresh_every=20 at 1e-2 were added after a first run (2026-12-06)
+            # in which 1e-2, the top of the grid, was best on the autoencoder and the LM
             [
                 {"lr": 3e-3},
                 {"lr": 1e-3},
                 {"lr": 1e-2},
-                {"lr": 3e-3, "refresh_every": 20},
+                {"lr": 3e-2},
+                {"lr": 1e-2, "refresh_every": 20},
             ],
             "curvlab; AdamW in the eigenbasis of the KFC factors, weight decay 0.01, factors "
             "every 10 steps (factor_decay 0.95), eigenbases every 100 steps by default",
@@ -619,6 +622,7 @@ WORKLOAD_SETTINGS: dict[str, dict[str, list[dict]]] = {
         # the LSTM's maps in the eigenbasis too (otherwise plain AdamW for them)
         "eig-adam": [
             {"lr": 3e-3},
+            {"lr": 1e-2},
             {"lr": 3e-3, "recurrent": "independent"},
             {"lr": 1e-3, "recurrent": "independent"},
             {"lr": 1e-2, "recurrent": "independent"},

@@ -201,6 +201,16 @@ class EigenbasisAdam(torch.optim.Optimizer):
         self._gathering = False  # factors of the current step are being accumulated
         self._arm_recording()
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Only at construction: the optimizer keeps one group, the model's parameters
+        (a layer's weight and bias share one eigenbasis and one state)."""
+        if self.param_groups:
+            raise NotImplementedError(
+                f"{OWNER}: keeps one param group (the model's trainable parameters); build "
+                "another optimizer for other parameters."
+            )
+        super().add_param_group(param_group)
+
     # --- what is where ----------------------------------------------------------------
 
     def coverage(self) -> dict[str, str]:

@@ -380,6 +380,12 @@ def test_bad_curvature_and_model_raise() -> None:
         EigenbasisAdam(frozen, loss_fn)
 
 
+def test_a_second_param_group_is_refused() -> None:
+    opt = EigenbasisAdam(_mlp(), nn.CrossEntropyLoss())
+    with pytest.raises(NotImplementedError, match="one param group"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})
+
+
 def test_a_non_finite_loss_on_a_factor_step_raises() -> None:
     model, loss_fn = _mlp(), nn.CrossEntropyLoss()
     opt = EigenbasisAdam(model, loss_fn)
