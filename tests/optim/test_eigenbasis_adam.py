@@ -520,3 +520,30 @@ def test_plain_backward_and_closure_work_and_schedulers_set_the_rate() -> None:
 def test_exported_from_curvlab() -> None:
     assert curvlab.EigenbasisAdam is EigenbasisAdam
     assert curvlab.optim.EigenbasisAdam is EigenbasisAdam
+
+
+# --- the race's contender ----------------------------------------------------------------
+
+
+def test_the_race_contender_is_eigenbasis_adam_with_weight_decay() -> None:
+    """``eig-adam`` of benchmarks/optimizer_race.py takes EigenbasisAdam's steps (weight
+    decay 0.01), and each of its search spaces has at most five settings."""
+    from benchmarks.optimizer_race import CONTENDERS, WORKLOAD_SETTINGS
+
+    contender = CONTENDERS["eig-adam"]
+    spaces = [contender.settings] + [
+        s["eig-adam"] for s in WORKLOAD_SETTINGS.values() if "eig-adam" in s
+    ]
+    assert all(1 <= len(space) <= 5 for space in spaces)
+    model, loss_fn = _mlp(norm=True), nn.CrossEntropyLoss()
+    reference = copy.deepcopy(model)
+    step = contender.make(model, loss_fn, {"lr": 1e-2, "update_every": 1})
+    opt = EigenbasisAdam(reference, loss_fn, lr=1e-2, update_every=1, weight_decay=0.01)
+    for s in range(3):
+        x, y = _batch(seed=s)
+        torch.manual_seed(s)
+        step(x, y)
+        torch.manual_seed(s)
+        _loop(opt, reference, loss_fn, x, y)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
