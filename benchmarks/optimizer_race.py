@@ -23,7 +23,9 @@ Shampoo (``ScalableShampoo``, RMSProp grafting), Muon (AdamW for biases, norms,
 embeddings and the output layer, as its docstring says) and PSGD (``Kron``) from
 pytorch-optimizer; curvlab's ``KFACOptimizer`` (no learning rate; its initial damping)
 and ``NaturalGradient`` over K-FAC and EKFAC beside SGD with momentum (damping × lr), and
-over K-FAC beside Muon (the natural gradient under Muon's momentum and polar factor).
+over K-FAC beside Muon (the natural gradient under Muon's momentum and polar factor); and
+curvlab's ``EigenbasisAdam`` (AdamW in the eigenbasis of the KFC factors, over learning
+rates).
 
 Protocol (as AlgoPerf): the target of a workload is the loss that the best-tuned NAdamW
 reaches (median over seeds) at 80 % of the budget, per thread count; the score of a
@@ -456,6 +458,21 @@ def _natural_gradient(curvature: Callable[..., curvlab.Curvature], base: str = "
     return make
 
 
+def _eigenbasis_adam(model: nn.Module, loss_fn: nn.Module, setting: dict) -> Step:
+    """``make`` of the ``EigenbasisAdam`` contender (its default curvature is KFC, so the
+    ConvNet's kernels get an eigenbasis too); weight decay 0.01 as the AdamW contenders."""
+    opt = curvlab.EigenbasisAdam(model, loss_fn, **{"weight_decay": 0.01, **setting})
+
+    def step(x: Tensor, y: Tensor) -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        opt.backward(loss)  # the backward pass, plus the K-FAC factors every update_every
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
 LRS = [{"lr": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-4)]
 NG_SETTINGS = [
     {"lr": 0.1},
@@ -550,6 +567,22 @@ CONTENDERS: dict[str, Contender] = {
             "Muon (its groups, as the muon contender)",
         ),
         Contender(
+            "eig-adam",
+            "EigenbasisAdam",
+            _eigenbasis_adam,
+            # 3e-2 and refresh_every=20 at 1e-2 were added after a first run (2026-12-06)
+            # in which 1e-2, the top of the grid, was best on the autoencoder and the LM
+            [
+                {"lr": 3e-3},
+                {"lr": 1e-3},
+                {"lr": 1e-2},
+                {"lr": 3e-2},
+                {"lr": 1e-2, "refresh_every": 20},
+            ],
+            "curvlab; AdamW in the eigenbasis of the KFC factors, weight decay 0.01, factors "
+            "every 10 steps (factor_decay 0.95), eigenbases every 100 steps by default",
+        ),
+        Contender(
             "ng-ekfac",
             "NG(EKFAC)+SGD",
             _natural_gradient(lambda model, loss_fn: curvlab.EKFAC(model, loss_fn)),
@@ -585,6 +618,14 @@ WORKLOAD_SETTINGS: dict[str, dict[str, list[dict]]] = {
             {"recurrent": "independent", "lr": 0.1, "update_every": 10},
             {"recurrent": "independent", "damping": 1e-2, "lr": 0.3, "update_every": 10},
             {"recurrent": "independent", "damping": 1e-3, "lr": 0.1, "update_every": 10},
+        ],
+        # the LSTM's maps in the eigenbasis too (otherwise plain AdamW for them)
+        "eig-adam": [
+            {"lr": 3e-3},
+            {"lr": 1e-2},
+            {"lr": 3e-3, "recurrent": "independent"},
+            {"lr": 1e-3, "recurrent": "independent"},
+            {"lr": 1e-2, "recurrent": "independent"},
         ],
         "ng-kfac-muon": [
             {"lr": 0.02, "adamw_lr": 3e-3, "damping": 1e-2, "update_every": 10, "kl_clip": None},

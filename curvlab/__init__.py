@@ -37,6 +37,7 @@ from curvlab.extraction.policies import (
 )
 from curvlab.optim import (
     ACKTR,
+    EigenbasisAdam,
     KFACOptimizer,
     LevenbergMarquardt,
     NaturalGradient,
@@ -61,6 +62,7 @@ __all__ = [
     "Curvature",
     "DecompositionBlock",
     "DiagonalFisher",
+    "EigenbasisAdam",
     "EmpiricalFisher",
     "ExactFisher",
     "FisherType",

@@ -6,6 +6,8 @@
   damping);
 * :class:`ACKTR` — K-FAC natural policy gradient with a KL trust region
   (concepts/policy_gradients.md);
+* :class:`EigenbasisAdam` — AdamW in the eigenbasis of the K-FAC factors (EKFAC/SOAP-style;
+  concepts/natural_gradient.md#adam-in-the-k-fac-eigenbasis);
 * :class:`LevenbergMarquardt` — the damping rule both use;
 * :class:`NoisyKFAC` — noisy natural gradient: variational inference with a
   Kronecker-factored Gaussian posterior (concepts/noisy_natural_gradient.md);
@@ -21,6 +23,7 @@ from curvlab.optim import distributed
 from curvlab.optim.acktr import ACKTR
 from curvlab.optim.checkpoint import load_checkpoint, save_checkpoint
 from curvlab.optim.damping import LevenbergMarquardt
+from curvlab.optim.eigenbasis_adam import EigenbasisAdam
 from curvlab.optim.kfac_optimizer import KFACOptimizer
 from curvlab.optim.natural_gradient import NaturalGradient
 from curvlab.optim.noisy import NoisyKFAC
@@ -30,6 +33,7 @@ __all__ = [
     "ACKTR",
     "CommOpt",
     "Distribution",
+    "EigenbasisAdam",
     "KFACOptimizer",
     "LevenbergMarquardt",
     "Local",
