@@ -1,8 +1,8 @@
 """The ``curvlab`` command: ``curvlab ablate`` (also ``python -m curvlab ablate``).
 
 ``curvlab ablate`` races the chosen optimizers (``--contenders``: SGD, Adam, exact natural
-gradient and ``KFACOptimizer`` by default; also AdamW, NAdamW or any torch.optim-style
-class by import path) and one ``NaturalGradient`` per chosen backend from one
+gradient and ``KFACOptimizer`` by default; also AdamW, NAdamW, ``EigenbasisAdam`` or any
+torch.optim-style class by import path) and one ``NaturalGradient`` per chosen backend from one
 initialisation on an embedded data set (scikit-learn's digits by default) or the user's
 ``.npz``, with a built-in model or the user's ``module:factory``, measures every backend
 against the exact Fisher, and writes ``summary.md``, ``results.json``,
@@ -73,7 +73,14 @@ DEFAULT_CONTENDERS = tuple(n.replace("_", "-") for n in BASELINES)
 CONTENDER_NAMES = tuple(n.replace("_", "-") for n in BUILT_IN)
 #: Learning rates without ``--lr`` (``natural``: every NaturalGradient contender). A
 #: ``module:Class`` contender starts from its class's default ``lr``.
-DEFAULT_LR = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01, "nadamw": 0.01, "natural": 0.1}
+DEFAULT_LR = {
+    "sgd": 0.1,
+    "adam": 0.01,
+    "adamw": 0.01,
+    "nadamw": 0.01,
+    "eig_adam": 0.01,
+    "natural": 0.1,
+}
 #: The damping λ of every NaturalGradient without ``--damping``.
 DEFAULT_DAMPING = 1e-3
 #: Per task ``(model, data)``: every optimizer's best learning rate (and λ) of the
@@ -99,6 +106,7 @@ TUNING_LRS = {
     "adam": (0.003, 0.01, 0.03, 0.1),
     "adamw": (0.003, 0.01, 0.03, 0.1),
     "nadamw": (0.003, 0.01, 0.03, 0.1),
+    "eig_adam": (0.003, 0.01, 0.03),
     "natural": (0.03, 0.1, 0.3),
 }
 #: The ``--tune`` grid of a ``module:Class`` contender: these multiples of its start lr.

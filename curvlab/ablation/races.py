@@ -23,6 +23,7 @@ from curvlab.ablation.measure import Stopwatch
 from curvlab.ablation.reports import dumps, format_value, markdown_table
 from curvlab.curvature.registry import available, make
 from curvlab.linalg.damping import check_damping
+from curvlab.optim.eigenbasis_adam import EigenbasisAdam
 from curvlab.optim.kfac_optimizer import KFACOptimizer
 from curvlab.optim.natural_gradient import NaturalGradient
 
@@ -34,12 +35,13 @@ Data = tuple[Tensor, Tensor]
 #: preconditioned by ``NaturalGradient`` over that backend.
 BASELINES = ("sgd", "adam", "ngd", "kfac_optimizer")
 #: Every built-in name of :func:`contender` besides the registry names.
-BUILT_IN = ("sgd", "adam", "adamw", "nadamw", "ngd", "kfac_optimizer")
+BUILT_IN = ("sgd", "adam", "adamw", "nadamw", "ngd", "kfac_optimizer", "eig_adam")
 #: ``Contender.optimizer`` values: torch's SGD (with momentum), Adam, AdamW, NAdamW
 #: (``NAdam(decoupled_weight_decay=True)``) and :class:`~curvlab.KFACOptimizer` (its own
-#: step size and momentum: ``lr`` is not used). Any ``"module:Class"`` import path is one
-#: too: a torch.optim-style optimizer class.
-OPTIMIZERS = ("sgd", "adam", "adamw", "nadamw", "kfac")
+#: step size and momentum: ``lr`` is not used) and :class:`~curvlab.EigenbasisAdam` (AdamW in
+#: the K-FAC eigenbasis, weight decay ``WEIGHT_DECAY``). Any ``"module:Class"`` import path is
+#: one too: a torch.optim-style optimizer class.
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadamw", "kfac", "eig_adam")
 #: The weight decay of AdamW and NAdamW (torch's AdamW default).
 WEIGHT_DECAY = 0.01
 #: The registry name of the exact Fisher (exact NGD's preconditioner, the reference).
@@ -56,7 +58,9 @@ class Contender:
             (both with weight decay ``WEIGHT_DECAY``), ``"kfac"``
             (:class:`~curvlab.KFACOptimizer` with its default settings and ``damping`` as
             its initial λ if given; it computes its own step size and momentum, so ``lr``
-            and ``momentum`` are not used and it takes no ``curvature``) or the import path
+            and ``momentum`` are not used and it takes no ``curvature``), ``"eig_adam"``
+            (:class:`~curvlab.EigenbasisAdam` at ``lr`` with weight decay ``WEIGHT_DECAY``,
+            its own K-FAC factors: it takes no ``curvature``) or the import path
             ``"module:Class"`` of a torch.optim-style optimizer class, built as
             ``Class(params, lr=lr)`` (imported when the contender is made).
         lr: the learning rate.
@@ -87,10 +91,11 @@ class Contender:
                 f"{', '.join(map(repr, OPTIMIZERS))} or a 'module:Class' import path, got "
                 f"{self.optimizer!r}."
             )
-        if self.optimizer == "kfac" and self.curvature is not None:
+        if self.optimizer in ("kfac", "eig_adam") and self.curvature is not None:
+            owner = "KFACOptimizer" if self.optimizer == "kfac" else "EigenbasisAdam"
             raise ValueError(
-                f"Contender {self.name!r}: optimizer 'kfac' (KFACOptimizer) brings its own "
-                f"curvature; got curvature={self.curvature!r}."
+                f"Contender {self.name!r}: optimizer {self.optimizer!r} ({owner}) brings its "
+                f"own curvature; got curvature={self.curvature!r}."
             )
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(
@@ -115,15 +120,18 @@ def contender(name: str, lr: float | None) -> Contender:
     ``NAdam(decoupled_weight_decay=True)``, weight decay ``WEIGHT_DECAY``), ``"ngd"`` (exact
     natural gradient: the exact Fisher as the preconditioner of SGD with momentum),
     ``"kfac_optimizer"`` (:class:`~curvlab.KFACOptimizer` with its defaults; ``lr`` is not
-    used), a backend's registry name, or ``"module:Class"``: a torch.optim-style optimizer
-    class, imported now (labelled by its class name). Hyphens count as underscores
-    (``"kfac-optimizer"``). ``lr=None``: a ``module:Class``'s own default ``lr``, else 0.1."""
+    used), ``"eig_adam"`` (:class:`~curvlab.EigenbasisAdam`), a backend's registry name, or
+    ``"module:Class"``: a torch.optim-style optimizer class, imported now (labelled by its
+    class name). Hyphens count as underscores
+    (``"kfac-optimizer"``). ``lr=None``: a ``module:Class``'s (and ``EigenbasisAdam``'s) own
+    default ``lr``, else 0.1."""
     if is_import_path(name):
         cls = optimizer_class(name)
         lr = lr if lr is not None else default_lr(cls)
         return Contender(getattr(cls, "__name__", name), name.strip(), 0.1 if lr is None else lr)
-    lr = 0.1 if lr is None else lr
     key = name.strip().replace("-", "_")
+    if lr is None:
+        lr = (default_lr(EigenbasisAdam) if key == "eig_adam" else None) or 0.1
     if key == "sgd":
         return Contender("SGD", "sgd", lr)
     if key == "adam":
@@ -136,6 +144,8 @@ def contender(name: str, lr: float | None) -> Contender:
         return Contender("exact NGD", "sgd", lr, curvature=EXACT)
     if key == "kfac_optimizer":
         return Contender("KFACOptimizer", "kfac", lr)
+    if key == "eig_adam":
+        return Contender("EigenbasisAdam", "eig_adam", lr)
     if key in available():
         return Contender(key, "sgd", lr, curvature=key)
     raise ValueError(
@@ -188,8 +198,11 @@ def make_optimizer(c: Contender, params: Iterable[Tensor]) -> torch.optim.Optimi
         )
     if c.optimizer == "sgd":
         return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum)
-    if c.optimizer == "kfac":
-        raise ValueError(f"Contender {c.name!r}: KFACOptimizer needs the model and the loss.")
+    if c.optimizer in ("kfac", "eig_adam"):
+        raise ValueError(
+            f"Contender {c.name!r}: {c.optimizer!r} builds its own curvature, so it needs the "
+            "model and the loss (curvlab.ablation.races._stepper), not only the parameters."
+        )
     cls = optimizer_class(c.optimizer)
     try:
         opt = cls(params, lr=c.lr)
@@ -412,6 +425,17 @@ def _stepper(
             return kfac.step(lambda: loss_fn(model(x), y))
 
         return _Stepper(kfac_step, lambda: kfac.lm.value)
+    if c.optimizer == "eig_adam":
+        eig = EigenbasisAdam(model, loss_fn, lr=c.lr, weight_decay=WEIGHT_DECAY)
+
+        def eig_step(x: Tensor, y: Tensor) -> Tensor:
+            eig.zero_grad()
+            loss = loss_fn(model(x), y)
+            eig.backward(loss)
+            eig.step()
+            return loss
+
+        return _Stepper(eig_step, lambda: None)
     precond = (
         NaturalGradient(
             make(c.curvature, model, loss_fn, **dict(c.curvature_options)), lr=c.lr, **natural

@@ -32,7 +32,7 @@ def selected(tmp_path_factory):
     """One run with every kind of contender (built-in, new, import path) on tiny data."""
     tmp = tmp_path_factory.mktemp("selected")
     out = tmp / "run"
-    contenders = "sgd,adamw,nadamw,ngd,kfac-optimizer,torch.optim:RMSprop"
+    contenders = "sgd,adamw,nadamw,ngd,kfac-optimizer,eig-adam,torch.optim:RMSprop"
     code = main(["ablate", *TINY, "--model", "mlp", "--data", _small(tmp / "d.npz"),
                  "--contenders", contenders, "--lr", "sgd=0.05", "--out", str(out)])  # fmt: skip
     assert code == 0
@@ -42,15 +42,19 @@ def selected(tmp_path_factory):
 def test_contenders_choose_who_races_then_the_backends(selected) -> None:
     results, _ = selected
     names = [c["name"] for c in results["race"]["curves"]]
-    assert names == ["SGD", "AdamW", "NAdamW", "exact NGD", "KFACOptimizer", "RMSprop", "kfac"]
+    assert names == [
+        "SGD", "AdamW", "NAdamW", "exact NGD", "KFACOptimizer", "EigenbasisAdam", "RMSprop",
+        "kfac",
+    ]  # fmt: skip
     settings = results["settings"]
     assert settings["contenders"] == [
-        "sgd", "adamw", "nadamw", "ngd", "kfac-optimizer", "torch.optim:RMSprop",
+        "sgd", "adamw", "nadamw", "ngd", "kfac-optimizer", "eig-adam", "torch.optim:RMSprop",
     ]  # fmt: skip
     # --lr sets a group; the others keep their defaults; a class its own default lr
     assert settings["learning_rates"]["SGD"] == 0.05
     assert settings["learning_rates"]["AdamW"] == settings["learning_rates"]["NAdamW"] == 0.01
     assert settings["learning_rates"]["RMSprop"] == 0.01  # torch.optim.RMSprop's default
+    assert settings["learning_rates"]["EigenbasisAdam"] == 0.01  # the group eig_adam's
     optimizers = {c["name"]: c["optimizer"] for c in results["race"]["curves"]}
     assert optimizers["RMSprop"] == "torch.optim:RMSprop" and optimizers["NAdamW"] == "nadamw"
 

@@ -147,7 +147,8 @@ def test_model_fn_must_be_deterministic_under_the_seed() -> None:
 def test_bad_contenders_fail_before_any_training() -> None:
     train, val = _task()
     with pytest.raises(
-        ValueError, match="Valid: sgd, adam, adamw, nadamw, ngd, kfac_optimizer, a curvature"
+        ValueError,
+        match="Valid: sgd, adam, adamw, nadamw, ngd, kfac_optimizer, eig_adam, a curvature",
     ):
         contender("lbfgs", 0.1)
     with pytest.raises(ValueError, match="optimizer must be one of 'sgd', 'adam', 'adamw'"):
@@ -164,6 +165,8 @@ def test_bad_contenders_fail_before_any_training() -> None:
         contender("torch.optim:", 0.1)
     with pytest.raises(ValueError, match="brings its own curvature"):
         Contender("x", "kfac", curvature="kfac")
+    with pytest.raises(ValueError, match=r"'eig_adam' \(EigenbasisAdam\) brings its own"):
+        Contender("x", "eig_adam", curvature="kfac")
     with pytest.raises(ValueError, match="lr must be a positive float"):
         Contender("x", "sgd", lr=-1.0)
     with pytest.raises(ValueError, match="distinct contenders"):
@@ -268,3 +271,31 @@ def test_an_optimizer_that_needs_a_closure_gets_one() -> None:
     (curve,) = result.curves
     assert curve.name == "LBFGS" and curve.diverged_at is None
     assert curve.train_loss[-1] < curve.train_loss[0]
+
+
+def test_eigenbasis_adam_in_the_race_matches_a_hand_written_loop() -> None:
+    """``eig_adam`` is :class:`curvlab.EigenbasisAdam` at the contender's lr with weight
+    decay ``WEIGHT_DECAY``, stepping on the race's batches (the same order)."""
+    from curvlab import EigenbasisAdam
+    from curvlab.ablation.races import WEIGHT_DECAY
+
+    train, val = _task()
+    c = contender("eig-adam", None)
+    assert (c.name, c.optimizer, c.lr) == ("EigenbasisAdam", "eig_adam", 3e-3)  # its default
+    c = contender("eig-adam", 0.01)
+    result = race(
+        _mlp, nn.CrossEntropyLoss(), train, val, [c], steps=4, seed=0, batch_size=16,
+        eval_every=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model, loss_fn = _mlp(), nn.CrossEntropyLoss()
+    opt = EigenbasisAdam(model, loss_fn, lr=0.01, weight_decay=WEIGHT_DECAY)
+    torch.manual_seed(0)  # the race reseeds before each contender's run (Monte-Carlo labels)
+    for idx in _batch_order(len(train[0]), 16, 4, seed=0):
+        opt.zero_grad()
+        opt.backward(loss_fn(model(train[0][idx]), train[1][idx]))
+        opt.step()
+    with torch.no_grad():
+        loss = float(loss_fn(model(train[0]), train[1]))
+    assert result.curves[0].train_loss[-1] == pytest.approx(loss, rel=1e-6)
+    assert result.curves[0].train_loss[-1] < result.curves[0].train_loss[0]
