@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import curvlab
+from curvlab.curvature.distribution import DistributionInterface as ops
 from curvlab.curvature.kronecker.factored import TIED_KRONECKER_SUM
 from tests import reference_any as ra
 
@@ -276,6 +277,41 @@ def test_state_dict_round_trip(mode: str) -> None:
     _close(_flat(fresh.solve(v, 0.1)), _flat(c.solve(v, 0.1)), rtol=1e-12)
 
 
+def test_a_state_saved_before_tied_sums_existed_loads() -> None:
+    """A checkpoint without the tied embedding sums loads into a model without a tied
+    pair; into one with a tied pair it is refused (its layers differ)."""
+    untied = _untied(_model())
+    c = curvlab.KFAC(untied, nn.CrossEntropyLoss())
+    c.update(*_data())
+    state = c.state_dict()
+    stats = state["statistics"]
+    old = {
+        **state,
+        "statistics": {
+            **stats,
+            "sums": {k: v for k, v in stats["sums"].items() if not k.startswith("tied")},
+            "counts": {k: v for k, v in stats["counts"].items() if not k.startswith("tied")},
+        },
+    }
+    fresh = curvlab.KFAC(untied, nn.CrossEntropyLoss())
+    fresh.load_state_dict(old)
+    _close(fresh.to_dense(), c.to_dense(), rtol=1e-14)
+    diagonal = curvlab.KFAC(_model(), nn.CrossEntropyLoss(), tied="diagonal")
+    diagonal.update(*_data())
+    state = diagonal.state_dict()
+    stats = state["statistics"]
+    old = {
+        **state,
+        "statistics": {
+            **stats,
+            "sums": {k: v for k, v in stats["sums"].items() if not k.startswith("tied")},
+            "counts": {k: v for k, v in stats["counts"].items() if not k.startswith("tied")},
+        },
+    }
+    with pytest.raises(ValueError, match="do not match"):
+        curvlab.KFAC(_model(), nn.CrossEntropyLoss()).load_state_dict(old)
+
+
 def _bytes(obj: object) -> int:
     if isinstance(obj, Tensor):
         return obj.numel() * obj.element_size()
@@ -299,19 +335,39 @@ def test_memory_estimate_matches_the_state(mode: str) -> None:
     assert kept == estimate.inverses
 
 
-def test_decompositions_travel_between_processes() -> None:
-    """What a process exports of the joint block rebuilds the same solve elsewhere."""
-    model = _model()
-    c = curvlab.KFAC(model, nn.CrossEntropyLoss(), damping_mode="factored")
-    c.update(*_data())
-    k = _joint_index(c)
-    c._decompose(k, 0.1)
-    tensors = [t.tensor for t in c._export_decomposition(k, 0.1)]
-    other = curvlab.KFAC(model, nn.CrossEntropyLoss(), damping_mode="factored")
-    other.load_state_dict(c.state_dict())
-    other._import_decomposition(k, 0.1, tensors)
-    v = [torch.randn_like(p) for p in c.params]
-    _close(_flat(other.solve(v, 0.1)), _flat(c.solve(v, 0.1)), rtol=1e-14)
+@pytest.mark.parametrize("mode", MODES)
+def test_distribution_sums_blocks_and_decompositions(mode: str) -> None:
+    """The embedding's sums all-reduce with the others (sums of two batches give their
+    union), the joint block is one decomposition block, and what one process exports of it
+    solves the same elsewhere without a decomposition there."""
+    model, loss_fn = _model(), nn.CrossEntropyLoss()
+    build = lambda: curvlab.KFAC(model, loss_fn, fisher_type="exact", damping_mode=mode)  # noqa: E731
+    first, second, union, target = build(), build(), build(), build()
+    (x1, y1), (x2, y2) = _data(seed=1), _data(seed=2)
+    first.update(x1, y1)
+    second.update(x2, y2)
+    union.update(x1, y1)
+    union.update(x2, y2)
+    target.update(x2, y2)
+    a, b = ops(first).statistic_sums(), ops(second).statistic_sums()
+    assert any("tied_G" in e.name for e in a)
+    ops(target).load_statistic_sums([ea.tensor + eb.tensor for ea, eb in zip(a, b)])
+    _close(target.to_dense(), union.to_dense(), rtol=1e-12)
+    v = [torch.randn_like(p) for p in union.params]
+    expected = union.solve(v, 0.3)
+    blocks = ops(union).decomposition_blocks()
+    for block in blocks:
+        got = ops(union).solve_block(block, [v[i] for i in block.param_indices], 0.3)
+        for i, t in zip(block.param_indices, got):
+            _close(t, expected[i], rtol=1e-12)
+    importer = build()
+    importer.load_state_dict(union.state_dict())
+    for block in blocks:
+        ops(union).decompose(block, 0.3)
+        exported = [e.tensor.clone() for e in ops(union).export_decomposition(block, 0.3)]
+        ops(importer).import_decomposition(block, 0.3, exported)
+    assert torch.equal(_flat(importer.solve(v, 0.3)), _flat(union.solve(v, 0.3)))
+    assert importer.num_decompositions == 0
 
 
 # --- (f) training --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from curvlab import linalg
 from curvlab.curvature.base import (
+    STATE_LAYOUT,
     BatchResult,
     Layer,
     LayerMemory,
@@ -366,6 +367,19 @@ class KFAC(BlockDiagonalKronecker):
             self._lag_g[k] = g_lag if old_g is None else old_g + g_lag
             self._lag_steps[k] = steps if old_steps is None else old_steps + steps
             self._lag_sequences[k] += found.sequences
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """As :meth:`~curvlab.Curvature.load_state_dict`; a state saved before ``tied=``
+        existed (no tied embedding sums) holds none, which fits a model without a tied
+        embedding and head (with one, its layers do not match and loading is refused)."""
+        statistics = state.get("statistics")
+        if state.get("layout") == STATE_LAYOUT and isinstance(statistics, dict):
+            sums, counts = statistics.get("sums"), statistics.get("counts")
+            if isinstance(sums, dict) and isinstance(counts, dict) and "tied_A" not in sums:
+                sums = {**sums, "tied_A": None, "tied_G": None}
+                counts = {**counts, "tied_count": None}
+                state = {**state, "statistics": {**statistics, "sums": sums, "counts": counts}}
+        super().load_state_dict(state)
 
     # --- tied embedding and head (concepts/kronecker.md#tied-embedding-and-output-head) ----
 
