@@ -251,12 +251,12 @@ class KroneckerFactored(Curvature):
             for p in module.parameters(recurse=False):
                 uses[id(p)] = uses.get(id(p), 0) + 1
         self._tied = {key for key, count in uses.items() if count > 1}
-        #: per joint layer (a head whose weight is tied to an embedding), the embedding;
-        #: keyed by the head module's id until the layer indices are known
         pairs = self._tied_pairs(model, chosen, skipped)
         joined: set[int] = set()  # modules of pairs already placed
+        #: per joint layer's index (a head whose weight is tied to an embedding), the
+        #: embedding's layer (no parameters: its statistics join the head's block)
         self._partners: dict[int, Layer] = {}
-        partners_by_head: dict[int, Layer] = {}
+        partners_by_head: dict[int, Layer] = {}  # the same by the head module's id
         for layer in find_layers(model):
             key = id(layer.module)
             if key in skipped or (chosen is not None and key not in chosen):
