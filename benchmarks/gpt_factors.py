@@ -10,11 +10,12 @@ their gradients ~1e-27, whose denormal arithmetic made every MC backward ~10× s
 x86 CPUs (both libraries alike).
 
 * curvlab: ``KFAC(model, loss_fn, fisher_type="mc")``, every parameter covered: Kronecker
-  blocks for the 16 ``nn.Linear`` layers of the blocks, diagonal blocks for the tied
-  embedding/head weight, the head's bias, the LayerNorms and the position parameter
-  (per-sample gradients read off the recorded graph, their columns' gradients taken in
-  the Kronecker layers' backward pass: concepts/models.md); ``update`` = forward,
-  backward, statistics.
+  blocks for the 16 ``nn.Linear`` layers of the blocks, one Kronecker-sum block for the
+  tied embedding/head weight and the head's bias (``tied="kronecker"``, the default:
+  the head's factors and the embedding's; concepts/kronecker.md), diagonal blocks for
+  the LayerNorms and the position parameter (per-sample gradients read off the recorded
+  graph, their columns' gradients taken in the Kronecker layers' backward pass:
+  concepts/models.md); ``update`` = forward, backward, statistics.
 * curvlinops 3.0.1: ``KFACLinearOperator`` with the MC Fisher (one sample) on the
   parameters it supports here, the ``nn.Linear`` layers' weights and biases (not the tied
   embedding/head, the norms or the position parameter), the ``[N·T, V]`` token rows as

@@ -207,6 +207,8 @@ class Influence:
         if isinstance(c, KFAC) and type(c)._solve_layer is KFAC._solve_layer:
             if not isinstance(c.damping_strategy, EigenDamping):
                 return None  # the scores' eigenbasis form is the eigen-damped inverse's
+            if any(c._is_joint(k) for k in range(len(c.layers))):
+                return None  # a tied embedding/head block is a Kronecker sum: no such basis
             out = []
             for k in range(len(c.layers)):
                 eig = c._layer_eigen(k)

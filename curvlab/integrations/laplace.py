@@ -105,6 +105,7 @@ class _CurvlabInterface(CurvatureInterface):
             mc_samples=self.mc_samples,
             kfac_approx=kwargs.get("kfac_approx", "expand"),
             output_factor="dense",  # laplace-torch's Kron takes dense factors
+            tied="diagonal",  # laplace-torch's Kron has no block for a Kronecker sum
         )
         self._check_supported()
         loss = (self.factor * kfc.update(x, y)).to(self._dtype)

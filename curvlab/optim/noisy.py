@@ -147,6 +147,7 @@ class NoisyKFAC(torch.optim.Optimizer):
             exclude=exclude,
             engine=engine,
             output_factor="dense",  # its posterior samples need dense factors
+            tied="diagonal",  # a Kronecker sum has no Kronecker-factored posterior
         )
         for param_name, kind in self.curvature.coverage().items():
             if kind != "kronecker":

@@ -112,7 +112,8 @@ def test_kronecker_backends_equal_their_definition(
     kfc.update(x, y)
     coverage = kfc.coverage()
     assert set(coverage) == {n for n, _ in ref.flat_params(model)}  # 100 % covered
-    names = [layer.name for layer in kfc.layers]
+    # a tied embedding/head weight's block adds the embedding's kron (tied="kronecker")
+    names = [layer.name for layer in kfc.layers] + [e.name for e in kfc._partners.values()]
     # rows the loss ignores are no part of the batch, A included (independent samples):
     # the reference of the batch without them (concepts/models.md#rows-the-loss-ignores)
     keep = ref.valid_rows(loss_fn, y, len(y))
@@ -245,9 +246,12 @@ def test_coverage_names_every_kind_of_block() -> None:
 
 def test_tied_weights_appear_once_and_get_a_diagonal_block() -> None:
     model, loss_fn, x, y = _setup(next(c for c in ZOO if c.name == "gpt_char_tied"))
-    kfac = curvlab.KFAC(model, loss_fn, fisher_type="exact")
+    kfac = curvlab.KFAC(model, loss_fn, fisher_type="exact", tied="diagonal")
     assert len({id(p) for p in kfac.params}) == len(kfac.params) == len(list(model.parameters()))
     assert kfac.coverage()["tok.weight"] == "diagonal"
+    joint = curvlab.KFAC(model, loss_fn, fisher_type="exact")  # tied="kronecker"
+    assert {id(p) for p in joint.params} == {id(p) for p in kfac.params}
+    assert joint.coverage()["tok.weight"] == "kronecker sum (tied embedding and head)"
     kfac.update(x, y)
     full = _in_curvature_order(ref.ggn(model, loss_fn, x, y), kfac, model)
     i = kfac.param_names.index("tok.weight")

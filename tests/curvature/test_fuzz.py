@@ -446,7 +446,8 @@ def _check_against_reference(
         _close(dense * mask, full * mask, band_tol, name)
     elif name in ("kfac", "kfc"):
         approx = str(backend.options["kfac_approx"])
-        names = [layer.name for layer in c.layers]
+        # a tied embedding/head block adds the embedding's kron (tied="kronecker")
+        names = [layer.name for layer in c.layers] + [e.name for e in c._partners.values()]
         valid = ref.valid_rows(loss_fn, y, len(y))
         if not names:  # no Kronecker layer: every parameter has a diagonal block
             factors = {}

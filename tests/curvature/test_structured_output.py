@@ -15,7 +15,11 @@ from torch import Tensor, nn
 
 import curvlab
 from curvlab import linalg
-from curvlab.curvature.kronecker.factored import STRUCTURED_OUTPUT_THRESHOLD
+from curvlab.curvature.kronecker.factored import (
+    STRUCTURED_OUTPUT_THRESHOLD,
+    TIED_KRONECKER_SUM,
+    TIED_STRUCTURED_DIAGONAL,
+)
 
 DTYPE = torch.float64
 VOCAB = 12
@@ -236,13 +240,22 @@ def test_refusals_name_the_layer() -> None:
 
 
 def test_tied_head_has_one_diagonal_block() -> None:
-    """A head tied to the embedding is one parameter with one diagonal block (O(V·D));
-    naming it for a structured output factor is refused."""
+    """With ``tied="diagonal"`` a head tied to the embedding is one parameter with one
+    diagonal block (O(V·D)); naming it for a structured output factor is refused. With
+    ``tied="kronecker"`` a structured output factor leaves the tied weight in a diagonal
+    block, and coverage() says why."""
     emb = nn.Embedding(VOCAB, 4)
     head = nn.Linear(4, VOCAB, bias=False)
     head.weight = emb.weight
     model = nn.Sequential(emb, nn.Linear(4, 4), head, nn.Flatten(0, 1))
     with pytest.raises(ValueError, match=r"output_factor names module '2'.*tied"):
-        curvlab.KFAC(model, nn.CrossEntropyLoss(), output_factor={"2": "structured"})
-    kfac = curvlab.KFAC(model, nn.CrossEntropyLoss())
+        curvlab.KFAC(
+            model, nn.CrossEntropyLoss(), output_factor={"2": "structured"}, tied="diagonal"
+        )
+    kfac = curvlab.KFAC(model, nn.CrossEntropyLoss(), tied="diagonal")
     assert kfac.coverage()["0.weight"] == "diagonal"
+    joint = curvlab.KFAC(model, nn.CrossEntropyLoss())
+    assert joint.coverage()["0.weight"] == TIED_KRONECKER_SUM
+    fallback = curvlab.KFAC(model, nn.CrossEntropyLoss(), output_factor={"2": "structured"})
+    assert fallback.coverage()["0.weight"] == TIED_STRUCTURED_DIAGONAL
+    assert fallback.params == kfac.params

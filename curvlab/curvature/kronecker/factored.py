@@ -96,6 +96,19 @@ STRUCTURED_OUTPUT_THRESHOLD = 8192
 #: that a BatchNorm in train mode couples (concepts/models.md#rows-samples-and-exactness).
 APPROXIMATE_DIAGONAL = "diagonal (approximate: per-sample, BatchNorm couples the samples)"
 
+#: ``KFAC(tied=...)`` settings for a weight tied between an ``nn.Embedding`` and an
+#: ``nn.Linear`` head (concepts/kronecker.md#tied-embedding-and-output-head).
+TIED_MODES = ("kronecker", "diagonal")
+#: ``coverage()``'s kind of a tied embedding/head weight (and the head's bias) in one joint
+#: block ``G_h ⊗ A_h + D_e ⊗ B_e``.
+TIED_KRONECKER_SUM = "kronecker sum (tied embedding and head)"
+#: ``coverage()``'s kind of a tied embedding/head weight that ``tied="kronecker"`` leaves in
+#: a diagonal block because the head's output factor is structured (diagonal plus low rank).
+TIED_STRUCTURED_DIAGONAL = (
+    "diagonal (tied embedding and head: the head's output factor is structured; "
+    "output_factor='dense' for the head gives the Kronecker sum)"
+)
+
 
 class KroneckerFactors(NamedTuple):
     """A layer's factors: the block is ``kron(G, A)`` on the row-major ``[W | b]`` matrix.
@@ -148,6 +161,10 @@ class KroneckerFactored(Curvature):
     #: Whether the structure can keep a layer's ``G`` as diagonal plus low rank
     #: (``output_factor="structured"``); otherwise such layers are refused.
     _structured_output: bool = True
+    #: How a weight tied between an ``nn.Embedding`` and an ``nn.Linear`` head is covered
+    #: (:data:`TIED_MODES`); only a backend that sets it to ``"kronecker"`` (``KFAC``) joins
+    #: the pair into one block, every other keeps the tied weight in a diagonal block.
+    tied: str = "diagonal"
 
     #: Per layer ``Σ ā āᵀ`` (divided by the layer's sample count) and ``Σ_b w_b Σ g gᵀ``
     #: (a tensor, or a DiagonalPlusLowRank for a structured output factor), the diagonal
@@ -234,9 +251,23 @@ class KroneckerFactored(Curvature):
             for p in module.parameters(recurse=False):
                 uses[id(p)] = uses.get(id(p), 0) + 1
         self._tied = {key for key, count in uses.items() if count > 1}
+        pairs = self._tied_pairs(model, chosen, skipped)
+        joined: set[int] = set()  # modules of pairs already placed
+        #: per joint layer's index (a head whose weight is tied to an embedding), the
+        #: embedding's layer (no parameters: its statistics join the head's block)
+        self._partners: dict[int, Layer] = {}
+        partners_by_head: dict[int, Layer] = {}  # the same by the head module's id
         for layer in find_layers(model):
             key = id(layer.module)
             if key in skipped or (chosen is not None and key not in chosen):
+                continue
+            pair = pairs.get(key)
+            if pair is not None:  # one joint block at the first of the two modules
+                joint, emb_layer = pair
+                if id(joint.module) not in joined:
+                    joined.update({id(joint.module), id(emb_layer.module)})
+                    kronecker.append(joint)
+                    partners_by_head[id(joint.module)] = emb_layer
                 continue
             split = self._split_layer(layer)
             if split is not None:  # one Kronecker block per part (a recurrent module's maps)
@@ -257,6 +288,27 @@ class KroneckerFactored(Curvature):
         if not kronecker and not diagonal:
             raise ValueError(f"{owner}: no layer selected (check layers=/exclude=).")
         self._structured = self._resolve_output_factors(model, kronecker)
+        self._tied_structured: set[int] = set()  # tied weights left diagonal (structured G)
+        for k in reversed(range(len(kronecker))):
+            partner = partners_by_head.get(id(kronecker[k].module))
+            if partner is None:
+                continue
+            if self._structured[k]:  # no Kronecker sum with a structured G: diagonal blocks
+                joint = kronecker.pop(k)
+                self._structured.pop(k)
+                self._tied_structured.update(id(p) for p in joint.params)
+                for layer in find_layers(model):
+                    if layer.module is joint.module or layer.module is partner.module:
+                        diagonal.append(layer)
+                del partners_by_head[id(joint.module)]
+        if self._tied_structured:  # the diagonal blocks in registration order
+            order = {id(layer.module): i for i, layer in enumerate(find_layers(model))}
+            diagonal.sort(key=lambda layer: order.get(id(layer.module), len(order)))
+        self._partners = {
+            k: partners_by_head[id(layer.module)]
+            for k, layer in enumerate(kronecker)
+            if id(layer.module) in partners_by_head
+        }
         self._diagonal_blocks = DiagonalBlocks(
             diagonal,
             self.fisher_type,
@@ -267,6 +319,72 @@ class KroneckerFactored(Curvature):
             coupled=self._per_row,
         )
         return kronecker
+
+    def _tied_pairs(
+        self, model: nn.Module, chosen: set[int] | None, skipped: set[int]
+    ) -> dict[int, tuple[Layer, Layer]]:
+        """With ``tied="kronecker"``: per module of each weight tied between exactly one
+        ``nn.Embedding`` (under expand, its input factor diagonal) and one ``nn.Linear``
+        head of the same shape, ``(the joint layer, the embedding's layer)``. The joint
+        layer is the head's ``[W | b]`` block (the weight named as ``find_layers`` names it,
+        the head's trainable bias); the embedding's layer carries no parameter, only its
+        statistics. Any other sharing keeps a diagonal block."""
+        if self.tied != "kronecker":
+            return {}
+        owners: dict[int, list[tuple[str, nn.Module]]] = {}
+        for name, module in model.named_modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append((name, module))
+        names = {
+            id(p): n
+            for layer in find_layers(model)
+            for p, n in zip(layer.params, layer.param_names)
+        }
+        pairs: dict[int, tuple[Layer, Layer]] = {}
+        for key in self._tied:
+            found = owners.get(key, [])
+            if len(found) != 2:
+                continue
+            embs = [(n, m) for n, m in found if type(m) is nn.Embedding]
+            heads = [(n, m) for n, m in found if type(m) is nn.Linear]
+            if len(embs) != 1 or len(heads) != 1:
+                continue
+            (emb_name, emb), (head_name, head) = embs[0], heads[0]
+            weight = head.weight
+            if (
+                not isinstance(weight, nn.Parameter)
+                or emb.weight is not weight
+                or id(weight) != key
+                or not weight.requires_grad
+            ):
+                continue
+            if any(
+                id(m) in skipped or (chosen is not None and id(m) not in chosen)
+                for m in (emb, head)
+            ):
+                continue
+            if not layer_rules.diagonal_input(emb, self.kfac_approx):
+                continue
+            bias = head.bias if layer_rules.has_trainable_bias(head) else None
+            if bias is not None and id(bias) in self._tied:
+                continue
+            try:
+                for module in (emb, head):
+                    rule = layer_rules.rule_for(module)
+                    assert rule is not None
+                    rule.check(module)
+            except ValueError:
+                continue
+            prefix = f"{head_name}." if head_name else ""
+            joint = Layer(
+                name=head_name,
+                module=head,
+                params=(weight,) if bias is None else (weight, bias),
+                param_names=(names[key],) if bias is None else (names[key], prefix + "bias"),
+            )
+            emb_layer = Layer(name=emb_name, module=emb, params=(), param_names=())
+            pairs[id(head)] = pairs[id(emb)] = (joint, emb_layer)
+        return pairs
 
     def _split_layer(self, layer: Layer) -> list[Layer] | None:
         """Layers that stand for ``layer``'s parameters, one Kronecker block each, or
@@ -304,8 +422,11 @@ class KroneckerFactored(Curvature):
         return self._diagonal_blocks
 
     def _block_kind(self, layer: Layer) -> str:
-        if any(layer is k for k in self.layers):
-            return "kronecker"
+        for k, own in enumerate(self.layers):
+            if layer is own:
+                return TIED_KRONECKER_SUM if k in self._partners else "kronecker"
+        if any(id(p) in self._tied_structured for p in layer.params):
+            return TIED_STRUCTURED_DIAGONAL
         if self._per_sample_diagonal(layer):
             return APPROXIMATE_DIAGONAL
         return "diagonal"
@@ -336,7 +457,7 @@ class KroneckerFactored(Curvature):
     def _kronecker_request(self) -> KroneckerStatistics:
         return KroneckerStatistics(
             self.fisher_type,
-            tuple(layer.module for layer in self.layers),
+            tuple(layer.module for layer in self.layers) + self._partner_modules(),
             kfac_approx=self.kfac_approx,
             mc_samples=self.mc_samples,
             keep_raw=self._keep_raw,
@@ -346,6 +467,10 @@ class KroneckerFactored(Curvature):
                 layer.module for layer, s in zip(self.layers, self._structured) if s
             ),
         )
+
+    def _partner_modules(self) -> tuple[nn.Module, ...]:
+        """The embeddings tied to a joint layer's head (their statistics join its block)."""
+        return tuple(self._partners[k].module for k in sorted(self._partners))
 
     def _accumulate(self, result: BatchResult, weight: float) -> None:
         if len(self._diag()):

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from curvlab import linalg
 from curvlab.curvature.base import (
+    STATE_LAYOUT,
     BatchResult,
     Layer,
     LayerMemory,
@@ -34,6 +35,7 @@ from curvlab.curvature.base import (
     RunningSum,
 )
 from curvlab.curvature.kronecker.damping import (
+    FactoredDamping,
     KroneckerDamping,
     LayerEigen,
     damping_strategy,
@@ -41,10 +43,12 @@ from curvlab.curvature.kronecker.damping import (
     psd_eig,
 )
 from curvlab.curvature.kronecker.factored import (
+    TIED_MODES,
     BlockDiagonalKronecker,
     KroneckerFactors,
     LayerSpec,
     _as_matrix,
+    _unused_layer_batch,
     check_dtype,
 )
 from curvlab.curvature.registry import register
@@ -56,10 +60,15 @@ from curvlab.extraction.requests import RecurrentStatistics
 #: Settings of ``KFAC(recurrent=...)`` (concepts/recurrent.md).
 RECURRENT_MODES = ("diagonal", "independent", "series")
 
+#: The exact-damping solve of a tied embedding/head block (a sum of three Kronecker
+#: products) by conjugate gradients stops at this many iterations at the latest.
+TIED_CG_MAX_ITERATIONS = 100
+
 __all__ = [
     "KFAC",
     "KFC",
     "RECURRENT_MODES",
+    "TIED_MODES",
     "KroneckerFactors",
     "LayerSpec",
 ]
@@ -132,6 +141,24 @@ class KFAC(BlockDiagonalKronecker):
             single layers, the others being ``"auto"``. A structured layer needs damping
             > 0, is served by the hooks engine, and has no ``logdet``/``eigenvalues``.
         output_rank: the rank of a structured ``G``'s low-rank part.
+        tied: the block of a weight ``W`` ``[V, d]`` tied between one ``nn.Embedding`` and
+            one ``nn.Linear`` head (``head.weight = emb.weight``;
+            concepts/kronecker.md#tied-embedding-and-output-head): ``"kronecker"``
+            (default) joins the head's ``[W | b]`` and the embedding's use of ``W`` in one
+            block ``G_h ⊗ A_h + D_e ⊗ B_e`` (the head's factors plus the embedding's
+            diagonal input factor and output-gradient factor, a zero row and column for the
+            bias), solved exactly as a sum of two Kronecker products; damping must be > 0.
+            ``damping_mode="factored"`` damps the head's factors as for any layer and solves
+            the sum in closed form (generalized eigendecompositions); ``"exact"`` (and a
+            custom strategy) solves ``G_h ⊗ A_h + D_e ⊗ B_e + λI`` by conjugate gradients
+            preconditioned with that closed form. ``coverage()`` calls the block
+            :data:`~curvlab.curvature.kronecker.factored.TIED_KRONECKER_SUM`. A head with
+            a structured output factor (``output_factor``) keeps the diagonal block, which
+            ``coverage()`` says
+            (:data:`~curvlab.curvature.kronecker.factored.TIED_STRUCTURED_DIAGONAL`).
+            ``"diagonal"``: the tied weight (and the head's bias) in diagonal blocks of the
+            Fisher, as for any shared parameter. Weights shared in any other way (two
+            ``nn.Linear``, three modules, reduce) always get a diagonal block.
     """
 
     #: K-FAC's factors and, per map of ``recurrent="series"`` (``None`` elsewhere), the
@@ -145,6 +172,11 @@ class KFAC(BlockDiagonalKronecker):
             "lag_steps", "_lag_steps", per="lag_sequences", label="_layer_label", legacy="lag_steps"
         ),
         RunningCount("lag_sequences", "_lag_sequences", legacy="lag_sequences"),
+        # per joint layer (None elsewhere) the tied embedding's factor sums
+        # (concepts/kronecker.md#tied-embedding-and-output-head)
+        RunningSum("tied_A", "_tied_a", per="tied_count", label="_layer_label"),
+        RunningSum("tied_G", "_tied_g", symmetric=True, label="_layer_label"),
+        RunningCount("tied_count", "_tied_count"),
     )
 
     def __init__(
@@ -166,8 +198,15 @@ class KFAC(BlockDiagonalKronecker):
         recurrent: str = "diagonal",
         output_factor: str | Mapping[str, str] = "auto",
         output_rank: int = 64,
+        tied: str = "kronecker",
     ) -> None:
         owner = type(self).__name__
+        if tied not in TIED_MODES:
+            raise ValueError(f"{owner}: unknown tied {tied!r}; choose one of {TIED_MODES}.")
+        self.tied = tied
+        # per layer (None but for joint layers): the tied embedding's factor sums
+        self._tied_a: list[Tensor | None] | None = None
+        self._tied_g: list[Tensor | None] | None = None
         if recurrent not in RECURRENT_MODES:
             raise ValueError(
                 f"{owner}: unknown recurrent {recurrent!r}; choose one of {RECURRENT_MODES}."
@@ -198,6 +237,9 @@ class KFAC(BlockDiagonalKronecker):
             output_rank=output_rank,
         )
         self._lag_sequences = [0] * len(self.layers)
+        self._tied_count = [0] * len(self.layers)
+        #: per joint layer (damping, the factored Kronecker sum's inverse)
+        self._joint: dict[int, tuple[float, linalg.KronSumInverse]] = {}
         self._eigen: list[LayerEigen | None] | None = None  # per layer, computed lazily
         #: per structured layer, (damping, A's eigenpairs or damped inverse, capacitances)
         self._structured_cache: dict[int, tuple[float, Any, Tensor]] = {}
@@ -217,6 +259,7 @@ class KFAC(BlockDiagonalKronecker):
         self._inverses = None
         self._series = {}
         self._structured_cache = {}
+        self._joint = {}
 
     # --- recurrent modules (concepts/recurrent.md) ------------------------------------------
 
@@ -299,6 +342,8 @@ class KFAC(BlockDiagonalKronecker):
 
     def _accumulate(self, result: BatchResult, weight: float) -> None:
         super()._accumulate(result, weight)
+        if self._partners:
+            self._accumulate_partners(result, weight)
         if self.recurrent != "series":
             return
         for k, layer in enumerate(self.layers):
@@ -322,6 +367,143 @@ class KFAC(BlockDiagonalKronecker):
             self._lag_g[k] = g_lag if old_g is None else old_g + g_lag
             self._lag_steps[k] = steps if old_steps is None else old_steps + steps
             self._lag_sequences[k] += found.sequences
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """As :meth:`~curvlab.Curvature.load_state_dict`; a state saved before ``tied=``
+        existed (no tied embedding sums) holds none, which fits a model without a tied
+        embedding and head (with one, its layers do not match and loading is refused)."""
+        statistics = state.get("statistics")
+        if state.get("layout") == STATE_LAYOUT and isinstance(statistics, dict):
+            sums, counts = statistics.get("sums"), statistics.get("counts")
+            if isinstance(sums, dict) and isinstance(counts, dict) and "tied_A" not in sums:
+                sums = {**sums, "tied_A": None, "tied_G": None}
+                counts = {**counts, "tied_count": None}
+                state = {**state, "statistics": {**statistics, "sums": sums, "counts": counts}}
+        super().load_state_dict(state)
+
+    # --- tied embedding and head (concepts/kronecker.md#tied-embedding-and-output-head) ----
+
+    def _accumulate_partners(self, result: BatchResult, weight: float) -> None:
+        """Add the tied embeddings' factor sums of the batch (``D_e``'s counts, ``B_e``)."""
+        request = self._kronecker_request()
+        if self._tied_a is None or self._tied_g is None:
+            self._tied_a, self._tied_g = [None] * len(self.layers), [None] * len(self.layers)
+        for k, partner in self._partners.items():
+            module = partner.module
+            found = result.kronecker.get(request.key, {}).get(id(module))
+            if found is None:
+                found = _unused_layer_batch(module, self.kfac_approx, False)
+            a = self._in_factor_dtype(found.a_sum)
+            a = torch.diagonal(a) if a.ndim == 2 else a
+            g = self._in_factor_dtype(found.g) * weight
+            old_a, old_g = self._tied_a[k], self._tied_g[k]
+            self._tied_a[k] = a if old_a is None else old_a + a
+            self._tied_g[k] = g if old_g is None else old_g + g
+            self._tied_count[k] += found.count
+
+    def _is_joint(self, k: int) -> bool:
+        """Whether layer ``k`` is a head tied to an embedding, in one Kronecker-sum block."""
+        return k in self._partners
+
+    def _partner_factors(self, k: int) -> tuple[Tensor, Tensor]:
+        """``(D_e, B)`` of joint layer ``k``: the embedding's diagonal input factor ``[V]``
+        and its output-gradient factor ``B_e`` ``[d, d]``, with a zero row and column for the
+        head's bias coordinate (``[d + 1, d + 1]`` with a bias), on the head's ``[W | b]``."""
+        f = self._factor(k)
+        v, d_in = f.G.shape[0], f.A.shape[0]
+        a = None if self._tied_a is None else self._tied_a[k]
+        g = None if self._tied_g is None else self._tied_g[k]
+        if a is None or g is None:
+            return f.A.new_zeros(v), f.A.new_zeros(d_in, d_in)
+        d_e = a / max(self._tied_count[k], 1)
+        b_e = g / self._normalizer
+        if d_in > b_e.shape[0]:  # the bias coordinate: the embedding has no bias
+            b_e = torch.nn.functional.pad(b_e, (0, d_in - b_e.shape[0], 0, d_in - b_e.shape[0]))
+        return d_e.to(f.A.dtype), b_e.to(f.A.dtype)
+
+    def _joint_inverse(self, k: int, damping: float) -> linalg.KronSumInverse:
+        """The closed-form inverse of ``(G_h + γ/π I) ⊗ (A_h + πγ I) + D_e ⊗ B_e``
+        (``γ = √λ``, π of the head's factors), cached per damping."""
+        cached = self._joint.get(k)
+        if cached is not None and cached[0] == damping:
+            return cached[1]
+        self._check_joint_damping(k, damping)
+        f = self._factor(k)
+        d_e, b_e = self._partner_factors(k)
+        g, a = self._in_inverse_dtype(f.G), self._in_inverse_dtype(f.A)
+        damped_g, damped_a = linalg.factored_damping(g, a, damping)
+        inverse = linalg.KronSumInverse.from_factors(
+            damped_g,
+            damped_a,
+            torch.diag(self._in_inverse_dtype(d_e)),
+            self._in_inverse_dtype(b_e),
+            name=f"{self._layer_label(k)} (tied Kronecker sum)",
+        )
+        self._joint[k] = (damping, inverse)
+        self.num_decompositions += 1
+        return inverse
+
+    def _check_joint_damping(self, k: int, damping: float) -> None:
+        if damping <= 0.0:
+            raise linalg.LinAlgError(
+                f"{type(self).__name__}.solve: {self._layer_label(k)} is tied to embedding "
+                f"'{self._partners[k].name}' and its block is the Kronecker sum "
+                "G_h ⊗ A_h + D_e ⊗ B_e, which may be singular: it is solved with damping > 0 "
+                "only (or construct the backend with tied='diagonal')."
+            )
+
+    def _joint_matvec(self, k: int, mat: Tensor) -> Tensor:
+        """``G_h X A_h + D_e ⊙_rows (X B_e)`` for ``X`` = ``mat`` ``[V, d(+1)]``."""
+        f = self._factor(k)
+        d_e, b_e = self._partner_factors(k)
+        mat = mat.to(f.G.dtype)
+        return f.G @ mat @ f.A + d_e[:, None] * (mat @ b_e)
+
+    def _joint_solve(self, k: int, mat: Tensor, damping: float) -> Tensor:
+        """``damping_mode="factored"``: the factored Kronecker sum in closed form; otherwise
+        ``(G_h ⊗ A_h + D_e ⊗ B_e + λI)⁻¹`` by conjugate gradients preconditioned with it, to a
+        relative residual of ``1000·eps`` of the inverse dtype (at most
+        :data:`TIED_CG_MAX_ITERATIONS` iterations)."""
+        self._check_joint_damping(k, damping)
+        inverse = self._joint_inverse(k, damping)
+        dtype = inverse.denominator.dtype
+        y = mat.to(dtype)
+        if isinstance(self.damping_strategy, FactoredDamping):
+            return inverse.solve(y)
+        f = self._factor(k)
+        d_e, b_e = self._partner_factors(k)
+        g, a = f.G.to(dtype), f.A.to(dtype)
+        d_e, b_e = d_e.to(dtype), b_e.to(dtype)
+
+        def operator(x: Tensor) -> Tensor:
+            return g @ x @ a + d_e[:, None] * (x @ b_e) + damping * x
+
+        tol = 1000 * torch.finfo(dtype).eps * float(torch.linalg.vector_norm(y))
+        x = inverse.solve(y)
+        r = y - operator(x)
+        z = inverse.solve(r)
+        p, rz = z, torch.sum(r * z)
+        for _ in range(TIED_CG_MAX_ITERATIONS):
+            if float(torch.linalg.vector_norm(r)) <= tol:
+                break
+            mp = operator(p)
+            alpha = rz / torch.sum(p * mp)
+            x = x + alpha * p
+            r = r - alpha * mp
+            z = inverse.solve(r)
+            rz_new = torch.sum(r * z)
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+        return x
+
+    def _joint_dense(self, k: int) -> Tensor:
+        """Joint layer ``k``'s ``kron(G_h, A_h) + kron(diag(D_e), B_e)`` in ``[vec(W), b]``
+        order (small models)."""
+        f = self._factor(k)
+        d_e, b_e = self._partner_factors(k)
+        perm = layer_rules.parameter_order(self.layers[k].module)
+        dense = linalg.kron_dense(f.G, f.A) + linalg.kron_dense(torch.diag(d_e), b_e)
+        return dense[perm][:, perm]
 
     def _lag_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(A1, G1, T)`` of series map ``k``: the symmetrised lag-one factors (``A1`` per
@@ -368,6 +550,13 @@ class KFAC(BlockDiagonalKronecker):
         return basis
 
     def _layer_eigen(self, k: int) -> LayerEigen:
+        if self._is_joint(k):
+            raise NotImplementedError(
+                f"{type(self).__name__}: {self._layer_label(k)} shares its weight with "
+                f"embedding '{self._partners[k].name}' and its block is a Kronecker sum "
+                "(tied='kronecker'), which has no Kronecker-factored eigenbasis. Construct "
+                "the backend with tied='diagonal' where one is needed."
+            )
         if self._is_structured(k):
             raise NotImplementedError(
                 f"{type(self).__name__}: {self._layer_label(k)} has a structured output "
@@ -396,6 +585,8 @@ class KFAC(BlockDiagonalKronecker):
         factors = super()._layer_memory(k).factors
         d_out, d_in = layer_rules.weight_matrix_shape(self.layers[k].module)
         a_numel, g_numel = self._factor_numel(k)
+        if self._is_joint(k):
+            return self._joint_memory(k, factors, d_out, d_in)
         numel = self.damping_strategy.numel(
             d_out,
             d_in,
@@ -411,10 +602,28 @@ class KFAC(BlockDiagonalKronecker):
         )
         return LayerMemory(factors, numel * itemsize)
 
+    def _joint_memory(self, k: int, factors: int, d_out: int, d_in: int) -> LayerMemory:
+        """A joint layer: the head's factor sums and the embedding's (``D_e`` ``[V]``,
+        ``B_e`` ``[d, d]``); per solve the Kronecker sum's generalized eigenvectors and
+        values and its ``[V, d(+1)]`` denominators."""
+        emb_weight: Tensor = self._partners[k].module.weight  # type: ignore[assignment]
+        d = emb_weight.shape[1]
+        factors += (d_out + d * d) * self._factor_itemsize(k)
+        itemsize = (
+            self.inverse_dtype.itemsize
+            if self.inverse_dtype is not None
+            else self._factor_itemsize(k)
+        )
+        numel = d_out * d_out + d_out + d_in * d_in + d_in + d_out * d_in
+        return LayerMemory(factors, numel * itemsize)
+
     # --- one layer's block ---------------------------------------------------------------
 
     def _matvec_layer(self, k: int, parts: list[Tensor]) -> list[Tensor]:
         layer, f = self.layers[k], self._factor(k)
+        if self._is_joint(k):
+            out = self._joint_matvec(k, _as_matrix(layer, parts))
+            return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
         if self._is_series(k):
             basis = self._series_basis(k, 0.0)
             out = linalg.series_matvec(basis, _as_matrix(layer, parts).to(basis.z.dtype))
@@ -435,6 +644,9 @@ class KFAC(BlockDiagonalKronecker):
             out = linalg.series_solve(basis, _as_matrix(layer, parts).to(basis.z.dtype))
             return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
         mat = _as_matrix(layer, parts)
+        if self._is_joint(k):
+            out = self._joint_solve(k, mat, damping)
+            return layer_rules.from_matrix(layer.module, out.to(parts[0].dtype))
         if self._is_structured(k):  # never a [D_out, D_out] matrix
             if damping <= 0.0:
                 raise linalg.LinAlgError(
@@ -450,6 +662,8 @@ class KFAC(BlockDiagonalKronecker):
         if self._is_series(k):
             perm = layer_rules.parameter_order(self.layers[k].module)
             return linalg.series_dense(self._series_basis(k, 0.0))[perm][:, perm]
+        if self._is_joint(k):
+            return self._joint_dense(k)
         return self._kronecker_block(k)
 
     # --- closed forms (concepts/kronecker.md#kronecker-identities) --------------------------
@@ -458,7 +672,8 @@ class KFAC(BlockDiagonalKronecker):
         """Per Kronecker layer, the eigenvalues ``d_G d_Aᵀ`` ``[D_out, D_in]``."""
         spectra = []
         for k in range(len(self.layers)):
-            if self._is_series(k):  # no closed form: the dense block's (small layers only)
+            if self._is_series(k) or self._is_joint(k):
+                # no closed form: the dense block's (small layers only)
                 values = torch.linalg.eigvalsh(self._dense_layer(k)).clamp(min=0.0)
                 spectra.append(
                     values.reshape(layer_rules.weight_matrix_shape(self.layers[k].module))
@@ -473,7 +688,11 @@ class KFAC(BlockDiagonalKronecker):
         if self._is_series(k):
             return linalg.series_diagonal(self._series_basis(k, 0.0))
         f = self._factor(k)
-        return torch.outer(_diag_of(f.G), _diag_of(f.A))
+        grid = torch.outer(_diag_of(f.G), _diag_of(f.A))
+        if self._is_joint(k):
+            d_e, b_e = self._partner_factors(k)
+            grid = grid + torch.outer(d_e, torch.diagonal(b_e))
+        return grid
 
     def _trace(self) -> Tensor:
         parts = [self._layer_diagonal_grid(k).sum() for k in range(len(self.layers))]
@@ -492,6 +711,14 @@ class KFAC(BlockDiagonalKronecker):
         for k in range(len(self.layers)):
             if self._is_series(k):
                 squares.append(linalg.series_frobenius_norm(self._series_basis(k, 0.0)) ** 2)
+            elif self._is_joint(k):  # ‖G⊗A‖² + ‖D⊗B‖² + 2 tr(G D) tr(A B)
+                f = self._factor(k)
+                d_e, b_e = self._partner_factors(k)
+                squares.append(
+                    _frobenius(f.G) ** 2 * torch.linalg.vector_norm(f.A) ** 2
+                    + torch.linalg.vector_norm(d_e) ** 2 * torch.linalg.vector_norm(b_e) ** 2
+                    + 2 * (torch.diagonal(f.G) * d_e).sum() * (f.A * b_e).sum()
+                )
             else:
                 f = self._factor(k)
                 squares.append(_frobenius(f.G) ** 2 * torch.linalg.vector_norm(f.A) ** 2)
@@ -505,6 +732,9 @@ class KFAC(BlockDiagonalKronecker):
             return  # nothing to factorise: (d + λ)⁻¹
         if self._is_series(index):
             self._series_basis(index, damping)
+            return
+        if self._is_joint(index):
+            self._joint_inverse(index, damping)
             return
         if self._is_structured(index):
             # its capacitances are formed by the solve that needs them (every process with
@@ -525,6 +755,17 @@ class KFAC(BlockDiagonalKronecker):
                 NamedTensor(f"{self._layer_label(index)} series {name}", t)
                 for name, t in zip(linalg.SeriesBasis._fields, cached[1])
             ]
+        if self._is_joint(index):
+            joint = self._joint.get(index)
+            if joint is None or joint[0] != damping:
+                raise RuntimeError(
+                    f"{type(self).__name__}: {self._layer_label(index)} is not decomposed yet."
+                )
+            inverse = joint[1]
+            return [
+                NamedTensor(f"{self._layer_label(index)} tied {name}", getattr(inverse, name))
+                for name in _KRON_SUM_FIELDS
+            ]
         return self.damping_strategy.export(self, index, damping)
 
     def _import_decomposition(self, index: int, damping: float, tensors: list[Tensor]) -> None:
@@ -532,6 +773,10 @@ class KFAC(BlockDiagonalKronecker):
             return
         if self._is_series(index):
             self._series[index] = (damping, linalg.SeriesBasis(*tensors))
+            return
+        if self._is_joint(index):
+            fields = dict(zip(_KRON_SUM_FIELDS, tensors))
+            self._joint[index] = (damping, linalg.KronSumInverse(**fields, sign=1))
             return
         self.damping_strategy.load(self, index, damping, tensors)
 
@@ -547,6 +792,10 @@ class KFC(KFAC):
     padding (zeros) and dilation are supported; grouped convolutions raise a clear error.
     Arguments as for :class:`KFAC`.
     """
+
+
+#: The tensors of a :class:`~curvlab.linalg.KronSumInverse` a tied block exports.
+_KRON_SUM_FIELDS = ("U_row", "s_row", "U_col", "s_col", "denominator")
 
 
 def _diag_of(A: Any) -> Tensor:
