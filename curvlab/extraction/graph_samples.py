@@ -88,26 +88,36 @@ class SamplePlan:
         """``{id(p): Σ_{c,n} g_{c,n}²}``: the squared per-sample gradients of the ``C``
         columns whose gradients at :attr:`edges` are ``grads`` (``[C, *edge shape]``,
         ``None`` where no row reaches an edge), summed over columns and samples."""
-        out: dict[int, Tensor] = {}
-        for key, uses in self.uses.items():
-            p = self.params[key]
-            columns = next((g.shape[0] for g in grads if g is not None), 0)
-            step = max(1, _CHUNK_ELEMENTS // max(columns * p.numel(), 1))
-            total: Tensor | None = None
-            for start in range(0, self.samples, step):
-                stop = min(start + step, self.samples)
-                part: Tensor | None = None
-                for use in uses:
-                    found = self._per_sample(use, p, grads, start, stop)
-                    if found is not None:
-                        part = found if part is None else part + found
-                if part is None:
-                    continue
-                square = part.square().sum(dim=(0, 1))
-                total = square if total is None else total + square
-            if total is not None:
-                out[key] = total
-        return out
+        sums = self.accumulator()
+        sums.add(grads)
+        return sums.result()
+
+    def accumulator(self) -> SquareSums:
+        """A running :meth:`squares` over several chunks of columns (:class:`SquareSums`)."""
+        return SquareSums(self)
+
+    def _weight_rows(
+        self, uses: list[_Use], grads: Sequence[Tensor | None], columns: int, p: Tensor
+    ) -> Tensor:
+        """``[C, N, M, D_out]``: the output gradients of every row of every sample at the
+        weight uses of ``p`` (``M`` = the rows of a sample over all its uses, in order;
+        zeros where no loss row reaches a use)."""
+        n, parts = self.samples, []
+        for use in uses:
+            g = grads[self._slot(use.edges[0])]
+            assert use.saved is not None
+            if g is None:
+                g = p.new_zeros(columns, use.saved.shape[0], p.shape[0])
+            parts.append(g.reshape(g.shape[0], n, -1, g.shape[-1]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _weight_inputs(self, uses: list[_Use], dtype: torch.dtype) -> Tensor:
+        """``[N, M, D_in]``: the inputs of the rows of :meth:`_weight_rows`."""
+        n, parts = self.samples, []
+        for use in uses:
+            assert use.saved is not None
+            parts.append(use.saved.reshape(n, -1, use.saved.shape[-1]).to(dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _per_sample(
         self, use: _Use, p: Tensor, grads: Sequence[Tensor | None], start: int, stop: int
@@ -139,6 +149,105 @@ class SamplePlan:
         if use.padding_idx is not None:
             out[:, :, use.padding_idx] = 0
         return out
+
+
+class SquareSums:
+    """The squares of :meth:`SamplePlan.squares`, summed over chunks of columns.
+
+    A weight used only in matrix products (``out = x @ Wᵀ``, its ``M`` rows per sample
+    ``x_t``, output gradients ``g_{c,t}``) has the per-sample gradients
+    ``G_c = Σ_t g_{c,t} x_tᵀ``, whose squares sum to
+    ``Σ_c G_c² = Σ_{t,s} (Σ_c g_{c,t} ∘ g_{c,s}) ⊗ (x_t ∘ x_s)`` per sample. Where that is
+    cheaper (few rows per sample against the layer's widths, many columns: ``C·M²·D_out``
+    for the Gram matrices ``Σ_c g_{c,t} g_{c,s}``, kept over the chunks, and one
+    ``M²·D_out·D_in`` product per sample at the end, against ``C·M·D_out·D_in`` for the
+    per-sample gradients and as many entries squared), the Gram route is taken: the
+    same sums, without forming a ``[D_out, D_in]`` gradient per column and sample
+    (:func:`_gram_is_cheaper`).
+    """
+
+    def __init__(self, plan: SamplePlan) -> None:
+        self.plan = plan
+        self.totals: dict[int, Tensor] = {}
+        #: per weight on the Gram route, ``[N, D_out, M, M]``
+        self.grams: dict[int, Tensor] = {}
+        self.gram_route: dict[int, bool] = {}
+
+    def add(self, grads: Sequence[Tensor | None]) -> None:
+        """Add the squares of the columns whose gradients at the plan's edges are
+        ``grads`` (as for :meth:`SamplePlan.squares`)."""
+        plan = self.plan
+        columns = next((g.shape[0] for g in grads if g is not None), 0)
+        for key, uses in plan.uses.items():
+            p = plan.params[key]
+            if key not in self.gram_route:
+                self.gram_route[key] = _gram_route(plan, uses, p, columns)
+            if self.gram_route[key]:
+                if all(grads[plan._slot(u.edges[0])] is None for u in uses):
+                    continue
+                rows = plan._weight_rows(uses, grads, columns, p)  # [C, N, M, D_out]
+                c, n, m, d_out = rows.shape
+                # [N, D_out, M, C]; the columns moved last by a 2-d transpose, which is
+                # several times faster than one permuted copy
+                per_output = rows.reshape(c, -1).t().contiguous().view(n, m, d_out, c)
+                per_output = per_output.transpose(1, 2).contiguous()
+                gram = per_output @ per_output.transpose(-1, -2)  # [N, D_out, M, M]
+                self.grams[key] = gram + self.grams[key] if key in self.grams else gram
+                continue
+            step = max(1, _CHUNK_ELEMENTS // max(columns * p.numel(), 1))
+            for start in range(0, plan.samples, step):
+                stop = min(start + step, plan.samples)
+                part: Tensor | None = None
+                for use in uses:
+                    found = plan._per_sample(use, p, grads, start, stop)
+                    if found is not None:
+                        part = found if part is None else part + found
+                if part is None:
+                    continue
+                square = part.square().sum(dim=(0, 1))
+                self.totals[key] = square + self.totals[key] if key in self.totals else square
+
+    def result(self) -> dict[int, Tensor]:
+        """``{id(p): Σ g²}`` over every chunk added (parameters no row reached left out)."""
+        out = dict(self.totals)
+        for key, gram in self.grams.items():
+            x = self.plan._weight_inputs(self.plan.uses[key], gram.dtype)  # [N, M, D_in]
+            n, d_out, m, _ = gram.shape
+            d_in = x.shape[-1]
+            step = max(1, _CHUNK_ELEMENTS // max(m * m * d_in, 1))
+            total = gram.new_zeros(d_out, d_in)
+            for start in range(0, n, step):
+                xs = x[start : start + step]
+                pairs = (xs.unsqueeze(2) * xs.unsqueeze(1)).reshape(-1, d_in)  # [n'·M·M, D_in]
+                grams = gram[start : start + step].transpose(0, 1).reshape(d_out, -1)
+                total = total + grams @ pairs
+            out[key] = total + out[key] if key in out else total
+        return out
+
+
+def _gram_route(plan: SamplePlan, uses: list[_Use], p: Tensor, columns: int) -> bool:
+    """Whether ``p``'s squares take the Gram route of :class:`SquareSums`: every use a
+    matrix product with ``p`` as its weight, and that route the cheaper one."""
+    if not uses or any(u.kind != "weight" or u.saved is None for u in uses) or p.dim() != 2:
+        return False
+    n = plan.samples
+    rows = sum(u.saved.shape[0] for u in uses if u.saved is not None) // n
+    d_out, d_in = p.shape
+    return _gram_is_cheaper(columns, n, rows, d_out, d_in)
+
+
+def _gram_is_cheaper(columns: int, samples: int, rows: int, d_out: int, d_in: int) -> bool:
+    """The Gram route's cost (``C·N·M²·D_out`` for the Gram matrices, ``N·M²·D_out·D_in``
+    once for the product with the inputs' pairs) against the per-sample gradients'
+    (``C·N·M·D_out·D_in`` for the products, and squaring and summing ``C·N·D_out·D_in``
+    entries, which moves memory: counted as 4 products), each within the memory of a
+    chunk."""
+    pairs = samples * rows * rows
+    if pairs * max(d_out, d_in) > _CHUNK_ELEMENTS:
+        return False
+    gram = columns * pairs * d_out + pairs * d_out * d_in
+    direct = columns * samples * d_out * d_in * (rows + 4)
+    return gram < direct
 
 
 def _masked_backward(

@@ -906,12 +906,10 @@ def _graph_squares(
         chunks: Iterator[list[Tensor | None]] = iter([edge_grads])
     else:
         chunks = (g for _, g in _row_chunks(call.outputs, plan.edges, columns, valid, group))
-    total: dict[int, Tensor] = {}
+    sums = plan.accumulator()
     for grads in chunks:
-        detached = [None if g is None else layers.statistics_dtype(g.detach()) for g in grads]
-        for key, square in plan.squares(detached).items():
-            total[key] = square + total[key] if key in total else square
-    return total
+        sums.add([None if g is None else layers.statistics_dtype(g.detach()) for g in grads])
+    return sums.result()
 
 
 def _replayed_squares(

@@ -219,3 +219,41 @@ def test_a_fused_lstm_kernel_is_left_to_the_replay():
             stack.extend(n for n, _ in node.next_functions)
     assert any("rnn" in name.lower() for name in names), names  # the fused kernel is used
     assert graph_samples.plan(rows, list(lstm.parameters()), 5) is None
+
+
+@pytest.mark.parametrize("gram", [True, False], ids=["gram", "per-sample"])
+@pytest.mark.parametrize(
+    "name", ["gpt_char", "gpt_char_tied", "transformer_plain", "mixer", "shared_layer", "padded"]
+)
+def test_weight_squares_by_either_route_are_exact(name, gram, monkeypatch):
+    """The squares of a matrix product's weight from the Gram matrices of its rows' output
+    gradients (``Σ_{t,s} (Σ_c g_t g_s) ⊗ (x_t x_s)``; a weight used twice has both uses'
+    rows) equal the per-sample gradients' squared, and the dense reference (token rows,
+    ignored targets, a padding index)."""
+    model, loss_fn, x, y = _padded_setup() if name == "padded" else _setup(case(name))
+    monkeypatch.setattr(graph_samples, "_gram_is_cheaper", lambda *args: gram)
+    routes: list[bool] = []
+    original = graph_samples._gram_route
+
+    def spy(plan, uses, p, columns):
+        found = original(plan, uses, p, columns)
+        routes.append(found)
+        return found
+
+    monkeypatch.setattr(graph_samples, "_gram_route", spy)
+    used = _count_other_paths(monkeypatch)
+    c = curvlab.DiagonalFisher(model, loss_fn, fisher_type="exact", engine="hooks")
+    c.update(x, y)
+    expected = _reference_diagonal("exact", model, loss_fn, x, y, c)
+    torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
+    assert not used
+    assert any(routes) == gram
+
+
+def test_the_gram_route_is_taken_where_it_is_cheaper():
+    """Exact columns of few tokens (the real-size LM: 96 classes × 16 tokens per sample)
+    take the Gram route; one sampled column of 128 tokens does not."""
+    assert graph_samples._gram_is_cheaper(96 * 16, 8, 16, 256, 64)
+    assert graph_samples._gram_is_cheaper(96 * 16, 8, 16, 96, 64)
+    assert not graph_samples._gram_is_cheaper(1, 8, 128, 256, 64)
+    assert not graph_samples._gram_is_cheaper(96 * 128, 8, 128, 256, 64)  # M² > M·D_in
