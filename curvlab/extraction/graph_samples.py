@@ -51,13 +51,19 @@ _FRONTIER_ELEMENTS = 1 << 26
 class _Use:
     """One way a parameter enters the batch. ``kind``: ``"weight"`` (``out = x @ Wᵀ``, ``x``
     the saved input ``[R', D_in]``), ``"bias"`` (added to every row of ``out``),
+    ``"scale"`` (``out = x̂ ∘ w + b`` per row, ``saved`` = ``x̂``: a LayerNorm's weight),
     ``"embedding"`` (``out = W[indices]``), ``"frontier"`` (``edges``: the nearest batched
-    outputs above it)."""
+    outputs above it), ``"broadcast"`` (a frontier whose outputs add or expand a tensor
+    without the batch axis: ``operands``, per such input its edge below, ``None`` for
+    the parameter itself, its factor and shape)."""
 
     kind: str
     edges: list[GradientEdge]
     saved: Tensor | None = None
     padding_idx: int | None = None
+    operands: list[tuple[int, GradientEdge | None, float, tuple[int, ...]]] = field(
+        default_factory=list
+    )
 
 
 @dataclass(eq=False)
@@ -129,12 +135,19 @@ class SamplePlan:
             return None
         if use.kind == "frontier":
             return _masked_backward(use.edges, found, p, n, start, stop)
+        if use.kind == "broadcast":
+            return _broadcast_backward(use, found, p, start, stop)
         (g,) = found
         assert g is not None
         c = g.shape[0]
+        if use.kind in ("bias", "scale"):  # [C, n', m, *p.shape]: summed over the rows
+            rows = g.reshape(c, n, -1, *p.shape)[:, start:stop]
+            if use.kind == "bias":
+                return rows.sum(dim=2)
+            assert use.saved is not None
+            x_hat = use.saved.reshape(n, -1, *p.shape)[start:stop].to(g.dtype)
+            return (rows * x_hat).sum(dim=2)
         rows = g.reshape(c, n, -1, g.shape[-1])[:, start:stop]  # [C, n', m, D_out]
-        if use.kind == "bias":
-            return rows.sum(dim=2)
         assert use.saved is not None
         if use.kind == "weight":
             x = use.saved.reshape(n, -1, use.saved.shape[-1])[start:stop].to(g.dtype)
@@ -368,10 +381,18 @@ def plan(
         for consumer, slot in parents.get(acc, []):
             use = _known_use(consumer, slot, p, parents, samples)
             if use is None:
-                frontier = _frontier(acc, consumer, parents, samples, not_batched)
-                if frontier is None:
+                cut = _frontier(acc, consumer, parents, samples, not_batched)
+                if cut is None:
                     return None
-                use = _Use("frontier", frontier)
+                frontier, walked = cut
+                operands = _broadcast_operands(frontier, acc, walked)
+                if operands is None:
+                    # the masked backward of one column: N × the outputs' entries
+                    if samples * sum(edge_numel(e) for e in frontier) > _FRONTIER_ELEMENTS:
+                        return None
+                    use = _Use("frontier", frontier)
+                else:
+                    use = _Use("broadcast", frontier, operands=operands)
                 found.frontier_nodes.update(e.node for e in frontier)
             uses.extend(use if isinstance(use, list) else [use])
         for use in uses:
@@ -406,6 +427,8 @@ def _known_use(
         if not _batched_rows(edge, samples, p.shape[0]):
             return None
         return _Use("bias", [edge])
+    if name == "NativeLayerNormBackward0" and slot in (1, 2):
+        return _layer_norm_use(consumer, slot, p, samples)
     if name == "EmbeddingBackward0" and p.dim() == 2:
         if getattr(consumer, "_saved_sparse", True) or getattr(
             consumer, "_saved_scale_grad_by_freq", True
@@ -421,6 +444,34 @@ def _known_use(
         padding = int(getattr(consumer, "_saved_padding_idx", -1))
         return _Use("embedding", [edge], indices, padding if 0 <= padding < p.shape[0] else None)
     return None
+
+
+def _layer_norm_use(node: Any, slot: int, p: Tensor, samples: int) -> _Use | None:
+    """``p`` as a LayerNorm's weight (``slot`` 1: ``y = x̂ ∘ w + b``, ``x̂`` from the input,
+    mean and reciprocal deviation the node saved) or bias (``slot`` 2), over rows
+    ``[m·N, *normalized shape]``, or ``None``."""
+    edge = GradientEdge(node, 0)
+    shape = _shape(node, 0)
+    normalized = tuple(getattr(node, "_saved_normalized_shape", ()) or ())
+    if shape is None or not normalized or tuple(p.shape) != normalized:
+        return None
+    if len(shape) <= len(normalized) or shape[0] % samples:
+        return None
+    if tuple(shape[len(shape) - len(normalized) :]) != normalized:
+        return None
+    if slot == 2:
+        return _Use("bias", [edge])
+    x = getattr(node, "_saved_input", None)
+    mean = getattr(node, "_saved_result1", None)
+    rstd = getattr(node, "_saved_result2", None)
+    if not all(isinstance(t, Tensor) for t in (x, mean, rstd)):
+        return None
+    assert isinstance(x, Tensor) and isinstance(mean, Tensor) and isinstance(rstd, Tensor)
+    if tuple(x.shape) != tuple(shape):
+        return None
+    with torch.no_grad():
+        x_hat = (x.detach() - mean.detach()) * rstd.detach()
+    return _Use("scale", [edge], x_hat)
 
 
 def _weight_use(product: Any, index: int, samples: int) -> _Use | None:
@@ -464,11 +515,11 @@ def _frontier(
     parents: dict[Any, list[tuple[Any, int]]],
     samples: int,
     not_batched: set[Any] | frozenset[Any],
-) -> list[GradientEdge] | None:
+) -> tuple[list[GradientEdge], set[Any]] | None:
     """The nearest outputs above ``consumer`` whose leading axis is the batch (``samples``),
-    as gradient edges; ``None`` where the walk reaches the loss first, a frontier output
-    reaches the parameter again past the walked operations (no clean cut), or the masked
-    backward would be too large (``_FRONTIER_ELEMENTS``)."""
+    as gradient edges, and the nodes walked below them; ``None`` where the walk reaches
+    the loss first or a frontier output reaches the parameter again past the walked
+    operations (no clean cut)."""
     walked: set[Any] = {acc}
     frontier: list[Any] = []
     stack = [consumer]
@@ -505,9 +556,99 @@ def _frontier(
             if below in walked:
                 stack.extend(nxt for nxt, _ in below.next_functions if nxt is not None)
     edges = [edge for node in frontier for edge in _outputs(node) or []]
-    if samples * sum(edge_numel(e) for e in edges) > _FRONTIER_ELEMENTS:
+    return edges, walked
+
+
+#: Frontier operations whose inputs without the batch axis take a sample's output gradient
+#: summed over their broadcast dimensions: the factor of each input slot (``None``: the
+#: node's saved ``alpha``, negated for a subtraction).
+_BROADCASTS: dict[str, tuple[float | None, ...]] = {
+    "AddBackward0": (1.0, None),
+    "SubBackward0": (1.0, None),
+    "ExpandBackward0": (1.0,),
+}
+
+
+def _broadcast_operands(
+    edges: list[GradientEdge], acc: Any, walked: set[Any]
+) -> list[tuple[int, GradientEdge | None, float, tuple[int, ...]]] | None:
+    """Where every frontier output adds or expands tensors without the batch axis that
+    lead to the parameter (``walked``): per such input ``(i, edge below, factor, shape)``
+    (``i`` the frontier edge, ``None`` below for the parameter itself), else ``None``.
+
+    Sample ``n``'s gradient at such an input is its slice of the output gradient summed
+    over the dimensions the input is broadcast along, which the masked backward of
+    :func:`_masked_backward` would give after ``N`` times the work."""
+    found: list[tuple[int, GradientEdge | None, float, tuple[int, ...]]] = []
+    for i, edge in enumerate(edges):
+        node = edge.node
+        factors = _BROADCASTS.get(type(node).__name__)
+        out = _shape(node, edge.output_nr)
+        if factors is None or out is None or not out or len(node.next_functions) != len(factors):
+            return None
+        for slot, (below, output_nr) in enumerate(node.next_functions):
+            if below is None or (below is not acc and below not in walked):
+                continue  # the batched input (the cut is clean: it does not reach the parameter)
+            shape = _shape(below, output_nr)
+            if shape is None or len(shape) > len(out):
+                return None
+            padded = (1,) * (len(out) - len(shape)) + tuple(shape)
+            if padded[0] != 1 or any(a not in (1, b) for a, b in zip(padded, out)):
+                return None
+            factor = factors[slot]
+            if factor is None:
+                alpha = _scalar(node, "_saved_alpha")
+                if alpha is None:
+                    return None
+                factor = -alpha if type(node).__name__ == "SubBackward0" else alpha
+            found.append(
+                (i, None if below is acc else GradientEdge(below, output_nr), factor, shape)
+            )
+    return found if found else None
+
+
+def _broadcast_backward(
+    use: _Use, grads: list[Tensor | None], p: Tensor, start: int, stop: int
+) -> Tensor | None:
+    """``[C, stop − start, *p.shape]``: the gradients of samples ``start:stop`` of a
+    ``"broadcast"`` use (:func:`_broadcast_operands`), its inputs' per-sample gradients
+    backpropagated to ``p`` through the few operations in between at once."""
+    count = stop - start
+    direct: Tensor | None = None
+    outputs: list[GradientEdge] = []
+    cotangents: list[Tensor] = []
+    columns = 0
+    for i, below, factor, shape in use.operands:
+        g = grads[i]
+        if g is None:
+            continue
+        columns = g.shape[0]
+        part = g[:, start:stop]  # [C, n', *out[1:]]
+        rest = part.shape[2:]
+        padded = (1,) * (len(rest) + 1 - len(shape)) + tuple(shape)
+        dims = [2 + j for j, (a, b) in enumerate(zip(padded[1:], rest)) if a == 1 and b != 1]
+        if dims:
+            part = part.sum(dim=dims, keepdim=True)
+        part = part.reshape(columns * count, *shape)
+        if factor != 1:
+            part = part * factor
+        if below is None:
+            direct = part if direct is None else direct + part
+        else:
+            outputs.append(below)
+            cotangents.append(part)
+    if not columns:
         return None
-    return edges
+    total = direct
+    if outputs:
+        (found,) = torch.autograd.grad(
+            outputs, [p], cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        if found is not None:
+            total = found if total is None else total + found
+    if total is None:
+        total = torch.zeros(columns * count, *p.shape, dtype=p.dtype, device=p.device)
+    return total.reshape(columns, count, *p.shape)
 
 
 def _unbatched(node: Any) -> bool:

@@ -165,7 +165,7 @@ def test_a_position_parameter_with_as_many_positions_as_samples_is_looked_past()
     planned = hooks._graph_plan(call, [model.pos], None, x.shape[0])
     assert planned is not None
     (use,) = planned[0].uses[id(model.pos)]
-    assert use.kind == "frontier"
+    assert use.kind == "broadcast"  # its slice of the sum, summed over the batch
     assert [type(e.node).__name__ for e in use.edges] == ["AddBackward0"]
 
 
@@ -257,3 +257,109 @@ def test_the_gram_route_is_taken_where_it_is_cheaper():
     assert graph_samples._gram_is_cheaper(96 * 16, 8, 16, 96, 64)
     assert not graph_samples._gram_is_cheaper(1, 8, 128, 256, 64)
     assert not graph_samples._gram_is_cheaper(96 * 128, 8, 128, 256, 64)  # M² > M·D_in
+
+
+class NormsAndBroadcasts(nn.Module):
+    """Token rows through LayerNorms (one over the last dim, one without bias over the last
+    two, one called twice) and parameters broadcast along the batch and token axes: a
+    class token expanded and concatenated, a position parameter sliced and added, a
+    per-channel shift subtracted with ``alpha``, a scaled offset added through a product."""
+
+    def __init__(self, vocab: int = 6, d: int = 4, t: int = 3) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.cls = nn.Parameter(0.3 * torch.randn(1, 1, d))
+        self.pos = nn.Parameter(0.3 * torch.randn(t + 2, d))
+        self.shift = nn.Parameter(0.3 * torch.randn(d))
+        self.offset = nn.Parameter(0.3 * torch.randn(1, d))
+        self.norm = nn.LayerNorm(d)
+        self.block = nn.LayerNorm((t + 1, d), bias=False)
+        self.twice = nn.LayerNorm(d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        n, t = idx.shape
+        h = torch.cat([self.cls.expand(n, -1, -1), self.tok(idx)], dim=1)  # [N, T + 1, D]
+        h = h + self.pos[: t + 1]
+        h = torch.sub(h, self.shift, alpha=2.0)
+        h = self.block(torch.tanh(self.norm(h)))
+        h = h + torch.tanh(self.mix(self.twice(h))) + self.offset * 3.0
+        h = self.twice(h)
+        return self.head(h[:, 1:]).reshape(-1, self.head.out_features)
+
+
+def _norms_setup() -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = NormsAndBroadcasts().to(DTYPE)
+    with torch.no_grad():  # affine parameters away from their initial ones and zeros
+        for m in (model.norm, model.block, model.twice):
+            m.weight.add_(0.3 * torch.randn_like(m.weight))
+            if m.bias is not None:
+                m.bias.add_(0.3 * torch.randn_like(m.bias))
+    x = torch.randint(0, 6, (5, 3))
+    y = torch.randint(0, 6, (15,))
+    y[4] = y[9] = -100  # ignored rows
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fisher_type", ["exact", "empirical"])
+def test_layer_norms_and_broadcast_parameters_are_exact(fisher_type, reduction, monkeypatch):
+    """LayerNorm weights from the normalised inputs their nodes saved (``Σ_t g_t ∘ x̂_t``),
+    biases from the output gradients, and parameters broadcast onto the batch from each
+    sample's slice of the output gradient summed over the broadcast dimensions, with no
+    masked backward: the dense reference's numbers."""
+    model, loss_fn, x, y = _norms_setup()
+    loss_fn = _with_reduction(loss_fn, reduction)
+    out = model(x)
+    plan = graph_samples.plan(out, list(model.parameters()), x.shape[0])
+    assert plan is not None
+    kinds = {
+        name: sorted({u.kind for u in plan.uses[id(p)]}) for name, p in model.named_parameters()
+    }
+    for m in ("norm", "block", "twice"):
+        assert kinds[f"{m}.weight"] == ["scale"]
+    assert kinds["norm.bias"] == kinds["twice.bias"] == ["bias"]
+    for name in ("cls", "pos", "shift", "offset"):
+        assert kinds[name] == ["broadcast"], name
+    assert len(plan.uses[id(model.twice.weight)]) == 2
+    masked: list[int] = []
+    original = graph_samples._masked_backward
+    monkeypatch.setattr(
+        graph_samples, "_masked_backward", lambda *a: masked.append(1) or original(*a)
+    )
+    used = _count_other_paths(monkeypatch)
+    c = curvlab.DiagonalFisher(model, loss_fn, fisher_type=fisher_type, engine="hooks")
+    c.update(x, y)
+    expected = _reference_diagonal(fisher_type, model, loss_fn, x, y, c)
+    torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
+    assert not used and not masked
+
+
+class Scaled(nn.Module):
+    """A per-channel scale multiplied onto the batch: no broadcast sum, a masked backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.scale = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.lin(x) * self.scale))
+
+
+def test_a_parameter_multiplied_onto_the_batch_keeps_the_masked_backward(monkeypatch):
+    torch.manual_seed(0)
+    model, loss_fn = Scaled().to(DTYPE), nn.CrossEntropyLoss()
+    x, y = torch.randn(5, 3, dtype=DTYPE), torch.tensor([0, 2, -100, 1, 2])
+    plan = graph_samples.plan(model(x), [model.scale], 5)
+    assert plan is not None
+    assert [u.kind for u in plan.uses[id(model.scale)]] == ["frontier"]
+    used = _count_other_paths(monkeypatch)
+    c = curvlab.DiagonalFisher(model, loss_fn, fisher_type="exact", engine="hooks")
+    c.update(x, y)
+    expected = _reference_diagonal("exact", model, loss_fn, x, y, c)
+    torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
+    assert not used
