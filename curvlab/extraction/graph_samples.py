@@ -199,13 +199,18 @@ class SquareSums:
                 if all(grads[plan._slot(u.edges[0])] is None for u in uses):
                     continue
                 rows = plan._weight_rows(uses, grads, columns, p)  # [C, N, M, D_out]
-                c, n, m, d_out = rows.shape
-                # [N, D_out, M, C]; the columns moved last by a 2-d transpose, which is
-                # several times faster than one permuted copy
-                per_output = rows.reshape(c, -1).t().contiguous().view(n, m, d_out, c)
-                per_output = per_output.transpose(1, 2).contiguous()
-                gram = per_output @ per_output.transpose(-1, -2)  # [N, D_out, M, M]
+                # [N, D_out, C, M] with the rows of a column contiguous: a batch of
+                # matrices the products take as they are (a copy with the columns moved
+                # last is several times slower than this transpose of small blocks)
+                per_output = rows.transpose(2, 3).contiguous().permute(1, 2, 0, 3)
+                gram = per_output.transpose(-1, -2) @ per_output  # [N, D_out, M, M]
                 self.grams[key] = gram + self.grams[key] if key in self.grams else gram
+                continue
+            if len(uses) == 1 and uses[0].kind == "embedding":
+                g = grads[plan._slot(uses[0].edges[0])]
+                if g is not None:
+                    square = _embedding_squares(uses[0], g, p, plan.samples)
+                    self.totals[key] = square + self.totals.get(key, 0)
                 continue
             step = max(1, _CHUNK_ELEMENTS // max(columns * p.numel(), 1))
             for start in range(0, plan.samples, step):
@@ -236,6 +241,28 @@ class SquareSums:
                 total = total + grams @ pairs
             out[key] = total + out[key] if key in out else total
         return out
+
+
+def _embedding_squares(use: _Use, g: Tensor, p: Tensor, samples: int) -> Tensor:
+    """``Σ_{c,n} g_{c,n}²`` of an embedding's per-sample gradients (its only use): each
+    sample's output gradients summed over the positions of the same token, in place of
+    the token's first position, squared, and added into the token's row (``C·N·M·D``
+    entries, where the per-sample gradients have ``C·N·V·D``)."""
+    assert use.saved is not None
+    c, width = g.shape[0], g.shape[-1]
+    indices = use.saved.reshape(samples, -1)  # [N, M]
+    m = indices.shape[1]
+    same = indices.unsqueeze(2) == indices.unsqueeze(1)  # [N, M, M]
+    first = same.to(torch.uint8).argmax(dim=2)  # the first position of each token
+    offsets = m * torch.arange(samples, device=indices.device).unsqueeze(1)
+    summed = g.new_zeros(c, samples * m, width)
+    summed.index_add_(1, (first + offsets).reshape(-1), g.reshape(c, -1, width))
+    squares = summed.square().sum(dim=0)  # [N·M, D], zero but at first positions
+    total = g.new_zeros(p.shape[0], width)
+    total.index_add_(0, indices.reshape(-1), squares)
+    if use.padding_idx is not None:
+        total[use.padding_idx] = 0
+    return total
 
 
 def _gram_route(plan: SamplePlan, uses: list[_Use], p: Tensor, columns: int) -> bool:

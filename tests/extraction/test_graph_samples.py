@@ -267,7 +267,7 @@ class NormsAndBroadcasts(nn.Module):
 
     def __init__(self, vocab: int = 6, d: int = 4, t: int = 3) -> None:
         super().__init__()
-        self.tok = nn.Embedding(vocab, d)
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)
         self.cls = nn.Parameter(0.3 * torch.randn(1, 1, d))
         self.pos = nn.Parameter(0.3 * torch.randn(t + 2, d))
         self.shift = nn.Parameter(0.3 * torch.randn(d))
@@ -298,6 +298,8 @@ def _norms_setup() -> tuple[nn.Module, nn.Module, Tensor, Tensor]:
             if m.bias is not None:
                 m.bias.add_(0.3 * torch.randn_like(m.bias))
     x = torch.randint(0, 6, (5, 3))
+    x[0] = torch.tensor([0, 2, 2])  # a padding token, a token twice
+    x[1, 0] = 0
     y = torch.randint(0, 6, (15,))
     y[4] = y[9] = -100  # ignored rows
     return model, nn.CrossEntropyLoss(), x, y
@@ -309,7 +311,8 @@ def test_layer_norms_and_broadcast_parameters_are_exact(fisher_type, reduction, 
     """LayerNorm weights from the normalised inputs their nodes saved (``Σ_t g_t ∘ x̂_t``),
     biases from the output gradients, and parameters broadcast onto the batch from each
     sample's slice of the output gradient summed over the broadcast dimensions, with no
-    masked backward: the dense reference's numbers."""
+    masked backward; an embedding's squares from the gradients summed per token of a
+    sample (a token twice, a padding index): the dense reference's numbers."""
     model, loss_fn, x, y = _norms_setup()
     loss_fn = _with_reduction(loss_fn, reduction)
     out = model(x)
@@ -324,6 +327,7 @@ def test_layer_norms_and_broadcast_parameters_are_exact(fisher_type, reduction, 
     for name in ("cls", "pos", "shift", "offset"):
         assert kinds[name] == ["broadcast"], name
     assert len(plan.uses[id(model.twice.weight)]) == 2
+    assert [u.kind for u in plan.uses[id(model.tok.weight)]] == ["embedding"]
     masked: list[int] = []
     original = graph_samples._masked_backward
     monkeypatch.setattr(
