@@ -11,12 +11,20 @@ stops there; no weight gradient is formed):
   also on ``[N·T, D]`` token rows): sample ``n``'s gradient ``Σ_r g_r x_rᵀ`` over its rows,
   with ``x`` the input the graph saved; its bias: ``Σ_r g_r``;
 * an embedding lookup: sample ``n``'s output gradients added into the rows of its indices;
+* a LayerNorm's or GroupNorm's weight and bias (``y = x̂ ∘ w + b``): ``Σ_r g_r ∘ x̂_r``
+  with ``x̂`` from the input, mean and reciprocal deviation the graph saved, and ``Σ_r g_r``;
 * any other use (a position parameter broadcast onto the batch): the nearest outputs
-  above it that carry the batch on their leading axis (the *frontier*); each sample's
-  slice of their gradients is backpropagated to the parameter on its own, through the
-  few operations in between (one batched backward of ``N`` masked columns there).
+  above it that carry the batch on their leading axis (the *frontier*). Where they add
+  or expand tensors without the batch axis (``h + pos[:T]``, ``cls.expand(N, 1, D)``),
+  sample ``n``'s gradient there is its slice of the output gradient summed over the
+  broadcast dimensions, backpropagated to the parameter through the few operations in
+  between for all samples at once; elsewhere each sample's slice of the frontier's
+  gradients is backpropagated on its own (one batched backward of ``N`` masked columns).
 
 A use of a weight tied between several operations adds up per sample before squaring.
+The squares are summed over the columns by :class:`SquareSums`, for a weight used only in
+matrix products from the Gram matrices of its rows' output gradients where that is
+cheaper, and for an embedding per token of a sample.
 The rows of each sample must reach the operations' outputs at that sample's slice only;
 the caller checks it with a probe (:func:`curvlab.extraction.hooks._rows_stay`), and the
 plan is refused (``None``) wherever a use is of another kind than these, the frontier is
@@ -52,6 +60,8 @@ class _Use:
     """One way a parameter enters the batch. ``kind``: ``"weight"`` (``out = x @ Wᵀ``, ``x``
     the saved input ``[R', D_in]``), ``"bias"`` (added to every row of ``out``),
     ``"scale"`` (``out = x̂ ∘ w + b`` per row, ``saved`` = ``x̂``: a LayerNorm's weight),
+    ``"channel_scale"``/``"channel_bias"`` (the same per channel of ``[N, C, ...]``: a
+    GroupNorm's),
     ``"embedding"`` (``out = W[indices]``), ``"frontier"`` (``edges``: the nearest batched
     outputs above it), ``"broadcast"`` (a frontier whose outputs add or expand a tensor
     without the batch axis: ``operands``, per such input its edge below, ``None`` for
@@ -147,6 +157,13 @@ class SamplePlan:
             assert use.saved is not None
             x_hat = use.saved.reshape(n, -1, *p.shape)[start:stop].to(g.dtype)
             return (rows * x_hat).sum(dim=2)
+        if use.kind in ("channel_bias", "channel_scale"):  # [C, n', channels, positions]
+            rows = g.reshape(c, n, p.shape[0], -1)[:, start:stop]
+            if use.kind == "channel_bias":
+                return rows.sum(dim=-1)
+            assert use.saved is not None
+            x_hat = use.saved.reshape(n, p.shape[0], -1)[start:stop].to(g.dtype)
+            return (rows * x_hat).sum(dim=-1)
         rows = g.reshape(c, n, -1, g.shape[-1])[:, start:stop]  # [C, n', m, D_out]
         assert use.saved is not None
         if use.kind == "weight":
@@ -456,6 +473,8 @@ def _known_use(
         return _Use("bias", [edge])
     if name == "NativeLayerNormBackward0" and slot in (1, 2):
         return _layer_norm_use(consumer, slot, p, samples)
+    if name == "NativeGroupNormBackward0" and slot in (1, 2):
+        return _group_norm_use(consumer, slot, p, samples)
     if name == "EmbeddingBackward0" and p.dim() == 2:
         if getattr(consumer, "_saved_sparse", True) or getattr(
             consumer, "_saved_scale_grad_by_freq", True
@@ -499,6 +518,34 @@ def _layer_norm_use(node: Any, slot: int, p: Tensor, samples: int) -> _Use | Non
     with torch.no_grad():
         x_hat = (x.detach() - mean.detach()) * rstd.detach()
     return _Use("scale", [edge], x_hat)
+
+
+def _group_norm_use(node: Any, slot: int, p: Tensor, samples: int) -> _Use | None:
+    """``p`` as a GroupNorm's per-channel weight (``slot`` 1, ``x̂`` from the input and the
+    per-group mean and reciprocal deviation the node saved) or bias (``slot`` 2), over
+    ``[N, C, *positions]``, or ``None``."""
+    edge = GradientEdge(node, 0)
+    shape = _shape(node, 0)
+    if shape is None or len(shape) < 2 or shape[0] != samples or p.dim() != 1:
+        return None
+    if shape[1] != p.shape[0]:
+        return None
+    if slot == 2:
+        return _Use("channel_bias", [edge])
+    x = getattr(node, "_saved_input", None)
+    mean = getattr(node, "_saved_result1", None)
+    rstd = getattr(node, "_saved_result2", None)
+    groups = getattr(node, "_saved_group", None)
+    if not all(isinstance(t, Tensor) for t in (x, mean, rstd)) or not isinstance(groups, int):
+        return None
+    assert isinstance(x, Tensor) and isinstance(mean, Tensor) and isinstance(rstd, Tensor)
+    if tuple(x.shape) != tuple(shape) or mean.numel() != samples * groups:
+        return None
+    with torch.no_grad():
+        grouped = x.detach().reshape(samples, groups, -1)
+        centred = grouped - mean.detach().reshape(samples, groups, 1)
+        x_hat = (centred * rstd.detach().reshape(samples, groups, 1)).reshape(x.shape)
+    return _Use("channel_scale", [edge], x_hat)
 
 
 def _weight_use(product: Any, index: int, samples: int) -> _Use | None:

@@ -367,3 +367,37 @@ def test_a_parameter_multiplied_onto_the_batch_keeps_the_masked_backward(monkeyp
     expected = _reference_diagonal("exact", model, loss_fn, x, y, c)
     torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
     assert not used
+
+
+class GroupNormed(nn.Module):
+    """Convolutions with GroupNorms (one without affine parameters) and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.plain = nn.GroupNorm(4, 4, affine=False)
+        self.head = nn.Linear(4 * 5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.norm(self.conv(x)))
+        return self.head(self.plain(h).flatten(1))
+
+
+def test_group_norm_weights_come_from_the_saved_statistics(monkeypatch):
+    torch.manual_seed(0)
+    model, loss_fn = GroupNormed().to(DTYPE), nn.CrossEntropyLoss()
+    with torch.no_grad():
+        model.norm.weight.add_(0.3 * torch.randn(4, dtype=DTYPE))
+        model.norm.bias.add_(0.3 * torch.randn(4, dtype=DTYPE))
+    x, y = torch.randn(6, 2, 5, dtype=DTYPE), torch.tensor([0, 2, -100, 1, 2, 0])
+    plan = graph_samples.plan(model(x), [model.norm.weight, model.norm.bias], 6)
+    assert plan is not None
+    assert [u.kind for u in plan.uses[id(model.norm.weight)]] == ["channel_scale"]
+    assert [u.kind for u in plan.uses[id(model.norm.bias)]] == ["channel_bias"]
+    used = _count_other_paths(monkeypatch)
+    c = curvlab.DiagonalFisher(model, loss_fn, fisher_type="exact", engine="hooks")
+    c.update(x, y)
+    expected = _reference_diagonal("exact", model, loss_fn, x, y, c)
+    torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
+    assert not used
