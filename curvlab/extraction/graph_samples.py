@@ -36,6 +36,7 @@ more than a replay (:mod:`curvlab.extraction.replay`) of the whole model.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -329,12 +330,49 @@ def _masked_backward(
         per_sample = g.reshape(c, 1, n, -1) * mask.reshape(1, count, n, 1)
         outputs.append(edge)
         cotangents.append(per_sample.reshape(c * count, *g.shape[1:]))
-    (found,) = torch.autograd.grad(
-        outputs, [p], cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
-    )
+    (found,) = batched_grad(outputs, [p], cotangents)
     if found is None:
         found = torch.zeros(cotangents[0].shape[0], *p.shape, dtype=p.dtype, device=p.device)
     return found.reshape(-1, count, *p.shape)
+
+
+def batched_grad(
+    outputs: Sequence[Tensor | GradientEdge],
+    inputs: Sequence[Tensor | GradientEdge],
+    cotangents: Sequence[Tensor],
+    retain_graph: bool = True,
+) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad`` of the ``K`` cotangents stacked on dim 0 of each entry of
+    ``cotangents``: per input ``[K, *input shape]``, ``None`` where the outputs do not
+    depend on it.
+
+    Batched by :func:`torch.func.vmap` over the backward, whose batching rules cover the
+    backward kernels of GELU, LayerNorm, softmax and masked fills that the
+    ``is_grads_batched`` path (the legacy ``vmap``) runs once per column; where it fails
+    (an operation it cannot batch), by ``is_grads_batched``, with the same numbers."""
+    outs: Any = list(outputs)
+    ins: Any = list(inputs)
+    unused: list[bool] = []
+
+    def one(*column: Tensor) -> tuple[Tensor, ...]:
+        grads = torch.autograd.grad(outs, ins, list(column), retain_graph=True, allow_unused=True)
+        unused[:] = [g is None for g in grads]
+        return tuple(column[0].new_zeros(()) if g is None else g for g in grads)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            found = torch.func.vmap(one)(*cotangents)
+    except Exception:  # an operation torch.func.vmap cannot batch: the legacy vmap
+        return torch.autograd.grad(
+            outs,
+            ins,
+            list(cotangents),
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    return tuple(None if u else g for g, u in zip(found, unused))
 
 
 def edge_numel(edge: Tensor | GradientEdge) -> int:
@@ -715,9 +753,7 @@ def _broadcast_backward(
         return None
     total = direct
     if outputs:
-        (found,) = torch.autograd.grad(
-            outputs, [p], cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
-        )
+        (found,) = batched_grad(outputs, [p], cotangents)
         if found is not None:
             total = found if total is None else total + found
     if total is None:
@@ -746,4 +782,4 @@ def _reaches(start: Any, target: Any) -> bool:
     return False
 
 
-__all__ = ["SamplePlan", "edge_numel", "plan"]
+__all__ = ["SamplePlan", "SquareSums", "batched_grad", "edge_numel", "plan"]

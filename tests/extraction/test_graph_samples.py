@@ -401,3 +401,34 @@ def test_group_norm_weights_come_from_the_saved_statistics(monkeypatch):
     expected = _reference_diagonal("exact", model, loss_fn, x, y, c)
     torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
     assert not used
+
+
+@pytest.mark.parametrize("vmap_fails", [False, True], ids=["func-vmap", "legacy-vmap"])
+def test_batched_grad_equals_the_legacy_batched_backward(vmap_fails, monkeypatch):
+    """The columns' gradients at tensors and node outputs (``None`` where unused) are those
+    of ``is_grads_batched``, also where ``torch.func.vmap`` fails and it takes over."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=DTYPE, requires_grad=True)
+    unused = torch.randn(2, dtype=DTYPE, requires_grad=True)
+    h = nn.functional.gelu(nn.functional.layer_norm(x, (3,)))
+    out = (h.softmax(-1) * h).masked_fill(h > 1.0, 0.0)
+    edge = torch.autograd.graph.get_gradient_edge(h)
+    columns = torch.randn(5, 4, 3, dtype=DTYPE)
+    want = torch.autograd.grad(
+        [out],
+        [x, edge, unused],
+        [columns],
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+    if vmap_fails:
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("no batching rule")
+
+        monkeypatch.setattr(torch.func, "vmap", broken)
+    got = graph_samples.batched_grad([out], [x, edge, unused], [columns])
+    assert got[2] is None
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
