@@ -194,7 +194,10 @@ class SquareSums:
     ``M²·D_out·D_in`` product per sample at the end, against ``C·M·D_out·D_in`` for the
     per-sample gradients and as many entries squared), the Gram route is taken: the
     same sums, without forming a ``[D_out, D_in]`` gradient per column and sample
-    (:func:`_gram_is_cheaper`).
+    (:func:`_gram_is_cheaper`). Where each column reaches one row of a sample at most
+    (checked on the chunk's gradients: the layers above a causal model's last attention
+    see one loss row's column at that row alone), ``G_c² = g_c² ⊗ x_t²`` sums to one
+    product of the rows' squares.
     """
 
     def __init__(self, plan: SamplePlan) -> None:
@@ -203,6 +206,8 @@ class SquareSums:
         #: per weight on the Gram route, ``[N, D_out, M, M]``
         self.grams: dict[int, Tensor] = {}
         self.gram_route: dict[int, bool] = {}
+        #: weights some of whose columns reached several rows of a sample
+        self.several_rows: set[int] = set()
 
     def add(self, grads: Sequence[Tensor | None]) -> None:
         """Add the squares of the columns whose gradients at the plan's edges are
@@ -213,6 +218,19 @@ class SquareSums:
             p = plan.params[key]
             if key not in self.gram_route:
                 self.gram_route[key] = _gram_route(plan, uses, p, columns)
+            if key not in self.several_rows and _weights_only(uses, p):
+                if all(grads[plan._slot(u.edges[0])] is None for u in uses):
+                    continue
+                rows = plan._weight_rows(uses, grads, columns, p)  # [C, N, M, D_out]
+                squared = rows.square()
+                if int((squared.sum(dim=-1) > 0).sum(dim=2).max()) <= 1:
+                    # one row per column and sample: G_c = g_c x_tᵀ, G_c² = g_c² ⊗ x_t²
+                    x = plan._weight_inputs(uses, rows.dtype)  # [N, M, D_in]
+                    per_row = squared.sum(dim=0).reshape(-1, rows.shape[-1])
+                    square = per_row.t() @ x.square().reshape(-1, x.shape[-1])
+                    self.totals[key] = square + self.totals.get(key, 0)
+                    continue
+                self.several_rows.add(key)
             if self.gram_route[key]:
                 if all(grads[plan._slot(u.edges[0])] is None for u in uses):
                     continue
@@ -283,10 +301,19 @@ def _embedding_squares(use: _Use, g: Tensor, p: Tensor, samples: int) -> Tensor:
     return total
 
 
+def _weights_only(uses: list[_Use], p: Tensor) -> bool:
+    """Whether every use of ``p`` is a matrix product with ``p`` as its weight."""
+    return (
+        bool(uses)
+        and p.dim() == 2
+        and all(u.kind == "weight" and u.saved is not None for u in uses)
+    )
+
+
 def _gram_route(plan: SamplePlan, uses: list[_Use], p: Tensor, columns: int) -> bool:
     """Whether ``p``'s squares take the Gram route of :class:`SquareSums`: every use a
     matrix product with ``p`` as its weight, and that route the cheaper one."""
-    if not uses or any(u.kind != "weight" or u.saved is None for u in uses) or p.dim() != 2:
+    if not _weights_only(uses, p):
         return False
     n = plan.samples
     rows = sum(u.saved.shape[0] for u in uses if u.saved is not None) // n

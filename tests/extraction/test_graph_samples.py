@@ -432,3 +432,33 @@ def test_batched_grad_equals_the_legacy_batched_backward(vmap_fails, monkeypatch
     assert got[2] is None
     for g, w in zip(got[:2], want[:2]):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["gpt_char", "mlp", "shared_layer"])
+def test_weights_whose_columns_reach_one_row_take_the_rows_squares(name, monkeypatch):
+    """A weight each column reaches at one row of a sample at most (every weight of an MLP;
+    the head and the layers above a causal model's attention, whose rows' columns stay at
+    their row) sums ``g² ⊗ x²`` over the rows; the others keep the Gram matrices or the
+    per-sample gradients. Both exact."""
+    model, loss_fn, x, y = _setup(case(name))
+    several: list[set[int]] = []
+    original = graph_samples.SquareSums.result
+
+    def spy(self):
+        several.append(set(self.several_rows))
+        return original(self)
+
+    monkeypatch.setattr(graph_samples.SquareSums, "result", spy)
+    c = curvlab.DiagonalFisher(model, loss_fn, fisher_type="exact", engine="hooks")
+    c.update(x, y)
+    expected = _reference_diagonal("exact", model, loss_fn, x, y, c)
+    torch.testing.assert_close(c.diagonal(), expected, rtol=1e-8, atol=1e-12)
+    (found,) = several
+    weights = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    one_row = {n for n, p in weights.items() if id(p) not in found}
+    if name == "gpt_char":
+        assert "head.weight" in one_row and len(one_row) < len(weights)
+    elif name == "mlp":
+        assert one_row == set(weights)
+    else:  # the shared layer's two uses: two rows of each sample
+        assert "head.weight" in one_row and "lin.weight" not in one_row
