@@ -9,9 +9,11 @@
 * ``KFC`` (MC) on a ViT-like classifier with a raw class token and position parameter.
 
 Usage: ``python -m benchmarks.real_sizes [--repeats 3] [--threads 1] [--clock cpu]
-[--only diagonal] [--exact-tokens 16]``. Prints one line per cell. ``--clock cpu`` times
-with the process's CPU time (``time.process_time``), which a shared machine's load
-disturbs less than the wall clock (with one thread, it is the work done).
+[--only diagonal|exact] [--exact-tokens 16 32] [--exact-sequences 2 8]``. Prints one line
+per cell. ``--clock cpu`` times with the process's CPU time (``time.process_time``), which
+a shared machine's load disturbs less than the wall clock (with one thread, it is the work
+done). ``--only exact`` runs the exact diagonal's cells alone: per token count, the
+sequence counts given, and how much the ratio grows from the first to the last.
 """
 
 from __future__ import annotations
@@ -118,35 +120,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
-    parser.add_argument("--only", choices=("diagonal",), default=None)
-    parser.add_argument("--exact-tokens", type=int, default=16)
+    parser.add_argument("--only", choices=("diagonal", "exact"), default=None)
+    parser.add_argument("--exact-tokens", type=int, nargs="+", default=[16])
+    parser.add_argument("--exact-sequences", type=int, nargs="+", default=[2, 8])
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     _CLOCK[0] = time.process_time if args.clock == "cpu" else time.perf_counter
     print(machine(), f"({args.clock} clock, best of {args.repeats} after a warm-up)")
     r = args.repeats
-    for n in (2, 8):
-        cell(
-            f"DiagonalFisher mc, LM 2×64, {n} seq × 128 tokens",
-            lambda n=n: _lm(n, 128, False),
-            "diagonal",
-            r,
-            fisher_type="mc",
-        )
-    t = args.exact_tokens
-    exact = [
-        cell(
-            f"DiagonalFisher exact, LM 2×64, {n} seq × {t} tokens",
-            lambda n=n: _lm(n, t, False),
-            "diagonal",
-            r,
-            fisher_type="exact",
-        )
-        for n in (2, 8)
-    ]
-    print(f"exact type: the ratio grows {exact[1] / exact[0]:.2f}× from 2 to 8 sequences")
-    if args.only == "diagonal":
+    if args.only != "exact":
+        for n in (2, 8):
+            cell(
+                f"DiagonalFisher mc, LM 2×64, {n} seq × 128 tokens",
+                lambda n=n: _lm(n, 128, False),
+                "diagonal",
+                r,
+                fisher_type="mc",
+            )
+    sequences = args.exact_sequences
+    for t in args.exact_tokens:
+        exact = [
+            cell(
+                f"DiagonalFisher exact, LM 2×64, {n} seq × {t} tokens",
+                lambda n=n, t=t: _lm(n, t, False),
+                "diagonal",
+                r,
+                fisher_type="exact",
+            )
+            for n in sequences
+        ]
+        if len(exact) > 1:
+            print(
+                f"exact type, {t} tokens: the ratio grows {exact[-1] / exact[0]:.2f}× from "
+                f"{sequences[0]} to {sequences[-1]} sequences"
+            )
+    if args.only is not None:
         return
     cell(
         "KFAC mc, LM 2×64 tied head, 8 seq × 128 tokens",

@@ -15,7 +15,8 @@ taken, and copies of the model carry none of them
 :mod:`curvlab.extraction.losses`):
 
 * to every recorded layer output — the ``g`` of the Kronecker statistics. The ``K``
-  columns go through one batched vector-Jacobian product (``is_grads_batched``); the
+  columns go through one batched vector-Jacobian product
+  (:func:`~curvlab.extraction.graph_samples.batched_grad`); the
   backward stops at the earliest layer output, so no weight gradient is ever formed;
 * to parameters, one column per loss row — the factor rows of dense blocks.
 
@@ -595,14 +596,7 @@ def _vjp(outputs: Tensor, inputs: Sequence[Input], columns: Tensor) -> list[Tens
     chunks: list[tuple[Tensor | None, ...]] = []
     for start in range(0, k, step):
         chunks.append(
-            torch.autograd.grad(
-                outputs,
-                _grad_inputs(inputs),
-                columns[start : start + step],
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
+            graph_samples.batched_grad([outputs], list(inputs), [columns[start : start + step]])
         )
     out: list[Tensor | None] = []
     for i in range(len(inputs)):
@@ -906,12 +900,10 @@ def _graph_squares(
         chunks: Iterator[list[Tensor | None]] = iter([edge_grads])
     else:
         chunks = (g for _, g in _row_chunks(call.outputs, plan.edges, columns, valid, group))
-    total: dict[int, Tensor] = {}
+    sums = plan.accumulator()
     for grads in chunks:
-        detached = [None if g is None else layers.statistics_dtype(g.detach()) for g in grads]
-        for key, square in plan.squares(detached).items():
-            total[key] = square + total[key] if key in total else square
-    return total
+        sums.add([None if g is None else layers.statistics_dtype(g.detach()) for g in grads])
+    return sums.result()
 
 
 def _replayed_squares(
@@ -1150,16 +1142,7 @@ def _row_chunks(
             chunk = columns[which] * mask.unsqueeze(-1).to(columns.dtype)
         yield (
             index.numel(),
-            list(
-                torch.autograd.grad(
-                    outputs,
-                    _grad_inputs(inputs),
-                    chunk,
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-            ),
+            list(graph_samples.batched_grad([outputs], list(inputs), [chunk])),
         )
 
 
