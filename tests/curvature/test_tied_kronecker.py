@@ -7,6 +7,7 @@ bias coordinate), solved as a sum of two Kronecker products
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -216,6 +217,24 @@ def test_solve_in_float32_is_close_to_float64(mode: str) -> None:
     assert float(torch.linalg.vector_norm(actual - expected)) < 1e-4 * float(
         torch.linalg.vector_norm(expected)
     )
+
+
+def test_a_conjugate_gradient_solve_that_stops_short_says_so(monkeypatch) -> None:
+    """Exact damping solves the joint block by CG; cut to one iteration, the solve still
+    returns its iterate but warns with the layer and the residual (never silently)."""
+    from curvlab.curvature.kronecker import kfac as kfac_module
+
+    c = curvlab.KFAC(_model(), nn.CrossEntropyLoss(), fisher_type="exact")
+    c.update(*_data())
+    k = _joint_index(c)
+    v = [torch.randn_like(p) for p in c.layers[k].params]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converged: no warning
+        c._solve_layer(k, v, 1e-3)
+    monkeypatch.setattr(kfac_module, "TIED_CG_MAX_ITERATIONS", 1)
+    with pytest.warns(RuntimeWarning, match=r"layer 'head'.*1 conjugate-gradient iterations"):
+        out = c._solve_layer(k, v, 1e-3)
+    assert all(torch.isfinite(t).all() for t in out)
 
 
 # --- (d) what is refused or left diagonal ---------------------------------------------------

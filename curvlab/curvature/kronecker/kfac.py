@@ -18,6 +18,7 @@ request; a series map's block is the temporal model of :mod:`curvlab.linalg.kron
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -463,7 +464,8 @@ class KFAC(BlockDiagonalKronecker):
         """``damping_mode="factored"``: the factored Kronecker sum in closed form; otherwise
         ``(G_h ⊗ A_h + D_e ⊗ B_e + λI)⁻¹`` by conjugate gradients preconditioned with it, to a
         relative residual of ``1000·eps`` of the inverse dtype (at most
-        :data:`TIED_CG_MAX_ITERATIONS` iterations)."""
+        :data:`TIED_CG_MAX_ITERATIONS` iterations; a ``RuntimeWarning`` names the layer and
+        the residual if it stops short)."""
         self._check_joint_damping(k, damping)
         inverse = self._joint_inverse(k, damping)
         dtype = inverse.denominator.dtype
@@ -478,7 +480,8 @@ class KFAC(BlockDiagonalKronecker):
         def operator(x: Tensor) -> Tensor:
             return g @ x @ a + d_e[:, None] * (x @ b_e) + damping * x
 
-        tol = 1000 * torch.finfo(dtype).eps * float(torch.linalg.vector_norm(y))
+        y_norm = float(torch.linalg.vector_norm(y))
+        tol = 1000 * torch.finfo(dtype).eps * y_norm
         x = inverse.solve(y)
         r = y - operator(x)
         z = inverse.solve(r)
@@ -494,6 +497,17 @@ class KFAC(BlockDiagonalKronecker):
             rz_new = torch.sum(r * z)
             p = z + (rz_new / rz) * p
             rz = rz_new
+        else:
+            residual = float(torch.linalg.vector_norm(r))
+            if residual > tol:  # an approximate solve is said, never returned silently
+                warnings.warn(
+                    f"{type(self).__name__}: {self._layer_label(k)}: the tied block's solve "
+                    f"stopped after {TIED_CG_MAX_ITERATIONS} conjugate-gradient iterations at "
+                    f"relative residual {residual / y_norm:.2e} (a larger damping, "
+                    "damping_mode='factored' or tied='diagonal' avoid it).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         return x
 
     def _joint_dense(self, k: int) -> Tensor:
