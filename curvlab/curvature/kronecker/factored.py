@@ -246,18 +246,19 @@ class KroneckerFactored(Curvature):
         kronecker, diagonal = [], []
         # a parameter is tied when several modules own it; a module registered twice (the
         # same layer used twice in an nn.Sequential) is one layer called twice
-        uses: dict[int, int] = {}
-        for module in model.modules():
+        owners: dict[int, list[tuple[str, nn.Module]]] = {}  # per parameter, its modules
+        for name, module in model.named_modules():
             for p in module.parameters(recurse=False):
-                uses[id(p)] = uses.get(id(p), 0) + 1
-        self._tied = {key for key, count in uses.items() if count > 1}
-        pairs = self._tied_pairs(model, chosen, skipped)
+                owners.setdefault(id(p), []).append((name, module))
+        self._tied = {key for key, found in owners.items() if len(found) > 1}
+        all_layers = find_layers(model)
+        pairs = self._tied_pairs(owners, all_layers, chosen, skipped)
         joined: set[int] = set()  # modules of pairs already placed
         #: per joint layer's index (a head whose weight is tied to an embedding), the
         #: embedding's layer (no parameters: its statistics join the head's block)
         self._partners: dict[int, Layer] = {}
         partners_by_head: dict[int, Layer] = {}  # the same by the head module's id
-        for layer in find_layers(model):
+        for layer in all_layers:
             key = id(layer.module)
             if key in skipped or (chosen is not None and key not in chosen):
                 continue
@@ -297,12 +298,12 @@ class KroneckerFactored(Curvature):
                 joint = kronecker.pop(k)
                 self._structured.pop(k)
                 self._tied_structured.update(id(p) for p in joint.params)
-                for layer in find_layers(model):
+                for layer in all_layers:
                     if layer.module is joint.module or layer.module is partner.module:
                         diagonal.append(layer)
                 del partners_by_head[id(joint.module)]
         if self._tied_structured:  # the diagonal blocks in registration order
-            order = {id(layer.module): i for i, layer in enumerate(find_layers(model))}
+            order = {id(layer.module): i for i, layer in enumerate(all_layers)}
             diagonal.sort(key=lambda layer: order.get(id(layer.module), len(order)))
         self._partners = {
             k: partners_by_head[id(layer.module)]
@@ -321,25 +322,23 @@ class KroneckerFactored(Curvature):
         return kronecker
 
     def _tied_pairs(
-        self, model: nn.Module, chosen: set[int] | None, skipped: set[int]
+        self,
+        owners: Mapping[int, list[tuple[str, nn.Module]]],
+        all_layers: list[Layer],
+        chosen: set[int] | None,
+        skipped: set[int],
     ) -> dict[int, tuple[Layer, Layer]]:
         """With ``tied="kronecker"``: per module of each weight tied between exactly one
         ``nn.Embedding`` (under expand, its input factor diagonal) and one ``nn.Linear``
         head of the same shape, ``(the joint layer, the embedding's layer)``. The joint
         layer is the head's ``[W | b]`` block (the weight named as ``find_layers`` names it,
         the head's trainable bias); the embedding's layer carries no parameter, only its
-        statistics. Any other sharing keeps a diagonal block."""
+        statistics. Any other sharing keeps a diagonal block. ``owners``: per parameter
+        ``id``, the ``(name, module)`` pairs that register it; ``all_layers``: the model's
+        ``find_layers``."""
         if self.tied != "kronecker":
             return {}
-        owners: dict[int, list[tuple[str, nn.Module]]] = {}
-        for name, module in model.named_modules():
-            for p in module.parameters(recurse=False):
-                owners.setdefault(id(p), []).append((name, module))
-        names = {
-            id(p): n
-            for layer in find_layers(model)
-            for p, n in zip(layer.params, layer.param_names)
-        }
+        names = {id(p): n for layer in all_layers for p, n in zip(layer.params, layer.param_names)}
         pairs: dict[int, tuple[Layer, Layer]] = {}
         for key in self._tied:
             found = owners.get(key, [])
