@@ -457,8 +457,7 @@ class KFAC(BlockDiagonalKronecker):
         """``G_h X A_h + D_e ⊙_rows (X B_e)`` for ``X`` = ``mat`` ``[V, d(+1)]``."""
         f = self._factor(k)
         d_e, b_e = self._partner_factors(k)
-        mat = mat.to(f.G.dtype)
-        return f.G @ mat @ f.A + d_e[:, None] * (mat @ b_e)
+        return _kron_sum_apply(f.G, f.A, d_e, b_e, mat.to(f.G.dtype))
 
     def _joint_solve(self, k: int, mat: Tensor, damping: float) -> Tensor:
         """``damping_mode="factored"``: the factored Kronecker sum in closed form; otherwise
@@ -466,8 +465,7 @@ class KFAC(BlockDiagonalKronecker):
         relative residual of ``1000·eps`` of the inverse dtype (at most
         :data:`TIED_CG_MAX_ITERATIONS` iterations; a ``RuntimeWarning`` names the layer and
         the residual if it stops short)."""
-        self._check_joint_damping(k, damping)
-        inverse = self._joint_inverse(k, damping)
+        inverse = self._joint_inverse(k, damping)  # checks damping > 0
         dtype = inverse.denominator.dtype
         y = mat.to(dtype)
         if isinstance(self.damping_strategy, FactoredDamping):
@@ -478,7 +476,7 @@ class KFAC(BlockDiagonalKronecker):
         d_e, b_e = d_e.to(dtype), b_e.to(dtype)
 
         def operator(x: Tensor) -> Tensor:
-            return g @ x @ a + d_e[:, None] * (x @ b_e) + damping * x
+            return _kron_sum_apply(g, a, d_e, b_e, x) + damping * x
 
         y_norm = float(torch.linalg.vector_norm(y))
         tol = 1000 * torch.finfo(dtype).eps * y_norm
@@ -810,6 +808,12 @@ class KFC(KFAC):
 
 #: The tensors of a :class:`~curvlab.linalg.KronSumInverse` a tied block exports.
 _KRON_SUM_FIELDS = ("U_row", "s_row", "U_col", "s_col", "denominator")
+
+
+def _kron_sum_apply(G: Tensor, A: Tensor, d: Tensor, B: Tensor, X: Tensor) -> Tensor:
+    """``(G ⊗ A + diag(d) ⊗ B) vec(X)`` as a matrix: ``G X A + d ⊙_rows (X B)`` for ``X``
+    ``[V, D]`` (row-major vec, symmetric factors)."""
+    return G @ X @ A + d[:, None] * (X @ B)
 
 
 def _diag_of(A: Any) -> Tensor:
