@@ -198,6 +198,7 @@ class EigenbasisAdam(torch.optim.Optimizer):
                 name = names.get(id(p), "")
                 self._reasons[id(p)] = reasons.get(name, "not covered by the curvature")
         self._names = names
+        self._in_basis = frozenset(in_basis)  # ids of the parameters of self.blocks
         self._gathering = False  # factors of the current step are being accumulated
         self._arm_recording()
 
@@ -282,12 +283,10 @@ class EigenbasisAdam(torch.optim.Optimizer):
         ):
             self._refresh()
         group = self.param_groups[0]
-        in_blocks: set[int] = set()
         for layer in self.blocks:
-            in_blocks.update(id(p) for p in layer.params)
             self._block_step(layer, group)
         for p in group["params"]:
-            if id(p) not in in_blocks and p.grad is not None:
+            if id(p) not in self._in_basis and p.grad is not None:
                 self._adamw_step(p, group)
         self.steps += 1
         self._arm_recording()
@@ -564,6 +563,8 @@ def _default_curvature(
     coverage = probe.coverage()
     chosen: list[nn.Module] = []
     for layer in probe.layers:
+        if coverage[layer.param_names[0]] != "kronecker":
+            continue  # e.g. a tied head's Kronecker-sum block: AdamW, the reason set below
         d_out, _ = layer_rules.weight_matrix_shape(layer.module)
         if d_out >= STRUCTURED_OUTPUT_THRESHOLD:
             for name in layer.param_names:
