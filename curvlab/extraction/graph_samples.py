@@ -367,11 +367,10 @@ def batched_grad(
     outputs: Sequence[Tensor | GradientEdge],
     inputs: Sequence[Tensor | GradientEdge],
     cotangents: Sequence[Tensor],
-    retain_graph: bool = True,
 ) -> tuple[Tensor | None, ...]:
     """``torch.autograd.grad`` of the ``K`` cotangents stacked on dim 0 of each entry of
     ``cotangents``: per input ``[K, *input shape]``, ``None`` where the outputs do not
-    depend on it.
+    depend on it. The graph is kept.
 
     Batched by :func:`torch.func.vmap` over the backward, whose batching rules cover the
     backward kernels of GELU, LayerNorm, softmax and masked fills that the
@@ -395,7 +394,7 @@ def batched_grad(
             outs,
             ins,
             list(cotangents),
-            retain_graph=retain_graph,
+            retain_graph=True,
             allow_unused=True,
             is_grads_batched=True,
         )
